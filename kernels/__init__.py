@@ -1,0 +1,92 @@
+"""nanoflow.kernels: the engine's hot-path kernels, each a Triton kernel beside a PyTorch reference.
+
+The functions here pick the implementation: Triton for CUDA tensors, the reference otherwise.
+``NANOFLOW_KERNELS=reference`` forces the references everywhere (the sequential baseline of an
+ablation); ``NANOFLOW_KERNELS=triton`` forces Triton, which with ``TRITON_INTERPRET=1`` runs on CPU
+tensors in tests.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from nanoflow.kernels.activation import silu_and_mul_ref
+from nanoflow.kernels.decode_attention import paged_decode_attention_ref
+from nanoflow.kernels.gemm import linear_ref
+from nanoflow.kernels.prefill_attention import paged_prefill_attention_ref
+from nanoflow.kernels.rms_norm import rms_norm_ref
+from nanoflow.kernels.rotary import rope_kv_write_ref
+
+_TRITON_NAMES = {
+    "paged_decode_attention": ("nanoflow.kernels.decode_attention", "paged_decode_attention_triton"),
+    "paged_prefill_attention": (
+        "nanoflow.kernels.prefill_attention",
+        "paged_prefill_attention_triton",
+    ),
+    "rms_norm": ("nanoflow.kernels.rms_norm", "rms_norm_triton"),
+    "rope_kv_write": ("nanoflow.kernels.rotary", "rope_kv_write_triton"),
+    "silu_and_mul": ("nanoflow.kernels.activation", "silu_and_mul_triton"),
+    "linear": ("nanoflow.kernels.gemm", "linear_triton"),
+}
+_REFERENCES: dict[str, Callable[..., Any]] = {
+    "paged_decode_attention": paged_decode_attention_ref,
+    "paged_prefill_attention": paged_prefill_attention_ref,
+    "rms_norm": rms_norm_ref,
+    "rope_kv_write": rope_kv_write_ref,
+    "silu_and_mul": silu_and_mul_ref,
+    "linear": linear_ref,
+}
+
+
+def backend_for(tensor: torch.Tensor) -> str:
+    """``triton`` or ``reference`` for a kernel whose main input is ``tensor``."""
+    forced = os.environ.get("NANOFLOW_KERNELS", "auto")
+    if forced in ("reference", "triton"):
+        return forced
+    return "triton" if tensor.is_cuda else "reference"
+
+
+def _implementation(name: str, tensor: torch.Tensor) -> Callable[..., Any]:
+    if backend_for(tensor) == "reference":
+        return _REFERENCES[name]
+    import importlib
+
+    module, attr = _TRITON_NAMES[name]
+    return getattr(importlib.import_module(module), attr)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num_ctas=None,
+                           out=None):
+    return _implementation("paged_decode_attention", q)(
+        q, k_cache, v_cache, block_tables, context_lens, scale, num_ctas, out
+    )
+
+
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens,
+                            max_q_len, scale, num_ctas=None, out=None):
+    return _implementation("paged_prefill_attention", q)(
+        q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, max_q_len, scale, num_ctas,
+        out,
+    )
+
+
+def rms_norm(x, weight, eps, residual=None, out=None):
+    return _implementation("rms_norm", x)(x, weight, eps, residual, out)
+
+
+def rope_kv_write(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping):
+    return _implementation("rope_kv_write", q)(
+        q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping
+    )
+
+
+def silu_and_mul(x, out=None):
+    return _implementation("silu_and_mul", x)(x, out)
+
+
+def linear(x, weight, bias=None, num_ctas=None, out=None):
+    return _implementation("linear", x)(x, weight, bias, num_ctas, out)

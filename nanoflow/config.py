@@ -1,0 +1,61 @@
+"""Engine options in one validated dataclass (what the CLI flags and ``LLM(...)`` kwargs set)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nanoflow.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+EXECUTORS = ("auto", "sequential", "nanobatch", "overlapped")
+
+
+@dataclass
+class EngineConfig:
+    model: str = "builtin"
+    tokenizer: str | None = None
+    load_format: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    block_size: int = 16
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int = 512
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None
+    cpu_kv_cache_gib: float = 1.0
+    expected_output_len: int | None = None
+    executor: str = "auto"
+    profile: str | None = None
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ConfigError(f"load_format must be auto, safetensors or dummy, not {self.load_format!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be auto or one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}")
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ConfigError("block_size must be a power of two between 8 and 128")
+        if not 0.05 <= self.gpu_memory_utilization <= 0.99:
+            raise ConfigError("gpu_memory_utilization must be between 0.05 and 0.99")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ConfigError("max_num_batched_tokens must be positive")
+        if self.max_num_seqs < 1:
+            raise ConfigError("max_num_seqs must be positive")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError("tensor_parallel_size must be positive")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]

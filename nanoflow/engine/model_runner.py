@@ -1,0 +1,98 @@
+"""Owns the model, its KV cache and step buffers; turns a BatchPlan into sampled tokens."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from nanoflow.config import EngineConfig
+from nanoflow.distributed.parallel import ParallelGroup
+from nanoflow.engine.batch import PreparedStep, StepBuffers, prepare_step
+from nanoflow.engine.sampler import SampleResult, sample
+from nanoflow.engine.scheduler import BatchPlan
+from nanoflow.errors import ConfigError
+from nanoflow.models.loader import build_model, load_weights
+from nanoflow.models.spec import ModelSpec
+from nanoflow.pipeline.executors import Executor, make_executor
+from nanoflow.pipeline.schedule import PipelineSchedule
+
+logger = logging.getLogger(__name__)
+
+_ACTIVATION_SLACK_BYTES = 2 << 30
+
+
+def kv_block_bytes(spec: ModelSpec, block_size: int, dtype: torch.dtype, tp_size: int) -> int:
+    per_token = spec.kv_bytes_per_token(torch.finfo(dtype).bits // 8) // tp_size
+    return per_token * block_size
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        config: EngineConfig,
+        spec: ModelSpec,
+        checkpoint,
+        schedule: PipelineSchedule,
+        max_num_batched_tokens: int,
+        group: ParallelGroup,
+    ) -> None:
+        self.config = config
+        self.spec = spec
+        self.device = config.torch_device()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dtype = config.torch_dtype(self.device)
+        self.group = group
+        self.max_num_batched_tokens = max_num_batched_tokens
+        weights = load_weights(
+            spec, checkpoint, config.load_format, self.device, self.dtype, config.seed
+        )
+        self.buffers = StepBuffers.allocate(
+            spec, max_num_batched_tokens, self.device, self.dtype, group.size
+        )
+        self.num_blocks = self._num_kv_blocks(weights)
+        self.model = build_model(
+            spec, weights, self.num_blocks, config.block_size, self.device, self.dtype, group
+        )
+        self.set_schedule(schedule)
+
+    def set_schedule(self, schedule: PipelineSchedule) -> None:
+        self.schedule = schedule
+        self.executor: Executor = make_executor(schedule, self.device)
+
+    def _num_kv_blocks(self, weights: dict[str, torch.Tensor]) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        block_bytes = kv_block_bytes(self.spec, self.config.block_size, self.dtype, self.group.size)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            fused_copy = sum(w.numel() * w.element_size() for w in weights.values()) // max(
+                1, self.spec.num_layers
+            )
+            budget = free - total * (1 - self.config.gpu_memory_utilization)
+            budget -= _ACTIVATION_SLACK_BYTES + 2 * fused_copy
+        else:
+            budget = self.config.cpu_kv_cache_gib * (1 << 30)
+        blocks = int(budget // block_bytes)
+        if blocks < 1:
+            raise ConfigError(
+                "no memory left for the KV cache after loading the weights; lower the model "
+                "size, raise gpu_memory_utilization or use more tensor parallelism"
+            )
+        return blocks
+
+    def prepare(self, plan: BatchPlan) -> PreparedStep:
+        return prepare_step(plan, self.schedule, self.buffers, self.config.block_size, self.device)
+
+    def forward(self, step: PreparedStep) -> torch.Tensor:
+        """Float32 logits of the sampling rows."""
+        self.model.embed(step.input_ids, self.buffers)
+        self.executor.run(self.model.layer_ops, self.buffers, step.nano_batches)
+        return self.model.logits(self.buffers, step.sample_rows)
+
+    @torch.inference_mode()
+    def execute(self, plan: BatchPlan) -> SampleResult:
+        step = self.prepare(plan)
+        logits = self.forward(step)
+        return sample(logits, [c.seq for c in step.sampling_chunks])

@@ -1,0 +1,189 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) written as lists of pipeline ops.
+
+Each layer is: input norm, QKV GEMM, RoPE + KV write, decode attention, prefill attention, O GEMM,
+post-attention norm, gate-up GEMM, SiLU-mul, down GEMM; with tensor parallelism an all-reduce
+follows the O and down GEMMs. The executor decides where and when each op runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nanoflow import kernels
+from nanoflow.distributed.parallel import ParallelGroup
+from nanoflow.engine.batch import NanoBatch, StepBuffers
+from nanoflow.models.rope import cos_sin_cache
+from nanoflow.models.spec import ModelSpec
+from nanoflow.pipeline.ops import Op, Resource
+
+
+class DecoderLayer:
+    """One layer's (fused, possibly sharded) weights and KV cache, and the ops that use them."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weights: dict[str, torch.Tensor],
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cos_sin: torch.Tensor,
+        group: ParallelGroup,
+    ) -> None:
+        self.spec = spec
+        self.w = weights
+        self.k_cache = k_cache
+        self.v_cache = v_cache
+        self.cos_sin = cos_sin
+        self.group = group
+        self.num_heads = spec.num_heads // group.size
+        self.num_kv_heads = spec.num_kv_heads // group.size
+        self.q_size = self.num_heads * spec.head_dim
+        self.kv_size = self.num_kv_heads * spec.head_dim
+        self.scale = spec.head_dim**-0.5
+
+    def ops(self) -> list[Op]:
+        ops = [
+            Op("input_norm", Resource.MEMORY, self.input_norm),
+            Op("qkv_proj", Resource.COMPUTE, self.qkv_proj),
+            Op("rope_kv_write", Resource.MEMORY, self.rope_kv_write, writes_kv=True),
+            Op("decode_attention", Resource.MEMORY, self.decode_attention),
+            Op("prefill_attention", Resource.COMPUTE, self.prefill_attention, reads_other_kv=True),
+            Op("o_proj", Resource.COMPUTE, self.o_proj),
+        ]
+        if self.group.size > 1:
+            ops.append(Op("attn_all_reduce", Resource.NETWORK, self.all_reduce))
+        ops += [
+            Op("post_attn_norm", Resource.MEMORY, self.post_attn_norm),
+            Op("gate_up_proj", Resource.COMPUTE, self.gate_up_proj),
+            Op("silu_mul", Resource.MEMORY, self.silu_mul),
+            Op("down_proj", Resource.COMPUTE, self.down_proj),
+        ]
+        if self.group.size > 1:
+            ops.append(Op("mlp_all_reduce", Resource.NETWORK, self.all_reduce))
+        return ops
+
+    def input_norm(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
+        rows = slice(nb.start, nb.end)
+        kernels.rms_norm(
+            b.hidden[rows], self.w["input_norm"], self.spec.rms_norm_eps, b.residual[rows],
+            b.normed[rows],
+        )
+
+    def qkv_proj(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
+        rows = slice(nb.start, nb.end)
+        kernels.linear(b.normed[rows], self.w["qkv"], self.w.get("qkv_bias"), sms, b.qkv[rows])
+
+    def _qkv_views(self, b: StepBuffers, rows: slice) -> tuple[torch.Tensor, ...]:
+        qkv = b.qkv[rows]
+        d = self.spec.head_dim
+        q = qkv[:, : self.q_size].unflatten(1, (self.num_heads, d))
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].unflatten(1, (self.num_kv_heads, d))
+        v = qkv[:, self.q_size + self.kv_size :].unflatten(1, (self.num_kv_heads, d))
+        return q, k, v
+
+    def rope_kv_write(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
+        rows = slice(nb.start, nb.end)
+        q, k, v = self._qkv_views(b, rows)
+        kernels.rope_kv_write(
+            q, k, v, b.positions[rows], self.cos_sin, self.k_cache, self.v_cache,
+            b.slot_mapping[rows],
+        )
+
+    def decode_attention(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
+        if nb.decode is None:
+            return
+        rows = slice(nb.start, nb.start + nb.num_decode)
+        q, _, _ = self._qkv_views(b, rows)
+        out = b.attn[rows].unflatten(1, (self.num_heads, self.spec.head_dim))
+        kernels.paged_decode_attention(
+            q, self.k_cache, self.v_cache, nb.decode.block_tables, nb.decode.context_lens,
+            self.scale, sms, out,
+        )
+
+    def prefill_attention(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
+        if nb.prefill is None:
+            return
+        rows = slice(nb.start + nb.num_decode, nb.end)
+        q, _, _ = self._qkv_views(b, rows)
+        out = b.attn[rows].unflatten(1, (self.num_heads, self.spec.head_dim))
+        p = nb.prefill
+        kernels.paged_prefill_attention(
+            q, self.k_cache, self.v_cache, p.block_tables, p.cu_q_lens, p.context_lens,
+            p.max_q_len, self.scale, sms, out,
+        )
+
+    def o_proj(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
+        rows = slice(nb.start, nb.end)
+        kernels.linear(b.attn[rows], self.w["o"], None, sms, b.hidden[rows])
+
+    def all_reduce(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
+        self.group.all_reduce(b.hidden[nb.start : nb.end])
+
+    def post_attn_norm(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
+        rows = slice(nb.start, nb.end)
+        kernels.rms_norm(
+            b.hidden[rows], self.w["post_norm"], self.spec.rms_norm_eps, b.residual[rows],
+            b.normed[rows],
+        )
+
+    def gate_up_proj(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
+        rows = slice(nb.start, nb.end)
+        kernels.linear(b.normed[rows], self.w["gate_up"], None, sms, b.gate_up[rows])
+
+    def silu_mul(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
+        rows = slice(nb.start, nb.end)
+        kernels.silu_and_mul(b.gate_up[rows], b.act[rows])
+
+    def down_proj(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
+        rows = slice(nb.start, nb.end)
+        kernels.linear(b.act[rows], self.w["down"], None, sms, b.hidden[rows])
+
+
+class LlamaModel:
+    """Embedding, decoder layers as ops, final norm and LM head."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weights: dict[str, torch.Tensor],
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        group: ParallelGroup,
+    ) -> None:
+        self.spec = spec
+        self.device = device
+        self.dtype = dtype
+        self.group = group
+        shard = group.shard_weights(spec, weights)
+        self.embed_weight = shard.pop("embed")
+        self.lm_head = shard.pop("lm_head")
+        self.final_norm = shard.pop("final_norm")
+        cache_shape = (num_blocks, spec.num_kv_heads // group.size, block_size, spec.head_dim)
+        max_positions = spec.max_position_embeddings
+        self.cos_sin = cos_sin_cache(spec, max_positions, device)
+        self.layers = [
+            DecoderLayer(
+                spec,
+                shard[i],
+                torch.zeros(cache_shape, device=device, dtype=dtype),
+                torch.zeros(cache_shape, device=device, dtype=dtype),
+                self.cos_sin,
+                group,
+            )
+            for i in range(spec.num_layers)
+        ]
+        self.layer_ops = [layer.ops() for layer in self.layers]
+
+    def embed(self, input_ids: torch.Tensor, buffers: StepBuffers) -> None:
+        n = input_ids.shape[0]
+        self.group.embed(input_ids, self.embed_weight, out=buffers.hidden[:n])
+        buffers.residual[:n].zero_()
+
+    def logits(self, buffers: StepBuffers, rows: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of the given rows after the final residual add and norm."""
+        hidden = buffers.hidden[rows]
+        residual = buffers.residual[rows]
+        normed = kernels.rms_norm(hidden, self.final_norm, self.spec.rms_norm_eps, residual)
+        return self.group.lm_head(normed, self.lm_head).float()

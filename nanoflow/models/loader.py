@@ -1,0 +1,56 @@
+"""From a model name or folder to a ready model: resolve the spec, load or make the weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nanoflow.distributed.parallel import ParallelGroup
+from nanoflow.errors import ConfigError
+from nanoflow.models.builtin import BUILTIN_NAME, builtin_model_path
+from nanoflow.models.llama import LlamaModel
+from nanoflow.models.registry import KNOWN_MODELS, get_known_model
+from nanoflow.models.spec import ModelSpec
+from nanoflow.models.weights import dummy_weights, load_safetensors
+
+
+def resolve_model(name_or_path: str) -> tuple[ModelSpec, Path | None]:
+    """The architecture and, when there is one, the checkpoint folder of a model argument."""
+    if name_or_path == BUILTIN_NAME:
+        path = builtin_model_path()
+        return ModelSpec.from_pretrained(path), path
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return ModelSpec.from_pretrained(path), path
+    if name_or_path.lower() in KNOWN_MODELS:
+        return get_known_model(name_or_path), None
+    if path.exists():
+        raise ConfigError(f"{name_or_path} is a file; give the checkpoint's folder")
+    raise ConfigError(
+        f"unknown model {name_or_path!r}: give a checkpoint folder, 'builtin', or one of "
+        f"{', '.join(KNOWN_MODELS)} (with load_format='dummy')"
+    )
+
+
+def load_weights(
+    spec: ModelSpec, path: Path | None, load_format: str, device: torch.device,
+    dtype: torch.dtype, seed: int,
+) -> dict[str, torch.Tensor]:
+    if load_format == "dummy":
+        return dummy_weights(spec, device, dtype, seed)
+    if path is None:
+        raise ConfigError(
+            "a registry model name has no checkpoint: pass load_format='dummy' "
+            "(--load-format dummy) or a checkpoint folder"
+        )
+    return load_safetensors(spec, path, device, dtype)
+
+
+def build_model(
+    spec: ModelSpec, weights: dict[str, torch.Tensor], num_blocks: int, block_size: int,
+    device: torch.device, dtype: torch.dtype, group: ParallelGroup,
+) -> LlamaModel:
+    if spec.is_moe:
+        raise ConfigError(f"{spec.model_type} (mixture of experts) is not supported yet")
+    return LlamaModel(spec, weights, num_blocks, block_size, device, dtype, group)

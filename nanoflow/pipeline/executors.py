@@ -1,0 +1,135 @@
+"""Executors: run a model's layer ops over an iteration's nano-batches.
+
+* ``SequentialExecutor``: one stream, whole GPU, op after op (the reference and the baseline).
+* ``NanoBatchExecutor``: the nano-batches one after another on one stream (the cost of splitting).
+* ``OverlappedExecutor``: each op on its execution unit's stream; CUDA events carry the data
+  dependencies, so compute, memory and network ops of different nano-batches run at once. No host
+  synchronisation happens inside an iteration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from nanoflow.engine.batch import NanoBatch, StepBuffers
+from nanoflow.pipeline.ops import Op
+from nanoflow.pipeline.schedule import LaunchOrder, PipelineSchedule
+from nanoflow.pipeline.units import ExecutionUnit, build_units
+
+LaunchHook = Callable[[int, Op, NanoBatch, str, bool], None]
+
+
+def launch_order(num_ops: int, num_nano_batches: int, order: LaunchOrder) -> list[tuple[int, int]]:
+    """(op index, nano-batch index) pairs of one layer, in the order they are launched."""
+    if order is LaunchOrder.OP_MAJOR:
+        return [(k, j) for k in range(num_ops) for j in range(num_nano_batches)]
+    waves = num_ops + num_nano_batches - 1
+    return [
+        (w - j, j) for w in range(waves) for j in range(num_nano_batches) if 0 <= w - j < num_ops
+    ]
+
+
+class SequentialExecutor:
+    name = "sequential"
+
+    def run(
+        self, layer_ops: list[list[Op]], buffers: StepBuffers, nano_batches: list[NanoBatch]
+    ) -> None:
+        for ops in layer_ops:
+            for op in ops:
+                for nb in nano_batches:
+                    op.fn(buffers, nb, None)
+
+
+class NanoBatchExecutor:
+    """Nano-batches without overlap: each layer runs nano-batch after nano-batch."""
+
+    name = "nanobatch"
+
+    def run(
+        self, layer_ops: list[list[Op]], buffers: StepBuffers, nano_batches: list[NanoBatch]
+    ) -> None:
+        for ops in layer_ops:
+            for nb in nano_batches:
+                for op in ops:
+                    op.fn(buffers, nb, None)
+
+
+class OverlappedExecutor:
+    """Operation-level pipeline over execution units (DESIGN §3)."""
+
+    name = "overlapped"
+
+    def __init__(self, schedule: PipelineSchedule, device: torch.device) -> None:
+        self.schedule = schedule
+        self.device = device
+        self.units: dict[str, ExecutionUnit] = build_units(schedule, device)
+        self.hook: LaunchHook | None = None
+
+    def _unit_per_op(self, ops: list[Op]) -> list[ExecutionUnit]:
+        return [self.units[self.schedule.unit_of(op.name, op.resource).name] for op in ops]
+
+    def run(
+        self, layer_ops: list[list[Op]], buffers: StepBuffers, nano_batches: list[NanoBatch]
+    ) -> None:
+        if self.device.type != "cuda":
+            self._run_inline(layer_ops, buffers, nano_batches)
+            return
+        main = torch.cuda.current_stream(self.device)
+        start = torch.cuda.Event()
+        start.record(main)
+        waited: set[int] = set()
+        last: list[tuple[torch.cuda.Event, int]] = [(start, id(main))] * len(nano_batches)
+        for layer, ops in enumerate(layer_ops):
+            units = self._unit_per_op(ops)
+            kv_op = next((k for k, op in enumerate(ops) if op.writes_kv), None)
+            kv_events: dict[int, torch.cuda.Event] = {}
+            for k, j in launch_order(len(ops), len(nano_batches), self.schedule.launch_order):
+                op, unit, nb = ops[k], units[k], nano_batches[j]
+                stream = unit.stream
+                if id(stream) not in waited:
+                    stream.wait_event(start)
+                    waited.add(id(stream))
+                event, owner = last[j]
+                if owner != id(stream):
+                    stream.wait_event(event)
+                if op.reads_other_kv:
+                    for i in nb.kv_deps:
+                        stream.wait_event(kv_events[i])
+                with unit.active():
+                    if self.hook:
+                        self.hook(layer, op, nb, unit.spec.name, True)
+                    op.fn(buffers, nb, unit.num_sms)
+                    if self.hook:
+                        self.hook(layer, op, nb, unit.spec.name, False)
+                done = torch.cuda.Event()
+                done.record(stream)
+                last[j] = (done, id(stream))
+                if k == kv_op:
+                    kv_events[j] = done
+        for event, owner in last:
+            if owner != id(main):
+                main.wait_event(event)
+
+    def _run_inline(
+        self, layer_ops: list[list[Op]], buffers: StepBuffers, nano_batches: list[NanoBatch]
+    ) -> None:
+        """On CPU there is nothing to overlap: run the launch order itself, which must respect
+        every dependency the events would enforce on a GPU."""
+        for ops in layer_ops:
+            units = self._unit_per_op(ops)
+            for k, j in launch_order(len(ops), len(nano_batches), self.schedule.launch_order):
+                ops[k].fn(buffers, nano_batches[j], units[k].num_sms)
+
+
+Executor = SequentialExecutor | NanoBatchExecutor | OverlappedExecutor
+
+
+def make_executor(schedule: PipelineSchedule, device: torch.device) -> Executor:
+    if schedule.overlap:
+        return OverlappedExecutor(schedule, device)
+    if schedule.num_nano_batches > 1:
+        return NanoBatchExecutor()
+    return SequentialExecutor()

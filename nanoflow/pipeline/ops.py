@@ -1,0 +1,38 @@
+"""Ops: the unit of work the pipeline schedules. A decoder layer is a list of them, each tagged with
+the GPU resource it is bound by, so the executor can run different classes side by side."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nanoflow.engine.batch import NanoBatch, StepBuffers
+
+
+class Resource(enum.StrEnum):
+    COMPUTE = "compute"
+    MEMORY = "memory"
+    NETWORK = "network"
+
+
+OpFn = Callable[["StepBuffers", "NanoBatch", "int | None"], None]
+
+
+@dataclass(frozen=True)
+class Op:
+    """One kernel (or a short fixed sequence of them) applied to one nano-batch.
+
+    ``fn(buffers, nano_batch, num_sms)`` reads and writes only the nano-batch's rows of the step
+    buffers (and the KV cache of its own sequences); ``num_sms`` is its execution unit's SM budget
+    (None: the whole GPU). ``reads_other_kv`` marks ops that also read K/V that earlier
+    nano-batches wrote (a prompt chunk cut by a nano-batch boundary).
+    """
+
+    name: str
+    resource: Resource
+    fn: OpFn
+    reads_other_kv: bool = False
+    writes_kv: bool = False

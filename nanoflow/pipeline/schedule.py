@@ -1,0 +1,145 @@
+"""Pipeline schedules as data: how an iteration's dense batch is cut into nano-batches, which
+execution unit runs each op, and in which order the ops are launched."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from nanoflow.errors import ScheduleError
+from nanoflow.pipeline.ops import Resource
+
+
+class Mechanism(enum.StrEnum):
+    """How an execution unit's SM budget is enforced (DESIGN §3)."""
+
+    CTA_LIMIT = "cta_limit"
+    GREEN_CONTEXT = "green_context"
+
+
+class LaunchOrder(enum.StrEnum):
+    OP_MAJOR = "op_major"
+    WAVEFRONT = "wavefront"
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """An execution unit: a stream and the SMs its kernels may use (None: the whole GPU)."""
+
+    name: str
+    num_sms: int | None = None
+
+
+@dataclass(frozen=True)
+class PipelineSchedule:
+    """The shape of one iteration's pipeline.
+
+    ``decode_shares`` and ``prefill_shares`` give each nano-batch's fraction of the iteration's
+    decode and prefill tokens (they are split independently); ``op_units`` maps an op name or a
+    resource class to a unit name. ``overlap=False`` runs the same nano-batches one after another
+    on one stream (the cost of splitting, measured alone).
+    """
+
+    decode_shares: tuple[float, ...] = (1.0,)
+    prefill_shares: tuple[float, ...] = (1.0,)
+    units: tuple[UnitSpec, ...] = (UnitSpec("main"),)
+    op_units: dict[str, str] = field(default_factory=lambda: {r.value: "main" for r in Resource})
+    launch_order: LaunchOrder = LaunchOrder.OP_MAJOR
+    mechanism: Mechanism = Mechanism.CTA_LIMIT
+    overlap: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def num_nano_batches(self) -> int:
+        return len(self.decode_shares)
+
+    def unit_of(self, op_name: str, resource: Resource) -> UnitSpec:
+        name = self.op_units.get(op_name, self.op_units.get(resource.value))
+        for unit in self.units:
+            if unit.name == name:
+                return unit
+        raise ScheduleError(f"op {op_name!r} ({resource}) is mapped to no known unit")
+
+    def validate(self) -> None:
+        if len(self.decode_shares) != len(self.prefill_shares) or not self.decode_shares:
+            raise ScheduleError("decode_shares and prefill_shares need one entry per nano-batch")
+        for shares in (self.decode_shares, self.prefill_shares):
+            if any(s < 0 for s in shares) or abs(sum(shares) - 1.0) > 1e-6:
+                raise ScheduleError(f"nano-batch shares must be >= 0 and sum to 1, got {shares}")
+        names = [u.name for u in self.units]
+        if len(set(names)) != len(names):
+            raise ScheduleError(f"unit names must be unique, got {names}")
+        for key, unit in self.op_units.items():
+            if unit not in names:
+                raise ScheduleError(f"op_units maps {key!r} to unknown unit {unit!r}")
+        for r in Resource:
+            if r.value not in self.op_units:
+                raise ScheduleError(f"op_units has no unit for resource class {r.value!r}")
+        for unit in self.units:
+            if unit.num_sms is not None and unit.num_sms < 1:
+                raise ScheduleError(f"unit {unit.name!r} has a non-positive SM budget")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["launch_order"] = self.launch_order.value
+        data["mechanism"] = self.mechanism.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PipelineSchedule:
+        try:
+            return cls(
+                decode_shares=tuple(float(s) for s in data["decode_shares"]),
+                prefill_shares=tuple(float(s) for s in data["prefill_shares"]),
+                units=tuple(UnitSpec(u["name"], u.get("num_sms")) for u in data["units"]),
+                op_units=dict(data["op_units"]),
+                launch_order=LaunchOrder(data.get("launch_order", "op_major")),
+                mechanism=Mechanism(data.get("mechanism", "cta_limit")),
+                overlap=bool(data.get("overlap", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ScheduleError):
+                raise
+            raise ScheduleError(f"schedule is malformed: {exc!r}") from None
+
+
+def split_counts(total: int, shares: tuple[float, ...]) -> list[int]:
+    """Cut ``total`` items into parts proportional to ``shares`` (largest-remainder rounding)."""
+    exact = [total * s for s in shares]
+    counts = [int(x) for x in exact]
+    order = sorted(range(len(shares)), key=lambda i: exact[i] - counts[i], reverse=True)
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def sequential_schedule() -> PipelineSchedule:
+    """One nano-batch on one whole-GPU stream: the reference and the ablation baseline."""
+    return PipelineSchedule()
+
+
+def nano_batch_schedule(num_nano_batches: int = 2) -> PipelineSchedule:
+    """Equal nano-batches run one after another: measures what splitting alone costs."""
+    shares = tuple([1.0 / num_nano_batches] * num_nano_batches)
+    return PipelineSchedule(decode_shares=shares, prefill_shares=shares)
+
+
+def default_overlapped_schedule(num_sms: int, num_nano_batches: int = 2) -> PipelineSchedule:
+    """The hand-written schedule used without a profile: GEMMs on ~3/4 of the SMs, memory-bound
+    ops (decode attention, norms, RoPE) on the rest, collectives on a small unit of their own."""
+    memory_sms = max(8, (num_sms // 4) // 8 * 8)
+    shares = tuple([1.0 / num_nano_batches] * num_nano_batches)
+    return PipelineSchedule(
+        decode_shares=shares,
+        prefill_shares=shares,
+        units=(
+            UnitSpec("compute", num_sms - memory_sms),
+            UnitSpec("memory", memory_sms),
+            UnitSpec("network", max(8, num_sms // 16)),
+        ),
+        op_units={r.value: r.value for r in Resource},
+        overlap=True,
+    )
