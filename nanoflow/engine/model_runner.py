@@ -91,6 +91,10 @@ class ModelRunner:
         self.executor.run(self.model.layer_ops, self.buffers, step.nano_batches)
         return self.model.logits(self.buffers, step.sample_rows)
 
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     @torch.inference_mode()
     def execute(self, plan: BatchPlan) -> SampleResult:
         step = self.prepare(plan)

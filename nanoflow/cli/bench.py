@@ -1,0 +1,77 @@
+"""``nanoflow bench throughput``: offline throughput on random prompts of given lengths."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from nanoflow.cli.main import add_engine_args, engine_kwargs
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks")
+    kinds = bench.add_subparsers(dest="bench_kind", required=True)
+    p = kinds.add_parser("throughput", help="offline throughput (input + output tokens/s)")
+    add_engine_args(p)
+    p.add_argument("--workload", default="512/512", help="IN/OUT lengths or a trace file")
+    p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--output-json", default=None)
+    p.set_defaults(func=run_throughput)
+
+
+def run_throughput(args: argparse.Namespace) -> int:
+    from nanoflow import LLM, SamplingParams
+    from nanoflow.measure import environment, gemm_ceiling_tflops, optimal_throughput
+    from nanoflow.workloads import load_workload, random_prompts
+
+    llm = LLM(args.model, **engine_kwargs(args))
+    engine = llm.engine
+    requests = load_workload(args.workload, args.num_prompts, args.seed)
+    prompts = random_prompts(requests, engine.spec.vocab_size, args.seed)
+    params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
+              for r in requests]
+    warmup = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[: min(8, len(prompts))], warmup, use_tqdm=False)
+    engine.runner.synchronize()
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    engine.runner.synchronize()
+    elapsed = time.perf_counter() - started
+    num_in = sum(len(p) for p in prompts)
+    num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
+    result = {
+        "workload": args.workload,
+        "num_prompts": len(prompts),
+        "elapsed_s": elapsed,
+        "input_tokens": num_in,
+        "output_tokens": num_out,
+        "tokens_per_s": (num_in + num_out) / elapsed,
+        "output_tokens_per_s": num_out / elapsed,
+        "requests_per_s": len(prompts) / elapsed,
+        "schedule": engine.schedule_source,
+        "token_budget": engine.scheduler.max_num_batched_tokens,
+        "num_kv_blocks": engine.runner.num_blocks,
+        "preemptions": sum(int(o.metrics["num_preemptions"]) for o in outputs),
+    }
+    device = engine.runner.device
+    if device.type == "cuda":
+        tflops = gemm_ceiling_tflops(device)
+        optimal = optimal_throughput(engine.spec, tflops * 1e12) / args.tensor_parallel_size
+        result.update(gemm_tflops=tflops, optimal_tokens_per_s=optimal,
+                      fraction_of_optimal=result["tokens_per_s"] / optimal)
+    record = {**environment(device), "command": " ".join(sys.argv), "args": vars(args) | {"func": None},
+              "model": args.model, "result": result}
+    print(f"Throughput: {result['requests_per_s']:.2f} requests/s, "
+          f"{result['tokens_per_s']:.1f} total tokens/s, "
+          f"{result['output_tokens_per_s']:.1f} output tokens/s")
+    if "fraction_of_optimal" in result:
+        print(f"Optimal (GEMM {result['gemm_tflops']:.0f} TFLOP/s): "
+              f"{result['optimal_tokens_per_s']:.0f} tokens/s; reached "
+              f"{100 * result['fraction_of_optimal']:.1f}%")
+    if args.output_json:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps(record, indent=2, default=str))
+    return 0

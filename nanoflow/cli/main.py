@@ -1,0 +1,85 @@
+"""The ``nanoflow`` command: one subcommand per job, each in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from nanoflow.errors import NanoflowError
+
+SUBCOMMANDS = (
+    "nanoflow.cli.generate",
+    "nanoflow.cli.bench",
+)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by every subcommand that builds an engine."""
+    parser.add_argument("model", nargs="?", default="builtin",
+                        help="checkpoint folder, registry name (e.g. llama-3-8b) or 'builtin'")
+    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--profile", default=None, help="tuning profile JSON from `nanoflow tune`")
+    parser.add_argument("--executor", default="auto",
+                        choices=["auto", "sequential", "nanobatch", "overlapped"])
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="per-iteration token budget (default: the profile's, else 2048)")
+    parser.add_argument("--max-num-seqs", type=int, default=512)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "load_format": args.load_format,
+        "tokenizer": args.tokenizer,
+        "dtype": args.dtype,
+        "device": args.device,
+        "profile": args.profile,
+        "executor": args.executor,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_num_seqs": args.max_num_seqs,
+        "max_model_len": args.max_model_len,
+        "block_size": args.block_size,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "num_kv_blocks": args.num_kv_blocks,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "seed": args.seed,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="nanoflow", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in SUBCOMMANDS:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except NanoflowError as exc:
+        print(f"nanoflow: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Measured ceilings and the run's environment, recorded beside every result we quote."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+from typing import Any
+
+import torch
+
+from nanoflow.models.spec import ModelSpec
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, sm_count=props.multi_processor_count,
+                   gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    else:
+        env["gpu"] = None
+    return env
+
+
+def time_cuda(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Median seconds of ``fn`` on the current stream, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def gemm_ceiling_tflops(device: torch.device, n: int = 8192) -> float:
+    """bf16 dense GEMM rate on random data (the compute ceiling of DESIGN §8)."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    seconds = time_cuda(lambda: a @ b)
+    return 2 * n**3 / seconds / 1e12
+
+
+def copy_bandwidth_gbs(device: torch.device, gib: float = 2.0) -> float:
+    """Device-to-device copy rate, bytes read + written (the memory ceiling)."""
+    n = int(gib * 2**30) // 2
+    src = torch.randn(n, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    seconds = time_cuda(lambda: dst.copy_(src))
+    return 2 * n * 2 / seconds / 1e9
+
+
+def optimal_throughput(spec: ModelSpec, gemm_flops_per_s: float) -> float:
+    """NanoFlow's bound for compute-bound serving: tokens/s = GEMM rate / (2 x params per token)."""
+    return gemm_flops_per_s / (2 * spec.params_per_token())
