@@ -34,9 +34,13 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
-            raise ConfigError(f"load_format must be auto, safetensors or dummy, not {self.load_format!r}")
+            raise ConfigError(
+                f"load_format must be auto, safetensors or dummy, not {self.load_format!r}"
+            )
         if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be auto or one of {', '.join(DTYPES)}, not {self.dtype!r}")
+            raise ConfigError(
+                f"dtype must be auto or one of {', '.join(DTYPES)}, not {self.dtype!r}"
+            )
         if self.executor not in EXECUTORS:
             raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}")
         if self.block_size not in (8, 16, 32, 64, 128):

@@ -26,8 +26,12 @@ def environment(device: torch.device) -> dict[str, Any]:
         env["triton"] = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(gpu=props.name, sm_count=props.multi_processor_count,
-                   gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+        env.update(
+            gpu=props.name,
+            sm_count=props.multi_processor_count,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+        )
     else:
         env["gpu"] = None
     return env

@@ -55,7 +55,9 @@ def load_workload(name: str, num_requests: int, seed: int = 0) -> list[WorkloadR
         return constant(input_len, output_len, num_requests)
     if Path(name).is_file():
         return from_trace(name, num_requests)
-    raise ConfigError(f"unknown workload {name!r}: give IN/OUT lengths (e.g. 512/512) or a trace file")
+    raise ConfigError(
+        f"unknown workload {name!r}: give IN/OUT lengths (e.g. 512/512) or a trace file"
+    )
 
 
 def random_prompts(

@@ -31,8 +31,9 @@ def run_throughput(args: argparse.Namespace) -> int:
     engine = llm.engine
     requests = load_workload(args.workload, args.num_prompts, args.seed)
     prompts = random_prompts(requests, engine.spec.vocab_size, args.seed)
-    params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
-              for r in requests]
+    params = [
+        SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True) for r in requests
+    ]
     warmup = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[: min(8, len(prompts))], warmup, use_tqdm=False)
     engine.runner.synchronize()
@@ -60,17 +61,29 @@ def run_throughput(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         tflops = gemm_ceiling_tflops(device)
         optimal = optimal_throughput(engine.spec, tflops * 1e12) / args.tensor_parallel_size
-        result.update(gemm_tflops=tflops, optimal_tokens_per_s=optimal,
-                      fraction_of_optimal=result["tokens_per_s"] / optimal)
-    record = {**environment(device), "command": " ".join(sys.argv), "args": vars(args) | {"func": None},
-              "model": args.model, "result": result}
-    print(f"Throughput: {result['requests_per_s']:.2f} requests/s, "
-          f"{result['tokens_per_s']:.1f} total tokens/s, "
-          f"{result['output_tokens_per_s']:.1f} output tokens/s")
+        result.update(
+            gemm_tflops=tflops,
+            optimal_tokens_per_s=optimal,
+            fraction_of_optimal=result["tokens_per_s"] / optimal,
+        )
+    record = {
+        **environment(device),
+        "command": " ".join(sys.argv),
+        "args": vars(args) | {"func": None},
+        "model": args.model,
+        "result": result,
+    }
+    print(
+        f"Throughput: {result['requests_per_s']:.2f} requests/s, "
+        f"{result['tokens_per_s']:.1f} total tokens/s, "
+        f"{result['output_tokens_per_s']:.1f} output tokens/s"
+    )
     if "fraction_of_optimal" in result:
-        print(f"Optimal (GEMM {result['gemm_tflops']:.0f} TFLOP/s): "
-              f"{result['optimal_tokens_per_s']:.0f} tokens/s; reached "
-              f"{100 * result['fraction_of_optimal']:.1f}%")
+        print(
+            f"Optimal (GEMM {result['gemm_tflops']:.0f} TFLOP/s): "
+            f"{result['optimal_tokens_per_s']:.0f} tokens/s; reached "
+            f"{100 * result['fraction_of_optimal']:.1f}%"
+        )
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(json.dumps(record, indent=2, default=str))

@@ -40,16 +40,29 @@ def run(args: argparse.Namespace) -> int:
     llm = LLM(args.model, **engine_kwargs(args))
     print(f"# {llm.engine.schedule_source}", file=sys.stderr)
     params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.sample_seed, stop=args.stop, ignore_eos=args.ignore_eos,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.sample_seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
     )
     prompts = _prompts(args)
     for prompt, out in zip(prompts, llm.generate(prompts, params), strict=True):
         completion = out.outputs[0]
         if args.json:
-            print(json.dumps({"prompt": prompt, "text": completion.text,
-                              "token_ids": completion.token_ids,
-                              "finish_reason": completion.finish_reason, **out.metrics}))
+            print(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "text": completion.text,
+                        "token_ids": completion.token_ids,
+                        "finish_reason": completion.finish_reason,
+                        **out.metrics,
+                    }
+                )
+            )
         else:
             print(f"{prompt!r} -> {completion.text!r} ({completion.finish_reason})")
     return 0

@@ -16,17 +16,26 @@ SUBCOMMANDS = (
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared by every subcommand that builds an engine."""
-    parser.add_argument("model", nargs="?", default="builtin",
-                        help="checkpoint folder, registry name (e.g. llama-3-8b) or 'builtin'")
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default="builtin",
+        help="checkpoint folder, registry name (e.g. llama-3-8b) or 'builtin'",
+    )
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--profile", default=None, help="tuning profile JSON from `nanoflow tune`")
-    parser.add_argument("--executor", default="auto",
-                        choices=["auto", "sequential", "nanobatch", "overlapped"])
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
-                        help="per-iteration token budget (default: the profile's, else 2048)")
+    parser.add_argument(
+        "--executor", default="auto", choices=["auto", "sequential", "nanobatch", "overlapped"]
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="per-iteration token budget (default: the profile's, else 2048)",
+    )
     parser.add_argument("--max-num-seqs", type=int, default=512)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=16)

@@ -1,5 +1,6 @@
-"""Tensor parallelism: how weights are sharded over a group of ranks and the collectives that join
-the shards (Megatron-style column/row parallel layers, vocabulary-parallel embedding and LM head)."""
+"""Tensor parallelism: how weights are sharded over a group of ranks and the collectives that
+join the shards (Megatron-style column/row parallel layers, vocabulary-parallel embedding and
+LM head)."""
 
 from __future__ import annotations
 

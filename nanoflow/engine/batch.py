@@ -56,7 +56,11 @@ class StepBuffers:
 
     @classmethod
     def allocate(
-        cls, spec: ModelSpec, max_tokens: int, device: torch.device, dtype: torch.dtype,
+        cls,
+        spec: ModelSpec,
+        max_tokens: int,
+        device: torch.device,
+        dtype: torch.dtype,
         tp_size: int = 1,
     ) -> StepBuffers:
         def empty(width: int) -> torch.Tensor:
@@ -104,9 +108,7 @@ def _pieces(prefills: list[ScheduledChunk], counts: list[int]) -> list[list[Sche
     return out
 
 
-def _attention_chunks(
-    chunks: list[ScheduledChunk], device: torch.device
-) -> AttentionChunks | None:
+def _attention_chunks(chunks: list[ScheduledChunk], device: torch.device) -> AttentionChunks | None:
     if not chunks:
         return None
     width = max(len(c.seq.block_table) for c in chunks)
@@ -145,7 +147,7 @@ def prepare_step(
     seen_in: dict[str, set[int]] = {}
     nano_batches: list[NanoBatch] = []
     decode_offset = 0
-    for index, (n_dec, pieces) in enumerate(zip(decode_counts, prefill_groups, strict=True)):
+    for n_dec, pieces in zip(decode_counts, prefill_groups, strict=True):
         decodes = plan.decodes[decode_offset : decode_offset + n_dec]
         decode_offset += n_dec
         if not decodes and not pieces:

@@ -116,7 +116,9 @@ class EngineCore:
             return [self._fail(c.seq, exc) for c in plan.chunks]
         self.scheduler.commit(plan)
         self.last_step = StepStats(
-            plan.num_tokens, len(plan.decodes), plan.num_prefill_tokens,
+            plan.num_tokens,
+            len(plan.decodes),
+            plan.num_prefill_tokens,
             time.perf_counter() - started,
         )
         outputs = []

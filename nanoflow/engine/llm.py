@@ -125,8 +125,9 @@ class LLM:
         text = decode(self.tokenizer, seq.output_token_ids) if self.tokenizer else ""
         if seq.stop_text_len is not None:
             text = text[: seq.stop_text_len]
-        return CompletionOutput(text, list(seq.output_token_ids), seq.finish_reason,
-                                list(seq.output_logprobs))
+        return CompletionOutput(
+            text, list(seq.output_token_ids), seq.finish_reason, list(seq.output_logprobs)
+        )
 
 
 def _metrics(seq: Any) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""What a caller asks of one generation; validated at the door so bad input never reaches the batch."""
+"""What a caller asks of one generation; validated at the door so bad input never reaches
+the batch."""
 
 from __future__ import annotations
 

@@ -127,7 +127,7 @@ class Scheduler:
             budget -= self._schedule_prefill(seq, budget, plan, scheduled)
         if not plan and len(self.running) > 1:
             # Every running prompt is stuck mid-prefill on a full cache: free the newest.
-            self._preempt(self.running[-1], plan)
+            self.preempt(self.running[-1], plan)
             retry = self.plan()
             retry.preempted[:0] = plan.preempted
             return retry
@@ -155,7 +155,7 @@ class Scheduler:
 
     def _predicted_peak_blocks(self, seq: Sequence) -> int:
         expected = seq.params.max_tokens
-        if self.expected_output_len is not None and not seq.params.ignore_eos:
+        if self.expected_output_len is not None:
             expected = min(expected, self.expected_output_len)
         peak = len(seq.prompt_token_ids) + max(expected, len(seq.output_token_ids) + 1)
         return max(len(seq.block_table), self.blocks.blocks_for(peak))
@@ -172,17 +172,20 @@ class Scheduler:
         while not self.blocks.can_grow(seq, num_tokens):
             victims = [s for s in self.running if s.request_id not in scheduled and s is not seq]
             victim = victims[-1] if victims else seq
-            self._preempt(victim, plan)
+            self.preempt(victim, plan)
             if victim is seq:
                 return False
         self.blocks.grow(seq, num_tokens)
         return True
 
-    def _preempt(self, seq: Sequence, plan: BatchPlan) -> None:
+    def preempt(self, seq: Sequence, plan: BatchPlan | None = None) -> None:
+        """Send a running request back to the head of the queue, freeing its blocks; it is
+        recomputed (prompt + outputs so far) when it runs again."""
         self.running.remove(seq)
         self.blocks.free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
-        plan.preempted.append(seq)
+        if plan is not None:
+            plan.preempted.append(seq)

@@ -12,6 +12,9 @@ def load_tokenizer(path: str | Path | None) -> Any | None:
     """A transformers tokenizer from a folder, or None when the model has none (dummy weights)."""
     if path is None:
         return None
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if Path(path).is_dir() and not any((Path(path) / n).is_file() for n in names):
+        return None
     from transformers import AutoTokenizer
 
     try:

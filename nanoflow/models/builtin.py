@@ -85,7 +85,7 @@ def builtin_model_path() -> Path:
         _train_tokenizer(staging)
         (staging / "config.json").write_text(json.dumps(BUILTIN_SPEC.to_hf_config(), indent=2))
         weights = dummy_weights(BUILTIN_SPEC, torch.device("cpu"), torch.float32, seed=1234)
-        for name, tensor in weights.items():
+        for tensor in weights.values():
             if tensor.ndim == 2:
                 tensor.mul_(4.0)  # livelier logits than the 0.02 init, so text varies
         save_file(weights, str(staging / "model.safetensors"))

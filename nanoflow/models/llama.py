@@ -65,7 +65,10 @@ class DecoderLayer:
     def input_norm(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
         rows = slice(nb.start, nb.end)
         kernels.rms_norm(
-            b.hidden[rows], self.w["input_norm"], self.spec.rms_norm_eps, b.residual[rows],
+            b.hidden[rows],
+            self.w["input_norm"],
+            self.spec.rms_norm_eps,
+            b.residual[rows],
             b.normed[rows],
         )
 
@@ -85,7 +88,13 @@ class DecoderLayer:
         rows = slice(nb.start, nb.end)
         q, k, v = self._qkv_views(b, rows)
         kernels.rope_kv_write(
-            q, k, v, b.positions[rows], self.cos_sin, self.k_cache, self.v_cache,
+            q,
+            k,
+            v,
+            b.positions[rows],
+            self.cos_sin,
+            self.k_cache,
+            self.v_cache,
             b.slot_mapping[rows],
         )
 
@@ -96,8 +105,14 @@ class DecoderLayer:
         q, _, _ = self._qkv_views(b, rows)
         out = b.attn[rows].unflatten(1, (self.num_heads, self.spec.head_dim))
         kernels.paged_decode_attention(
-            q, self.k_cache, self.v_cache, nb.decode.block_tables, nb.decode.context_lens,
-            self.scale, sms, out,
+            q,
+            self.k_cache,
+            self.v_cache,
+            nb.decode.block_tables,
+            nb.decode.context_lens,
+            self.scale,
+            sms,
+            out,
         )
 
     def prefill_attention(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
@@ -108,8 +123,16 @@ class DecoderLayer:
         out = b.attn[rows].unflatten(1, (self.num_heads, self.spec.head_dim))
         p = nb.prefill
         kernels.paged_prefill_attention(
-            q, self.k_cache, self.v_cache, p.block_tables, p.cu_q_lens, p.context_lens,
-            p.max_q_len, self.scale, sms, out,
+            q,
+            self.k_cache,
+            self.v_cache,
+            p.block_tables,
+            p.cu_q_lens,
+            p.context_lens,
+            p.max_q_len,
+            self.scale,
+            sms,
+            out,
         )
 
     def o_proj(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
@@ -122,7 +145,10 @@ class DecoderLayer:
     def post_attn_norm(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
         rows = slice(nb.start, nb.end)
         kernels.rms_norm(
-            b.hidden[rows], self.w["post_norm"], self.spec.rms_norm_eps, b.residual[rows],
+            b.hidden[rows],
+            self.w["post_norm"],
+            self.spec.rms_norm_eps,
+            b.residual[rows],
             b.normed[rows],
         )
 

@@ -34,8 +34,12 @@ def resolve_model(name_or_path: str) -> tuple[ModelSpec, Path | None]:
 
 
 def load_weights(
-    spec: ModelSpec, path: Path | None, load_format: str, device: torch.device,
-    dtype: torch.dtype, seed: int,
+    spec: ModelSpec,
+    path: Path | None,
+    load_format: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
 ) -> dict[str, torch.Tensor]:
     if load_format == "dummy":
         return dummy_weights(spec, device, dtype, seed)
@@ -48,8 +52,13 @@ def load_weights(
 
 
 def build_model(
-    spec: ModelSpec, weights: dict[str, torch.Tensor], num_blocks: int, block_size: int,
-    device: torch.device, dtype: torch.dtype, group: ParallelGroup,
+    spec: ModelSpec,
+    weights: dict[str, torch.Tensor],
+    num_blocks: int,
+    block_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    group: ParallelGroup,
 ) -> LlamaModel:
     if spec.is_moe:
         raise ConfigError(f"{spec.model_type} (mixture of experts) is not supported yet")

@@ -1,4 +1,5 @@
-"""Model architecture as data: read from a Hugging Face ``config.json`` or taken from the registry."""
+"""Model architecture as data: read from a Hugging Face ``config.json`` or taken from the
+registry."""
 
 from __future__ import annotations
 

@@ -106,12 +106,12 @@ def _green_context_units(
             parts.append(remaining)
         desc = _check(driver.cuDevResourceGenerateDesc(parts, len(parts)))
         green = _check(
-            driver.cuGreenCtxCreate(desc, dev, driver.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM)
+            driver.cuGreenCtxCreate(
+                desc, dev, driver.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM
+            )
         )
         raw = _check(
-            driver.cuGreenCtxStreamCreate(
-                green, driver.CUstream_flags.CU_STREAM_NON_BLOCKING, 0
-            )
+            driver.cuGreenCtxStreamCreate(green, driver.CUstream_flags.CU_STREAM_NON_BLOCKING, 0)
         )
         num_sms = sum(p.sm.smCount for p in parts)
         stream = torch.cuda.ExternalStream(int(raw), device=device)

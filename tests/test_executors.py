@@ -1,0 +1,94 @@
+"""Nano-batch and overlapped executors give the sequential executor's greedy tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from nanoflow import LLM, SamplingParams
+from nanoflow.engine.batch import prepare_step
+from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
+from nanoflow.engine.sequence import Sequence
+from nanoflow.pipeline.executors import launch_order
+from nanoflow.pipeline.schedule import (
+    LaunchOrder,
+    PipelineSchedule,
+    UnitSpec,
+    default_overlapped_schedule,
+)
+
+PROMPTS = [[5, 17, 99, 3, 42, 8, 64, 12, 7, 1, 2, 3, 4], [11, 23, 5], [3, 9, 27, 81, 14] * 5, [77]]
+
+
+def _generate(folder, executor: str, **kwargs) -> list[list[int]]:
+    llm = LLM(str(folder), dtype="float32", device="cpu", executor=executor, **kwargs)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("budget", [64, 12])
+def test_executors_agree(llama_checkpoint, budget):
+    folder, _ = llama_checkpoint
+    reference = _generate(folder, "sequential", max_num_batched_tokens=budget)
+    assert _generate(folder, "nanobatch", max_num_batched_tokens=budget) == reference
+    assert _generate(folder, "overlapped", max_num_batched_tokens=budget) == reference
+
+
+def test_uneven_three_way_wavefront_schedule_agrees(llama_checkpoint):
+    folder, _ = llama_checkpoint
+    reference = _generate(folder, "sequential")
+    llm = LLM(str(folder), dtype="float32", device="cpu", executor="sequential")
+    llm.engine.runner.set_schedule(
+        PipelineSchedule(
+            decode_shares=(0.5, 0.25, 0.25),
+            prefill_shares=(0.2, 0.5, 0.3),
+            units=(UnitSpec("compute", 100), UnitSpec("memory", 32)),
+            op_units={"compute": "compute", "memory": "memory", "network": "compute"},
+            launch_order=LaunchOrder.WAVEFRONT,
+            overlap=True,
+        )
+    )
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    assert got == reference
+
+
+def _seq(rid: str, length: int, block_size: int, first_block: int) -> Sequence:
+    seq = Sequence(rid, list(range(1, length + 1)), SamplingParams(max_tokens=4))
+    seq.block_table = list(range(first_block, first_block + -(-length // block_size)))
+    return seq
+
+
+def test_nano_batch_boundary_cuts_a_prefill_chunk_and_records_kv_dependency():
+    from nanoflow.engine.batch import StepBuffers
+    from nanoflow.models.builtin import BUILTIN_SPEC
+
+    a, b = _seq("a", 10, 4, 0), _seq("b", 6, 4, 10)
+    plan = BatchPlan(prefills=[ScheduledChunk(a, 0, 10), ScheduledChunk(b, 0, 6)])
+    schedule = PipelineSchedule(decode_shares=(0.5, 0.5), prefill_shares=(0.25, 0.75))
+    import torch
+
+    buffers = StepBuffers.allocate(BUILTIN_SPEC, 32, torch.device("cpu"), torch.float32)
+    step = prepare_step(plan, schedule, buffers, 4, torch.device("cpu"))
+    first, second = step.nano_batches
+    assert (first.start, first.end, second.start, second.end) == (0, 4, 4, 16)
+    assert second.kv_deps == (0,)
+    assert second.prefill.context_lens.tolist() == [10, 6]
+    assert second.prefill.cu_q_lens.tolist() == [0, 6, 12]
+    assert buffers.positions[:16].tolist() == list(range(10)) + list(range(6))
+
+
+@pytest.mark.parametrize("order", list(LaunchOrder))
+def test_launch_orders_respect_dependencies(order):
+    pairs = launch_order(11, 3, order)
+    assert sorted(pairs) == [(k, j) for k in range(11) for j in range(3)]
+    seen = set()
+    for k, j in pairs:
+        assert k == 0 or (k - 1, j) in seen
+        seen.add((k, j))
+
+
+def test_default_schedule_leaves_a_quarter_of_the_sms_to_memory_ops():
+    schedule = default_overlapped_schedule(132)
+    units = {u.name: u.num_sms for u in schedule.units}
+    assert units["memory"] == 32 and units["compute"] == 100
+    assert schedule.overlap and schedule.num_nano_batches == 2

@@ -1,0 +1,117 @@
+"""Scheduler and block manager invariants under random add / step / abort sequences."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nanoflow.engine.block_manager import BlockManager
+from nanoflow.engine.sampling_params import SamplingParams
+from nanoflow.engine.scheduler import Scheduler
+from nanoflow.engine.sequence import Sequence, SequenceStatus
+
+actions = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(1, 40), st.integers(1, 12)),
+        st.tuples(st.just("step"), st.just(0), st.just(0)),
+        st.tuples(st.just("abort"), st.integers(0, 30), st.just(0)),
+        st.tuples(st.just("preempt"), st.integers(0, 30), st.just(0)),
+    ),
+    max_size=60,
+)
+
+
+def _step(scheduler: Scheduler, budget: int) -> list[Sequence]:
+    """One fake iteration: plan, check the plan, commit, append a token to samplers."""
+    plan = scheduler.plan()
+    assert plan.num_tokens <= budget
+    ids = [c.seq.request_id for c in plan.chunks]
+    assert len(ids) == len(set(ids)), "a sequence scheduled twice in one iteration"
+    for chunk in plan.chunks:
+        seq = chunk.seq
+        assert chunk.start == seq.num_computed_tokens
+        assert len(seq.block_table) * scheduler.blocks.block_size >= chunk.start + chunk.num_tokens
+    samplers = [c.seq for c in plan.chunks if c.samples]
+    scheduler.commit(plan)
+    for seq in samplers:
+        seq.output_token_ids.append(7)
+        if len(seq.output_token_ids) >= seq.params.max_tokens:
+            scheduler.finish(seq, "length")
+    return samplers
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    actions=actions,
+    budget=st.integers(1, 32),
+    num_blocks=st.integers(8, 24),
+    block_size=st.sampled_from([2, 4, 8]),
+    expected=st.sampled_from([None, 1, 4]),
+)
+def test_random_traffic_keeps_invariants(actions, budget, num_blocks, block_size, expected):
+    blocks = BlockManager(num_blocks, block_size)
+    scheduler = Scheduler(blocks, budget, max_num_seqs=6, expected_output_len=expected)
+    capacity = num_blocks * block_size
+    all_seqs: list[Sequence] = []
+    for kind, a, b in actions:
+        if kind == "add":
+            prompt_len = min(a, capacity - b)
+            if prompt_len < 1:
+                continue
+            seq = Sequence(f"r{len(all_seqs)}", [3] * prompt_len, SamplingParams(max_tokens=b))
+            all_seqs.append(seq)
+            scheduler.add(seq)
+        elif kind == "step":
+            _step(scheduler, budget)
+        elif kind == "abort" and all_seqs:
+            scheduler.abort(all_seqs[a % len(all_seqs)].request_id)
+        elif kind == "preempt" and scheduler.running:
+            scheduler.preempt(scheduler.running[a % len(scheduler.running)])
+        tracked = [s.request_id for s in list(scheduler.waiting) + scheduler.running]
+        assert len(tracked) == len(set(tracked)), "a request is queued twice"
+        used = sum(len(s.block_table) for s in scheduler.running)
+        assert used + blocks.num_free_blocks == num_blocks, "a block leaked"
+    for _ in range(10_000):
+        if not scheduler.has_unfinished:
+            break
+        _step(scheduler, budget)
+    assert not scheduler.has_unfinished, "requests never finished (lost or deadlocked)"
+    for seq in all_seqs:
+        assert seq.status is SequenceStatus.FINISHED
+        if seq.finish_reason == "length":
+            assert len(seq.output_token_ids) == seq.params.max_tokens
+    assert blocks.num_free_blocks == num_blocks
+
+
+def test_decodes_come_first_and_prompts_fill_the_budget():
+    scheduler = Scheduler(BlockManager(64, 4), max_num_batched_tokens=10, max_num_seqs=8)
+    short = Sequence("short", [1, 2, 3], SamplingParams(max_tokens=5))
+    scheduler.add(short)
+    _step(scheduler, 10)
+    long = Sequence("long", list(range(1, 30)), SamplingParams(max_tokens=5))
+    scheduler.add(long)
+    plan = scheduler.plan()
+    assert [c.seq.request_id for c in plan.decodes] == ["short"]
+    assert [(c.seq.request_id, c.num_tokens) for c in plan.prefills] == [("long", 9)]
+
+
+def test_preempted_request_is_recomputed_not_dropped():
+    blocks = BlockManager(4, 2)
+    scheduler = Scheduler(blocks, 16, 8, expected_output_len=1)
+    a = Sequence("a", [1, 2, 3], SamplingParams(max_tokens=4))
+    b = Sequence("b", [4, 5, 6], SamplingParams(max_tokens=4))
+    scheduler.add(a)
+    scheduler.add(b)
+    preempted = []
+    while scheduler.has_unfinished:
+        plan_preempted = scheduler.plan()
+        preempted += plan_preempted.preempted
+        scheduler.commit(plan_preempted)
+        for c in plan_preempted.chunks:
+            if c.samples:
+                c.seq.output_token_ids.append(9)
+                if len(c.seq.output_token_ids) == 4:
+                    scheduler.finish(c.seq, "length")
+    assert [s.request_id for s in preempted][:1] == ["b"]
+    assert a.output_token_ids == b.output_token_ids == [9] * 4
+    assert blocks.num_free_blocks == 4
