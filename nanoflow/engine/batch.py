@@ -156,11 +156,12 @@ def prepare_step(
         deps: set[int] = set()
         for chunk in decodes + pieces:
             seq = chunk.seq
-            tokens = seq.all_token_ids
-            for pos in range(chunk.start, chunk.start + chunk.num_tokens):
-                input_ids.append(tokens[pos])
-                positions.append(pos)
-                slots.append(seq.block_table[pos // block_size] * block_size + pos % block_size)
+            end = chunk.start + chunk.num_tokens
+            table = seq.block_table
+            input_ids.extend(seq.token_slice(chunk.start, end))
+            positions.extend(range(chunk.start, end))
+            slots.extend(table[p // block_size] * block_size + p % block_size
+                         for p in range(chunk.start, end))
             last_row[seq.request_id] = len(input_ids) - 1
             owners = seen_in.setdefault(seq.request_id, set())
             deps |= owners

@@ -54,6 +54,12 @@ class EngineCore:
         detokenize: Detokenize | None = None,
         group: ParallelGroup | None = None,
     ) -> None:
+        self.launcher = None
+        if config.tensor_parallel_size > 1 and group is None:
+            from nanoflow.distributed.launcher import TensorParallelLauncher
+
+            self.launcher = TensorParallelLauncher(config)
+            config, group = self.launcher.config, self.launcher.group
         self.config = config
         self.detokenize = detokenize
         self.spec, checkpoint = resolve_model(config.model)
@@ -64,6 +70,8 @@ class EngineCore:
         self.runner = ModelRunner(
             config, self.spec, checkpoint, self.schedule, budget, group or ParallelGroup()
         )
+        if self.launcher is not None:
+            self.runner.on_plan = self.launcher.broadcast
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
         capacity = self.runner.num_blocks * config.block_size
         self.max_model_len = min(
@@ -98,6 +106,12 @@ class EngineCore:
 
     def abort_request(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id) is not None
+
+    def shutdown(self) -> None:
+        """Release the tensor-parallel workers (no-op without tensor parallelism)."""
+        if self.launcher is not None:
+            self.launcher.shutdown()
+            self.launcher = None
 
     @property
     def has_unfinished(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -44,6 +45,7 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         self.dtype = config.torch_dtype(self.device)
         self.group = group
+        self.on_plan: Callable[[BatchPlan], None] | None = None
         self.max_num_batched_tokens = max_num_batched_tokens
         weights = load_weights(
             spec, checkpoint, config.load_format, self.device, self.dtype, config.seed
@@ -75,6 +77,11 @@ class ModelRunner:
         else:
             budget = self.config.cpu_kv_cache_gib * (1 << 30)
         blocks = int(budget // block_bytes)
+        if self.group.size > 1:  # every rank must hold the same block ids
+            count = torch.tensor([blocks], device=self.device)
+            torch.distributed.all_reduce(count, torch.distributed.ReduceOp.MIN,
+                                         group=self.group.process_group)
+            blocks = int(count.item())
         if blocks < 1:
             raise ConfigError(
                 "no memory left for the KV cache after loading the weights; lower the model "
@@ -97,6 +104,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: BatchPlan) -> SampleResult:
+        if self.on_plan is not None:
+            self.on_plan(plan)
         step = self.prepare(plan)
         logits = self.forward(step)
         return sample(logits, [c.seq for c in step.sampling_chunks])

@@ -1,0 +1,335 @@
+"""GPU run for the engine and the nano-batch pipeline, in one call.
+
+1. bf16 parity of the engine with transformers on a tiny random checkpoint.
+2. Overlap microbenchmark: a Llama-3-8B gate-up GEMM beside paged decode attention, each on its own
+   execution unit, for several SM splits and both mechanisms (CTA limits, green contexts).
+3. End to end on llama-3-8b dummy weights: one fixed 2048-token iteration (512 decodes at context
+   1024 + 1536 prefill tokens) timed per schedule (GPU time and CPU launch time), greedy tokens of
+   the executors compared, and offline 512/512 throughput for every schedule.
+4. The timeline of one overlapped iteration (PNG + JSON).
+
+Usage: python experiments/pipeline_bench.py [--out DIR] [--num-prompts N] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from nanoflow import LLM, SamplingParams
+from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
+from nanoflow.engine.sequence import Sequence
+from nanoflow.measure import (
+    copy_bandwidth_gbs,
+    environment,
+    gemm_ceiling_tflops,
+    optimal_throughput,
+    time_cuda,
+)
+from nanoflow.pipeline.schedule import (
+    Mechanism,
+    PipelineSchedule,
+    UnitSpec,
+    nano_batch_schedule,
+    sequential_schedule,
+)
+from nanoflow.pipeline.timeline import TimelineRecorder, as_dicts, draw_timeline
+from nanoflow.pipeline.units import build_units
+from nanoflow.workloads import constant, random_prompts
+
+DEVICE = torch.device("cuda")
+
+
+def overlapped(compute: int, memory: int, mechanism: Mechanism, nano: int = 2) -> PipelineSchedule:
+    shares = tuple([1.0 / nano] * nano)
+    return PipelineSchedule(
+        decode_shares=shares,
+        prefill_shares=shares,
+        units=(UnitSpec("compute", compute), UnitSpec("memory", memory)),
+        op_units={"compute": "compute", "memory": "memory", "network": "compute"},
+        mechanism=mechanism,
+        overlap=True,
+    )
+
+
+def parity_bf16() -> dict:
+    """Engine (bf16, Triton kernels) vs transformers on the same tiny random checkpoint."""
+    import tempfile
+
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+        rope_theta=500000.0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.15)
+    folder = tempfile.mkdtemp()
+    model.save_pretrained(folder)
+    ref32 = model.to(DEVICE).eval()
+    ref16 = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    ref16 = ref16.to(DEVICE).eval()
+    prompts = [[(7 * i + 3 * j) % 250 + 3 for j in range(5 + 9 * i)] for i in range(8)]
+    llm = LLM(folder, dtype="bfloat16", max_num_batched_tokens=32)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    same16 = same32 = 0
+    rel_errs = []
+    for prompt, out in zip(prompts, outs, strict=True):
+        got = out.outputs[0].token_ids
+        ids = torch.tensor([prompt], device=DEVICE)
+        with torch.no_grad():
+            g16 = ref16.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)[0, len(prompt):].tolist()
+            g32 = ref32.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)[0, len(prompt):].tolist()
+            full = torch.tensor([prompt + got], device=DEVICE)
+            want = ref32(full).logits[0, len(prompt) - 1 :].float()
+        same16 += got == g16
+        same32 += got == g32
+        # engine logits of the same positions: prefill of prompt+output in one chunk
+        seq_logits = _engine_logits(llm, prompt + got, len(prompt))
+        rel_errs.append(((seq_logits - want).norm() / want.norm()).item())
+    return {"prompts": len(prompts), "greedy_identical_vs_hf_bf16": same16,
+            "greedy_identical_vs_hf_fp32": same32, "max_logits_rel_err_vs_fp32": max(rel_errs)}
+
+
+def _engine_logits(llm: LLM, ids: list[int], first: int) -> torch.Tensor:
+    """Logits at every position from ``first - 1`` on, one engine prefill at a time."""
+    rows = []
+    engine = llm.engine
+    for end in range(first, len(ids) + 1):
+        seq = engine.add_request(f"logit-{end}-{time.monotonic_ns()}", ids[:end],
+                                 SamplingParams(max_tokens=1))
+        plan = engine.scheduler.plan()
+        with torch.inference_mode():
+            step = engine.runner.prepare(plan)
+            logits = engine.runner.forward(step)
+        engine.scheduler.commit(plan)
+        engine.scheduler.finish(seq, "abort")
+        rows.append(logits[0])
+    return torch.stack(rows)
+
+
+def overlap_microbench(num_sms: int) -> list[dict]:
+    from nanoflow import kernels
+
+    results = []
+    for tokens, ctx in ((2048, 1024), (1024, 2048)):
+        x = torch.randn(tokens, 4096, device=DEVICE, dtype=torch.bfloat16)
+        w = torch.randn(2 * 14336, 4096, device=DEVICE, dtype=torch.bfloat16) * 0.02
+        y = torch.empty(tokens, 2 * 14336, device=DEVICE, dtype=torch.bfloat16)
+        batch, bs = 256, 16
+        blocks_per_seq = ctx // bs
+        k_cache = torch.randn(batch * blocks_per_seq, 8, bs, 128, device=DEVICE,
+                              dtype=torch.bfloat16)
+        v_cache = torch.randn_like(k_cache)
+        tables = torch.randperm(batch * blocks_per_seq, device=DEVICE, dtype=torch.int32)
+        tables = tables.view(batch, blocks_per_seq)
+        lens = torch.full((batch,), ctx, device=DEVICE, dtype=torch.int32)
+        q = torch.randn(batch, 32, 128, device=DEVICE, dtype=torch.bfloat16)
+        out = torch.empty_like(q)
+
+        def gemm(sms):
+            return kernels.linear(x, w, None, sms, y)
+
+        def attn(sms):
+            return kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.088, sms,
+                                                  out)
+
+        full_gemm = time_cuda(lambda: gemm(None))
+        full_attn = time_cuda(lambda: attn(None))
+        for mechanism in Mechanism:
+            for compute, memory in ((100, 32), (96, 36), (88, 44), (64, 68)):
+                row = {"tokens": tokens, "context": ctx, "mechanism": mechanism.value,
+                       "compute_sms": compute, "memory_sms": memory,
+                       "gemm_full_ms": full_gemm * 1e3, "attn_full_ms": full_attn * 1e3}
+                try:
+                    row.update(_corun(overlapped(compute, memory, mechanism), gemm, attn))
+                except Exception as exc:  # record and go on: one mechanism may be unavailable
+                    row["error"] = f"{type(exc).__name__}: {exc}"
+                results.append(row)
+                print(json.dumps(row), flush=True)
+    return results
+
+
+def _corun(schedule: PipelineSchedule, gemm, attn) -> dict:
+    units = build_units(schedule, DEVICE)
+    cu, mu = units["compute"], units["memory"]
+
+    def on(unit, fn):
+        main = torch.cuda.current_stream()
+        unit.stream.wait_stream(main)
+        with unit.active():
+            fn(unit.num_sms)
+        main.wait_stream(unit.stream)
+
+    def both():
+        main = torch.cuda.current_stream()
+        cu.stream.wait_stream(main)
+        mu.stream.wait_stream(main)
+        with cu.active():
+            gemm(cu.num_sms)
+        with mu.active():
+            attn(mu.num_sms)
+        main.wait_stream(cu.stream)
+        main.wait_stream(mu.stream)
+
+    g = time_cuda(lambda: on(cu, gemm))
+    a = time_cuda(lambda: on(mu, attn))
+    c = time_cuda(both)
+    return {"gemm_part_ms": g * 1e3, "attn_part_ms": a * 1e3, "corun_ms": c * 1e3,
+            "corun_over_max_part": c / max(g, a),
+            "unit_sms": {n: u.num_sms for n, u in units.items()}}
+
+
+def fixed_plan(llm: LLM, decodes: int, ctx: int, prefill_chunks: int, chunk: int) -> BatchPlan:
+    """Sequences placed straight in the cache (their K/V content does not matter for timing)."""
+    engine = llm.engine
+    bs = engine.config.block_size
+    plan = BatchPlan()
+    next_block = 0
+    for i in range(decodes + prefill_chunks):
+        length = ctx if i < decodes else chunk
+        seq = Sequence(f"fixed-{i}", [5] * length, SamplingParams(max_tokens=4))
+        n_blocks = -(-(length + 1) // bs)
+        seq.block_table = list(range(next_block, next_block + n_blocks))
+        next_block += n_blocks
+        if i < decodes:
+            seq.output_token_ids = [7]
+            seq.num_computed_tokens = length
+            plan.decodes.append(ScheduledChunk(seq, length, 1))
+        else:
+            plan.prefills.append(ScheduledChunk(seq, 0, chunk))
+    assert next_block <= engine.runner.num_blocks, "cache too small for the fixed batch"
+    return plan
+
+
+def time_iteration(llm: LLM, plan: BatchPlan) -> dict:
+    runner = llm.engine.runner
+    with torch.inference_mode():
+        step = runner.prepare(plan)
+        gpu = time_cuda(lambda: runner.forward(step), iters=10)
+        cpu = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            runner.forward(step)
+            cpu.append(time.perf_counter() - start)
+            torch.cuda.synchronize()
+    return {"gpu_ms": gpu * 1e3, "cpu_launch_ms": sorted(cpu)[2] * 1e3,
+            "tokens": plan.num_tokens, "tokens_per_s": plan.num_tokens / gpu}
+
+
+def throughput(llm: LLM, num_prompts: int, in_len: int, out_len: int) -> dict:
+    requests = constant(in_len, out_len, num_prompts)
+    prompts = random_prompts(requests, llm.engine.spec.vocab_size, seed=1)
+    params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return {"num_prompts": num_prompts, "elapsed_s": elapsed,
+            "tokens_per_s": num_prompts * (in_len + out_len) / elapsed}
+
+
+def end_to_end(out_dir: Path, num_prompts: int, num_sms: int, gemm_tflops: float) -> dict:
+    llm = LLM("llama-3-8b", load_format="dummy", max_num_batched_tokens=2048)
+    schedules = {
+        "sequential": sequential_schedule(),
+        "nanobatch-2": nano_batch_schedule(2),
+        "overlap-cta-100/32": overlapped(100, 32, Mechanism.CTA_LIMIT),
+        "overlap-cta-88/44": overlapped(88, 44, Mechanism.CTA_LIMIT),
+        "overlap-green-96/36": overlapped(96, 36, Mechanism.GREEN_CONTEXT),
+        "overlap-green-88/44": overlapped(88, 44, Mechanism.GREEN_CONTEXT),
+    }
+    plan = fixed_plan(llm, decodes=512, ctx=1024, prefill_chunks=3, chunk=512)
+    prompts = random_prompts(constant(64, 1, 24), llm.engine.spec.vocab_size, seed=2)
+    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    result: dict = {"num_kv_blocks": llm.engine.runner.num_blocks, "schedules": {}}
+    reference_tokens = None
+    optimal = optimal_throughput(llm.engine.spec, gemm_tflops * 1e12)
+    result["optimal_tokens_per_s"] = optimal
+    for name, schedule in schedules.items():
+        row: dict = {"schedule": schedule.to_dict()}
+        try:
+            llm.engine.runner.set_schedule(schedule)
+            row["iteration"] = time_iteration(llm, plan)
+            tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy,
+                                                                   use_tqdm=False)]
+            reference_tokens = reference_tokens or tokens
+            row["greedy_16_identical_to_sequential"] = sum(
+                a == b for a, b in zip(tokens, reference_tokens, strict=True)) / len(tokens)
+            row["throughput_512_512"] = throughput(llm, num_prompts, 512, 512)
+            row["fraction_of_optimal"] = row["throughput_512_512"]["tokens_per_s"] / optimal
+            if schedule.overlap and "timeline" not in result:
+                result["timeline"] = record_timeline(llm, plan, out_dir, name)
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        result["schedules"][name] = row
+        print(name, json.dumps({k: v for k, v in row.items() if k != "schedule"}), flush=True)
+    return result
+
+
+def record_timeline(llm: LLM, plan: BatchPlan, out_dir: Path, name: str) -> str:
+    runner = llm.engine.runner
+    recorder = TimelineRecorder()
+    with torch.inference_mode():
+        step = runner.prepare(plan)
+        runner.forward(step)
+        recorder.attach(runner.executor)
+        runner.forward(step)
+        runner.executor.hook = None
+    records = [r for r in recorder.records() if r.layer < 4]
+    png = out_dir / "timeline_overlapped.png"
+    draw_timeline(records, png, f"llama-3-8b, {name}, layers 0-3 of one 2048-token iteration")
+    (out_dir / "timeline_overlapped.json").write_text(json.dumps(as_dicts(records)))
+    return png.name
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    parser.add_argument("--num-prompts", type=int, default=300)
+    parser.add_argument("--skip", action="append", default=[], help="parity|overlap|e2e")
+    args = parser.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {**environment(DEVICE), "command": " ".join(sys.argv)}
+    num_sms = record["sm_count"]
+    record["gemm_tflops"] = gemm_ceiling_tflops(DEVICE)
+    record["copy_gbs"] = copy_bandwidth_gbs(DEVICE)
+    print("ceilings", record["gemm_tflops"], record["copy_gbs"], flush=True)
+    sections = {"parity": parity_bf16, "overlap": lambda: overlap_microbench(num_sms),
+                "e2e": lambda: end_to_end(out_dir, args.num_prompts, num_sms,
+                                          record["gemm_tflops"])}
+    for name, fn in sections.items():
+        if name in args.skip:
+            continue
+        started = time.perf_counter()
+        try:
+            record[name] = fn()
+        except Exception as exc:
+            record[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            traceback.print_exc()
+        record[name + "_seconds"] = time.perf_counter() - started
+        (out_dir / "pipeline_bench.json").write_text(json.dumps(record, indent=2, default=str))
+    print(json.dumps({k: record[k] for k in record if k in ("parity",)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Record when every (op, nano-batch) of an iteration ran on the GPU and draw it per execution unit,
+so the overlap (or its absence) can be seen."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from nanoflow.engine.batch import NanoBatch
+from nanoflow.pipeline.executors import OverlappedExecutor
+from nanoflow.pipeline.ops import Op
+
+
+@dataclass
+class TimelineRecord:
+    layer: int
+    op: str
+    resource: str
+    nano_batch: int
+    unit: str
+    start_ms: float
+    end_ms: float
+
+
+class TimelineRecorder:
+    """Executor hook that brackets each launch with CUDA events on the unit's stream."""
+
+    def __init__(self) -> None:
+        self._origin = torch.cuda.Event(enable_timing=True)
+        self._pending: list[tuple[int, Op, int, str, torch.cuda.Event, torch.cuda.Event]] = []
+        self._open: dict[tuple[int, str, int], torch.cuda.Event] = {}
+
+    def attach(self, executor: OverlappedExecutor) -> None:
+        self._origin.record()
+        executor.hook = self
+
+    def __call__(self, layer: int, op: Op, nb: NanoBatch, unit: str, before: bool) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        key = (layer, op.name, nb.index)
+        if before:
+            self._open[key] = event
+        else:
+            self._pending.append((layer, op, nb.index, unit, self._open.pop(key), event))
+
+    def records(self) -> list[TimelineRecord]:
+        torch.cuda.synchronize()
+        return [
+            TimelineRecord(
+                layer, op.name, op.resource.value, nb, unit,
+                self._origin.elapsed_time(start), self._origin.elapsed_time(end),
+            )
+            for layer, op, nb, unit, start, end in self._pending
+        ]
+
+
+_COLORS = {"compute": "tab:blue", "memory": "tab:orange", "network": "tab:green"}
+
+
+def draw_timeline(records: list[TimelineRecord], path: str | Path, title: str = "") -> None:
+    """A Gantt chart: one row per execution unit, bars coloured by resource class, labelled with
+    the nano-batch index."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    units = sorted({r.unit for r in records})
+    fig, ax = plt.subplots(figsize=(14, 1.0 + 0.8 * len(units)))
+    for row, unit in enumerate(units):
+        for r in (r for r in records if r.unit == unit):
+            ax.barh(row, r.end_ms - r.start_ms, left=r.start_ms, height=0.6,
+                    color=_COLORS[r.resource], edgecolor="black", linewidth=0.3)
+    ax.set_yticks(range(len(units)), units)
+    ax.set_xlabel("time (ms)")
+    ax.set_title(title or "pipeline timeline")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _COLORS.values()]
+    ax.legend(handles, list(_COLORS), loc="upper right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def as_dicts(records: list[TimelineRecord]) -> list[dict]:
+    return [asdict(r) for r in records]

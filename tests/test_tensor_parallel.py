@@ -1,0 +1,35 @@
+"""Tensor parallelism over gloo on CPU: TP=2 gives TP=1's greedy tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from nanoflow import LLM, SamplingParams
+from nanoflow.distributed.parallel import ParallelGroup
+from nanoflow.errors import ConfigError
+from nanoflow.models.registry import get_known_model
+
+PROMPTS = [[5, 17, 99, 3, 42, 8, 64, 12, 7], [11, 23, 5], [3, 9, 27, 81, 14] * 4]
+
+
+def _tokens(folder, **kwargs) -> list[list[int]]:
+    llm = LLM(str(folder), dtype="float32", device="cpu", **kwargs)
+    assert llm.engine.runner.group.size == kwargs.get("tensor_parallel_size", 1)
+    assert llm.engine.runner.model.layers[0].num_kv_heads == 2 // llm.engine.runner.group.size
+    try:
+        params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+        return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.timeout(300)
+def test_tp2_matches_tp1(llama_checkpoint):
+    folder, _ = llama_checkpoint
+    single = _tokens(folder)
+    assert _tokens(folder, tensor_parallel_size=2, max_num_batched_tokens=16) == single
+
+
+def test_tp_size_must_divide_heads():
+    with pytest.raises(ConfigError, match="num_key_value_heads"):
+        ParallelGroup(0, 3).check(get_known_model("llama-3-8b"))
