@@ -31,6 +31,7 @@ class EngineConfig:
     executor: str = "auto"
     profile: str | None = None
     tensor_parallel_size: int = 1
+    async_scheduling: bool | None = None  # None: on for CUDA without tensor parallelism
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -58,6 +59,11 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def use_async_scheduling(self) -> bool:
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return self.torch_device().type == "cuda" and self.tensor_parallel_size == 1
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":

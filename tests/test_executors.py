@@ -92,3 +92,33 @@ def test_default_schedule_leaves_a_quarter_of_the_sms_to_memory_ops():
     units = {u.name: u.num_sms for u in schedule.units}
     assert units["memory"] == 32 and units["compute"] == 100
     assert schedule.overlap and schedule.num_nano_batches == 2
+
+
+@pytest.mark.parametrize("executor", ["sequential", "overlapped"])
+def test_async_scheduling_gives_the_same_tokens(llama_checkpoint, executor):
+    """Planning iteration i+1 before reading iteration i's tokens changes nothing but timing,
+    also with chunked prefill, stop tokens and preemption in play."""
+    folder, _ = llama_checkpoint
+    kwargs = dict(max_num_batched_tokens=12, num_kv_blocks=8, block_size=8, expected_output_len=1)
+    sync = _generate(folder, executor, async_scheduling=False, **kwargs)
+    assert _generate(folder, executor, async_scheduling=True, **kwargs) == sync
+
+
+def test_async_scheduling_with_seeds_and_stop_tokens(llama_checkpoint):
+    folder, _ = llama_checkpoint
+    params = [
+        SamplingParams(max_tokens=9, temperature=1.0, top_p=0.9, seed=11),
+        SamplingParams(max_tokens=7, temperature=0.7, top_k=5, seed=12),
+        SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=[PROMPTS[0][3]]),
+        SamplingParams(max_tokens=3, temperature=0.0),
+    ]
+
+    def run(async_scheduling: bool) -> list[tuple[list[int], str]]:
+        llm = LLM(str(folder), dtype="float32", device="cpu", async_scheduling=async_scheduling)
+        outs = llm.generate(PROMPTS, params, use_tqdm=False)
+        assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+        return [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs]
+
+    sync = run(False)
+    assert run(True) == sync
+    assert [len(t) for t, _ in sync][3] == 3

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
+from nanoflow.engine.sequence import PLACEHOLDER
 from nanoflow.models.spec import ModelSpec
 from nanoflow.pipeline.schedule import PipelineSchedule, split_counts
 
@@ -87,6 +88,7 @@ class PreparedStep:
     sample_rows: torch.Tensor  # row of each sampling chunk's last token, in plan.chunks order
     sampling_chunks: list[ScheduledChunk]
     num_tokens: int
+    placeholder_rows: list[tuple[int, str]]  # (row, request) whose input is still on the GPU
 
 
 def _pieces(prefills: list[ScheduledChunk], counts: list[int]) -> list[list[ScheduledChunk]]:
@@ -144,6 +146,7 @@ def prepare_step(
     positions: list[int] = []
     slots: list[int] = []
     last_row: dict[str, int] = {}
+    placeholders: list[tuple[int, str]] = []
     seen_in: dict[str, set[int]] = {}
     nano_batches: list[NanoBatch] = []
     decode_offset = 0
@@ -163,6 +166,9 @@ def prepare_step(
             slots.extend(table[p // block_size] * block_size + p % block_size
                          for p in range(chunk.start, end))
             last_row[seq.request_id] = len(input_ids) - 1
+            if input_ids[-1] == PLACEHOLDER:
+                placeholders.append((len(input_ids) - 1, seq.request_id))
+                input_ids[-1] = 0
             owners = seen_in.setdefault(seq.request_id, set())
             deps |= owners
             owners.add(len(nano_batches))
@@ -188,4 +194,5 @@ def prepare_step(
         sample_rows=torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True),
         sampling_chunks=sampling,
         num_tokens=n,
+        placeholder_rows=placeholders,
     )

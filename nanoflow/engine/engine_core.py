@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from nanoflow.config import EngineConfig
 from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.engine.block_manager import BlockManager
-from nanoflow.engine.model_runner import ModelRunner
+from nanoflow.engine.model_runner import InFlight, ModelRunner
 from nanoflow.engine.sampling_params import SamplingParams
 from nanoflow.engine.scheduler import Scheduler
-from nanoflow.engine.sequence import Sequence
+from nanoflow.engine.sequence import PLACEHOLDER, Sequence
 from nanoflow.errors import RequestError
 from nanoflow.models.loader import resolve_model
 from nanoflow.pipeline.schedule_select import select_schedule
@@ -84,6 +84,8 @@ class EngineCore:
         )
         self.eos_token_ids = set(self.spec.eos_token_ids)
         self.last_step = StepStats()
+        self.async_scheduling = config.use_async_scheduling()
+        self.in_flight: InFlight | None = None
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -115,32 +117,55 @@ class EngineCore:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or self.in_flight is not None
 
     def step(self) -> list[RequestOutput]:
+        """Launch one iteration and report the tokens of the last finished one.
+
+        With async scheduling the iteration just launched is read back on the next call, so the
+        host plans iteration i+1 while the GPU runs i; otherwise it is read back at once.
+        """
         plan = self.scheduler.plan()
-        if not plan:
-            return []
-        started = time.perf_counter()
-        sampling = [c for c in plan.chunks if c.samples]
-        try:
-            result = self.runner.execute(plan)
-        except Exception as exc:  # one bad batch must not take the engine down
-            logger.exception("iteration failed; failing its %d requests", len(plan.chunks))
-            return [self._fail(c.seq, exc) for c in plan.chunks]
-        self.scheduler.commit(plan)
-        self.last_step = StepStats(
-            plan.num_tokens,
-            len(plan.decodes),
-            plan.num_prefill_tokens,
-            time.perf_counter() - started,
-        )
-        outputs = []
-        for i, chunk in enumerate(sampling):
-            seq = chunk.seq
-            logprob = result.logprobs[i] if result.logprobs else None
+        launched = None
+        outputs: list[RequestOutput] = []
+        if plan:
+            started = time.perf_counter()
             try:
-                outputs.append(self._append_token(seq, result.token_ids[i], logprob))
+                launched = self.runner.launch(plan, self.in_flight)
+            except Exception as exc:  # one bad batch must not take the engine down
+                logger.exception("iteration failed; failing its %d requests", len(plan.chunks))
+                outputs = [self._fail(c.seq, exc) for c in plan.chunks]
+            else:
+                self.scheduler.commit(plan)
+                for chunk in launched.chunks:
+                    self._append_placeholder(chunk.seq)
+            self.last_step = StepStats(
+                plan.num_tokens, len(plan.decodes), plan.num_prefill_tokens,
+                time.perf_counter() - started,
+            )
+        previous, self.in_flight = self.in_flight, launched
+        if not self.async_scheduling and launched is not None:
+            previous, self.in_flight = launched, None
+        if previous is not None:
+            outputs += self._resolve(previous)
+        return outputs
+
+    def _append_placeholder(self, seq: Sequence) -> None:
+        seq.output_token_ids.append(PLACEHOLDER)
+        if (len(seq.output_token_ids) >= seq.params.max_tokens
+                or seq.num_tokens >= self.max_model_len):
+            seq.finishing = True
+
+    def _resolve(self, flight: InFlight) -> list[RequestOutput]:
+        tokens, logprobs = flight.results()
+        outputs = []
+        for i, chunk in enumerate(flight.chunks):
+            seq = chunk.seq
+            if seq.is_finished:  # aborted or stopped while this token was in flight
+                continue
+            logprob = logprobs[i] if logprobs is not None else None
+            try:
+                outputs.append(self._append_token(seq, tokens[i], logprob))
             except Exception as exc:
                 logger.exception("post-processing %s failed", seq.request_id)
                 outputs.append(self._fail(seq, exc))
@@ -155,29 +180,32 @@ class EngineCore:
 
     def _append_token(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
         now = time.perf_counter()
-        seq.output_token_ids.append(token)
+        resolved = seq.num_resolved_outputs
+        seq.output_token_ids[resolved] = token
         if logprob is not None:
             seq.output_logprobs.append(logprob)
         if seq.first_token_time is None:
             seq.first_token_time = now
-        reason = self._stop_reason(seq, token)
+        reason = self._stop_reason(seq, token, resolved + 1)
         if reason is not None:
+            del seq.output_token_ids[resolved + 1 :]  # drop tokens launched past the stop
             self.scheduler.finish(seq, reason)
         return self._output(seq, [token], [logprob] if logprob is not None else [])
 
-    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+    def _stop_reason(self, seq: Sequence, token: int, num_outputs: int) -> str | None:
         p = seq.params
         if not p.ignore_eos and token in self.eos_token_ids:
             return "stop"
         if token in p.stop_token_ids:
             return "stop"
         if p.stop and self.detokenize is not None:
-            text = self.detokenize(seq.output_token_ids)
+            text = self.detokenize(seq.output_token_ids[:num_outputs])
             hits = [text.find(s) for s in p.stop if s in text]
             if hits:
                 seq.stop_text_len = min(hits)
                 return "stop"
-        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        total = len(seq.prompt_token_ids) + num_outputs
+        if num_outputs >= p.max_tokens or total >= self.max_model_len:
             return "length"
         return None
 
@@ -192,7 +220,7 @@ class EngineCore:
             new_token_ids=tokens,
             new_logprobs=logprobs,
             num_prompt_tokens=len(seq.prompt_token_ids),
-            num_output_tokens=len(seq.output_token_ids),
+            num_output_tokens=seq.num_resolved_outputs,
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
             stop_text_len=seq.stop_text_len,

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from nanoflow.config import EngineConfig
 from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.engine.batch import PreparedStep, StepBuffers, prepare_step
-from nanoflow.engine.sampler import SampleResult, sample
-from nanoflow.engine.scheduler import BatchPlan
+from nanoflow.engine.sampler import sample
+from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.errors import ConfigError
 from nanoflow.models.loader import build_model, load_weights
 from nanoflow.models.spec import ModelSpec
@@ -26,6 +27,43 @@ _ACTIVATION_SLACK_BYTES = 2 << 30
 def kv_block_bytes(spec: ModelSpec, block_size: int, dtype: torch.dtype, tp_size: int) -> int:
     per_token = spec.kv_bytes_per_token(torch.finfo(dtype).bits // 8) // tp_size
     return per_token * block_size
+
+
+@dataclass
+class InFlight:
+    """An iteration queued on the GPU: its sampled tokens and their copy to pinned host memory."""
+
+    chunks: list[ScheduledChunk]
+    token_ids: torch.Tensor
+    row_of: dict[str, int]
+    host_tokens: torch.Tensor
+    host_logprobs: torch.Tensor | None
+    copied: torch.cuda.Event | None
+
+    @classmethod
+    def start(
+        cls, chunks: list[ScheduledChunk], tokens: torch.Tensor, logprobs: torch.Tensor | None
+    ) -> InFlight:
+        on_gpu = tokens.is_cuda
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=on_gpu)
+        host.copy_(tokens, non_blocking=on_gpu)
+        host_logprobs = None
+        if logprobs is not None:
+            host_logprobs = torch.empty(logprobs.shape, pin_memory=on_gpu)
+            host_logprobs.copy_(logprobs, non_blocking=on_gpu)
+        event = None
+        if on_gpu:
+            event = torch.cuda.Event()
+            event.record()
+        row_of = {c.seq.request_id: i for i, c in enumerate(chunks)}
+        return cls(chunks, tokens, row_of, host, host_logprobs, event)
+
+    def results(self) -> tuple[list[int], list[float] | None]:
+        """Wait for the copy (only this iteration, not later ones) and read the tokens."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        logprobs = None if self.host_logprobs is None else self.host_logprobs.tolist()
+        return self.host_tokens.tolist(), logprobs
 
 
 class ModelRunner:
@@ -103,9 +141,21 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def execute(self, plan: BatchPlan) -> SampleResult:
+    def launch(self, plan: BatchPlan, previous: InFlight | None) -> InFlight:
+        """Queue an iteration on the GPU and return at once; its tokens arrive in the host
+        buffer of the returned InFlight. Inputs still in flight from ``previous`` are read on
+        the GPU."""
         if self.on_plan is not None:
             self.on_plan(plan)
         step = self.prepare(plan)
+        if step.placeholder_rows:
+            if previous is None:
+                raise RuntimeError("a sequence waits on a token from no iteration in flight")
+            rows = [r for r, _ in step.placeholder_rows]
+            sources = [previous.row_of[rid] for _, rid in step.placeholder_rows]
+            step.input_ids[torch.tensor(rows, device=self.device)] = previous.token_ids[
+                torch.tensor(sources, device=self.device)
+            ]
         logits = self.forward(step)
-        return sample(logits, [c.seq for c in step.sampling_chunks])
+        result = sample(logits, [c.seq for c in step.sampling_chunks])
+        return InFlight.start(step.sampling_chunks, result.token_ids, result.logprobs)

@@ -1,4 +1,10 @@
-"""Token sampling: greedy, temperature, top-k, top-p, and per-request seeds."""
+"""Token sampling on the device: greedy, temperature, top-k, top-p, per-request seeds.
+
+Everything stays on the GPU (no host sync), so the next iteration can be launched before the host
+has read these tokens. Non-greedy rows are filtered in one batched pass and sampled with the
+exponential-race trick (argmax of p / E, E ~ Exp(1)); seeded requests draw E from their own
+generator, so a seed gives the same text whatever else shares the batch.
+"""
 
 from __future__ import annotations
 
@@ -10,44 +16,40 @@ from nanoflow.engine.sequence import Sequence
 
 
 @dataclass
-class SampleResult:
-    token_ids: list[int]
-    logprobs: list[float]
+class DeviceSample:
+    token_ids: torch.Tensor  # [rows] int64, on the logits' device
+    logprobs: torch.Tensor | None  # [rows] float32 log-probability of each token, if asked
 
 
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits
+def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    device = logits.device
+    temps = torch.tensor([s.params.temperature for s in seqs], device=device).unsqueeze(1)
+    top_k = torch.tensor([s.params.top_k or logits.shape[1] for s in seqs], device=device)
+    top_p = torch.tensor([s.params.top_p for s in seqs], device=device).unsqueeze(1)
+    sorted_logits, order = torch.sort(logits / temps, dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[1], device=device).unsqueeze(0)
+    sorted_logits = sorted_logits.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(-1) - probs
+    probs = probs.masked_fill(mass_before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, probs)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-    """One token per row of float32 ``logits`` ([num_seqs, vocab]) under each row's params.
-
-    Greedy rows are one batched argmax; the others sample row by row from their own generator
-    (seeded requests) so a seed gives the same text whatever else is in the batch.
-    """
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample:
+    """One token per row of float32 ``logits`` ([rows, vocab]) under each row's params."""
     tokens = torch.argmax(logits, dim=-1)
-    need_logprobs = any(s.params.logprobs is not None for s in seqs)
-    for i, seq in enumerate(seqs):
-        p = seq.params
-        if p.greedy:
-            continue
-        row = _filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
-        probs = torch.softmax(row, dim=-1)
-        if seq.generator is not None:
-            probs = probs.cpu()
-        tokens[i] = torch.multinomial(probs, 1, generator=seq.generator).to(tokens.device)[0]
-    token_list = tokens.tolist()
-    logprobs: list[float] = []
-    if need_logprobs:
-        chosen = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
-        logprobs = chosen.tolist()
-    return SampleResult(token_list, logprobs)
+    random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if random_rows:
+        index = torch.tensor(random_rows, device=logits.device)
+        probs = _filtered_probs(logits[index], [seqs[i] for i in random_rows])
+        race = torch.empty_like(probs).exponential_()
+        for j, i in enumerate(random_rows):
+            gen = seqs[i].generator_on(logits.device)
+            if gen is not None:
+                race[j].exponential_(generator=gen)
+        tokens[index] = torch.argmax(probs / race, dim=-1)
+    logprobs = None
+    if any(s.params.logprobs is not None for s in seqs):
+        chosen = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1))
+        logprobs = chosen.squeeze(1)
+    return DeviceSample(tokens, logprobs)

@@ -102,7 +102,7 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or not seq.is_decoding:
+            if seq.status is not SequenceStatus.RUNNING or seq.finishing or not seq.is_decoding:
                 continue
             if not self._make_room(seq, seq.num_computed_tokens + 1, scheduled, plan):
                 continue
@@ -112,7 +112,8 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.request_id in scheduled or seq.status is not SequenceStatus.RUNNING:
+            if (seq.request_id in scheduled or seq.status is not SequenceStatus.RUNNING
+                    or seq.finishing):
                 continue
             budget -= self._schedule_prefill(seq, budget, plan, scheduled)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -125,9 +126,10 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             budget -= self._schedule_prefill(seq, budget, plan, scheduled)
-        if not plan and len(self.running) > 1:
+        movable = [s for s in self.running if not s.finishing]
+        if not plan and len(movable) > 1:
             # Every running prompt is stuck mid-prefill on a full cache: free the newest.
-            self.preempt(self.running[-1], plan)
+            self.preempt(movable[-1], plan)
             retry = self.plan()
             retry.preempted[:0] = plan.preempted
             return retry
@@ -170,7 +172,10 @@ class Scheduler:
         """Preempt the newest unscheduled requests until ``seq`` fits; False if ``seq`` itself
         had to go."""
         while not self.blocks.can_grow(seq, num_tokens):
-            victims = [s for s in self.running if s.request_id not in scheduled and s is not seq]
+            victims = [
+                s for s in self.running
+                if s.request_id not in scheduled and s is not seq and not s.finishing
+            ]
             victim = victims[-1] if victims else seq
             self.preempt(victim, plan)
             if victim is seq:

@@ -11,6 +11,9 @@ import torch
 from nanoflow.engine.sampling_params import SamplingParams
 
 
+PLACEHOLDER = -1  # an output token sampled on the GPU whose value the host has not read yet
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -36,12 +39,15 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    finishing: bool = False  # its last token is in flight; schedule it no more
     generator: torch.Generator | None = None
 
-    def __post_init__(self) -> None:
-        if self.params.seed is not None:
-            self.generator = torch.Generator()
+    def generator_on(self, device: torch.device) -> torch.Generator | None:
+        """The request's seeded generator, made on first use on the sampling device."""
+        if self.params.seed is not None and self.generator is None:
+            self.generator = torch.Generator(device=device)
             self.generator.manual_seed(self.params.seed)
+        return self.generator
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -64,6 +70,14 @@ class Sequence:
     def num_pending_tokens(self) -> int:
         """Tokens whose K/V still have to be computed before the next sample."""
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def num_resolved_outputs(self) -> int:
+        """Output tokens whose values the host knows (placeholders sit only at the end)."""
+        n = len(self.output_token_ids)
+        while n and self.output_token_ids[n - 1] == PLACEHOLDER:
+            n -= 1
+        return n
 
     @property
     def is_decoding(self) -> bool:
