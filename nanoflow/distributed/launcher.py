@@ -42,12 +42,18 @@ class WireSequence:
 def to_wire(plan: BatchPlan) -> BatchPlan:
     def chunk(c: ScheduledChunk) -> ScheduledChunk:
         end = c.start + c.num_tokens
-        seq = WireSequence(c.seq.request_id, list(c.seq.block_table), c.start,
-                           c.seq.token_slice(c.start, end), c.seq.num_tokens)
+        seq = WireSequence(
+            c.seq.request_id,
+            list(c.seq.block_table),
+            c.start,
+            c.seq.token_slice(c.start, end),
+            c.seq.num_tokens,
+        )
         return ScheduledChunk(seq, c.start, c.num_tokens)  # type: ignore[arg-type]
 
-    return BatchPlan(decodes=[chunk(c) for c in plan.decodes],
-                     prefills=[chunk(c) for c in plan.prefills])
+    return BatchPlan(
+        decodes=[chunk(c) for c in plan.decodes], prefills=[chunk(c) for c in plan.prefills]
+    )
 
 
 def _free_port() -> int:
@@ -106,8 +112,9 @@ class TensorParallelLauncher:
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         ctx = mp.get_context("spawn")
         for rank in range(1, self.world):
-            proc = ctx.Process(target=worker_main, args=(config, rank, self.world, init_method),
-                               daemon=True)
+            proc = ctx.Process(
+                target=worker_main, args=(config, rank, self.world, init_method), daemon=True
+            )
             proc.start()
             self.processes.append(proc)
         self.config = _rank_config(config, 0)

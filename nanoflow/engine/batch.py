@@ -163,8 +163,10 @@ def prepare_step(
             table = seq.block_table
             input_ids.extend(seq.token_slice(chunk.start, end))
             positions.extend(range(chunk.start, end))
-            slots.extend(table[p // block_size] * block_size + p % block_size
-                         for p in range(chunk.start, end))
+            slots.extend(
+                table[p // block_size] * block_size + p % block_size
+                for p in range(chunk.start, end)
+            )
             last_row[seq.request_id] = len(input_ids) - 1
             if input_ids[-1] == PLACEHOLDER:
                 placeholders.append((len(input_ids) - 1, seq.request_id))

@@ -140,7 +140,9 @@ class EngineCore:
                 for chunk in launched.chunks:
                     self._append_placeholder(chunk.seq)
             self.last_step = StepStats(
-                plan.num_tokens, len(plan.decodes), plan.num_prefill_tokens,
+                plan.num_tokens,
+                len(plan.decodes),
+                plan.num_prefill_tokens,
                 time.perf_counter() - started,
             )
         previous, self.in_flight = self.in_flight, launched
@@ -152,8 +154,10 @@ class EngineCore:
 
     def _append_placeholder(self, seq: Sequence) -> None:
         seq.output_token_ids.append(PLACEHOLDER)
-        if (len(seq.output_token_ids) >= seq.params.max_tokens
-                or seq.num_tokens >= self.max_model_len):
+        if (
+            len(seq.output_token_ids) >= seq.params.max_tokens
+            or seq.num_tokens >= self.max_model_len
+        ):
             seq.finishing = True
 
     def _resolve(self, flight: InFlight) -> list[RequestOutput]:

@@ -117,8 +117,9 @@ class ModelRunner:
         blocks = int(budget // block_bytes)
         if self.group.size > 1:  # every rank must hold the same block ids
             count = torch.tensor([blocks], device=self.device)
-            torch.distributed.all_reduce(count, torch.distributed.ReduceOp.MIN,
-                                         group=self.group.process_group)
+            torch.distributed.all_reduce(
+                count, torch.distributed.ReduceOp.MIN, group=self.group.process_group
+            )
             blocks = int(count.item())
         if blocks < 1:
             raise ConfigError(

@@ -112,8 +112,11 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if (seq.request_id in scheduled or seq.status is not SequenceStatus.RUNNING
-                    or seq.finishing):
+            if (
+                seq.request_id in scheduled
+                or seq.status is not SequenceStatus.RUNNING
+                or seq.finishing
+            ):
                 continue
             budget -= self._schedule_prefill(seq, budget, plan, scheduled)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -173,7 +176,8 @@ class Scheduler:
         had to go."""
         while not self.blocks.can_grow(seq, num_tokens):
             victims = [
-                s for s in self.running
+                s
+                for s in self.running
                 if s.request_id not in scheduled and s is not seq and not s.finishing
             ]
             victim = victims[-1] if victims else seq

@@ -10,7 +10,6 @@ import torch
 
 from nanoflow.engine.sampling_params import SamplingParams
 
-
 PLACEHOLDER = -1  # an output token sampled on the GPU whose value the host has not read yet
 
 

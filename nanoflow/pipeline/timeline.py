@@ -49,8 +49,13 @@ class TimelineRecorder:
         torch.cuda.synchronize()
         return [
             TimelineRecord(
-                layer, op.name, op.resource.value, nb, unit,
-                self._origin.elapsed_time(start), self._origin.elapsed_time(end),
+                layer,
+                op.name,
+                op.resource.value,
+                nb,
+                unit,
+                self._origin.elapsed_time(start),
+                self._origin.elapsed_time(end),
             )
             for layer, op, nb, unit, start, end in self._pending
         ]
@@ -71,8 +76,15 @@ def draw_timeline(records: list[TimelineRecord], path: str | Path, title: str = 
     fig, ax = plt.subplots(figsize=(14, 1.0 + 0.8 * len(units)))
     for row, unit in enumerate(units):
         for r in (r for r in records if r.unit == unit):
-            ax.barh(row, r.end_ms - r.start_ms, left=r.start_ms, height=0.6,
-                    color=_COLORS[r.resource], edgecolor="black", linewidth=0.3)
+            ax.barh(
+                row,
+                r.end_ms - r.start_ms,
+                left=r.start_ms,
+                height=0.6,
+                color=_COLORS[r.resource],
+                edgecolor="black",
+                linewidth=0.3,
+            )
     ax.set_yticks(range(len(units)), units)
     ax.set_xlabel("time (ms)")
     ax.set_title(title or "pipeline timeline")
