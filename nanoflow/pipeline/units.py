@@ -104,7 +104,14 @@ def _green_context_units(
         offset += wanted[i]
         if i == len(specs) - 1 and remaining.sm.smCount:
             parts.append(remaining)
-        desc = _check(driver.cuDevResourceGenerateDesc(parts, len(parts)))
+        num_sms = sum(p.sm.smCount for p in parts)
+        workqueue = _balanced_workqueue(dev)
+        try:
+            with_wq = parts + [workqueue] if workqueue is not None else parts
+            desc = _check(driver.cuDevResourceGenerateDesc(with_wq, len(with_wq)))
+        except RuntimeError:
+            workqueue = None
+            desc = _check(driver.cuDevResourceGenerateDesc(parts, len(parts)))
         green = _check(
             driver.cuGreenCtxCreate(
                 desc, dev, driver.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM
@@ -113,9 +120,25 @@ def _green_context_units(
         raw = _check(
             driver.cuGreenCtxStreamCreate(green, driver.CUstream_flags.CU_STREAM_NON_BLOCKING, 0)
         )
-        num_sms = sum(p.sm.smCount for p in parts)
         stream = torch.cuda.ExternalStream(int(raw), device=device)
         unit_spec = UnitSpec(spec.name, num_sms)
         units[spec.name] = ExecutionUnit(unit_spec, stream, 0, (green, raw))
-        logger.info("green context %s: %d SMs", spec.name, num_sms)
+        logger.info("green context %s: %d SMs, own workqueue: %s", spec.name, num_sms,
+                    workqueue is not None)
     return units
+
+
+def _balanced_workqueue(dev: Any) -> Any:
+    """A workqueue configuration that keeps this green context's stream-ordered work off the
+    other contexts' hardware queues (CUDA 13.1+ drivers); None where the driver lacks it."""
+    from cuda.bindings import driver
+
+    kind = getattr(driver.CUdevResourceType, "CU_DEV_RESOURCE_TYPE_WORKQUEUE_CONFIG", None)
+    scopes = getattr(driver, "CUdevWorkqueueConfigScope", None)
+    if kind is None or scopes is None:
+        return None
+    err, resource = driver.cuDeviceGetDevResource(dev, kind)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        return None
+    resource.wqConfig.sharingScope = scopes.CU_WORKQUEUE_SCOPE_GREEN_CTX_BALANCED
+    return resource
