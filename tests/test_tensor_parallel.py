@@ -33,3 +33,19 @@ def test_tp2_matches_tp1(llama_checkpoint):
 def test_tp_size_must_divide_heads():
     with pytest.raises(ConfigError, match="num_key_value_heads"):
         ParallelGroup(0, 3).check(get_known_model("llama-3-8b"))
+
+
+@pytest.mark.timeout(300)
+def test_tp2_switches_schedule_on_every_rank(llama_checkpoint):
+    from nanoflow.pipeline.schedule import nano_batch_schedule
+
+    folder, _ = llama_checkpoint
+    single = _tokens(folder)
+    llm = LLM(str(folder), dtype="float32", device="cpu", tensor_parallel_size=2)
+    try:
+        llm.engine.runner.set_schedule(nano_batch_schedule(2))
+        params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    finally:
+        llm.engine.shutdown()
+    assert got == single

@@ -21,8 +21,11 @@ import torch.distributed as dist
 from nanoflow.config import EngineConfig
 from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
+from nanoflow.pipeline.schedule import PipelineSchedule
 
 logger = logging.getLogger(__name__)
+
+NCCL_NETWORK_CTAS = 16
 
 
 @dataclass
@@ -73,6 +76,10 @@ def init_group(rank: int, world: int, init_method: str, device: str) -> Parallel
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if device.startswith("cuda"):
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off
+        # Collectives are the network unit's work: keep them to a few SMs so GEMMs and
+        # attention keep the rest (NanoFlow's network execution unit).
+        os.environ.setdefault("NCCL_MAX_CTAS", str(NCCL_NETWORK_CTAS))
+        torch.cuda.set_device(torch.device(device))
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
     return ParallelGroup(rank, world, dist.group.WORLD)
 
@@ -93,6 +100,9 @@ def worker_main(config: EngineConfig, rank: int, world: int, init_method: str) -
         dist.broadcast_object_list(message, src=0)
         if message[0] is None:
             break
+        if isinstance(message[0], PipelineSchedule):
+            runner.set_schedule(message[0])
+            continue
         with torch.inference_mode():
             runner.forward(runner.prepare(message[0]))
     dist.destroy_process_group()
@@ -122,6 +132,10 @@ class TensorParallelLauncher:
 
     def broadcast(self, plan: BatchPlan | None) -> None:
         dist.broadcast_object_list([None if plan is None else to_wire(plan)], src=0)
+
+    def broadcast_schedule(self, schedule: PipelineSchedule) -> None:
+        """Every rank must issue the same collectives in the same order: switch them together."""
+        dist.broadcast_object_list([schedule], src=0)
 
     def shutdown(self) -> None:
         if not dist.is_initialized():

@@ -72,6 +72,7 @@ class EngineCore:
         )
         if self.launcher is not None:
             self.runner.on_plan = self.launcher.broadcast
+            self.runner.on_schedule = self.launcher.broadcast_schedule
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
         capacity = self.runner.num_blocks * config.block_size
         self.max_model_len = min(

@@ -84,6 +84,7 @@ class ModelRunner:
         self.dtype = config.torch_dtype(self.device)
         self.group = group
         self.on_plan: Callable[[BatchPlan], None] | None = None
+        self.on_schedule: Callable[[PipelineSchedule], None] | None = None
         self.max_num_batched_tokens = max_num_batched_tokens
         weights = load_weights(
             spec, checkpoint, config.load_format, self.device, self.dtype, config.seed
@@ -98,6 +99,8 @@ class ModelRunner:
         self.set_schedule(schedule)
 
     def set_schedule(self, schedule: PipelineSchedule) -> None:
+        if self.on_schedule is not None:
+            self.on_schedule(schedule)
         self.schedule = schedule
         self.executor: Executor = make_executor(schedule, self.device)
 
