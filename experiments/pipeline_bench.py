@@ -8,7 +8,8 @@
    the executors compared, and offline 512/512 throughput for every schedule.
 4. The timeline of one overlapped iteration (PNG + JSON).
 
-Usage: python experiments/pipeline_bench.py [--out DIR] [--num-prompts N] [--quick]
+Usage: python experiments/pipeline_bench.py [--out DIR] [--num-prompts N]
+       python experiments/pipeline_bench.py --device cpu --model builtin ...   (a dry run)
 """
 
 from __future__ import annotations
@@ -47,6 +48,23 @@ from nanoflow.workloads import constant, random_prompts
 DEVICE = torch.device("cuda")
 
 
+def time_any(fn, iters: int = 10) -> float:
+    """Median seconds of ``fn``: CUDA events on a GPU, the host clock on CPU."""
+    if DEVICE.type == "cuda":
+        return time_cuda(fn, iters=iters)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def overlapped(compute: int, memory: int, mechanism: Mechanism, nano: int = 2) -> PipelineSchedule:
     shares = tuple([1.0 / nano] * nano)
     return PipelineSchedule(
@@ -66,9 +84,16 @@ def parity_bf16() -> dict:
     import transformers
 
     cfg = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-        rope_theta=500000.0, bos_token_id=1, eos_token_id=2,
+        vocab_size=256,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rope_theta=500000.0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -77,32 +102,48 @@ def parity_bf16() -> dict:
             p.normal_(0.0, 0.15)
     folder = tempfile.mkdtemp()
     model.save_pretrained(folder)
+    low = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     ref32 = model.to(DEVICE).eval()
-    ref16 = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    ref16 = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=low)
     ref16 = ref16.to(DEVICE).eval()
     prompts = [[(7 * i + 3 * j) % 250 + 3 for j in range(5 + 9 * i)] for i in range(8)]
-    llm = LLM(folder, dtype="bfloat16", max_num_batched_tokens=32)
+    llm = LLM(
+        folder, dtype=str(low).removeprefix("torch."), device=str(DEVICE), max_num_batched_tokens=32
+    )
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)
+    whole = LLM(
+        folder,
+        dtype=str(low).removeprefix("torch."),
+        device=str(DEVICE),
+        max_num_batched_tokens=1024,
+    )
     same16 = same32 = 0
     rel_errs = []
     for prompt, out in zip(prompts, outs, strict=True):
         got = out.outputs[0].token_ids
         ids = torch.tensor([prompt], device=DEVICE)
         with torch.no_grad():
-            g16 = ref16.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)[0, len(prompt):].tolist()
-            g32 = ref32.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)[0, len(prompt):].tolist()
+            g16 = ref16.generate(
+                ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+            )[0, len(prompt) :].tolist()
+            g32 = ref32.generate(
+                ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+            )[0, len(prompt) :].tolist()
             full = torch.tensor([prompt + got], device=DEVICE)
             want = ref32(full).logits[0, len(prompt) - 1 :].float()
         same16 += got == g16
         same32 += got == g32
         # engine logits of the same positions: prefill of prompt+output in one chunk
-        seq_logits = _engine_logits(llm, prompt + got, len(prompt))
+        seq_logits = _engine_logits(whole, prompt + got, len(prompt))
         rel_errs.append(((seq_logits - want).norm() / want.norm()).item())
-    return {"prompts": len(prompts), "greedy_identical_vs_hf_bf16": same16,
-            "greedy_identical_vs_hf_fp32": same32, "max_logits_rel_err_vs_fp32": max(rel_errs)}
+    return {
+        "dtype": str(low),
+        "prompts": len(prompts),
+        "greedy_identical_vs_hf_same_dtype": same16,
+        "greedy_identical_vs_hf_fp32": same32,
+        "max_logits_rel_err_vs_fp32": max(rel_errs),
+    }
 
 
 def _engine_logits(llm: LLM, ids: list[int], first: int) -> torch.Tensor:
@@ -110,8 +151,9 @@ def _engine_logits(llm: LLM, ids: list[int], first: int) -> torch.Tensor:
     rows = []
     engine = llm.engine
     for end in range(first, len(ids) + 1):
-        seq = engine.add_request(f"logit-{end}-{time.monotonic_ns()}", ids[:end],
-                                 SamplingParams(max_tokens=1))
+        seq = engine.add_request(
+            f"logit-{end}-{time.monotonic_ns()}", ids[:end], SamplingParams(max_tokens=1)
+        )
         plan = engine.scheduler.plan()
         with torch.inference_mode():
             step = engine.runner.prepare(plan)
@@ -132,8 +174,9 @@ def overlap_microbench(num_sms: int) -> list[dict]:
         y = torch.empty(tokens, 2 * 14336, device=DEVICE, dtype=torch.bfloat16)
         batch, bs = 256, 16
         blocks_per_seq = ctx // bs
-        k_cache = torch.randn(batch * blocks_per_seq, 8, bs, 128, device=DEVICE,
-                              dtype=torch.bfloat16)
+        k_cache = torch.randn(
+            batch * blocks_per_seq, 8, bs, 128, device=DEVICE, dtype=torch.bfloat16
+        )
         v_cache = torch.randn_like(k_cache)
         tables = torch.randperm(batch * blocks_per_seq, device=DEVICE, dtype=torch.int32)
         tables = tables.view(batch, blocks_per_seq)
@@ -141,20 +184,25 @@ def overlap_microbench(num_sms: int) -> list[dict]:
         q = torch.randn(batch, 32, 128, device=DEVICE, dtype=torch.bfloat16)
         out = torch.empty_like(q)
 
-        def gemm(sms):
+        def gemm(sms, x=x, w=w, y=y):
             return kernels.linear(x, w, None, sms, y)
 
-        def attn(sms):
-            return kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.088, sms,
-                                                  out)
+        def attn(sms, q=q, k=k_cache, v=v_cache, t=tables, n=lens, o=out):
+            return kernels.paged_decode_attention(q, k, v, t, n, 0.088, sms, o)
 
         full_gemm = time_cuda(lambda: gemm(None))
         full_attn = time_cuda(lambda: attn(None))
         for mechanism in Mechanism:
             for compute, memory in ((100, 32), (96, 36), (88, 44), (64, 68)):
-                row = {"tokens": tokens, "context": ctx, "mechanism": mechanism.value,
-                       "compute_sms": compute, "memory_sms": memory,
-                       "gemm_full_ms": full_gemm * 1e3, "attn_full_ms": full_attn * 1e3}
+                row = {
+                    "tokens": tokens,
+                    "context": ctx,
+                    "mechanism": mechanism.value,
+                    "compute_sms": compute,
+                    "memory_sms": memory,
+                    "gemm_full_ms": full_gemm * 1e3,
+                    "attn_full_ms": full_attn * 1e3,
+                }
                 try:
                     row.update(_corun(overlapped(compute, memory, mechanism), gemm, attn))
                 except Exception as exc:  # record and go on: one mechanism may be unavailable
@@ -189,9 +237,13 @@ def _corun(schedule: PipelineSchedule, gemm, attn) -> dict:
     g = time_cuda(lambda: on(cu, gemm))
     a = time_cuda(lambda: on(mu, attn))
     c = time_cuda(both)
-    return {"gemm_part_ms": g * 1e3, "attn_part_ms": a * 1e3, "corun_ms": c * 1e3,
-            "corun_over_max_part": c / max(g, a),
-            "unit_sms": {n: u.num_sms for n, u in units.items()}}
+    return {
+        "gemm_part_ms": g * 1e3,
+        "attn_part_ms": a * 1e3,
+        "corun_ms": c * 1e3,
+        "corun_over_max_part": c / max(g, a),
+        "unit_sms": {n: u.num_sms for n, u in units.items()},
+    }
 
 
 def fixed_plan(llm: LLM, decodes: int, ctx: int, prefill_chunks: int, chunk: int) -> BatchPlan:
@@ -220,33 +272,47 @@ def time_iteration(llm: LLM, plan: BatchPlan) -> dict:
     runner = llm.engine.runner
     with torch.inference_mode():
         step = runner.prepare(plan)
-        gpu = time_cuda(lambda: runner.forward(step), iters=10)
+        gpu = time_any(lambda: runner.forward(step))
         cpu = []
         for _ in range(5):
-            torch.cuda.synchronize()
+            sync()
             start = time.perf_counter()
             runner.forward(step)
             cpu.append(time.perf_counter() - start)
-            torch.cuda.synchronize()
-    return {"gpu_ms": gpu * 1e3, "cpu_launch_ms": sorted(cpu)[2] * 1e3,
-            "tokens": plan.num_tokens, "tokens_per_s": plan.num_tokens / gpu}
+            sync()
+    return {
+        "gpu_ms": gpu * 1e3,
+        "cpu_launch_ms": sorted(cpu)[2] * 1e3,
+        "tokens": plan.num_tokens,
+        "tokens_per_s": plan.num_tokens / gpu,
+    }
 
 
 def throughput(llm: LLM, num_prompts: int, in_len: int, out_len: int) -> dict:
     requests = constant(in_len, out_len, num_prompts)
     prompts = random_prompts(requests, llm.engine.spec.vocab_size, seed=1)
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
-    torch.cuda.synchronize()
+    sync()
     elapsed = time.perf_counter() - start
-    return {"num_prompts": num_prompts, "elapsed_s": elapsed,
-            "tokens_per_s": num_prompts * (in_len + out_len) / elapsed}
+    return {
+        "num_prompts": num_prompts,
+        "elapsed_s": elapsed,
+        "tokens_per_s": num_prompts * (in_len + out_len) / elapsed,
+    }
 
 
-def end_to_end(out_dir: Path, num_prompts: int, num_sms: int, gemm_tflops: float) -> dict:
-    llm = LLM("llama-3-8b", load_format="dummy", max_num_batched_tokens=2048)
+def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | None) -> dict:
+    dummy = "auto" if args.model == "builtin" else "dummy"
+    llm = LLM(
+        args.model,
+        load_format=dummy,
+        device=str(DEVICE),
+        max_num_batched_tokens=args.budget,
+        num_kv_blocks=args.num_kv_blocks,
+    )
     schedules = {
         "sequential": sequential_schedule(),
         "nanobatch-2": nano_batch_schedule(2),
@@ -255,26 +321,30 @@ def end_to_end(out_dir: Path, num_prompts: int, num_sms: int, gemm_tflops: float
         "overlap-green-96/36": overlapped(96, 36, Mechanism.GREEN_CONTEXT),
         "overlap-green-88/44": overlapped(88, 44, Mechanism.GREEN_CONTEXT),
     }
-    plan = fixed_plan(llm, decodes=512, ctx=1024, prefill_chunks=3, chunk=512)
+    if DEVICE.type != "cuda":  # green contexts need a GPU; the rest runs as a dry run
+        schedules = {k: v for k, v in schedules.items() if "green" not in k}
+    quarter = args.budget // 4
+    plan = fixed_plan(llm, decodes=quarter, ctx=args.context, prefill_chunks=3, chunk=quarter)
     prompts = random_prompts(constant(64, 1, 24), llm.engine.spec.vocab_size, seed=2)
     greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     result: dict = {"num_kv_blocks": llm.engine.runner.num_blocks, "schedules": {}}
     reference_tokens = None
-    optimal = optimal_throughput(llm.engine.spec, gemm_tflops * 1e12)
+    optimal = optimal_throughput(llm.engine.spec, gemm_tflops * 1e12) if gemm_tflops else None
     result["optimal_tokens_per_s"] = optimal
     for name, schedule in schedules.items():
         row: dict = {"schedule": schedule.to_dict()}
         try:
             llm.engine.runner.set_schedule(schedule)
             row["iteration"] = time_iteration(llm, plan)
-            tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy,
-                                                                   use_tqdm=False)]
+            tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
             reference_tokens = reference_tokens or tokens
             row["greedy_16_identical_to_sequential"] = sum(
-                a == b for a, b in zip(tokens, reference_tokens, strict=True)) / len(tokens)
-            row["throughput_512_512"] = throughput(llm, num_prompts, 512, 512)
-            row["fraction_of_optimal"] = row["throughput_512_512"]["tokens_per_s"] / optimal
-            if schedule.overlap and "timeline" not in result:
+                a == b for a, b in zip(tokens, reference_tokens, strict=True)
+            ) / len(tokens)
+            row["throughput"] = throughput(llm, args.num_prompts, args.input_len, args.output_len)
+            if optimal:
+                row["fraction_of_optimal"] = row["throughput"]["tokens_per_s"] / optimal
+            if schedule.overlap and "timeline" not in result and DEVICE.type == "cuda":
                 result["timeline"] = record_timeline(llm, plan, out_dir, name)
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"
@@ -304,18 +374,32 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
     parser.add_argument("--num-prompts", type=int, default=300)
+    parser.add_argument("--model", default="llama-3-8b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--budget", type=int, default=2048, help="token budget per iteration")
+    parser.add_argument("--context", type=int, default=1024, help="fixed batch: decode context")
+    parser.add_argument("--input-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=512)
+    parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--skip", action="append", default=[], help="parity|overlap|e2e")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {**environment(DEVICE), "command": " ".join(sys.argv)}
-    num_sms = record["sm_count"]
-    record["gemm_tflops"] = gemm_ceiling_tflops(DEVICE)
-    record["copy_gbs"] = copy_bandwidth_gbs(DEVICE)
-    print("ceilings", record["gemm_tflops"], record["copy_gbs"], flush=True)
-    sections = {"parity": parity_bf16, "overlap": lambda: overlap_microbench(num_sms),
-                "e2e": lambda: end_to_end(out_dir, args.num_prompts, num_sms,
-                                          record["gemm_tflops"])}
+    gemm = None
+    if DEVICE.type == "cuda":
+        gemm = record["gemm_tflops"] = gemm_ceiling_tflops(DEVICE)
+        record["copy_gbs"] = copy_bandwidth_gbs(DEVICE)
+        print("ceilings", record["gemm_tflops"], record["copy_gbs"], flush=True)
+    else:
+        args.skip.append("overlap")
+    sections = {
+        "parity": parity_bf16,
+        "overlap": lambda: overlap_microbench(record["sm_count"]),
+        "e2e": lambda: end_to_end(out_dir, args, gemm),
+    }
     for name, fn in sections.items():
         if name in args.skip:
             continue
@@ -327,7 +411,7 @@ def main() -> int:
             traceback.print_exc()
         record[name + "_seconds"] = time.perf_counter() - started
         (out_dir / "pipeline_bench.json").write_text(json.dumps(record, indent=2, default=str))
-    print(json.dumps({k: record[k] for k in record if k in ("parity",)}, indent=1))
+    print(json.dumps(record.get("parity"), indent=1))
     return 0
 
 

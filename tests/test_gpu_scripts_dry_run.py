@@ -1,0 +1,51 @@
+"""The GPU experiment scripts run end to end on CPU with tiny models, so a GPU run of them
+fails only for GPU reasons."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def _run(script: str, args: list[str], out: Path) -> dict:
+    cmd = [sys.executable, str(EXPERIMENTS / script), *args, "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(next(out.glob("*.json")).read_text())
+
+
+@pytest.mark.timeout(420)
+def test_pipeline_bench_dry_run(tmp_path):
+    record = _run(
+        "pipeline_bench.py",
+        ["--device", "cpu", "--model", "builtin", "--num-prompts", "4", "--budget", "64",
+         "--context", "48", "--input-len", "24", "--output-len", "6"],
+        tmp_path,
+    )
+    assert record["parity"]["greedy_identical_vs_hf_fp32"] == record["parity"]["prompts"]
+    assert record["parity"]["max_logits_rel_err_vs_fp32"] < 1e-4
+    rows = record["e2e"]["schedules"]
+    assert set(rows) >= {"sequential", "nanobatch-2", "overlap-cta-100/32"}
+    for row in rows.values():
+        assert "error" not in row
+        assert row["greedy_16_identical_to_sequential"] == 1.0
+    for key in ("date", "torch", "command", "device"):
+        assert record[key]
+
+
+@pytest.mark.timeout(300)
+def test_tp_bench_dry_run(tmp_path, llama_checkpoint):
+    record = _run(
+        "tp_bench.py",
+        ["--device", "cpu", "--model", str(llama_checkpoint[0]), "--tp", "2",
+         "--num-prompts", "3", "--workload", "12/4"],
+        tmp_path,
+    )
+    assert {r["executor"] for r in record["results"]} == {"sequential", "overlapped"}
+    assert "error" not in record
