@@ -7,12 +7,16 @@ import json
 import sys
 
 from nanoflow.cli.main import add_engine_args, engine_kwargs
+from nanoflow.errors import RequestError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate text for prompts (offline)")
     add_engine_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompt-ids", action="append", default=[],
+                   help="a prompt as space-separated token ids (repeatable; for tokenizer-less "
+                        "dummy models)")
     p.add_argument("--prompts-file", default=None, help="one prompt per line ('-' for stdin)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -25,8 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _prompts(args: argparse.Namespace) -> list[str]:
-    prompts = list(args.prompt)
+def _prompts(args: argparse.Namespace) -> list[str | list[int]]:
+    prompts: list[str | list[int]] = list(args.prompt)
+    try:
+        prompts += [[int(t) for t in ids.split()] for ids in args.prompt_ids]
+    except ValueError:
+        raise RequestError("--prompt-ids takes integers separated by spaces") from None
     if args.prompts_file:
         stream = sys.stdin if args.prompts_file == "-" else open(args.prompts_file)  # noqa: SIM115
         with stream:

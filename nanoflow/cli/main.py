@@ -64,6 +64,14 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
+def _serve_as_worker(args: argparse.Namespace) -> bool:
+    """Under torchrun every rank runs the same command; ranks other than 0 become workers."""
+    from nanoflow.config import EngineConfig
+    from nanoflow.distributed.launcher import run_worker_from_env
+
+    return run_worker_from_env(EngineConfig(model=args.model, **engine_kwargs(args)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
@@ -82,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        if hasattr(args, "tensor_parallel_size") and _serve_as_worker(args):
+            return 0
         return int(args.func(args) or 0)
     except NanoflowError as exc:
         print(f"nanoflow: error: {exc}", file=sys.stderr)

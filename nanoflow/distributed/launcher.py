@@ -8,6 +8,7 @@ standard launcher (``torchrun``) starts every rank with ``RANK``/``WORLD_SIZE``/
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import multiprocessing as mp
@@ -114,6 +115,7 @@ class TensorParallelLauncher:
     def __init__(self, config: EngineConfig) -> None:
         self.world = config.tensor_parallel_size
         self.processes: list[mp.Process] = []
+        atexit.register(self.shutdown)  # workers wait in a broadcast until told to stop
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
             self.config = _rank_config(config, rank)
