@@ -67,6 +67,15 @@ class OverlappedExecutor:
         self.device = device
         self.units: dict[str, ExecutionUnit] = build_units(schedule, device)
         self.hook: LaunchHook | None = None
+        self._events: dict[tuple[int, int], torch.cuda.Event] = {}
+
+    def _event(self, op_index: int, nano_batch: int) -> torch.cuda.Event:
+        """One reusable event per (op, nano-batch): its waiters are all enqueued before the
+        next layer records it again, so reuse never loses a dependency."""
+        key = (op_index, nano_batch)
+        if key not in self._events:
+            self._events[key] = torch.cuda.Event()
+        return self._events[key]
 
     def _unit_per_op(self, ops: list[Op]) -> list[ExecutionUnit]:
         return [self.units[self.schedule.unit_of(op.name, op.resource).name] for op in ops]
@@ -78,7 +87,7 @@ class OverlappedExecutor:
             self._run_inline(layer_ops, buffers, nano_batches)
             return
         main = torch.cuda.current_stream(self.device)
-        start = torch.cuda.Event()
+        start = self._event(-1, 0)
         start.record(main)
         waited: set[int] = set()
         last: list[tuple[torch.cuda.Event, int]] = [(start, id(main))] * len(nano_batches)
@@ -104,7 +113,7 @@ class OverlappedExecutor:
                     op.fn(buffers, nb, unit.num_sms)
                     if self.hook:
                         self.hook(layer, op, nb, unit.spec.name, False)
-                done = torch.cuda.Event()
+                done = self._event(k, j)
                 done.record(stream)
                 last[j] = (done, id(stream))
                 if k == kv_op:
