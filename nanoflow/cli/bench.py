@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from nanoflow.cli import bench_serve
 from nanoflow.cli.main import add_engine_args, engine_kwargs
 
 
@@ -20,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--output-json", default=None)
     p.set_defaults(func=run_throughput)
+    bench_serve.register(kinds)
 
 
 def run_throughput(args: argparse.Namespace) -> int:

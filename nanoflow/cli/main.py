@@ -11,6 +11,7 @@ from nanoflow.errors import NanoflowError
 SUBCOMMANDS = (
     "nanoflow.cli.generate",
     "nanoflow.cli.bench",
+    "nanoflow.cli.serve",
 )
 
 

@@ -1,0 +1,159 @@
+"""The HTTP front end: routes, API-key check, and errors in OpenAI's shape.
+
+The engine process is started in the app's lifespan, so uvicorn accepts connections only once the
+model is loaded, and stops it on the way out.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nanoflow.config import EngineConfig
+from nanoflow.server.engine_client import EngineClient, EngineDeadError
+from nanoflow.server.metrics import ServerMetrics
+from nanoflow.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from nanoflow.server.serving import APIError, OpenAIServing, engine_dead
+
+logger = logging.getLogger(__name__)
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 500, 503)
+}
+
+
+def load_front_end_tokenizer(config: EngineConfig) -> Any:
+    """The model's tokenizer or None; raises ConfigError for an unknown model, before the
+    server binds its port."""
+    from nanoflow.engine.tokenizer import load_tokenizer
+    from nanoflow.models.loader import resolve_model
+
+    _, checkpoint = resolve_model(config.model)
+    return load_tokenizer(config.tokenizer or checkpoint)
+
+
+def _error(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        message = f"the body is not valid JSON: {first.get('msg')}"
+    else:
+        message = f"{'.'.join(loc) or 'body'}: {first.get('msg')}"
+    return _error(APIError(400, message, param=".".join(loc) or None))
+
+
+def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error(APIError(exc.status_code, str(exc.detail), code=str(exc.status_code)))
+
+
+def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unexpected error", exc_info=exc)
+    return _error(APIError(500, f"internal error: {type(exc).__name__}", "server_error"))
+
+
+def create_app(
+    config: EngineConfig,
+    model_name: str,
+    api_key: str | None = None,
+    log_level: int = logging.WARNING,
+    tokenizer: Any = None,
+) -> FastAPI:
+    """An app that serves ``config.model`` as ``model_name``; its engine starts with the app."""
+    client = EngineClient(config, log_level)
+    metrics = ServerMetrics(model_name)
+    client.iteration_listeners.append(metrics.observe_iteration)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await client.start()
+        app.state.serving = OpenAIServing(client, tokenizer, model_name, metrics)
+        try:
+            yield
+        finally:
+            await client.shutdown()
+
+    app = FastAPI(title="nanoflow", version="0.1.0", lifespan=lifespan)
+    app.state.client = client
+    app.add_exception_handler(APIError, lambda _, exc: _error(exc))
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            token.strip().encode(), api_key.encode()
+        ):
+            raise APIError(401, "missing or wrong API key", code="invalid_api_key")
+
+    def serving() -> OpenAIServing:
+        return app.state.serving
+
+    @app.get("/health", responses=_ERRORS)
+    async def health() -> dict[str, str]:
+        if client.dead:
+            raise engine_dead(client.dead_reason)
+        return {"status": "ok"}
+
+    @app.get("/metrics", responses=_ERRORS)
+    async def prometheus() -> Response:
+        try:
+            stats = await client.stats()
+        except (EngineDeadError, TimeoutError) as exc:
+            raise engine_dead(str(exc)) from None
+        return Response(metrics.render(stats), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)], responses=_ERRORS)
+    async def models() -> ModelList:
+        info = client.info
+        card = ModelCard(
+            id=model_name,
+            created=created,
+            max_model_len=info.max_model_len,
+            vocab_size=info.vocab_size,
+        )
+        return ModelList(data=[card])
+
+    @app.post(
+        "/v1/completions",
+        dependencies=[Depends(authorize)],
+        response_model=None,
+        responses=_ERRORS,
+    )
+    async def completions(req: CompletionRequest, raw: Request) -> Response:
+        return await serving().completions(req, raw)
+
+    @app.post(
+        "/v1/chat/completions",
+        dependencies=[Depends(authorize)],
+        response_model=None,
+        responses=_ERRORS,
+    )
+    async def chat(req: ChatCompletionRequest, raw: Request) -> Response:
+        return await serving().chat(req, raw)
+
+    return app

@@ -1,0 +1,173 @@
+"""The engine loop in its own process, so HTTP parsing and tokenizing never take the GIL from
+kernel launches (DESIGN §2).
+
+Messages travel over two ZeroMQ pipes as pickled tuples. In: ``("add", id, token_ids, params)``,
+``("abort", ids)``, ``("stats", query_id)``, ``("shutdown",)``. Out: ``("ready", info)``,
+``("outputs", [RequestOutput], [iteration seconds])`` once per iteration that produced tokens,
+``("rejected", id, message)`` for a request the engine refuses, ``("stats", query_id, dict)`` and
+``("fatal", message)`` just before the process gives up.
+
+Fault injection (tests only): when ``NANOFLOW_FAULT_INJECT_PREFIX`` is set in the environment,
+a request whose decoded prompt starts with that text raises inside ``EngineCore`` when its first
+token is post-processed, so it takes the same per-request failure path a real error takes.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from nanoflow.config import EngineConfig
+from nanoflow.errors import RequestError
+
+logger = logging.getLogger(__name__)
+
+FAULT_ENV = "NANOFLOW_FAULT_INJECT_PREFIX"
+_IDLE_POLL_MS = 100
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the front end must know to validate requests without asking the engine."""
+
+    max_model_len: int
+    vocab_size: int
+    num_blocks: int
+    eos_token_ids: tuple[int, ...]
+
+
+class _FaultInjector:
+    """Makes requests whose prompt text starts with a prefix fail inside the engine loop."""
+
+    def __init__(self, engine: Any, detokenize: Any, prefix: str) -> None:
+        self.prefix, self.detokenize, self.doomed = prefix, detokenize, set()
+        original = engine._append_token
+
+        def append_token(seq: Any, token: int, logprob: float | None) -> Any:
+            if seq.request_id in self.doomed:
+                self.doomed.discard(seq.request_id)
+                raise RuntimeError(f"injected fault ({FAULT_ENV})")
+            return original(seq, token, logprob)
+
+        engine._append_token = append_token
+
+    def watch(self, request_id: str, token_ids: list[int]) -> None:
+        if self.detokenize is not None and self.detokenize(token_ids).startswith(self.prefix):
+            self.doomed.add(request_id)
+
+
+def _build_engine(config: EngineConfig) -> tuple[Any, Any]:
+    from nanoflow.engine.engine_core import EngineCore
+    from nanoflow.engine.tokenizer import decode, load_tokenizer
+    from nanoflow.models.loader import resolve_model
+
+    _, checkpoint = resolve_model(config.model)
+    tokenizer = load_tokenizer(config.tokenizer or checkpoint)
+    detokenize = (lambda ids: decode(tokenizer, ids)) if tokenizer is not None else None
+    engine = EngineCore(config, detokenize=detokenize)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        engine.eos_token_ids.add(tokenizer.eos_token_id)
+    return engine, detokenize
+
+
+def _stats(engine: Any) -> dict[str, float]:
+    return {
+        "running": len(engine.scheduler.running),
+        "waiting": len(engine.scheduler.waiting),
+        "kv_usage": engine.blocks.usage,
+        "free_blocks": engine.blocks.num_free_blocks,
+        "num_blocks": engine.blocks.num_blocks,
+        "iteration_seconds": engine.last_step.seconds,
+    }
+
+
+def run_engine(config: EngineConfig, in_addr: str, out_addr: str, log_level: int) -> None:
+    """Process entry point: build the engine, then serve messages until told to stop.
+
+    Ctrl-C reaches the whole process group; the engine ignores it and stops when the front end
+    says so (or when the front end is gone)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx = zmq.Context()
+    inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    inbox.connect(in_addr)
+    outbox.connect(out_addr)
+    try:
+        engine, detokenize = _build_engine(config)
+    except Exception as exc:
+        logger.exception("engine failed to start")
+        outbox.send_pyobj(("fatal", f"engine failed to start: {type(exc).__name__}: {exc}"))
+        return
+    prefix = os.environ.get(FAULT_ENV)
+    faults = _FaultInjector(engine, detokenize, prefix) if prefix else None
+    info = EngineInfo(
+        engine.max_model_len,
+        engine.spec.vocab_size,
+        engine.blocks.num_blocks,
+        tuple(sorted(engine.eos_token_ids)),
+    )
+    outbox.send_pyobj(("ready", info))
+    try:
+        _loop(engine, faults, inbox, outbox)
+    except Exception as exc:
+        logger.exception("engine loop failed")
+        outbox.send_pyobj(("fatal", f"engine loop failed: {type(exc).__name__}: {exc}"))
+    finally:
+        engine.shutdown()
+        outbox.close(linger=1000)
+        inbox.close(linger=0)
+
+
+def _loop(engine: Any, faults: _FaultInjector | None, inbox: Any, outbox: Any) -> None:
+    parent = multiprocessing.parent_process()
+    step_seconds: list[float] = []
+    last_parent_check = time.monotonic()
+    while True:
+        if inbox.poll(0 if engine.has_unfinished else _IDLE_POLL_MS):
+            while True:
+                try:
+                    message = inbox.recv_pyobj(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if not _handle(engine, faults, outbox, message):
+                    return
+        if time.monotonic() - last_parent_check > 1.0:
+            if parent is not None and not parent.is_alive():
+                logger.warning("the server process is gone; stopping the engine")
+                return
+            last_parent_check = time.monotonic()
+        if engine.has_unfinished:
+            outputs = engine.step()
+            step_seconds.append(engine.last_step.seconds)
+            if outputs:
+                outbox.send_pyobj(("outputs", outputs, step_seconds))
+                step_seconds = []
+
+
+def _handle(engine: Any, faults: _FaultInjector | None, outbox: Any, message: tuple) -> bool:
+    """Apply one front-end message; False means shut down."""
+    kind = message[0]
+    if kind == "add":
+        _, request_id, token_ids, params = message
+        try:
+            engine.add_request(request_id, token_ids, params)
+        except RequestError as exc:
+            outbox.send_pyobj(("rejected", request_id, str(exc)))
+            return True
+        if faults is not None:
+            faults.watch(request_id, token_ids)
+    elif kind == "abort":
+        for request_id in message[1]:
+            engine.abort_request(request_id)
+    elif kind == "stats":
+        outbox.send_pyobj(("stats", message[1], _stats(engine)))
+    elif kind == "shutdown":
+        return False
+    return True

@@ -1,0 +1,288 @@
+"""From a validated OpenAI request to engine requests and back: tokenize, check against the
+model's limits, fan out one engine request per prompt and choice, then answer as one JSON body or
+as server-sent events.
+
+The response status is decided by the first engine event: a request the engine fails before its
+first token gets a real 500 (or 400 / 503) rather than a 200 stream that breaks later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import replace
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from nanoflow.engine.sampling_params import SamplingParams
+from nanoflow.engine.tokenizer import decode
+from nanoflow.errors import RequestError
+from nanoflow.server.engine_client import EngineClient, EngineDeadError, Event, RequestStream
+from nanoflow.server.formats import ChatFormat, CompletionFormat, usage
+from nanoflow.server.metrics import ServerMetrics
+from nanoflow.server.protocol import (
+    MAX_CHOICES,
+    MAX_SEED,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+)
+from nanoflow.server.streaming import ChoiceState
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+_COMPLETION_DEFAULT_MAX_TOKENS = 16
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape with its HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
+
+    def body(self) -> dict[str, Any]:
+        detail = {"message": self.message, "type": self.type, "param": self.param}
+        return {"error": {**detail, "code": self.code}}
+
+
+def engine_dead(reason: str | None) -> APIError:
+    return APIError(503, f"the engine is not running: {reason}", "service_unavailable")
+
+
+def event_error(event: Event) -> APIError | None:
+    if event.dead is not None:
+        return engine_dead(event.dead)
+    if event.rejected is not None:
+        return APIError(400, event.rejected)
+    if event.output.error is not None:
+        return APIError(
+            500, f"the engine failed this request: {event.output.error}", "server_error"
+        )
+    return None
+
+
+class OpenAIServing:
+    def __init__(
+        self, client: EngineClient, tokenizer: Any, model_name: str, metrics: ServerMetrics
+    ) -> None:
+        self.client, self.tokenizer, self.model_name = client, tokenizer, model_name
+        self.metrics = metrics
+        self.decode = (lambda ids: decode(tokenizer, ids)) if tokenizer is not None else None
+
+    def token_text(self, token_id: int) -> str:
+        return self.decode([token_id]) if self.decode else f"token_id:{token_id}"
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(
+                404, f"model {name!r} does not exist; this server serves {self.model_name!r}",
+                param="model", code="model_not_found",
+            )  # fmt: skip
+
+    def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: send token ids", param="prompt")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def _check_prompt(self, ids: list[int], param: str) -> None:
+        info = self.client.info
+        if not ids:
+            raise APIError(400, "the prompt is empty", param=param)
+        if any(t >= info.vocab_size for t in ids):
+            raise APIError(400, f"prompt token ids must be below {info.vocab_size}", param=param)
+        if len(ids) >= info.max_model_len:
+            raise APIError(
+                400, f"the prompt has {len(ids)} tokens; the context is {info.max_model_len}",
+                param=param, code="context_length_exceeded",
+            )  # fmt: skip
+
+    def _params(
+        self, req: SamplingFields, prompt_len: int, max_tokens: int | None, logprobs: int | None
+    ) -> SamplingParams:
+        room = self.client.info.max_model_len - prompt_len
+        if max_tokens is None:
+            max_tokens = room if isinstance(req, ChatCompletionRequest) else min(room, 16)
+        elif max_tokens > room:
+            raise APIError(
+                400, f"max_tokens ({max_tokens}) + prompt ({prompt_len} tokens) exceeds the "
+                f"context of {self.client.info.max_model_len}", param="max_tokens",
+                code="context_length_exceeded",
+            )  # fmt: skip
+        top_k = 0 if req.top_k in (None, -1) else min(req.top_k, self.client.info.vocab_size)
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=top_k,
+                seed=req.seed,
+                stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+                ignore_eos=req.ignore_eos,
+                logprobs=logprobs,
+            )
+        except RequestError as exc:
+            raise APIError(400, str(exc)) from None
+
+    async def completions(self, req: CompletionRequest, raw: Request) -> Response:
+        self.check_model(req.model)
+        prompts = req.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        encoded = [self._encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        if not encoded:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        for ids in encoded:
+            self._check_prompt(ids, "prompt")
+        params = [self._params(req, len(ids), req.max_tokens, req.logprobs) for ids in encoded]
+        fmt = CompletionFormat(self.model_name, self.token_text, req.logprobs is not None)
+        return await self._generate(req, fmt, encoded, params, raw)
+
+    async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        self.check_model(req.model)
+        if self.tokenizer is None:
+            raise APIError(
+                400, "this model has no tokenizer, so no chat template", param="messages"
+            )
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # jinja errors, or a tokenizer without a template
+            raise APIError(
+                400, f"cannot apply the chat template: {exc}", param="messages"
+            ) from None
+        ids = self._encode(text, add_special_tokens=False)
+        self._check_prompt(ids, "messages")
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        logprobs = 1 if req.logprobs else None
+        params = [self._params(req, len(ids), max_tokens, logprobs)]
+        fmt = ChatFormat(self.model_name, self.token_text, req.logprobs)
+        return await self._generate(req, fmt, [ids], params, raw)
+
+    async def _generate(
+        self,
+        req: SamplingFields,
+        fmt: CompletionFormat,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        raw: Request,
+    ) -> Response:
+        if len(prompts) * req.n > MAX_CHOICES:
+            raise APIError(400, f"prompts x n must be at most {MAX_CHOICES}", param="n")
+        requests = [
+            (ids, replace(p, n=1, seed=None if p.seed is None else (p.seed + k) % MAX_SEED))
+            for ids, p in zip(prompts, params, strict=True)
+            for k in range(req.n)
+        ]
+        try:
+            stream = self.client.submit(requests)
+        except EngineDeadError as exc:
+            raise engine_dead(str(exc)) from None
+        for ids in prompts:
+            self.metrics.observe_prompt(len(ids))
+        states = [ChoiceState(self.decode, p.stop) for _, p in requests]
+        prompt_tokens = sum(len(ids) for ids in prompts)
+        events = aiter(stream)
+        streaming = False
+        try:
+            first = await _unless_disconnected(anext(events), raw)
+            if (error := event_error(first)) is not None:
+                raise error
+            if req.stream:
+                body = self._sse(fmt, stream, events, first, states, prompt_tokens, req)
+                streaming = True
+                return StreamingResponse(body, media_type="text/event-stream")
+            return await _unless_disconnected(
+                self._collect(fmt, events, first, states, prompt_tokens), raw
+            )
+        finally:
+            if not streaming:
+                self._finish(stream, states)
+
+    def _finish(self, stream: RequestStream, states: list[ChoiceState]) -> None:
+        """Abort what is unfinished and record the request's metrics, once."""
+        if not stream.closed:
+            stream.close()
+            for state in states:
+                self.metrics.observe_choice(state)
+
+    async def _collect(
+        self,
+        fmt: CompletionFormat,
+        events: AsyncIterator[Event],
+        first: Event,
+        states: list[ChoiceState],
+        prompt_tokens: int,
+    ) -> Response:
+        event: Event | None = first
+        while event is not None:
+            if (error := event_error(event)) is not None:
+                raise error
+            states[event.index].update(event.output)
+            event = await anext(events, None)
+        completion_tokens = sum(len(s.token_ids) for s in states)
+        return JSONResponse(fmt.response(states, usage(prompt_tokens, completion_tokens)))
+
+    async def _sse(
+        self,
+        fmt: CompletionFormat,
+        stream: RequestStream,
+        events: AsyncIterator[Event],
+        first: Event,
+        states: list[ChoiceState],
+        prompt_tokens: int,
+        req: SamplingFields,
+    ) -> AsyncIterator[str]:
+        started = [False] * len(states)
+        event: Event | None = first
+        try:
+            while event is not None:
+                if (error := event_error(event)) is not None:
+                    yield _sse_data(error.body())
+                    break
+                delta = states[event.index].update(event.output)
+                yield _sse_data(fmt.chunk(event.index, delta, not started[event.index]))
+                started[event.index] = True
+                event = await anext(events, None)
+            else:
+                if req.include_usage:
+                    completion_tokens = sum(len(s.token_ids) for s in states)
+                    yield _sse_data(fmt.usage_chunk(usage(prompt_tokens, completion_tokens)))
+            yield "data: [DONE]\n\n"
+        finally:
+            self._finish(stream, states)
+
+
+def _sse_data(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+
+async def _unless_disconnected(work: Awaitable[T], raw: Request) -> T:
+    """Await ``work`` but give up (cancelling it) if the client hangs up first."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            return task.result()
+        if await raw.is_disconnected():
+            task.cancel()
+            raise APIError(499, "the client closed the connection", code="client_closed")

@@ -1,0 +1,150 @@
+"""Failure paths of the server: a request that fails inside the engine, fuzzed input from the
+OpenAPI schema, and a dead engine process. Runs its own server (the last test kills its engine)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from nanoflow.server.engine_process import FAULT_ENV
+from nanoflow.server.launch import ServerProcess
+
+TIMEOUT = 60.0
+FAULT_PREFIX = "FAULT!"
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerProcess(["builtin", "--max-model-len", "128"], env={FAULT_ENV: FAULT_PREFIX}) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(
+        base_url=f"{server.url}/v1", api_key="unused", timeout=TIMEOUT, max_retries=0
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_failure_is_500_for_that_request_only(client, stream):
+    def normal() -> int:
+        chunks = client.completions.create(
+            model="builtin",
+            prompt="A normal request",
+            max_tokens=30,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        return list(chunks)[-1].usage.completion_tokens
+
+    with ThreadPoolExecutor(1) as pool:
+        good = pool.submit(normal)
+        time.sleep(0.2)
+        with pytest.raises(openai.InternalServerError, match="injected fault"):
+            client.completions.create(
+                model="builtin", prompt=f"{FAULT_PREFIX} then text", max_tokens=5, stream=stream
+            )
+        assert good.result(timeout=TIMEOUT) == 30
+
+
+def _capped(body: object) -> object:
+    """Keep fuzzed generations short: the schema allows long ones, CPU time does not."""
+    if isinstance(body, dict):
+        for key in ("max_tokens", "max_completion_tokens", "n"):
+            if isinstance(body.get(key), int) and not isinstance(body[key], bool):
+                body[key] = min(body[key], 4)
+        if "messages" in body and "max_tokens" not in body:
+            body.setdefault("max_completion_tokens", 4)
+    return body
+
+
+def test_fuzzed_requests_never_get_5xx(server):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", wait_for_schema=30)
+    modes = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
+    failures = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in modes:
+
+            @settings(
+                max_examples=30,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def check(case) -> None:
+                case.body = _capped(case.body)
+                response = case.call(base_url=server.url, timeout=TIMEOUT)
+                if response.status_code >= 500:
+                    failures.append((case.method, case.path, case.body, response.text[:300]))
+
+            try:
+                check()
+            except Unsatisfiable:  # nothing to make invalid (an operation without inputs)
+                assert mode is schemathesis.GenerationMode.NEGATIVE
+    assert not failures, failures[:5]
+
+
+def test_model_without_tokenizer_takes_token_ids(tmp_path):
+    """Dummy-weight registry models have no tokenizer: token ids in, token ids (no text) out."""
+    with ServerProcess(["builtin", "--tokenizer", str(tmp_path), "--max-model-len", "64"]) as srv:
+        client = openai.OpenAI(
+            base_url=f"{srv.url}/v1", api_key="unused", timeout=TIMEOUT, max_retries=0
+        )
+        out = client.completions.create(
+            model="builtin",
+            prompt=[5, 6, 7],
+            max_tokens=3,
+            logprobs=1,
+            extra_body={"ignore_eos": True},
+        )
+        assert out.choices[0].text == "" and out.usage.completion_tokens == 3
+        assert out.choices[0].logprobs.tokens[0].startswith("token_id:")
+        with pytest.raises(openai.BadRequestError, match="no tokenizer"):
+            client.completions.create(model="builtin", prompt="text", max_tokens=3)
+        with pytest.raises(openai.BadRequestError, match="no tokenizer"):
+            client.chat.completions.create(
+                model="builtin", messages=[{"role": "user", "content": "x"}], max_tokens=3
+            )
+
+
+def _engine_pid(server_pid: int) -> int:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == server_pid and "spawn_main" in cmdline:
+            return int(entry.name)
+    raise AssertionError("no engine process found under the server")
+
+
+def test_dead_engine_gives_503(server):
+    os.kill(_engine_pid(server.process.pid), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{server.url}/health", timeout=TIMEOUT).status_code != 503:
+        assert time.monotonic() < deadline, "health still passes with the engine dead"
+        time.sleep(0.1)
+    resp = httpx.post(
+        f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=TIMEOUT
+    )
+    assert resp.status_code == 503
+    assert resp.json()["error"]["type"] == "service_unavailable"
