@@ -15,6 +15,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     p.add_argument("--served-model-name", default=None, help="model name clients must send")
     p.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        help="engine replicas (each a GPU or a tensor-parallel group) behind one front end",
+    )
+    p.add_argument(
         "--shutdown-timeout",
         type=float,
         default=5.0,
@@ -36,5 +42,6 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         verbose=args.verbose,
         shutdown_timeout=args.shutdown_timeout,
+        data_parallel_size=args.data_parallel_size,
     )
     return 0 if started else 1

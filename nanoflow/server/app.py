@@ -29,6 +29,7 @@ from nanoflow.server.protocol import (
     ModelCard,
     ModelList,
 )
+from nanoflow.server.replicas import ReplicaPool
 from nanoflow.server.serving import APIError, OpenAIServing, engine_dead
 
 logger = logging.getLogger(__name__)
@@ -77,9 +78,15 @@ def create_app(
     api_key: str | None = None,
     log_level: int = logging.WARNING,
     tokenizer: Any = None,
+    data_parallel_size: int = 1,
 ) -> FastAPI:
-    """An app that serves ``config.model`` as ``model_name``; its engine starts with the app."""
-    client = EngineClient(config, log_level)
+    """An app that serves ``config.model`` as ``model_name``; its engine (or its
+    ``data_parallel_size`` replicas) starts with the app."""
+    client: EngineClient | ReplicaPool = (
+        EngineClient(config, log_level)
+        if data_parallel_size == 1
+        else ReplicaPool(config, data_parallel_size, log_level)
+    )
     metrics = ServerMetrics(model_name)
     client.iteration_listeners.append(metrics.observe_iteration)
     created = int(time.time())

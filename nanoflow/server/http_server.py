@@ -11,6 +11,7 @@ import uvicorn
 from nanoflow.config import EngineConfig
 from nanoflow.server.app import create_app, load_front_end_tokenizer
 from nanoflow.server.engine_client import EngineClient
+from nanoflow.server.replicas import ReplicaPool
 
 
 class GracefulServer(uvicorn.Server):
@@ -18,7 +19,7 @@ class GracefulServer(uvicorn.Server):
     request at once (finish reason 'abort'), so open streams close instead of running to
     completion, and the app's lifespan then stops the engine process."""
 
-    def __init__(self, config: uvicorn.Config, client: EngineClient) -> None:
+    def __init__(self, config: uvicorn.Config, client: EngineClient | ReplicaPool) -> None:
         super().__init__(config)
         self.client = client
 
@@ -40,11 +41,12 @@ def serve(
     api_key: str | None = None,
     verbose: bool = False,
     shutdown_timeout: float = 5.0,
+    data_parallel_size: int = 1,
 ) -> bool:
     """Serve until a signal arrives; False if the server never started (e.g. port in use)."""
     log_level = logging.INFO if verbose else logging.WARNING
     tokenizer = load_front_end_tokenizer(config)
-    app = create_app(config, model_name, api_key, log_level, tokenizer)
+    app = create_app(config, model_name, api_key, log_level, tokenizer, data_parallel_size)
     uv_config = uvicorn.Config(
         app,
         host=host,

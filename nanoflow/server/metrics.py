@@ -45,6 +45,18 @@ class ServerMetrics:
         self.e2e = histogram(
             "nanoflow_e2e_request_latency_seconds", "Request latency", _LATENCY_BUCKETS
         )
+        self.replica_requests = Gauge(
+            "nanoflow_replica_requests",
+            "Requests sent to each data-parallel replica",
+            ["model_name", "replica"],
+            registry=reg,
+        )
+        self.replica_outstanding = Gauge(
+            "nanoflow_replica_outstanding_tokens",
+            "Prompt + remaining output tokens of each replica's unfinished requests",
+            ["model_name", "replica"],
+            registry=reg,
+        )
         self.iteration = histogram(
             "nanoflow_iteration_seconds", "Engine iteration time (host side)", _STEP_BUCKETS
         )
@@ -72,4 +84,7 @@ class ServerMetrics:
         self.kv_usage.labels(m).set(stats["kv_usage"])
         self.free_blocks.labels(m).set(stats["free_blocks"])
         self.num_blocks.labels(m).set(stats["num_blocks"])
+        for i, replica in enumerate(stats.get("replicas", [])):
+            self.replica_requests.labels(m, str(i)).set(replica["requests"])
+            self.replica_outstanding.labels(m, str(i)).set(replica["outstanding_tokens"])
         return generate_latest(self.registry)

@@ -31,6 +31,7 @@ from nanoflow.server.protocol import (
     CompletionRequest,
     SamplingFields,
 )
+from nanoflow.server.replicas import ReplicaPool
 from nanoflow.server.streaming import ChoiceState
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,11 @@ def event_error(event: Event) -> APIError | None:
 
 class OpenAIServing:
     def __init__(
-        self, client: EngineClient, tokenizer: Any, model_name: str, metrics: ServerMetrics
+        self,
+        client: EngineClient | ReplicaPool,
+        tokenizer: Any,
+        model_name: str,
+        metrics: ServerMetrics,
     ) -> None:
         self.client, self.tokenizer, self.model_name = client, tokenizer, model_name
         self.metrics = metrics
