@@ -7,12 +7,16 @@ holding tokens ``i*block_size ... (i+1)*block_size - 1`` of sequence ``b``.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+from nanoflow.kernels._compat import cdiv, check_num_ctas, jit, next_pow2, sm_count, tl
+
+LOG2E = math.log2(math.e)
 
 
-def gather_kv(
-    cache: torch.Tensor, block_table: torch.Tensor, length: int
-) -> torch.Tensor:
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """The first ``length`` tokens of one sequence as ``[num_kv_heads, length, head_dim]``."""
     block_size = cache.shape[2]
     num_blocks = (length + block_size - 1) // block_size
@@ -47,3 +51,245 @@ def paged_decode_attention_ref(
         probs = torch.softmax(scores, dim=-1)
         out[b] = torch.einsum("hl,hld->hd", probs, v).to(out.dtype)
     return out
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters; ``block_n`` tokens (several pages) of K and V are loaded per step and
+    ``num_stages`` steps are in flight, which is what lets a few SMs saturate HBM."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+    min_split_tiles: int
+
+
+def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
+    """~16 KiB of K (and as much V) per step, four steps deep, on the GPU; tiny tiles on CPU so the
+    interpreter exercises every loop."""
+    if device.type != "cuda":
+        return DecodeConfig(block_n=16, num_warps=4, num_stages=1, min_split_tiles=1)
+    block_n = max(16, min(128, 16384 // (head_dim * dtype.itemsize)))
+    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=4, min_split_tiles=4)
+
+
+def check_paged_inputs(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    out: torch.Tensor | None,
+) -> None:
+    """Shape, dtype and layout checks shared by the decode and prefill attention kernels."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be [tokens, num_heads, head_dim], got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            "k_cache and v_cache must both be [num_blocks, num_kv_heads, block_size, head_dim], "
+            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads, page, cache_dim = k_cache.shape[1:]
+    if cache_dim != head_dim or num_heads % num_kv_heads:
+        raise ValueError(
+            f"q has {num_heads} heads of {head_dim}; the cache has {num_kv_heads} KV heads of "
+            f"{cache_dim}: head_dim must match and num_heads be a multiple of num_kv_heads"
+        )
+    for name, value in (("head_dim", head_dim), ("block_size", page)):
+        if value < 1 or value & (value - 1) or (name == "head_dim" and value < 16):
+            raise ValueError(f"{name} must be a power of two (head_dim >= 16), got {value}")
+    if not q.dtype == k_cache.dtype == v_cache.dtype:
+        raise ValueError(f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, ...")
+    index_dtypes = (torch.int32, torch.int64)
+    if block_tables.dim() != 2 or block_tables.dtype not in index_dtypes:
+        raise ValueError("block_tables must be a 2-D int32 tensor [batch, max_blocks]")
+    if context_lens.dim() != 1 or context_lens.dtype not in index_dtypes:
+        raise ValueError("context_lens must be a 1-D int32 tensor [batch]")
+    if block_tables.shape[0] != context_lens.shape[0]:
+        raise ValueError(
+            f"block_tables has {block_tables.shape[0]} rows, context_lens {context_lens.shape[0]}"
+        )
+    tensors = [q, k_cache, v_cache, block_tables, context_lens]
+    if out is not None:
+        if out.shape != q.shape or out.dtype != q.dtype:
+            raise ValueError(f"out must be {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)}")
+        tensors.append(out)
+    if any(t.device != q.device for t in tensors):
+        raise ValueError("all tensors must be on the same device")
+    if any(t.stride(-1) != 1 for t in tensors):
+        raise ValueError("the last dimension of every tensor must be contiguous")
+
+
+@jit
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    scale_log2, num_seqs, num_heads, heads_per_item, num_chunks, num_splits, split_len,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_tb, stride_ob, stride_oh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    """Work item = (sequence, chunk of KV heads, context split); programs stride over the items so
+    a launch stays within its CTA budget. The (head, tile) loop is flat so the load pipeline keeps
+    running across head boundaries instead of refilling per head."""
+    rows = tl.arange(0, GROUP_PAD)
+    dims = tl.arange(0, HEAD_DIM)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < GROUP
+    for item in range(tl.program_id(0), num_seqs * num_chunks * num_splits, tl.num_programs(0)):
+        split = item % num_splits
+        chunk = item // num_splits % num_chunks
+        seq = item // num_splits // num_chunks
+        start = split * split_len
+        end = tl.minimum(start + split_len, tl.load(lens_ptr + seq))
+        # Split 0 always runs, so an empty context still writes (zeros, like the reference).
+        n_tiles = tl.cdiv(tl.maximum(end - start, 0), BLOCK_N)
+        n_tiles = tl.maximum(n_tiles, (split == 0).to(tl.int32))
+        table = tables_ptr + seq.to(tl.int64) * stride_tb
+        m_i = tl.full([GROUP_PAD], -1e30, tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        for t in tl.range(0, heads_per_item * n_tiles, num_stages=NUM_STAGES):
+            tile = t % n_tiles
+            kv_head = chunk * heads_per_item + t // n_tiles
+            m_i = tl.where(tile == 0, -1e30, m_i)
+            l_i = tl.where(tile == 0, 0.0, l_i)
+            acc = tl.where(tile == 0, 0.0, acc)
+            heads = kv_head * GROUP + rows
+            q = tl.load(
+                q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+                mask=row_mask[:, None],
+                other=0.0,
+            )
+            tokens = start + tile * BLOCK_N + cols
+            valid = tokens < end
+            pages = tl.load(table + tokens // PAGE, mask=valid, other=0).to(tl.int64)
+            k_off = kv_head * stride_kh + (tokens % PAGE)[:, None] * stride_kt + dims[None, :]
+            v_off = kv_head * stride_vh + (tokens % PAGE)[:, None] * stride_vt + dims[None, :]
+            k = tl.load(k_ptr + pages[:, None] * stride_kb + k_off, mask=valid[:, None], other=0.0)
+            v = tl.load(v_ptr + pages[:, None] * stride_vb + v_off, mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale_log2
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+            if tile == n_tiles - 1:
+                o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+                if DIRECT:
+                    o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :]
+                    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+                else:
+                    part = (seq * num_heads + heads) * num_splits + split
+                    o_ptrs = part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :]
+                    tl.store(o_ptrs, o, mask=row_mask[:, None])
+                    tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=row_mask)
+
+
+@jit
+def _decode_reduce_kernel(
+    part_out_ptr, part_lse_ptr, lens_ptr, out_ptr, num_seqs, num_heads, num_splits, split_len,
+    stride_ob, stride_oh, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):  # fmt: skip
+    """Combine the splits of one (sequence, head) by their log-sum-exp (base 2)."""
+    dims = tl.arange(0, HEAD_DIM)
+    splits = tl.arange(0, SPLITS_PAD)
+    for item in range(tl.program_id(0), num_seqs * num_heads, tl.num_programs(0)):
+        seq = item // num_heads
+        used = splits < tl.maximum(tl.cdiv(tl.load(lens_ptr + seq), split_len), 1)
+        part = item * num_splits + splits
+        lse = tl.load(part_lse_ptr + part, mask=used, other=float("-inf"))
+        top = tl.max(lse, 0)
+        weight = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))
+        o = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None])
+        total = tl.sum(weight, 0)
+        o = tl.sum(tl.where(used[:, None], o, 0.0) * weight[:, None], 0)
+        o = o / tl.where(total > 0, total, 1.0)
+        o_ptrs = out_ptr + seq * stride_ob + (item % num_heads) * stride_oh + dims
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty))
+
+
+def _work_split(
+    batch: int, num_kv_heads: int, max_ctx: int, programs: int, config: DecodeConfig
+) -> tuple[int, int, int]:
+    """(heads_per_item, num_splits, split_len) giving about 3 work items per program: whole KV-head
+    groups first (no reduce needed), then context splits (combined by the reduce kernel)."""
+    target = 3 * programs
+    divisors = [d for d in range(num_kv_heads, 0, -1) if num_kv_heads % d == 0]
+    heads_per_item = next((d for d in divisors if batch * (num_kv_heads // d) >= target), 1)
+    items = batch * (num_kv_heads // heads_per_item)
+    tiles = cdiv(max(max_ctx, 1), config.block_n)
+    max_splits = max(1, min(32, tiles // config.min_split_tiles))
+    splits = max(1, min(cdiv(target, items), max_splits))
+    split_len = cdiv(tiles, splits) * config.block_n
+    return heads_per_item, cdiv(max(max_ctx, 1), split_len), split_len
+
+
+def _launch_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    num_ctas: int | None,
+    out: torch.Tensor,
+    config: DecodeConfig,
+) -> torch.Tensor:
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, page = k_cache.shape[1], k_cache.shape[2]
+    programs = num_ctas or sm_count(q.device)
+    max_ctx = block_tables.shape[1] * page
+    heads_per_item, splits, split_len = _work_split(batch, num_kv_heads, max_ctx, programs, config)
+    chunks = num_kv_heads // heads_per_item
+    items = batch * chunks * splits
+    if splits > 1:
+        part_out = torch.empty(batch, num_heads, splits, head_dim, device=q.device)
+        part_lse = torch.empty(batch, num_heads, splits, device=q.device)
+    else:
+        part_out = part_lse = out
+    group = num_heads // num_kv_heads
+    _decode_kernel[(min(items, num_ctas or items),)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
+        scale * LOG2E, batch, num_heads, heads_per_item, chunks, splits, split_len,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=max(16, next_pow2(group)), HEAD_DIM=head_dim, PAGE=page,
+        BLOCK_N=config.block_n, DIRECT=splits == 1, NUM_STAGES=config.num_stages,
+        num_warps=config.num_warps,
+    )  # fmt: skip
+    if splits > 1:
+        rows = batch * num_heads
+        _decode_reduce_kernel[(min(rows, num_ctas or rows),)](
+            part_out, part_lse, context_lens, out, batch, num_heads, splits, split_len,
+            out.stride(0), out.stride(1), HEAD_DIM=head_dim, SPLITS_PAD=next_pow2(splits),
+        )  # fmt: skip
+    return out
+
+
+def paged_decode_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    num_ctas: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Split-K flash-decoding over the paged cache, all query heads of a KV head per program so
+    K/V are read once; at most ``num_ctas`` programs (persistent) when given. Never reads the
+    context lengths on the host, so it can be captured in a CUDA graph."""
+    check_paged_inputs(q, k_cache, v_cache, block_tables, context_lens, out)
+    check_num_ctas(num_ctas)
+    if out is None:
+        out = torch.empty_like(q)
+    if q.shape[0] == 0:
+        return out
+    config = decode_config(q.shape[2], q.dtype, q.device)
+    return _launch_decode(
+        q, k_cache, v_cache, block_tables, context_lens, scale, num_ctas, out, config
+    )

@@ -4,6 +4,7 @@ writing the token's K and V into the paged cache."""
 from __future__ import annotations
 
 import torch
+from nanoflow.kernels._compat import jit, next_pow2, tl
 
 
 def rope_kv_write_ref(
@@ -35,3 +36,115 @@ def rope_kv_write_ref(
     blocks, offsets = slots // block_size, slots % block_size
     k_cache[blocks, :, offsets] = rotate(k).to(k_cache.dtype)
     v_cache[blocks, :, offsets] = v.to(v_cache.dtype)
+
+
+@jit
+def _rotate(
+    src_ptr, dst_ptr, num_heads, src_head_stride, dst_head_stride, cos, sin,
+    HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+):  # fmt: skip
+    """Rotate-half of every head of one token; ``dst`` may be ``src`` (in place)."""
+    heads = tl.arange(0, HEADS_PAD)[:, None]
+    dims = tl.arange(0, HALF_PAD)[None, :]
+    mask = (heads < num_heads) & (dims < HALF)
+    src = src_ptr + heads * src_head_stride + dims
+    x1 = tl.load(src, mask=mask, other=0.0)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0)
+    y1 = (x1.to(tl.float32) * cos - x2.to(tl.float32) * sin).to(x1.dtype)
+    y2 = (x2.to(tl.float32) * cos + x1.to(tl.float32) * sin).to(x1.dtype)
+    dst = dst_ptr + heads * dst_head_stride + dims
+    tl.store(dst, y1.to(dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, y2.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@jit
+def _rope_kv_write_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, num_heads, num_kv_heads,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
+    stride_kcb, stride_kch, stride_kct, stride_vcb, stride_vch, stride_vct,
+    Q_PAD: tl.constexpr, KV_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+    PAGE: tl.constexpr,
+):  # fmt: skip
+    """One token per program: all its heads at once, so cos/sin are loaded once."""
+    t = tl.program_id(0).to(tl.int64)
+    dims = tl.arange(0, HALF_PAD)
+    cs = cs_ptr + tl.load(pos_ptr + t).to(tl.int64) * stride_cs + dims
+    cos = tl.load(cs, mask=dims < HALF, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cs + HALF, mask=dims < HALF, other=0.0).to(tl.float32)[None, :]
+    q = q_ptr + t * stride_qt
+    _rotate(q, q, num_heads, stride_qh, stride_qh, cos, sin, Q_PAD, HALF, HALF_PAD)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    kc = kc_ptr + slot // PAGE * stride_kcb + slot % PAGE * stride_kct
+    _rotate(
+        k_ptr + t * stride_kt, kc, num_kv_heads, stride_kh, stride_kch, cos, sin,
+        KV_PAD, HALF, HALF_PAD,
+    )  # fmt: skip
+    heads = tl.arange(0, KV_PAD)[:, None]
+    full = tl.arange(0, 2 * HALF_PAD)[None, :]
+    mask = (heads < num_kv_heads) & (full < 2 * HALF)
+    v = tl.load(v_ptr + t * stride_vt + heads * stride_vh + full, mask=mask)
+    vc = vc_ptr + slot // PAGE * stride_vcb + slot % PAGE * stride_vct
+    tl.store(vc + heads * stride_vch + full, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[::2] != k.shape[::2]:
+        raise ValueError(
+            "q must be [T, Hq, D] and k, v [T, Hkv, D], got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    tokens, num_kv_heads, head_dim = k.shape
+    if head_dim % 2 or cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim:
+        raise ValueError(
+            f"head_dim must be even and cos_sin_cache [max_pos, {head_dim}], "
+            f"got {tuple(cos_sin_cache.shape)}"
+        )
+    expected = (num_kv_heads, head_dim)
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[1::2] != expected:
+        raise ValueError(
+            f"k_cache, v_cache must be [num_blocks, {num_kv_heads}, block_size, {head_dim}], "
+            f"got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
+    for name, index in (("positions", positions), ("slot_mapping", slot_mapping)):
+        if index.shape != (tokens,) or index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be an int tensor of shape [{tokens}]")
+    tensors = (q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+    if any(t.device != q.device for t in tensors):
+        raise ValueError("all tensors must be on the same device")
+    if any(t.stride(-1) != 1 for t in tensors[:3] + tensors[4:7]):
+        raise ValueError("q, k, v, cos_sin_cache and the caches must be contiguous in head_dim")
+
+
+def rope_kv_write_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """RoPE on q (in place) and k, and the K/V cache write, in one launch of one program per
+    token; q, k, v may be strided views into the fused QKV output."""
+    _check_rope(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+    if q.shape[0] == 0:
+        return
+    half = q.shape[2] // 2
+    kv_pad = next_pow2(k.shape[1])
+    _rope_kv_write_kernel[(q.shape[0],)](
+        q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, q.shape[1], k.shape[1],
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos_sin_cache.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        Q_PAD=next_pow2(q.shape[1]), KV_PAD=kv_pad, HALF=half, HALF_PAD=next_pow2(half),
+        PAGE=k_cache.shape[2], num_warps=4,
+    )  # fmt: skip

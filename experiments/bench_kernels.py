@@ -1,0 +1,507 @@
+"""Kernel benchmark, one GPU call: ceilings, bf16 correctness, and every Triton kernel timed.
+
+1. Ceilings measured in the same run: device copy bandwidth (bytes read + written) and cuBLAS bf16
+   GEMM TFLOP/s (8192^3).
+2. Every Triton kernel against its PyTorch reference in bf16 (relative error; > 2e-2 fails).
+3. Llama-3-8B shapes (32 q / 8 kv heads, head_dim 128, hidden 4096, intermediate 14336, block 16):
+   decode attention (GB/s of K/V read, fraction of copy bandwidth) at 25/50/75/100% of the SMs and
+   the full grid; prefill attention vs SDPA's flash backend; the memory-bound kernels; the
+   persistent GEMM vs cuBLAS under an SM carveout and vs full-GPU cuBLAS; small sweeps of the launch
+   configurations, so the defaults can be retuned from one run.
+
+Usage: python experiments/bench_kernels.py [--out DIR]
+Without a GPU it is a dry run: tiny shapes, fp32, Triton's interpreter, host-clock timings.
+Writes DIR/kernels.json, $OUT/kernels.json, or experiments/results/kernels_<gpu>.json; exits 1 if a
+check failed or a section raised (the rest still runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+GPU = torch.cuda.is_available()
+if not GPU:  # a dry run: the kernels run in Triton's interpreter (set before they are defined)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+from nanoflow.kernels._compat import sm_count  # noqa: E402
+from nanoflow.kernels.activation import silu_and_mul_ref, silu_and_mul_triton  # noqa: E402
+from nanoflow.kernels.decode_attention import (  # noqa: E402
+    DecodeConfig,
+    _launch_decode,
+    decode_config,
+    paged_decode_attention_ref,
+    paged_decode_attention_triton,
+)
+from nanoflow.kernels.gemm import _GPU_CONFIGS, _launch_linear, linear_ref, linear_triton  # noqa: E402
+from nanoflow.kernels.prefill_attention import (  # noqa: E402
+    PrefillConfig,
+    _launch_prefill,
+    paged_prefill_attention_ref,
+    paged_prefill_attention_triton,
+)
+from nanoflow.kernels.rms_norm import rms_norm_ref, rms_norm_triton  # noqa: E402
+from nanoflow.kernels.rotary import rope_kv_write_ref, rope_kv_write_triton  # noqa: E402
+
+DEVICE = torch.device("cuda" if GPU else "cpu")
+DTYPE = torch.bfloat16 if GPU else torch.float32
+TOLERANCE = 2e-2
+
+
+@dataclass(frozen=True)
+class Sizes:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    intermediate: int
+    page: int
+    decode_batch: int
+    decode_ctx: tuple[int, ...]
+    prefill: tuple[tuple[int, int], ...]  # (prompts, length), causal from an empty cache
+    prefix_chunk: tuple[int, int, int]  # (chunks, chunk length, context incl. the chunk)
+    tokens: tuple[int, ...]
+    linear_m: tuple[int, ...]
+    linear_kn: tuple[tuple[int, int], ...]
+    gemm_n: int
+    copy_elems: int
+
+
+LLAMA3_8B = Sizes(
+    heads=32,
+    kv_heads=8,
+    head_dim=128,
+    hidden=4096,
+    intermediate=14336,
+    page=16,
+    decode_batch=256,
+    decode_ctx=(1024, 2048, 4096),
+    prefill=((8, 1024), (2, 4096)),
+    prefix_chunk=(4, 512, 4096),
+    tokens=(2048, 4096, 8192),
+    linear_m=(256, 1024, 2048),
+    linear_kn=((4096, 6144), (4096, 28672), (14336, 4096)),
+    gemm_n=8192,
+    copy_elems=2**30,
+)
+DRY_RUN = Sizes(
+    4, 2, 64, 64, 96, 16, 3, (20, 40), ((2, 24),), (1, 8, 40), (8,), (8,), ((64, 48),), 64, 2**16
+)
+SIZES = LLAMA3_8B if GPU else DRY_RUN
+RESULTS: dict[str, Any] = {"checks": [], "errors": {}, "section_seconds": {}}
+
+
+def bench_ms(fn: Callable[[], Any]) -> float:
+    """Median milliseconds (``do_bench``, which flushes L2 between runs); host clock on CPU."""
+    if GPU:
+        return triton.testing.do_bench(fn, warmup=20, rep=60, return_mode="median")
+    fn()
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def budgets() -> list[int | None]:
+    """25/50/75/100% of the SMs, then the unbudgeted (full) grid."""
+    sms = sm_count(DEVICE)
+    return [max(1, round(sms * f)) for f in (0.25, 0.5, 0.75, 1.0)] + [None]
+
+
+def randn(*shape: int, dtype: torch.dtype = DTYPE) -> torch.Tensor:
+    return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
+
+def ints(values: Any) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=torch.int32, device=DEVICE)
+
+
+def copy_fraction(gbs: float) -> float | None:
+    copy = RESULTS.get("ceilings", {}).get("copy_gbs")
+    return round(gbs / copy, 3) if copy else None
+
+
+def check(name: str, out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Record max |out - ref| / max |ref|."""
+    err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+    ok = math.isfinite(err) and err <= TOLERANCE
+    RESULTS["checks"].append({"name": name, "rel_err": err, "ok": ok})
+    print(f"  check {name:<44} rel err {err:.2e}  {'ok' if ok else '*** FAIL ***'}")
+
+
+def paged(lens: list[int]) -> tuple[torch.Tensor, ...]:
+    """K/V caches holding ``lens`` tokens per sequence and their (shuffled) block tables."""
+    width = max(1, *(-(-n // SIZES.page) for n in lens))
+    blocks = len(lens) * width
+    k_cache = randn(blocks, SIZES.kv_heads, SIZES.page, SIZES.head_dim)
+    v_cache = randn(blocks, SIZES.kv_heads, SIZES.page, SIZES.head_dim)
+    order = torch.randperm(blocks, device=DEVICE).view(len(lens), width)
+    return k_cache, v_cache, order.to(torch.int32)
+
+
+# ---- 1. ceilings ----------------------------------------------------------------------------
+
+
+def ceilings() -> dict[str, float]:
+    src = randn(SIZES.copy_elems, dtype=torch.bfloat16)
+    copy_ms = bench_ms(partial(torch.Tensor.copy_, torch.empty_like(src), src))
+    copy_gbs = 2 * src.numel() * src.element_size() / copy_ms / 1e6  # read + written
+    del src
+    n = SIZES.gemm_n
+    a, b = randn(n, n, dtype=torch.bfloat16), randn(n, n, dtype=torch.bfloat16)
+    tflops = 2 * n**3 / bench_ms(partial(torch.mm, a, b)) / 1e9
+    return {"copy_gbs": round(copy_gbs, 1), "gemm_bf16_tflops": round(tflops, 1)}
+
+
+# ---- 2. correctness -------------------------------------------------------------------------
+
+
+def check_attention() -> None:
+    s, scale = SIZES, SIZES.head_dim**-0.5
+    lens = [1, 15, 17, 100, 1000, 3000, 16, 33] if GPU else [1, 15, 17, 40]
+    k_cache, v_cache, tables = paged(lens)
+    qkv = randn(len(lens), (s.heads + 2 * s.kv_heads) * s.head_dim)
+    q = qkv[:, : s.heads * s.head_dim].unflatten(1, (s.heads, s.head_dim))  # strided, as in a model
+    expected = paged_decode_attention_ref(q, k_cache, v_cache, tables, ints(lens), scale)
+    for n in (None, budgets()[0], 5):
+        out = paged_decode_attention_triton(q, k_cache, v_cache, tables, ints(lens), scale, n)
+        check(f"decode ctx {min(lens)}..{max(lens)} num_ctas={n}", out, expected)
+    q_lens = [1000, 1, 37, 0, 200] if GPU else [20, 1, 0, 9]
+    ctx_lens = [1000, 501, 37, 5, 2200] if GPU else [20, 30, 5, 40]
+    k_cache, v_cache, tables = paged(ctx_lens)
+    q = randn(sum(q_lens), s.heads, s.head_dim)
+    cu = ints([0, *torch.tensor(q_lens).cumsum(0).tolist()])
+    args = (q, k_cache, v_cache, tables, cu, ints(ctx_lens), max(q_lens), scale)
+    expected = paged_prefill_attention_ref(*args)
+    for n in (None, budgets()[0]):
+        check(
+            f"prefill chunks with prefixes num_ctas={n}",
+            paged_prefill_attention_triton(*args, n),
+            expected,
+        )
+
+
+def check_pointwise() -> None:
+    s, t = SIZES, 300 if GPU else 5
+    x, residual, weight = randn(t, s.hidden), randn(t, s.hidden), randn(s.hidden)
+    res_ref = residual.clone()
+    out = rms_norm_triton(x, weight, 1e-5, residual)
+    check("rms_norm + residual", out, rms_norm_ref(x, weight, 1e-5, res_ref))
+    check("rms_norm residual update", residual, res_ref)
+    check("rms_norm", rms_norm_triton(x, weight, 1e-5), rms_norm_ref(x, weight, 1e-5))
+    qkv = randn(t, (s.heads + 2 * s.kv_heads) * s.head_dim)
+    q, k, v = qkv.split([s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], 1)
+    q, k, v = (a.unflatten(1, (-1, s.head_dim)) for a in (q, k, v))
+    positions = torch.randint(0, 4096, (t,), device=DEVICE)
+    cos_sin = randn(4096, s.head_dim, dtype=torch.float32)
+    slots = torch.randperm(t * 2, device=DEVICE)[:t]
+    caches = [
+        torch.zeros(-(-2 * t // s.page), s.kv_heads, s.page, s.head_dim, device=DEVICE, dtype=DTYPE)
+        for _ in range(4)
+    ]
+    q_ref = q.clone()
+    rope_kv_write_triton(q, k, v, positions, cos_sin, caches[0], caches[1], slots)
+    rope_kv_write_ref(q_ref, k, v, positions, cos_sin, caches[2], caches[3], slots)
+    check("rope q", q, q_ref)
+    check("rope k cache", caches[0], caches[2])
+    check("rope v cache", caches[1], caches[3])
+    x = randn(t, 2 * s.intermediate)
+    check("silu_and_mul", silu_and_mul_triton(x), silu_and_mul_ref(x))
+
+
+def check_linear() -> None:
+    k, n = SIZES.linear_kn[0]
+    for m in (1, 300, 2048) if GPU else (1, 7):
+        x, w, bias = randn(m, k), randn(n, k) / k**0.5, randn(n)
+        for num_ctas in (None, budgets()[0]):
+            check(
+                f"linear {m}x{k}->{n} num_ctas={num_ctas}",
+                linear_triton(x, w, None, num_ctas),
+                linear_ref(x, w),
+            )
+        check(f"linear {m}x{k}->{n} + bias", linear_triton(x, w, bias), linear_ref(x, w, bias))
+    k, n = SIZES.linear_kn[-1]
+    x, w = randn(256 if GPU else 5, k), randn(n, k) / k**0.5
+    check(f"linear 256x{k}->{n}", linear_triton(x, w), linear_ref(x, w))
+
+
+# ---- 3. timings -----------------------------------------------------------------------------
+
+
+def bandwidth_row(fn: Callable[[], Any], nbytes: float, **fields: Any) -> dict[str, Any]:
+    ms = bench_ms(fn)
+    gbs = nbytes / ms / 1e6
+    return {**fields, "ms": round(ms, 4), "gbs": round(gbs, 1), "frac_copy_bw": copy_fraction(gbs)}
+
+
+def flops_row(fn: Callable[[], Any], flops: float, **fields: Any) -> dict[str, Any]:
+    ms = bench_ms(fn)
+    return {**fields, "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
+
+
+def decode_attention() -> dict[str, Any]:
+    s, scale, batch = SIZES, SIZES.head_dim**-0.5, SIZES.decode_batch
+    k_cache, v_cache, order = paged([max(s.decode_ctx)] * batch)
+    q = randn(batch, s.heads, s.head_dim)
+    out = torch.empty_like(q)
+    rows = []
+    for ctx in s.decode_ctx:  # ascending: the sweep below reuses the longest context's inputs
+        tables = order.flatten()[: batch * -(-ctx // s.page)].view(batch, -1)
+        args = (q, k_cache, v_cache, tables, ints([ctx] * batch), scale)
+        kv_bytes = 2 * batch * ctx * s.kv_heads * s.head_dim * q.element_size()
+        reference = paged_decode_attention_ref(*args) if ctx == s.decode_ctx[0] else None
+        for n in budgets():
+            fn = partial(paged_decode_attention_triton, *args, n, out)
+            rows.append(bandwidth_row(fn, kv_bytes, context=ctx, batch=batch, num_ctas=n))
+            if reference is not None and n in (budgets()[0], None):  # the big-batch work split
+                check(f"decode batch {batch} ctx {ctx} num_ctas={n}", fn(), reference)
+    default = decode_config(s.head_dim, DTYPE, DEVICE)
+    shapes = ((64, 8, 4), (64, 4, 5), (128, 4, 3), (128, 8, 3), (32, 4, 8)) if GPU else ()
+    sweep = []
+    for config in [default, *(DecodeConfig(bn, w, st, 4) for bn, w, st in shapes)]:
+        for n in (budgets()[0], None):
+            fn = partial(_launch_decode, *args, n, out, config)
+            sweep.append(bandwidth_row(fn, kv_bytes, **asdict(config), context=ctx, num_ctas=n))
+    return {"rows": rows, "default_config": asdict(default), "config_sweep": sweep}
+
+
+def prefill_flops(q_len: int, ctx: int) -> float:
+    """Causal FLOPs of one chunk: its query i sees ctx - q_len + i + 1 keys."""
+    keys = q_len * (ctx - q_len) + q_len * (q_len + 1) / 2
+    return 4 * SIZES.heads * SIZES.head_dim * keys
+
+
+def prefill_inputs(chunks: int, q_len: int, ctx: int) -> tuple[Any, ...]:
+    k_cache, v_cache, tables = paged([ctx] * chunks)
+    q = randn(chunks * q_len, SIZES.heads, SIZES.head_dim)
+    cu = torch.arange(0, chunks * q_len + 1, q_len, device=DEVICE, dtype=torch.int32)
+    return q, k_cache, v_cache, tables, cu, ints([ctx] * chunks), q_len, SIZES.head_dim**-0.5
+
+
+def sdpa_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    backend = SDPBackend.FLASH_ATTENTION if GPU else SDPBackend.MATH
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def prefill_attention() -> dict[str, Any]:
+    s, rows = SIZES, []
+    cases = [(n, length, length) for n, length in s.prefill] + [s.prefix_chunk]
+    for chunks, q_len, ctx in cases:
+        args = prefill_inputs(chunks, q_len, ctx)
+        flops = chunks * prefill_flops(q_len, ctx)
+        shape = f"{chunks}x{q_len} ctx {ctx}"
+        for n in budgets():
+            fn = partial(paged_prefill_attention_triton, *args, n)
+            rows.append(flops_row(fn, flops, shape=shape, impl="triton", num_ctas=n))
+        if q_len == ctx:  # SDPA's causal mask has no cached prefix
+            qkv = [randn(chunks, s.heads, q_len, s.head_dim) for _ in range(3)]
+            fn = partial(sdpa_flash, *qkv)
+            rows.append(flops_row(fn, flops, shape=shape, impl="sdpa_flash", num_ctas=None))
+    chunks, q_len = s.prefill[0]
+    args = prefill_inputs(chunks, q_len, q_len)
+    shapes = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4)] if GPU else []
+    sweep = []
+    for config in (PrefillConfig(*shape) for shape in shapes):
+        fn = partial(_launch_prefill, *args, None, torch.empty_like(args[0]), config)
+        sweep.append(flops_row(fn, chunks * prefill_flops(q_len, q_len), **asdict(config)))
+    return {"rows": rows, "config_sweep": sweep}
+
+
+def memory_bound_cases(
+    t: int,
+) -> dict[str, tuple[float, Callable[..., Any], Callable[..., Any], tuple]]:
+    """name: (bytes moved, Triton kernel, reference, arguments) at ``t`` tokens."""
+    s = SIZES
+    x, residual, weight = randn(t, s.hidden), randn(t, s.hidden), randn(s.hidden)
+    qkv = randn(t, (s.heads + 2 * s.kv_heads) * s.head_dim)
+    q, k, v = qkv.split([s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], 1)
+    q, k, v = (a.unflatten(1, (-1, s.head_dim)) for a in (q, k, v))
+    positions = torch.randint(0, 8192, (t,), device=DEVICE)
+    cos_sin = randn(8192, s.head_dim, dtype=torch.float32)
+    blocks = -(-t // s.page)
+    k_cache = torch.empty(blocks, s.kv_heads, s.page, s.head_dim, device=DEVICE, dtype=DTYPE)
+    slots = torch.randperm(blocks * s.page, device=DEVICE)[:t]
+    rope = (q, k, v, positions, cos_sin, k_cache, torch.empty_like(k_cache), slots)
+    size = x.element_size()
+    rope_bytes = t * s.head_dim * ((2 * s.heads + 4 * s.kv_heads) * size + 4)
+    silu = (randn(t, 2 * s.intermediate), randn(t, s.intermediate))
+    return {
+        "rms_norm+residual": (
+            4 * t * s.hidden * size,
+            rms_norm_triton,
+            rms_norm_ref,
+            (x, weight, 1e-5, residual, torch.empty_like(x)),
+        ),
+        "rope_kv_write": (rope_bytes, rope_kv_write_triton, rope_kv_write_ref, rope),
+        "silu_and_mul": (
+            3 * t * s.intermediate * size,
+            silu_and_mul_triton,
+            silu_and_mul_ref,
+            silu,
+        ),
+    }
+
+
+def memory_bound() -> list[dict[str, Any]]:
+    rows = []
+    for t in SIZES.tokens:
+        for name, (nbytes, kernel, reference, args) in memory_bound_cases(t).items():
+            row = bandwidth_row(partial(kernel, *args), nbytes, kernel=name, tokens=t)
+            rows.append({**row, "torch_eager_ms": round(bench_ms(partial(reference, *args)), 4)})
+    return rows
+
+
+def carveout_row(carveout: int, fn: Callable[[], Any], flops: float, **fields: Any) -> dict:
+    """Time ``fn`` (a cuBLASLt GEMM) with ``carveout`` SMs left out of its launches."""
+    if not GPU:
+        return flops_row(fn, flops, **fields)
+    previous = torch._C._get_sm_carveout_experimental()
+    torch._C._set_sm_carveout_experimental(carveout)
+    try:
+        return flops_row(fn, flops, **fields)
+    finally:
+        torch._C._set_sm_carveout_experimental(previous)
+
+
+def linear() -> dict[str, Any]:
+    rows, sms = [], sm_count(DEVICE)
+    for m in SIZES.linear_m:
+        for k, n in SIZES.linear_kn:
+            x, w = randn(m, k), randn(n, k) / k**0.5
+            addmm = partial(torch.addmm, torch.zeros(n, device=DEVICE, dtype=DTYPE), x, w.t())
+            flops, shape = 2 * m * n * k, f"{m}x{k}->{n}"
+            rows.append(flops_row(addmm, flops, shape=shape, impl="cublas_full", num_ctas=sms))
+            for budget in budgets()[:-1]:
+                fn = partial(linear_triton, x, w, None, budget)
+                rows.append(flops_row(fn, flops, shape=shape, impl="triton", num_ctas=budget))
+                fields = {"shape": shape, "impl": "cublas_carveout", "num_ctas": budget}
+                rows.append(carveout_row(sms - budget, addmm, flops, **fields))
+    m, (k, n) = SIZES.linear_m[-1], max(SIZES.linear_kn, key=lambda kn: kn[1])
+    x, w, out = randn(m, k), randn(n, k) / k**0.5, randn(m, n)
+    sweep = []
+    for config, _ in _GPU_CONFIGS if GPU else []:
+        fn = partial(_launch_linear, x, w, None, sms, out, config)
+        sweep.append(flops_row(fn, 2 * m * n * k, **asdict(config), shape=f"{m}x{k}->{n}"))
+    return {"rows": rows, "config_sweep": sweep}
+
+
+# ---- driver ---------------------------------------------------------------------------------
+
+
+def run_section(name: str, fn: Callable[[], Any]) -> None:
+    """Run one section; a failure is recorded and printed, and the next section still runs."""
+    print(f"[{name}]", flush=True)
+    start = time.perf_counter()
+    try:
+        result = fn()
+        if result is not None:
+            RESULTS[name] = result
+        if GPU:
+            torch.cuda.synchronize()
+    except Exception:
+        RESULTS["errors"][name] = traceback.format_exc()
+        print(f"*** section {name} FAILED ***\n{RESULTS['errors'][name]}", flush=True)
+    finally:
+        RESULTS["section_seconds"][name] = round(time.perf_counter() - start, 1)
+        if GPU:
+            torch.cuda.empty_cache()
+
+
+def print_table() -> None:
+    c = RESULTS.get("ceilings", {})
+    print(f"\nceilings: copy {c.get('copy_gbs')} GB/s, GEMM {c.get('gemm_bf16_tflops')} TFLOP/s")
+    print("decode attention, GB/s of K/V read (fraction of copy bandwidth):")
+    for r in RESULTS.get("decode_attention", {}).get("rows", []):
+        where = f"ctx {r['context']:>5} num_ctas {r['num_ctas']!s:>4}"
+        print(f"  {where}: {r['gbs']:8.0f} ({r['frac_copy_bw']})")
+    print("prefill attention, TFLOP/s:")
+    for r in RESULTS.get("prefill_attention", {}).get("rows", []):
+        where = f"{r['shape']:<18} {r['impl']:<10} num_ctas {r['num_ctas']!s:>4}"
+        print(f"  {where}: {r['tflops']:7.1f}")
+    print("memory-bound kernels, GB/s (fraction of copy bandwidth), ms vs torch eager ms:")
+    for r in RESULTS.get("memory_bound", []):
+        where = f"{r['kernel']:<18} T={r['tokens']:>5}"
+        print(
+            f"  {where}: {r['gbs']:8.0f} ({r['frac_copy_bw']}) {r['ms']} vs {r['torch_eager_ms']}"
+        )
+    print("linear, TFLOP/s at each SM budget (triton / cuBLAS carveout) and cuBLAS on all SMs:")
+    by_shape: dict[str, dict[str, float]] = {}
+    for r in RESULTS.get("linear", {}).get("rows", []):
+        by_shape.setdefault(r["shape"], {})[f"{r['impl']}@{r['num_ctas']}"] = r["tflops"]
+    for shape, figures in by_shape.items():
+        print(f"  {shape:<16} " + " ".join(f"{key}={value:.0f}" for key, value in figures.items()))
+    failed = [c["name"] for c in RESULTS["checks"] if not c["ok"]]
+    print(f"checks: {len(RESULTS['checks']) - len(failed)} ok, {len(failed)} FAILED {failed}")
+    print(f"section errors: {list(RESULTS['errors']) or 'none'}")
+
+
+def output_path(out_dir: str | None) -> Path:
+    folder = out_dir or os.environ.get("OUT")
+    if folder:
+        return Path(folder) / "kernels.json"
+    name = re.sub(r"[^a-z0-9]+", "_", RESULTS["device"].lower()).strip("_")
+    return Path(__file__).resolve().parent / "results" / f"kernels_{name}.json"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="folder for kernels.json (default: $OUT or results/)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    RESULTS.update(
+        device=torch.cuda.get_device_name(DEVICE) if GPU else "cpu",
+        sm_count=sm_count(DEVICE),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        command=[sys.executable, *sys.argv],
+        date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        dtype=str(DTYPE),
+        sizes=asdict(SIZES),
+    )
+    start = time.perf_counter()
+    run_section("ceilings", ceilings)
+    for name, fn in (
+        ("check_attention", check_attention),
+        ("check_pointwise", check_pointwise),
+        ("check_linear", check_linear),
+    ):
+        run_section(name, fn)
+    for name, fn in (
+        ("decode_attention", decode_attention),
+        ("prefill_attention", prefill_attention),
+        ("memory_bound", memory_bound),
+        ("linear", linear),
+    ):
+        run_section(name, fn)
+    RESULTS["total_seconds"] = round(time.perf_counter() - start, 1)
+    print_table()
+    path = output_path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(RESULTS, indent=1, default=str))
+    print(f"wrote {path} in {RESULTS['total_seconds']} s")
+    failed = any(not c["ok"] for c in RESULTS["checks"]) or RESULTS["errors"]
+    if failed:
+        print("*** KERNEL BENCHMARK FAILED: see checks / errors above ***")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

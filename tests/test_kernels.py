@@ -1,0 +1,305 @@
+"""Triton kernels against their PyTorch references, run by Triton's interpreter on CPU tensors.
+
+Only fp32 and fp16 (bf16 is wrong in the interpreter). Outputs are poisoned with NaN first, so a
+pass also proves every element was written.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported anywhere
+
+import zlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from nanoflow.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
+from nanoflow.kernels.decode_attention import (
+    DecodeConfig,
+    _launch_decode,
+    _work_split,
+    paged_decode_attention_ref,
+    paged_decode_attention_triton,
+)
+from nanoflow.kernels.gemm import _GPU_CONFIGS, _launch_linear, linear_ref, linear_triton
+from nanoflow.kernels.prefill_attention import (
+    PrefillConfig,
+    _launch_prefill,
+    paged_prefill_attention_ref,
+    paged_prefill_attention_triton,
+)
+from nanoflow.kernels.rms_norm import rms_norm_ref, rms_norm_triton
+from nanoflow.kernels.rotary import rope_kv_write_ref, rope_kv_write_triton
+
+from nanoflow import kernels
+
+DTYPES = [torch.float32, torch.float16]
+DTYPE_IDS = ["fp32", "fp16"]
+PAGE = 16
+
+
+@pytest.fixture(autouse=True)
+def _seed(request: pytest.FixtureRequest) -> None:
+    """A different, reproducible seed for every test and parameter set."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    return {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 1e-2}
+
+
+def poisoned(like: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(like, float("nan"))
+
+
+def paged_cache(
+    lens: list[int], num_kv_heads: int, head_dim: int, dtype: torch.dtype, page: int = PAGE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random K/V caches and a block table whose blocks are shuffled across the pool."""
+    width = max(1, *(-(-n // page) for n in lens))
+    num_blocks = len(lens) * width + 3
+    k_cache = torch.randn(num_blocks, num_kv_heads, page, head_dim, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    perm = torch.randperm(num_blocks)
+    tables = perm[: len(lens) * width].view(len(lens), width).to(torch.int32)
+    return k_cache, v_cache, tables
+
+
+# ---- decode attention -------------------------------------------------------------------------
+
+DECODE_CASES = {
+    "ctx1": ([1], 4, 4, 64),
+    "ragged_gqa4_d128": ([1, 17, 35, 300], 8, 2, 128),
+    "gqa8_d64": ([50, 260], 8, 1, 64),
+    "long_and_short": ([400, 3, 129, 16], 4, 2, 64),
+    "mha": ([33, 7], 2, 2, 128),
+}
+
+
+def decode_inputs(case: str, dtype: torch.dtype, page: int = PAGE) -> tuple:
+    lens, num_heads, num_kv_heads, head_dim = DECODE_CASES[case]
+    k_cache, v_cache, tables = paged_cache(lens, num_kv_heads, head_dim, dtype, page)
+    q = torch.randn(len(lens), num_heads, head_dim, dtype=dtype)
+    return q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), head_dim**-0.5
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+def test_decode_matches_reference(case: str, dtype: torch.dtype) -> None:
+    q, k_cache, v_cache, tables, lens, scale = decode_inputs(case, dtype)
+    out = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, scale, None, poisoned(q))
+    expected = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, scale)
+    torch.testing.assert_close(out, expected, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("num_ctas", [1, 3, 7])
+def test_decode_cta_budget_gives_same_result(num_ctas: int) -> None:
+    q, k_cache, v_cache, tables, lens, scale = decode_inputs("long_and_short", torch.float32)
+    full = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, scale)
+    budget = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, scale, num_ctas)
+    torch.testing.assert_close(budget, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_ctas", [1, None])
+def test_decode_gpu_tiles(num_ctas: int | None) -> None:
+    """The GPU launch configuration (tiles of 4 pages, splits of 4 tiles) in the interpreter."""
+    q, k_cache, v_cache, tables, lens, scale = decode_inputs("long_and_short", torch.float16)
+    config = DecodeConfig(block_n=64, num_warps=4, num_stages=4, min_split_tiles=4)
+    out = _launch_decode(q, k_cache, v_cache, tables, lens, scale, num_ctas, poisoned(q), config)
+    expected = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, scale)
+    torch.testing.assert_close(out, expected, **tolerance(torch.float16))
+
+
+@pytest.mark.parametrize("page", [8, 32])
+def test_decode_other_block_sizes(page: int) -> None:
+    q, k_cache, v_cache, tables, lens, scale = decode_inputs("long_and_short", torch.float32, page)
+    out = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, scale, 3, poisoned(q))
+    expected = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, scale)
+    torch.testing.assert_close(out, expected, **tolerance(torch.float32))
+
+
+@pytest.mark.parametrize(("batch", "num_ctas"), [(256, 33), (256, 132), (8, 33), (1, 132)])
+def test_decode_work_split(batch: int, num_ctas: int) -> None:
+    """Enough work items per program to balance the budget, splitting heads before contexts."""
+    config = DecodeConfig(block_n=64, num_warps=4, num_stages=4, min_split_tiles=4)
+    heads_per_item, splits, split_len = _work_split(batch, 8, 4096, num_ctas, config)
+    items = batch * (8 // heads_per_item) * splits
+    assert items >= 2 * num_ctas or split_len == 4 * 64  # or the splits are as short as allowed
+    assert split_len % 64 == 0 and splits * split_len >= 4096 > (splits - 1) * split_len
+    assert splits == 1 or heads_per_item == 1
+
+
+def test_decode_empty_batch_and_bad_input() -> None:
+    q, k_cache, v_cache, tables, lens, scale = decode_inputs("mha", torch.float32)
+    empty = paged_decode_attention_triton(q[:0], k_cache, v_cache, tables[:0], lens[:0], scale)
+    assert empty.shape == (0, *q.shape[1:])
+    with pytest.raises(ValueError, match="num_heads be a multiple"):
+        paged_decode_attention_triton(q[:, :1].expand(-1, 3, -1), k_cache, v_cache, tables, lens, 1)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        paged_decode_attention_triton(q.half(), k_cache, v_cache, tables, lens, scale)
+    with pytest.raises(ValueError, match="num_ctas"):
+        paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, scale, 0)
+
+
+# ---- prefill attention ------------------------------------------------------------------------
+
+# (query lengths, context lengths, num_heads, num_kv_heads, head_dim)
+PREFILL_CASES = {
+    "fresh_prompt": ([37], [37], 4, 4, 64),
+    "long_prefix": ([20], [300], 8, 2, 128),
+    "mixed_chunks_gqa8": ([5, 1, 0, 40], [5, 90, 7, 40], 8, 1, 64),
+    "gqa4_two_prompts": ([17, 33], [17, 33], 8, 2, 64),
+}
+
+
+def prefill_inputs(case: str, dtype: torch.dtype, page: int = PAGE) -> tuple:
+    q_lens, ctx_lens, num_heads, num_kv_heads, head_dim = PREFILL_CASES[case]
+    k_cache, v_cache, tables = paged_cache(ctx_lens, num_kv_heads, head_dim, dtype, page)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(sum(q_lens), num_heads, head_dim, dtype=dtype)
+    lens = torch.tensor(ctx_lens, dtype=torch.int32)
+    return q, k_cache, v_cache, tables, cu, lens, max(q_lens), head_dim**-0.5
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", list(PREFILL_CASES))
+def test_prefill_matches_reference(case: str, dtype: torch.dtype) -> None:
+    args = prefill_inputs(case, dtype)
+    out = paged_prefill_attention_triton(*args, None, poisoned(args[0]))
+    torch.testing.assert_close(out, paged_prefill_attention_ref(*args), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("num_ctas", [1, 3])
+def test_prefill_cta_budget_gives_same_result(num_ctas: int) -> None:
+    args = prefill_inputs("mixed_chunks_gqa8", torch.float32)
+    full = paged_prefill_attention_triton(*args)
+    budget = paged_prefill_attention_triton(*args, num_ctas, poisoned(args[0]))
+    torch.testing.assert_close(budget, full, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["long_prefix", "mixed_chunks_gqa8"])
+def test_prefill_gpu_tiles(case: str) -> None:
+    """The GPU launch configuration (128-row tiles) in the interpreter."""
+    args = prefill_inputs(case, torch.float16)
+    config = PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    out = _launch_prefill(*args, 2, poisoned(args[0]), config)
+    torch.testing.assert_close(out, paged_prefill_attention_ref(*args), **tolerance(torch.float16))
+
+
+@pytest.mark.parametrize("page", [8, 32])
+def test_prefill_other_block_sizes(page: int) -> None:
+    args = prefill_inputs("mixed_chunks_gqa8", torch.float32, page)
+    out = paged_prefill_attention_triton(*args, 3, poisoned(args[0]))
+    torch.testing.assert_close(out, paged_prefill_attention_ref(*args), **tolerance(torch.float32))
+
+
+def test_prefill_bad_input() -> None:
+    q, k_cache, v_cache, tables, cu, lens, max_q_len, scale = prefill_inputs(
+        "fresh_prompt", DTYPES[0]
+    )
+    with pytest.raises(ValueError, match="cu_q_lens"):
+        paged_prefill_attention_triton(q, k_cache, v_cache, tables, cu[:1], lens, max_q_len, scale)
+
+
+# ---- RMSNorm, RoPE + KV write, SiLU-and-mul ---------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("hidden", [64, 1000])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(dtype: torch.dtype, hidden: int, with_residual: bool) -> None:
+    buffer = torch.randn(9, hidden + 8, dtype=dtype)
+    x = buffer[2:, :hidden]  # a strided view, like a nano-batch slice of a step buffer
+    weight = torch.randn(hidden, dtype=dtype)
+    residual = torch.randn(7, hidden, dtype=dtype) if with_residual else None
+    ref_residual = residual.clone() if with_residual else None
+    out = rms_norm_triton(x, weight, 1e-6, residual, poisoned(x))
+    expected = rms_norm_ref(x, weight, 1e-6, ref_residual)
+    torch.testing.assert_close(out, expected, **tolerance(dtype))
+    if with_residual:
+        torch.testing.assert_close(residual, ref_residual, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(8, 2, 64), (4, 4, 128)])
+def test_rope_kv_write(
+    dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int
+) -> None:
+    tokens, num_blocks = 11, 4
+    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], 1)
+    q, k, v = (t.unflatten(1, (-1, head_dim)) for t in (q, k, v))
+    positions = torch.randint(0, 100, (tokens,))
+    cos_sin = torch.randn(128, head_dim)
+    slots = torch.randperm(num_blocks * PAGE)[:tokens]
+    caches = [torch.full((num_blocks, num_kv_heads, PAGE, head_dim), float("nan"), dtype=dtype)]
+    caches += [caches[0].clone() for _ in range(3)]
+    q_ref = q.clone()
+    rope_kv_write_triton(q, k, v, positions, cos_sin, caches[0], caches[1], slots)
+    rope_kv_write_ref(q_ref, k, v, positions, cos_sin, caches[2], caches[3], slots)
+    torch.testing.assert_close(q, q_ref, **tolerance(dtype))
+    torch.testing.assert_close(caches[0], caches[2], equal_nan=True, **tolerance(dtype))
+    torch.testing.assert_close(caches[1], caches[3], equal_nan=True, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(1, 128), (7, 600), (3, 5000)])
+def test_silu_and_mul(dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    x = torch.randn(*shape, dtype=dtype)
+    out = silu_and_mul_triton(x, poisoned(x[:, : shape[1] // 2]))
+    torch.testing.assert_close(out, silu_and_mul_ref(x), **tolerance(dtype))
+
+
+# ---- linear -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 48, 64), (37, 70, 40), (64, 96, 128)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear(dtype: torch.dtype, m: int, n: int, k: int, with_bias: bool) -> None:
+    x = torch.randn(m, k, dtype=dtype)
+    weight = torch.randn(n, k, dtype=dtype) / k**0.5
+    bias = torch.randn(n, dtype=dtype) if with_bias else None
+    out = linear_triton(x, weight, bias, None, poisoned(x.new_empty(m, n)))
+    expected = linear_ref(x.float(), weight.float(), None if bias is None else bias.float())
+    torch.testing.assert_close(out.float(), expected, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("num_ctas", [1, 3])
+def test_linear_cta_budget_gives_same_result(num_ctas: int) -> None:
+    x, weight = torch.randn(70, 48), torch.randn(100, 48)
+    full = linear_triton(x, weight)
+    torch.testing.assert_close(linear_triton(x, weight, None, num_ctas), full, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("index", range(len(_GPU_CONFIGS)))
+def test_linear_gpu_tiles(index: int) -> None:
+    """Each GPU tile configuration in the interpreter, with ragged M and N."""
+    config = _GPU_CONFIGS[index][0]
+    x, weight = (
+        torch.randn(70, 128, dtype=torch.float16),
+        torch.randn(300, 128, dtype=torch.float16),
+    )
+    bias = torch.randn(300, dtype=torch.float16)
+    out = _launch_linear(x, weight / 11, bias, 2, poisoned(x.new_empty(70, 300)), config)
+    expected = linear_ref(x.float(), weight.float() / 11, bias.float())
+    torch.testing.assert_close(out.float(), expected, **tolerance(torch.float16))
+
+
+def test_linear_bad_input() -> None:
+    with pytest.raises(ValueError, match="do not match"):
+        linear_triton(torch.randn(3, 8), torch.randn(4, 9))
+
+
+# ---- dispatch ---------------------------------------------------------------------------------
+
+
+def test_forced_triton_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NANOFLOW_KERNELS", "triton")
+    x = torch.randn(4, 2 * 32)
+    torch.testing.assert_close(kernels.silu_and_mul(x), silu_and_mul_ref(x))
+    assert kernels.backend_for(x) == "triton"
