@@ -12,6 +12,7 @@ SUBCOMMANDS = (
     "nanoflow.cli.generate",
     "nanoflow.cli.bench",
     "nanoflow.cli.serve",
+    "nanoflow.cli.tune",
 )
 
 

@@ -1,0 +1,229 @@
+"""Measure the op tables on the GPU: the real ops of one decoder layer (dummy weights, synthetic
+nano-batches) timed under each SM budget the way the executor runs them (the unit's stream and
+cuBLASLt carve-out active, the budget passed to the kernels), plus one co-running compute +
+memory pair per mechanism for the interference factor and the host cost of one launch.
+
+A couple of minutes for an 8B model: a coarse grid, few repetitions, one layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+from nanoflow.autotune.tables import OpTable, OpTables
+from tqdm import tqdm
+
+from nanoflow.distributed.parallel import ParallelGroup
+from nanoflow.engine.batch import AttentionChunks, NanoBatch, StepBuffers
+from nanoflow.measure import time_cuda
+from nanoflow.models.loader import build_model
+from nanoflow.models.spec import ModelSpec
+from nanoflow.models.weights import dummy_weights
+from nanoflow.pipeline.executors import OverlappedExecutor
+from nanoflow.pipeline.ops import Op
+from nanoflow.pipeline.schedule import (
+    Mechanism,
+    PipelineSchedule,
+    UnitSpec,
+    default_overlapped_schedule,
+)
+from nanoflow.pipeline.units import ExecutionUnit, build_units, device_sm_count
+
+logger = logging.getLogger(__name__)
+
+TOKENS = (64, 128, 256, 512, 1024, 2048, 4096)
+DECODES = (16, 64, 256, 512)
+PREFILL_TOKENS = (128, 512, 1024, 2048)
+CONTEXTS = (256, 512, 1024, 2048)
+SM_FRACTIONS = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8)
+BLOCK_SIZE = 16
+ROWS = {"decode_attention": "decode", "prefill_attention": "prefill"}
+PAIR_SPLITS = {Mechanism.CTA_LIMIT: 32, Mechanism.GREEN_CONTEXT: 32}  # memory unit's SMs
+
+
+class LayerBench:
+    """One layer of the model with buffers and a KV cache big enough for the largest grid point."""
+
+    def __init__(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> None:
+        self.device = device
+        self.spec = dataclasses.replace(spec, num_layers=1)
+        weights = dummy_weights(self.spec, device, dtype, seed=0)
+        self.num_blocks = max(DECODES) * max(CONTEXTS) // BLOCK_SIZE
+        self.model = build_model(
+            self.spec, weights, self.num_blocks, BLOCK_SIZE, device, dtype, ParallelGroup()
+        )
+        self.ops: list[Op] = self.model.layer_ops[0]
+        rows = max(TOKENS + DECODES + PREFILL_TOKENS)
+        self.buffers = StepBuffers.allocate(self.spec, rows, device, dtype)
+        for name in ("hidden", "residual", "normed", "qkv", "attn", "gate_up", "act"):
+            getattr(self.buffers, name).normal_(0.0, 0.5)
+        self.buffers.positions.copy_(torch.arange(rows) % 1024)
+        self.buffers.slot_mapping.copy_(torch.arange(rows) % (self.num_blocks * BLOCK_SIZE))
+
+    def _chunks(self, q_lens: list[int], context: int) -> AttentionChunks:
+        blocks = -(-context // BLOCK_SIZE)
+        tables = torch.randint(0, self.num_blocks, (len(q_lens), blocks), dtype=torch.int32)
+        cu = [0, *torch.tensor(q_lens).cumsum(0).tolist()]
+
+        def on(values) -> torch.Tensor:
+            return torch.as_tensor(values, dtype=torch.int32).to(self.device)
+
+        return AttentionChunks(on(tables), on([context] * len(q_lens)), on(cu), max(q_lens))
+
+    def nano_batch(self, rows: str, tokens: int, context: int = 0) -> NanoBatch:
+        if rows == "decode":
+            decode = self._chunks([1] * tokens, context)
+            return NanoBatch(0, 0, tokens, tokens, decode, None, ())
+        if rows == "prefill":
+            per = min(tokens, context)
+            q_lens = [per] * (tokens // per) + ([tokens % per] if tokens % per else [])
+            return NanoBatch(0, 0, tokens, 0, None, self._chunks(q_lens, context), ())
+        return NanoBatch(0, 0, tokens, 0, None, None, ())
+
+    def lm_head(self, rows: int) -> Callable[[int | None], None]:
+        from nanoflow import kernels
+
+        x = self.buffers.normed[:rows]
+        return lambda sms: kernels.linear(x, self.model.lm_head, None, sms)
+
+
+def _unit(device: torch.device, sms: int | None) -> ExecutionUnit:
+    """A CTA-limited unit: op tables are measured that way; green contexts differ only in the
+    interference factor."""
+    schedule = PipelineSchedule(
+        units=(UnitSpec("main", sms),),
+        op_units={"compute": "main", "memory": "main", "network": "main"},
+    )
+    return build_units(schedule, device)["main"]
+
+
+def _time_on(unit: ExecutionUnit, fn: Callable[[int | None], None]) -> float:
+    with unit.active():
+        return time_cuda(lambda: fn(unit.num_sms), iters=5, warmup=2)
+
+
+def _sm_grid(total: int) -> tuple[int, ...]:
+    return tuple(sorted({max(8, round(total * f / 8) * 8) for f in SM_FRACTIONS} | {total}))
+
+
+def _op_table(bench: LayerBench, op: Op, units: dict[int, ExecutionUnit], bar: tqdm) -> OpTable:
+    rows = ROWS.get(op.name, "all")
+    tokens = {"all": TOKENS, "decode": DECODES, "prefill": PREFILL_TOKENS}[rows]
+    contexts = CONTEXTS if rows != "all" else (0,)
+    seconds = []
+    for t in tokens:
+        plane = []
+        for c in contexts:
+            nb = bench.nano_batch(rows, t, c)
+            line = []
+            for unit in units.values():
+                line.append(_time_on(unit, lambda sms, nb=nb: op.fn(bench.buffers, nb, sms)))
+                bar.update()
+            plane.append(tuple(line))
+        seconds.append(tuple(plane))
+    return OpTable(
+        op.name, op.resource.value, tokens, contexts, tuple(units), tuple(seconds), rows,
+        op.writes_kv, op.reads_other_kv,
+    )  # fmt: skip
+
+
+def _interference(bench: LayerBench, mechanism: Mechanism, total: int) -> float:
+    """Slowdown of a gate-up GEMM and a decode attention while they overlap on two units: with
+    both slowed by f while the shorter runs, together = f * shorter + (longer - shorter)."""
+    ops = {op.name: op for op in bench.ops}
+    memory_sms = PAIR_SPLITS[mechanism]
+    schedule = PipelineSchedule(
+        units=(UnitSpec("compute", total - memory_sms), UnitSpec("memory", memory_sms)),
+        op_units={"compute": "compute", "memory": "memory", "network": "compute"},
+        mechanism=mechanism,
+        overlap=True,
+    )
+    units = build_units(schedule, bench.device)
+    gemm_nb = bench.nano_batch("all", 2048)
+    attn_nb = bench.nano_batch("decode", 256, 1024)
+    cu, mu = units["compute"], units["memory"]
+
+    def gemm(sms: int | None) -> None:
+        ops["gate_up_proj"].fn(bench.buffers, gemm_nb, sms)
+
+    def attn(sms: int | None) -> None:
+        ops["decode_attention"].fn(bench.buffers, attn_nb, sms)
+
+    def both() -> None:
+        main = torch.cuda.current_stream()
+        for unit, fn in ((cu, gemm), (mu, attn)):
+            unit.stream.wait_stream(main)
+            with unit.active():
+                fn(unit.num_sms)
+        main.wait_stream(cu.stream)
+        main.wait_stream(mu.stream)
+
+    a, b = _time_on(cu, gemm), _time_on(mu, attn)
+    together = time_cuda(both, iters=10, warmup=3)
+    shorter, longer = min(a, b), max(a, b)
+    return max(1.0, (together - longer + shorter) / shorter)
+
+
+def _launch_seconds(bench: LayerBench) -> float:
+    """Host seconds per op launch through the overlapped executor (events included)."""
+    schedule = default_overlapped_schedule(device_sm_count(bench.device))
+    executor = OverlappedExecutor(schedule, bench.device)
+    nbs = [bench.nano_batch("decode", 64, 256) for _ in range(2)]
+    layers = [bench.ops] * 4
+    executor.run(layers, bench.buffers, nbs)
+    torch.cuda.synchronize(bench.device)
+    started = time.perf_counter()
+    for _ in range(5):
+        executor.run(layers, bench.buffers, nbs)
+    elapsed = time.perf_counter() - started
+    torch.cuda.synchronize(bench.device)
+    return elapsed / (5 * len(layers) * len(bench.ops) * len(nbs))
+
+
+@torch.inference_mode()
+def profile_op_tables(
+    spec: ModelSpec, model: str, device: torch.device, dtype: torch.dtype = torch.bfloat16
+) -> OpTables:
+    """Measure everything the cost model needs on ``device`` (a CUDA GPU)."""
+    total = device_sm_count(device)
+    bench = LayerBench(spec, device, dtype)
+    units = {s: _unit(device, None if s == total else s) for s in _sm_grid(total)}
+    points = sum(
+        {"all": len(TOKENS), "decode": len(DECODES) * len(CONTEXTS)}.get(
+            ROWS.get(op.name, "all"), len(PREFILL_TOKENS) * len(CONTEXTS)
+        )
+        for op in bench.ops
+    )
+    with tqdm(total=points * len(units), desc="profiling ops", unit="timing") as bar:
+        tables = tuple(_op_table(bench, op, units, bar) for op in bench.ops)
+    full = units[total]
+    lm_seconds = tuple(((_time_on(full, bench.lm_head(t)),),) for t in TOKENS)
+    lm_head = OpTable("lm_head", "compute", TOKENS, (0,), (total,), lm_seconds)
+    interference = {}
+    for mechanism in Mechanism:
+        try:
+            factor = _interference(bench, mechanism, total)
+        except Exception as exc:  # a mechanism the machine lacks is left out of the search
+            logger.warning("no %s interference measured (%s); not searching it", mechanism, exc)
+            continue
+        interference[mechanism.value] = {"compute+memory": factor}
+    props = torch.cuda.get_device_properties(device)
+    return OpTables(
+        model=model,
+        architecture_hash=spec.architecture_hash(),
+        gpu=props.name,
+        sm_count=total,
+        gpu_memory_bytes=props.total_memory,
+        num_layers=spec.num_layers,
+        dtype_bytes=torch.finfo(dtype).bits // 8,
+        ops=tables,
+        lm_head=lm_head,
+        interference=interference,
+        launch_seconds=_launch_seconds(bench),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    )

@@ -1,0 +1,182 @@
+"""Op tables: how long each op of a decoder layer takes at a grid of sizes and SM budgets, and
+how much co-running ops of two resource classes slow each other down.
+
+They are data (JSON), so the search can be rerun, and tested, without a GPU; the profiler is the
+only code that needs one to make them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanoflow.errors import ProfileError
+
+TABLES_SCHEMA_VERSION = 1
+
+ROWS = ("all", "decode", "prefill")  # which of a nano-batch's tokens an op's size counts
+
+
+@dataclass(frozen=True)
+class OpTable:
+    """Seconds of one op, ``seconds[i][j][k]`` at ``tokens[i]`` rows, ``contexts[j]`` tokens of
+    context (attention only; ``[0]`` otherwise) and ``sms[k]`` SMs.
+
+    ``rows`` says which rows the op works on: every row, the decode rows or the prefill rows; an
+    op with none of its rows in a nano-batch takes no time there.
+    """
+
+    name: str
+    resource: str
+    tokens: tuple[int, ...]
+    contexts: tuple[int, ...]
+    sms: tuple[int, ...]
+    seconds: tuple[tuple[tuple[float, ...], ...], ...]
+    rows: str = "all"
+    writes_kv: bool = False
+    reads_other_kv: bool = False
+
+    def __post_init__(self) -> None:
+        for axis in ("tokens", "contexts", "sms"):
+            grid = getattr(self, axis)
+            if not grid or list(grid) != sorted(set(grid)):
+                raise ValueError(f"op {self.name}: {axis} must be a non-empty increasing grid")
+        shape = (len(self.tokens), len(self.contexts), len(self.sms))
+        got = (
+            len(self.seconds),
+            len(self.seconds[0]) if self.seconds else 0,
+            len(self.seconds[0][0]) if self.seconds and self.seconds[0] else 0,
+        )
+        if got != shape or any(
+            len(plane) != shape[1] or any(len(line) != shape[2] for line in plane)
+            for plane in self.seconds
+        ):
+            raise ValueError(f"op {self.name}: seconds must have shape {shape}")
+        if self.rows not in ROWS:
+            raise ValueError(f"op {self.name}: rows must be one of {ROWS}")
+
+    def time(self, tokens: float, context: float, sms: int) -> float:
+        """Interpolated seconds. Beyond the grid, work grows in proportion to tokens and context
+        and time in inverse proportion to SMs below the smallest budget; a kernel never gets
+        faster than at the smallest size measured (launch latency)."""
+        if tokens <= 0:
+            return 0.0
+        total = 0.0
+        for i, wi in _weights(self.tokens, tokens, scale_above=True, inverse_below=False):
+            for j, wj in _weights(self.contexts, context, scale_above=True, inverse_below=False):
+                for k, wk in _weights(self.sms, sms, scale_above=False, inverse_below=True):
+                    total += wi * wj * wk * self.seconds[i][j][k]
+        return total
+
+
+def _weights(
+    grid: tuple[int, ...], x: float, scale_above: bool, inverse_below: bool
+) -> list[tuple[int, float]]:
+    if x <= grid[0]:
+        return [(0, grid[0] / x if inverse_below and x > 0 else 1.0)]
+    if x >= grid[-1]:
+        return [(len(grid) - 1, x / grid[-1] if scale_above else 1.0)]
+    i = bisect.bisect_right(grid, x) - 1
+    w = (x - grid[i]) / (grid[i + 1] - grid[i])
+    return [(i, 1.0 - w), (i + 1, w)]
+
+
+@dataclass(frozen=True)
+class OpTables:
+    """Everything the cost model knows about one model on one GPU.
+
+    ``ops`` are a layer's ops in model order; ``lm_head`` is timed by sampled rows on the whole
+    GPU; ``interference[mechanism]["compute+memory"]`` is how much slower two ops of those classes
+    run while they overlap than alone on their units; ``launch_seconds`` is the host time to
+    launch one op, which bounds how finely an iteration may be cut.
+    """
+
+    model: str
+    architecture_hash: str
+    gpu: str | None
+    sm_count: int
+    gpu_memory_bytes: int
+    num_layers: int
+    dtype_bytes: int
+    ops: tuple[OpTable, ...]
+    lm_head: OpTable
+    interference: dict[str, dict[str, float]] = field(default_factory=dict)
+    launch_seconds: float = 0.0
+    date: str = ""
+    schema_version: int = TABLES_SCHEMA_VERSION
+
+    @property
+    def mechanisms(self) -> tuple[str, ...]:
+        return tuple(self.interference)
+
+    def factor(self, mechanism: str, a: str, b: str) -> float:
+        """Slowdown of an op of class ``a`` while one of class ``b`` runs on another unit."""
+        pairs = self.interference.get(mechanism, {})
+        return pairs.get("+".join(sorted((a, b))), 1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OpTables:
+        def table(d: dict[str, Any]) -> OpTable:
+            seconds = tuple(
+                tuple(tuple(float(s) for s in line) for line in p) for p in d["seconds"]
+            )
+            return OpTable(
+                name=d["name"],
+                resource=d["resource"],
+                tokens=tuple(int(x) for x in d["tokens"]),
+                contexts=tuple(int(x) for x in d["contexts"]),
+                sms=tuple(int(x) for x in d["sms"]),
+                seconds=seconds,
+                rows=d.get("rows", "all"),
+                writes_kv=bool(d.get("writes_kv", False)),
+                reads_other_kv=bool(d.get("reads_other_kv", False)),
+            )
+
+        return cls(
+            model=data["model"],
+            architecture_hash=data["architecture_hash"],
+            gpu=data.get("gpu"),
+            sm_count=int(data["sm_count"]),
+            gpu_memory_bytes=int(data["gpu_memory_bytes"]),
+            num_layers=int(data["num_layers"]),
+            dtype_bytes=int(data.get("dtype_bytes", 2)),
+            ops=tuple(table(d) for d in data["ops"]),
+            lm_head=table(data["lm_head"]),
+            interference={
+                m: {k: float(v) for k, v in pairs.items()}
+                for m, pairs in data.get("interference", {}).items()
+            },
+            launch_seconds=float(data.get("launch_seconds", 0.0)),
+            date=data.get("date", ""),
+            schema_version=int(data.get("schema_version", TABLES_SCHEMA_VERSION)),
+        )
+
+
+def save_tables(tables: OpTables, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(tables.to_dict(), indent=1))
+
+
+def load_tables(path: str | Path) -> OpTables:
+    """Tables from JSON; a ProfileError says what is wrong with a bad file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ProfileError(f"op tables {path} do not exist; make them with --tables-out") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ProfileError(f"op tables {path} are not readable JSON: {exc}") from None
+    if data.get("schema_version") != TABLES_SCHEMA_VERSION:
+        raise ProfileError(
+            f"op tables {path} have schema version {data.get('schema_version')}, this nanoflow "
+            f"reads {TABLES_SCHEMA_VERSION}; profile again"
+        )
+    try:
+        return OpTables.from_dict(data)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ProfileError(f"op tables {path} are malformed: {exc!r}") from None

@@ -1,0 +1,183 @@
+"""The whole tuning run, as `nanoflow tune` and the GPU script do it: op tables (profiled, or
+read from JSON), search, validation of the top candidates on the device, and the profile."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import torch
+from nanoflow.autotune.profile import Profile, gpu_slug
+from nanoflow.autotune.roofline import roofline_tables
+from nanoflow.autotune.search import (
+    Candidate,
+    SearchSpace,
+    batch_limit,
+    run_search,
+    top_candidates,
+)
+from nanoflow.autotune.steady_state import WorkloadShape, steady_batch
+from nanoflow.autotune.tables import OpTables, load_tables, save_tables
+from nanoflow.autotune.validate import Measured, validate
+
+from nanoflow.config import EngineConfig
+from nanoflow.engine.engine_core import EngineCore
+from nanoflow.errors import ConfigError, ProfileError
+from nanoflow.measure import environment
+from nanoflow.models.loader import resolve_model
+from nanoflow.models.spec import ModelSpec
+from nanoflow.pipeline.ops import Resource
+
+logger = logging.getLogger(__name__)
+
+ROOFLINE = "roofline"
+
+
+@dataclass
+class TuneOptions:
+    model: str
+    load_format: str = "auto"
+    workload: str = "512/512"
+    trials: int = 200
+    top_k: int = 4
+    seed: int = 0
+    storage: str | None = None
+    tables_in: str | None = None  # a JSON file, or "roofline" for nominal tables (dry runs)
+    tables_out: str | None = None
+    device: str = "auto"
+    validate: bool | None = None  # None: only on a GPU
+    max_num_seqs: int = 512
+    max_batch: int = 16384
+    batch_step: int = 64
+    num_kv_blocks: int | None = None
+    command: str = ""
+
+
+@dataclass
+class TuneResult:
+    profile: Profile
+    tables: OpTables
+    candidates: list[Candidate]
+    measured: list[Measured]
+    study: optuna.Study
+    engine: EngineCore | None = field(default=None, repr=False)
+
+
+def _tables(opts: TuneOptions, spec: ModelSpec, device: torch.device) -> OpTables:
+    if opts.tables_in == ROOFLINE:
+        return roofline_tables(spec, opts.model)
+    if opts.tables_in:
+        tables = load_tables(opts.tables_in)
+        if tables.architecture_hash != spec.architecture_hash():
+            raise ProfileError(
+                f"op tables {opts.tables_in} were measured for model {tables.model!r}, not "
+                f"{opts.model!r}; profile this model"
+            )
+        return tables
+    if device.type != "cuda":
+        raise ConfigError(
+            "profiling the ops needs a GPU: pass --tables-in with tables measured on one "
+            f"(or --tables-in {ROOFLINE} for nominal ones)"
+        )
+    from nanoflow.autotune.profiler import profile_op_tables
+
+    return profile_op_tables(spec, opts.model, device)
+
+
+def _space(opts: TuneOptions, spec: ModelSpec, tables: OpTables, shape: WorkloadShape):
+    step = opts.batch_step
+    limit = batch_limit(spec, tables, shape, opts.max_num_seqs, step, opts.max_batch)
+    if limit == 0:
+        raise ConfigError(
+            f"not even a dense batch of {step} tokens fits the KV cache for workload "
+            f"{opts.workload} beside the weights"
+        )
+    has_network = any(op.resource == Resource.NETWORK.value for op in tables.ops)
+    mechanisms = tables.mechanisms or ("cta_limit",)
+    return SearchSpace(tables.sm_count, mechanisms, step, limit, step, has_network)
+
+
+def tune(opts: TuneOptions) -> TuneResult:
+    started = time.perf_counter()
+    spec, _ = resolve_model(opts.model)
+    device = EngineConfig(device=opts.device).torch_device()
+    tables = _tables(opts, spec, device)
+    if opts.tables_out:
+        save_tables(tables, opts.tables_out)
+    shape = WorkloadShape.from_workload(opts.workload, seed=opts.seed)
+    space = _space(opts, spec, tables, shape)
+    study_name = f"{Path(opts.model).name}-{gpu_slug(tables.gpu)}-{opts.workload}"
+    study = run_search(tables, shape, space, opts.trials, opts.seed, opts.storage, study_name)
+    candidates = top_candidates(study, opts.top_k)
+    measured: list[Measured] = []
+    engine = None
+    if opts.validate if opts.validate is not None else device.type == "cuda":
+        engine = EngineCore(
+            EngineConfig(
+                model=opts.model,
+                load_format=opts.load_format,
+                device=str(device),
+                max_num_batched_tokens=max(c.dense_batch_size for c in candidates),
+                num_kv_blocks=opts.num_kv_blocks,
+                executor="sequential",
+            )
+        )
+        measured = validate(engine, candidates, shape)
+    profile = _profile(opts, spec, tables, candidates, measured, shape, device)
+    profile = dataclasses.replace(profile, tuning_seconds=time.perf_counter() - started)
+    return TuneResult(profile, tables, candidates, measured, study, engine)
+
+
+def _profile(
+    opts: TuneOptions,
+    spec: ModelSpec,
+    tables: OpTables,
+    candidates: list[Candidate],
+    measured: list[Measured],
+    shape: WorkloadShape,
+    device: torch.device,
+) -> Profile:
+    best = measured[0].candidate if measured else candidates[0]
+    env = environment(device)
+    batch = steady_batch(best.dense_batch_size, shape)
+    return Profile(
+        model=opts.model,
+        architecture_hash=spec.architecture_hash(),
+        gpu_name=tables.gpu,
+        sm_count=tables.sm_count,
+        dense_batch_size=best.dense_batch_size,
+        schedule=best.schedule,
+        torch_version=env["torch"],
+        triton_version=env["triton"],
+        workload=opts.workload,
+        predicted_iteration_s=best.predicted_iteration_s,
+        measured_iteration_s=measured[0].iteration_s if measured else None,
+        measured_tokens_per_s=measured[0].tokens_per_s if measured else None,
+        command=opts.command,
+        date=env["date"],
+        extra={
+            "tables": opts.tables_in or "profiled",
+            "measured_on": (env["gpu"] or str(device)) if measured else None,
+            "trials": opts.trials,
+            "seed": opts.seed,
+            "steady_batch": {
+                "decodes": batch.decodes,
+                "prefill_tokens": batch.prefill_tokens,
+                "decode_context": batch.decode_context,
+                "prompt_len": batch.prompt_len,
+            },
+            "candidates": [
+                {
+                    "dense_batch_size": m.candidate.dense_batch_size,
+                    "schedule": m.candidate.schedule.to_dict(),
+                    "predicted_iteration_s": m.candidate.predicted_iteration_s,
+                    "measured_iteration_s": m.iteration_s,
+                }
+                for m in measured
+            ],
+        },
+    )
