@@ -17,7 +17,7 @@ from nanoflow.autotune.steady_state import SteadyBatch
 from nanoflow.autotune.tables import OpTable, OpTables
 
 from nanoflow.pipeline.executors import launch_order
-from nanoflow.pipeline.ops import Resource
+from nanoflow.pipeline.ops import Resource, op_dependencies
 from nanoflow.pipeline.schedule import PipelineSchedule, split_counts
 
 
@@ -173,19 +173,23 @@ def build_tasks(
         for j in range(len(shapes))
     ]
     order = _layer_order(schedule, len(tables.ops), len(shapes))
+    op_deps = op_dependencies([op.name for op in tables.ops], [op.after for op in tables.ops])
     tasks: list[Task] = []
-    last: list[int | None] = [None] * len(shapes)
+    entry: list[int | None] = [None] * len(shapes)
     for layer in range(num_layers):
         index: dict[tuple[int, int], int] = {}
         for k, j in order:
             op = tables.ops[k]
-            deps = [] if last[j] is None else [last[j]]
+            deps = [index[(d, j)] for d in op_deps[k]]
+            if not op_deps[k] and entry[j] is not None:
+                deps.append(entry[j])
             if op.reads_other_kv and kv_op is not None:
                 deps += [index[(kv_op, i)] for i in kv_deps[j]]
-            index[(k, j)] = last[j] = len(tasks)
+            index[(k, j)] = len(tasks)
             tasks.append(
                 Task(units[k], op.resource, seconds[k][j], tuple(deps), (layer, op.name, j))
             )
+        entry = [index[(len(tables.ops) - 1, j)] for j in range(len(shapes))]
     return tasks
 
 

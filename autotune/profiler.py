@@ -128,7 +128,7 @@ def _op_table(bench: LayerBench, op: Op, units: dict[int, ExecutionUnit], bar: t
         seconds.append(tuple(plane))
     return OpTable(
         op.name, op.resource.value, tokens, contexts, tuple(units), tuple(seconds), rows,
-        op.writes_kv, op.reads_other_kv,
+        op.writes_kv, op.reads_other_kv, op.after,
     )  # fmt: skip
 
 

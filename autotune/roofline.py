@@ -14,6 +14,7 @@ from collections.abc import Callable
 from nanoflow.autotune.tables import OpTable, OpTables
 
 from nanoflow.errors import ConfigError
+from nanoflow.models.llama import OP_AFTER
 from nanoflow.models.spec import ModelSpec
 
 TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -87,6 +88,7 @@ def roofline_tables(
         return OpTable(
             name, resource, TOKENS, contexts, sms, seconds, rows,
             writes_kv=name == "rope_kv_write", reads_other_kv=name == "prefill_attention",
+            after=OP_AFTER.get(name),
         )  # fmt: skip
 
     h, v = spec.hidden_size, spec.vocab_size

@@ -38,6 +38,7 @@ class OpTable:
     rows: str = "all"
     writes_kv: bool = False
     reads_other_kv: bool = False
+    after: tuple[str, ...] | None = None  # as Op.after
 
     def __post_init__(self) -> None:
         for axis in ("tokens", "contexts", "sms"):
@@ -136,6 +137,7 @@ class OpTables:
                 rows=d.get("rows", "all"),
                 writes_kv=bool(d.get("writes_kv", False)),
                 reads_other_kv=bool(d.get("reads_other_kv", False)),
+                after=None if d.get("after") is None else tuple(d["after"]),
             )
 
         return cls(

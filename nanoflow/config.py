@@ -31,6 +31,8 @@ class EngineConfig:
     executor: str = "auto"
     profile: str | None = None
     tensor_parallel_size: int = 1
+    offload_weights: str | None = None
+    offload_fraction: float | None = None
     async_scheduling: bool | None = None  # None: on for CUDA without tensor parallelism
 
     def __post_init__(self) -> None:
@@ -54,11 +56,22 @@ class EngineConfig:
             raise ConfigError("max_num_seqs must be positive")
         if self.tensor_parallel_size < 1:
             raise ConfigError("tensor_parallel_size must be positive")
+        if self.offload_weights not in (None, "cpu"):
+            raise ConfigError(
+                f"offload_weights must be None or 'cpu', not {self.offload_weights!r}"
+            )
+        if self.offload_fraction is not None and not 0.0 <= self.offload_fraction <= 1.0:
+            raise ConfigError("offload_fraction must be between 0 and 1")
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        """The device with an explicit index on CUDA (``cuda`` means the current GPU)."""
+        name = self.device
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(name)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
 
     def use_async_scheduling(self) -> bool:
         if self.async_scheduling is not None:

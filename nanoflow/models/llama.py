@@ -16,6 +16,12 @@ from nanoflow.models.rope import cos_sin_cache
 from nanoflow.models.spec import ModelSpec
 from nanoflow.pipeline.ops import Op, Resource
 
+# Ops that wait for more (or other) than the op before them; see Op.after.
+OP_AFTER: dict[str, tuple[str, ...]] = {
+    "prefill_attention": ("rope_kv_write",),
+    "o_proj": ("decode_attention", "prefill_attention"),
+}
+
 
 class DecoderLayer:
     """One layer's (fused, possibly sharded) weights and KV cache, and the ops that use them."""
@@ -47,8 +53,14 @@ class DecoderLayer:
             Op("qkv_proj", Resource.COMPUTE, self.qkv_proj),
             Op("rope_kv_write", Resource.MEMORY, self.rope_kv_write, writes_kv=True),
             Op("decode_attention", Resource.MEMORY, self.decode_attention),
-            Op("prefill_attention", Resource.COMPUTE, self.prefill_attention, reads_other_kv=True),
-            Op("o_proj", Resource.COMPUTE, self.o_proj),
+            Op(
+                "prefill_attention",
+                Resource.COMPUTE,
+                self.prefill_attention,
+                reads_other_kv=True,
+                after=OP_AFTER["prefill_attention"],
+            ),
+            Op("o_proj", Resource.COMPUTE, self.o_proj, after=OP_AFTER["o_proj"]),
         ]
         if self.group.size > 1:
             ops.append(Op("attn_all_reduce", Resource.NETWORK, self.all_reduce))

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from nanoflow.engine.batch import NanoBatch, StepBuffers
-from nanoflow.pipeline.ops import Op
+from nanoflow.pipeline.ops import Op, op_dependencies
 from nanoflow.pipeline.schedule import LaunchOrder, PipelineSchedule
 from nanoflow.pipeline.units import ExecutionUnit, build_units
 
@@ -90,35 +90,36 @@ class OverlappedExecutor:
         start = self._event(-1, 0)
         start.record(main)
         waited: set[int] = set()
-        last: list[tuple[torch.cuda.Event, int]] = [(start, id(main))] * len(nano_batches)
+        # (event, stream id) that op 0 of each nano-batch waits for: the previous layer's end
+        entry: list[tuple[torch.cuda.Event, int]] = [(start, id(main))] * len(nano_batches)
         for layer, ops in enumerate(layer_ops):
             units = self._unit_per_op(ops)
+            deps = op_dependencies([op.name for op in ops], [op.after for op in ops])
             kv_op = next((k for k, op in enumerate(ops) if op.writes_kv), None)
-            kv_events: dict[int, torch.cuda.Event] = {}
             for k, j in launch_order(len(ops), len(nano_batches), self.schedule.launch_order):
                 op, unit, nb = ops[k], units[k], nano_batches[j]
                 stream = unit.stream
                 if id(stream) not in waited:
                     stream.wait_event(start)
                     waited.add(id(stream))
-                event, owner = last[j]
-                if owner != id(stream):
-                    stream.wait_event(event)
-                if op.reads_other_kv:
-                    for i in nb.kv_deps:
-                        stream.wait_event(kv_events[i])
+                needs = [(self._event(d, j), id(units[d].stream)) for d in deps[k]] or [entry[j]]
+                if op.reads_other_kv and kv_op is not None:
+                    needs += [(self._event(kv_op, i), id(units[kv_op].stream)) for i in nb.kv_deps]
+                for event, owner in needs:
+                    if owner != id(stream):
+                        stream.wait_event(event)
                 with unit.active():
                     if self.hook:
                         self.hook(layer, op, nb, unit.spec.name, True)
                     op.fn(buffers, nb, unit.num_sms)
                     if self.hook:
                         self.hook(layer, op, nb, unit.spec.name, False)
-                done = self._event(k, j)
-                done.record(stream)
-                last[j] = (done, id(stream))
-                if k == kv_op:
-                    kv_events[j] = done
-        for event, owner in last:
+                self._event(k, j).record(stream)
+            last = len(ops) - 1
+            entry = [
+                (self._event(last, j), id(units[last].stream)) for j in range(len(nano_batches))
+            ]
+        for event, owner in entry:
             if owner != id(main):
                 main.wait_event(event)
 

@@ -28,7 +28,9 @@ class Op:
     ``fn(buffers, nano_batch, num_sms)`` reads and writes only the nano-batch's rows of the step
     buffers (and the KV cache of its own sequences); ``num_sms`` is its execution unit's SM budget
     (None: the whole GPU). ``reads_other_kv`` marks ops that also read K/V that earlier
-    nano-batches wrote (a prompt chunk cut by a nano-batch boundary).
+    nano-batches wrote (a prompt chunk cut by a nano-batch boundary). ``after`` names the ops of
+    the same layer and nano-batch it needs (default: the op before it), so independent ops, such
+    as decode and prefill attention, need not wait for each other.
     """
 
     name: str
@@ -36,3 +38,19 @@ class Op:
     fn: OpFn
     reads_other_kv: bool = False
     writes_kv: bool = False
+    after: tuple[str, ...] | None = None
+
+
+def op_dependencies(names: list[str], after: list[tuple[str, ...] | None]) -> list[tuple[int, ...]]:
+    """Indices of the ops each op of a layer waits for (within one nano-batch). Every dependency
+    must come earlier in the list, so the list order is always a valid launch order."""
+    deps: list[tuple[int, ...]] = []
+    for k, wanted in enumerate(after):
+        if wanted is None:
+            deps.append((k - 1,) if k else ())
+            continue
+        missing = [w for w in wanted if w not in names[:k]]
+        if missing:
+            raise ValueError(f"op {names[k]!r} waits for {missing}, which do not come before it")
+        deps.append(tuple(names.index(w) for w in wanted))
+    return deps

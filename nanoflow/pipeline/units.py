@@ -123,8 +123,9 @@ def _green_context_units(
         stream = torch.cuda.ExternalStream(int(raw), device=device)
         unit_spec = UnitSpec(spec.name, num_sms)
         units[spec.name] = ExecutionUnit(unit_spec, stream, 0, (green, raw))
-        logger.info("green context %s: %d SMs, own workqueue: %s", spec.name, num_sms,
-                    workqueue is not None)
+        logger.info(
+            "green context %s: %d SMs, own workqueue: %s", spec.name, num_sms, workqueue is not None
+        )
     return units
 
 
