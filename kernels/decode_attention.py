@@ -65,12 +65,13 @@ class DecodeConfig:
 
 
 def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
-    """~16 KiB of K (and as much V) per step, four steps deep, on the GPU; tiny tiles on CPU so the
-    interpreter exercises every loop."""
+    """~32 KiB of K (and as much V) per step, three steps deep, on the GPU (the best of the H100
+    sweep in experiments/bench_kernels.py: 0.99 of copy bandwidth on a full grid); tiny tiles on
+    CPU so the interpreter exercises every loop."""
     if device.type != "cuda":
         return DecodeConfig(block_n=16, num_warps=4, num_stages=1, min_split_tiles=1)
-    block_n = max(16, min(128, 16384 // (head_dim * dtype.itemsize)))
-    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=4, min_split_tiles=4)
+    block_n = max(16, min(128, 32768 // (head_dim * dtype.itemsize)))
+    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=3, min_split_tiles=4)
 
 
 def check_paged_inputs(

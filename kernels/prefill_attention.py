@@ -42,8 +42,8 @@ def paged_prefill_attention_ref(
         v = gather_kv(v_cache, block_tables[b], ctx).float().repeat_interleave(group, dim=0)
         qs = q[q_start:q_end].float().transpose(0, 1)  # [H, q_len, D]
         scores = torch.einsum("hqd,hkd->hqk", qs, k) * scale
-        q_pos = torch.arange(ctx - q_len, ctx).unsqueeze(1)
-        k_pos = torch.arange(ctx).unsqueeze(0)
+        q_pos = torch.arange(ctx - q_len, ctx, device=q.device).unsqueeze(1)
+        k_pos = torch.arange(ctx, device=q.device).unsqueeze(0)
         scores.masked_fill_(k_pos > q_pos, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[q_start:q_end] = torch.einsum("hqk,hkd->qhd", probs, v).to(out.dtype)

@@ -15,6 +15,7 @@ from nanoflow.engine.sampler import sample
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.errors import ConfigError
 from nanoflow.models.loader import build_model, load_weights
+from nanoflow.models.offload import plan_offload
 from nanoflow.models.spec import ModelSpec
 from nanoflow.pipeline.executors import Executor, make_executor
 from nanoflow.pipeline.schedule import PipelineSchedule
@@ -86,8 +87,10 @@ class ModelRunner:
         self.on_plan: Callable[[BatchPlan], None] | None = None
         self.on_schedule: Callable[[PipelineSchedule], None] | None = None
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.offload = plan_offload(config, spec, self.device, self.dtype, group)
+        host_layers = self.offload.host_layers if self.offload else ()
         weights = load_weights(
-            spec, checkpoint, config.load_format, self.device, self.dtype, config.seed
+            spec, checkpoint, config.load_format, self.device, self.dtype, config.seed, host_layers
         )
         self.buffers = StepBuffers.allocate(
             spec, max_num_batched_tokens, self.device, self.dtype, group.size
@@ -96,6 +99,8 @@ class ModelRunner:
         self.model = build_model(
             spec, weights, self.num_blocks, config.block_size, self.device, self.dtype, group
         )
+        if self.offload is not None:
+            self.offload.attach(self.model)
         self.set_schedule(schedule)
 
     def set_schedule(self, schedule: PipelineSchedule) -> None:
@@ -109,6 +114,7 @@ class ModelRunner:
             return self.config.num_kv_blocks
         block_bytes = kv_block_bytes(self.spec, self.config.block_size, self.dtype, self.group.size)
         if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # what the allocator caches is free for the KV cache
             free, total = torch.cuda.mem_get_info(self.device)
             fused_copy = sum(w.numel() * w.element_size() for w in weights.values()) // max(
                 1, self.spec.num_layers

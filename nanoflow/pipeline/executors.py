@@ -111,7 +111,7 @@ class OverlappedExecutor:
                 with unit.active():
                     if self.hook:
                         self.hook(layer, op, nb, unit.spec.name, True)
-                    op.fn(buffers, nb, unit.num_sms)
+                    op.fn(buffers, nb, unit.cta_budget)
                     if self.hook:
                         self.hook(layer, op, nb, unit.spec.name, False)
                 self._event(k, j).record(stream)

@@ -34,6 +34,13 @@ class ExecutionUnit:
     def num_sms(self) -> int | None:
         return self.spec.num_sms
 
+    @property
+    def cta_budget(self) -> int | None:
+        """The CTA limit kernels get. A green context confines kernels to its SMs in hardware,
+        so they launch a full grid there (several CTAs per SM keep more bytes in flight than
+        one persistent CTA per SM); plain streams rely on the CTA limit itself."""
+        return None if self.handle is not None else self.spec.num_sms
+
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         """Make this unit's stream current and its cuBLASLt carve-out effective."""
@@ -92,18 +99,20 @@ def _green_context_units(
     groups, count, remaining = _check(
         driver.cuDevSmResourceSplitByCount(max_groups, sm_resource, 0, GREEN_CONTEXT_GRANULARITY)
     )
-    wanted = [max(1, (u.num_sms or total) // GREEN_CONTEXT_GRANULARITY) for u in specs]
-    if sum(wanted) > count:
-        raise RuntimeError(
-            f"units ask for {sum(wanted) * GREEN_CONTEXT_GRANULARITY} SMs, the GPU has {total}"
-        )
+    groups = list(groups[:count])
+    if len(groups) < len(specs):
+        raise RuntimeError(f"the SMs split into {len(groups)} groups, fewer than the units")
     units: dict[str, ExecutionUnit] = {}
-    offset = 0
     for i, spec in enumerate(specs):
-        parts = list(groups[offset : offset + wanted[i]])
-        offset += wanted[i]
-        if i == len(specs) - 1 and remaining.sm.smCount:
-            parts.append(remaining)
+        if i == len(specs) - 1:  # the last unit takes what is left
+            parts = groups + ([remaining] if remaining.sm.smCount else [])
+        else:
+            target = spec.num_sms or total
+            parts = [groups.pop(0)]
+            while len(groups) > len(specs) - i - 1 and (
+                sum(p.sm.smCount for p in parts) + groups[0].sm.smCount <= target
+            ):
+                parts.append(groups.pop(0))
         num_sms = sum(p.sm.smCount for p in parts)
         workqueue = _balanced_workqueue(dev)
         try:
