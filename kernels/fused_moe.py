@@ -182,7 +182,8 @@ def _launch(
     _moe_gemm_kernel[(ctas,)](
         a, w, c, route_w,
         tiles.pairs, tiles.expert, tiles.start, tiles.end, tiles.count,
-        n, a.shape[1], n_tiles, a.stride(0), w.stride(0), w.stride(1), w.stride(2), c.stride(0), ctas,
+        n, a.shape[1], n_tiles, a.stride(0), w.stride(0), w.stride(1), w.stride(2), c.stride(0),
+        ctas,
         ROW_DIV=row_div, SILU=silu, WEIGHTED=not silu,
         BLOCK_M=tiles.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=8 if on_gpu else 4, num_stages=3 if on_gpu else 1,

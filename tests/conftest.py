@@ -1,11 +1,19 @@
-"""Shared fixtures: tiny random Hugging Face checkpoints of each supported architecture."""
+"""Shared fixtures: tiny random Hugging Face checkpoints of each supported architecture.
+
+Triton kernels in these tests run on CPU tensors through Triton's interpreter, which must be
+switched on before any kernel module is imported (kernels are wrapped at import time).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
-import torch
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 TINY = dict(
     vocab_size=128,

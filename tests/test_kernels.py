@@ -6,10 +6,6 @@ pass also proves every element was written.
 
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported anywhere
-
 import zlib
 
 import pytest

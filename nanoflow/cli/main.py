@@ -45,6 +45,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--offload-weights",
+        default=None,
+        choices=["cpu"],
+        help="keep the layers that do not fit on the GPU in pinned host memory, streamed in",
+    )
+    parser.add_argument(
+        "--offload-fraction",
+        type=float,
+        default=None,
+        help="fraction of layers to offload (default: as few as GPU memory allows)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -63,6 +75,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "num_kv_blocks": args.num_kv_blocks,
         "tensor_parallel_size": args.tensor_parallel_size,
         "seed": args.seed,
+        "offload_weights": args.offload_weights,
+        "offload_fraction": args.offload_fraction,
     }
 
 

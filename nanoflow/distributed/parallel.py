@@ -58,6 +58,9 @@ class ParallelGroup:
                 layer["qkv_bias"] = torch.cat(
                     [self._part(w.pop(f"{p}self_attn.{n}_proj.bias"), 0) for n in "qkv"]
                 )
+            if spec.is_moe:
+                out[i] = layer | self._shard_experts(spec, w, p + "block_sparse_moe.")
+                continue
             gate = self._part(w.pop(p + "mlp.gate_proj.weight"), 0)
             up = self._part(w.pop(p + "mlp.up_proj.weight"), 0)
             layer["gate_up"] = torch.cat([gate, up])
@@ -69,6 +72,26 @@ class ParallelGroup:
         out["lm_head"] = out["embed"] if lm_head is embed else self._part(lm_head, 0)
         out["final_norm"] = w.pop("model.norm.weight")
         return out
+
+    def _shard_experts(
+        self, spec: ModelSpec, w: dict[str, torch.Tensor], p: str
+    ) -> dict[str, torch.Tensor]:
+        """Each expert split like the dense MLP (w1/w3 by rows, w2 by columns), so the MoE output
+        is a partial sum that the same all-reduce joins; the router is replicated.
+
+        Returns ``router`` ``[E, h]``, ``w13`` ``[E, 2*I/tp, h]`` (gate rows then up rows) and
+        ``w2`` ``[E, h, I/tp]``, the layouts the fused MoE kernel reads.
+        """
+        inter, h = spec.intermediate_size // self.size, spec.hidden_size
+        like = w[f"{p}experts.0.w1.weight"]
+        w13 = like.new_empty(spec.num_experts, 2 * inter, h)
+        w2 = like.new_empty(spec.num_experts, h, inter)
+        for e in range(spec.num_experts):
+            q = f"{p}experts.{e}."
+            w13[e, :inter] = self._part(w.pop(q + "w1.weight"), 0)
+            w13[e, inter:] = self._part(w.pop(q + "w3.weight"), 0)
+            w2[e] = self._part(w.pop(q + "w2.weight"), 1)
+        return {"router": w.pop(p + "gate.weight"), "w13": w13, "w2": w2}
 
     def all_reduce(self, t: torch.Tensor) -> None:
         if self.size > 1:

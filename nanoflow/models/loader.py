@@ -10,6 +10,8 @@ from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.errors import ConfigError
 from nanoflow.models.builtin import BUILTIN_NAME, builtin_model_path
 from nanoflow.models.llama import LlamaModel
+from nanoflow.models.mixtral import MixtralModel
+from nanoflow.models.offload import load_split_weights
 from nanoflow.models.registry import KNOWN_MODELS, get_known_model
 from nanoflow.models.spec import ModelSpec
 from nanoflow.models.weights import dummy_weights, load_safetensors
@@ -40,7 +42,11 @@ def load_weights(
     device: torch.device,
     dtype: torch.dtype,
     seed: int,
+    host_layers: tuple[int, ...] = (),
 ) -> dict[str, torch.Tensor]:
+    """Every tensor on ``device``, except the ``host_layers``' (weight offload) in host memory."""
+    if host_layers and (load_format == "dummy" or path is not None):
+        return load_split_weights(spec, path, load_format, device, dtype, seed, host_layers)
     if load_format == "dummy":
         return dummy_weights(spec, device, dtype, seed)
     if path is None:
@@ -61,5 +67,5 @@ def build_model(
     group: ParallelGroup,
 ) -> LlamaModel:
     if spec.is_moe:
-        raise ConfigError(f"{spec.model_type} (mixture of experts) is not supported yet")
+        return MixtralModel(spec, weights, num_blocks, block_size, device, dtype, group)
     return LlamaModel(spec, weights, num_blocks, block_size, device, dtype, group)

@@ -1,0 +1,164 @@
+"""Online latency against request rate, as in the paper's latency experiment: start
+``nanoflow serve MODEL --load-format dummy``, drive it with ``nanoflow bench serve`` at increasing
+Poisson request rates on a dataset-shaped workload, and report per rate the normalized latency
+(mean over requests of end-to-end latency / output tokens, the metric NanoFlow's README defines)
+and TTFT p99, plus the highest rate whose normalized latency meets the SLO (--slo, s/token).
+
+From ``nanoflow bench serve --output-json``: when ``result.requests`` lists one object per request
+(``latency_s``, ``ttft_s``, ``output_tokens``) the normalized latency is the mean of per-request
+ratios, as the paper defines it; otherwise the ratio of the summary's means (mean_e2el_ms over
+mean output tokens), and each point says which it is.
+
+Usage: python experiments/online_latency.py [--model llama-3-8b] [--workload sharegpt]
+           [--rates 2,4,8,16,32] [--duration-s 30] [--slo 0.2] [--output-json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import torch
+from report import output_root, write_result
+from run import nanoflow_exe
+
+from nanoflow.measure import environment
+
+
+def wait_healthy(url: str, server: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"nanoflow serve exited with code {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1.0)
+    raise SystemExit(f"nanoflow serve not healthy after {timeout_s:.0f} s")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (no interpolation: p99 of 100 values is the 99th)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(len(ordered) * q / 100) - 1)]
+
+
+def summarize(bench: dict[str, Any], rate: float) -> dict[str, Any]:
+    """One point of the curve from a ``bench serve`` result: the mean of per-request ratios when
+    the result lists requests, else the ratio of the means its summary gives (labelled so)."""
+    result = bench["result"]
+    reqs = [r for r in result.get("requests", []) if r.get("output_tokens", 0) > 0]
+    if reqs:
+        normalized = [r["latency_s"] / r["output_tokens"] for r in reqs]
+        return {
+            "request_rate": rate,
+            "completed": len(reqs),
+            "normalized_latency_s": sum(normalized) / len(normalized),
+            "normalized_latency_method": "mean of per-request e2e latency / output tokens",
+            "ttft_p99_s": percentile([r["ttft_s"] for r in reqs], 99),
+            "mean_latency_s": sum(r["latency_s"] for r in reqs) / len(reqs),
+        }
+    if not result.get("completed"):
+        raise SystemExit(f"bench serve at {rate} req/s completed no request")
+    mean_output = result["total_output_tokens"] / result["completed"]
+    return {
+        "request_rate": rate,
+        "completed": result["completed"],
+        "failed": result.get("failed", 0),
+        "normalized_latency_s": result["mean_e2el_ms"] / 1e3 / mean_output,
+        "normalized_latency_method": "mean e2e latency / mean output tokens",
+        "ttft_p99_s": result["p99_ttft_ms"] / 1e3,
+        "mean_latency_s": result["mean_e2el_ms"] / 1e3,
+        "output_tokens_per_s": result.get("output_throughput"),
+    }
+
+
+def max_rate_under_slo(points: list[dict[str, Any]], slo: float) -> float | None:
+    """Highest rate before the first rate that misses the SLO (rates ascending)."""
+    best = None
+    for p in sorted(points, key=lambda p: p["request_rate"]):
+        if p["normalized_latency_s"] > slo:
+            break
+        best = p["request_rate"]
+    return best
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="llama-3-8b")
+    p.add_argument("--workload", default="sharegpt")
+    p.add_argument("--profile", default=None)
+    p.add_argument("--rates", default="2,4,8,16,32", help="request rates, ascending (req/s)")
+    p.add_argument("--duration-s", type=float, default=30.0, help="arrivals per rate ≈ rate × this")
+    p.add_argument("--min-prompts", type=int, default=20)
+    p.add_argument("--slo", type=float, default=0.2, help="normalized latency bound, s/token")
+    p.add_argument("--port", type=int, default=8321)
+    p.add_argument("--startup-timeout-s", type=float, default=300.0)
+    p.add_argument("--output-json", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    name = f"online_latency-{args.model}-{args.workload.replace('/', '_')}.json"
+    path = args.output_json or output_root() / "results" / name
+    work = path.parent / f"{path.stem}_raw"
+    work.mkdir(parents=True, exist_ok=True)
+    url = f"http://127.0.0.1:{args.port}"
+    serve = [
+        nanoflow_exe(),
+        "serve",
+        args.model,
+        "--load-format",
+        "dummy",
+        "--port",
+        str(args.port),
+    ]
+    if args.profile:
+        serve += ["--profile", args.profile]
+    points: list[dict[str, Any]] = []
+    with (work / "server.log").open("w") as log:
+        server = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_healthy(url, server, args.startup_timeout_s)
+            for rate in (float(r) for r in args.rates.split(",")):
+                raw = work / f"rate-{rate:g}.json"
+                n = max(args.min_prompts, round(rate * args.duration_s))
+                bench = [nanoflow_exe(), "bench", "serve", "--base-url", url, "--workload"]
+                bench += [args.workload, "--num-prompts", str(n), "--request-rate", str(rate)]
+                # bench serve exits 1 when some requests failed; its JSON says how many
+                subprocess.run([*bench, "--output-json", str(raw)], check=False)
+                points.append(summarize(json.loads(raw.read_text()), rate))
+                print(json.dumps(points[-1]))
+                if points[-1]["normalized_latency_s"] > args.slo:
+                    break
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    record = {
+        **environment(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        "experiment": "online_latency",
+        "model": args.model,
+        "workload": args.workload,
+        "server_command": " ".join(serve),
+        "result": {
+            "slo_s_per_token": args.slo,
+            "points": points,
+            "max_rate_under_slo": max_rate_under_slo(points, args.slo),
+        },
+    }
+    write_result(path, record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

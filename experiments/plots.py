@@ -1,0 +1,172 @@
+"""Figures from result JSONs (never from typed numbers): throughput per workload and system with
+the share of NanoFlow's optimal bound, the ablation (sequential / nano-batches without overlap /
+overlapped), latency against request rate, and pipeline timelines.
+
+Usage: python experiments/plots.py [--results DIR] [--figures DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from report import ROOT, load_results, rows  # noqa: E402
+
+ABLATION = {
+    "nanoflow sequential": "sequential",
+    "nanoflow nanobatch": "nano-batches,\nno overlap",
+    "nanoflow overlapped": "overlapped",
+}
+RESOURCE_COLORS = {"compute": "tab:blue", "memory": "tab:orange", "network": "tab:green"}
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def throughput_bars(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """One group of bars per workload, one bar per system, labelled with % of optimal."""
+    by_workload: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        for row in rows(record):
+            by_workload[row["workload"]].append(row)
+    if not by_workload:
+        return None
+    systems = sorted({r["system"] for rs in by_workload.values() for r in rs})
+    width = 0.8 / len(systems)
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(by_workload) * max(1, len(systems) / 3)), 4))
+    for i, system in enumerate(systems):
+        for x, rs in enumerate(by_workload.values()):
+            for r in (r for r in rs if r["system"] == system):
+                bar = ax.bar(x + i * width, r["tokens_per_s"], width, color=f"C{i}")
+                if r["fraction_of_optimal"] is not None:
+                    ax.bar_label(bar, [f"{100 * r['fraction_of_optimal']:.0f}%"], fontsize=7)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(by_workload))], list(by_workload))
+    ax.set_ylabel("tokens/s (input + output)")
+    ax.set_title("Offline throughput (labels: % of optimal)")
+    ax.legend(
+        [plt.Rectangle((0, 0), 1, 1, color=f"C{i}") for i in range(len(systems))],
+        systems,
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+    )
+    return _save(fig, path)
+
+
+def ablation_bars(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Throughput of the three nanoflow executors relative to sequential, per workload."""
+    table: dict[str, dict[str, float]] = defaultdict(dict)
+    for record in records:
+        for row in rows(record):
+            if row["system"] in ABLATION:
+                table[row["workload"]][row["system"]] = row["tokens_per_s"]
+    table = {w: t for w, t in table.items() if "nanoflow sequential" in t}
+    if not table:
+        return None
+    fig, ax = plt.subplots(figsize=(max(5, 2.5 * len(table)), 3.5))
+    width = 0.8 / len(ABLATION)
+    for i, (system, label) in enumerate(ABLATION.items()):
+        for x, t in enumerate(table.values()):
+            if system in t:
+                speedup = t[system] / t["nanoflow sequential"]
+                bar = ax.bar(
+                    x + i * width, speedup, width, color=f"C{i}", label=label if x == 0 else None
+                )
+                ax.bar_label(bar, [f"{speedup:.2f}×"], fontsize=7)
+    ax.axhline(1.0, color="grey", linewidth=0.5)
+    ax.margins(y=0.2)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(table))], list(table))
+    ax.set_ylabel("throughput / sequential")
+    ax.set_title("Ablation")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def latency_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Normalized latency and TTFT p99 against request rate, one line per (model, workload)."""
+    runs = [r for r in records if r.get("experiment") == "online_latency"]
+    if not runs:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for record in runs:
+        points = record["result"]["points"]
+        label = f"{record.get('model', '')} {record.get('workload', '')}"
+        rates = [p["request_rate"] for p in points]
+        left.plot(rates, [p["normalized_latency_s"] for p in points], marker="o", label=label)
+        right.plot(rates, [p["ttft_p99_s"] for p in points], marker="o", label=label)
+        slo = record["result"].get("slo_s_per_token")
+        if slo is not None:
+            left.axhline(slo, color="grey", linestyle="--", linewidth=0.8)
+    left.set(xlabel="request rate (req/s)", ylabel="normalized latency (s/token)")
+    right.set(xlabel="request rate (req/s)", ylabel="TTFT p99 (s)")
+    left.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def draw_timeline(records: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """A Gantt chart of one iteration: one row per execution unit, one bar per (op, nano-batch)
+    coloured by op class (``resource`` when given, else the op name), nano-batch index on the bar.
+    Records are dicts ``{unit, op, nano_batch, start_ms, end_ms[, resource]}``."""
+    units = sorted({r["unit"] for r in records})
+    classes = sorted({r.get("resource", r["op"]) for r in records})
+    colors = {c: RESOURCE_COLORS.get(c, f"C{i}") for i, c in enumerate(classes)}
+    fig, ax = plt.subplots(figsize=(14, 1.2 + 0.8 * len(units)))
+    for r in records:
+        row = units.index(r["unit"])
+        left, width = r["start_ms"], r["end_ms"] - r["start_ms"]
+        ax.barh(
+            row,
+            width,
+            left=left,
+            height=0.6,
+            color=colors[r.get("resource", r["op"])],
+            edgecolor="black",
+            linewidth=0.3,
+        )
+        ax.text(left + width / 2, row, str(r["nano_batch"]), ha="center", va="center", fontsize=5)
+    ax.set_yticks(range(len(units)), units)
+    ax.set_xlabel("time (ms)")
+    ax.set_title(title or "pipeline timeline")
+    ax.legend(
+        [plt.Rectangle((0, 0), 1, 1, color=colors[c]) for c in classes],
+        classes,
+        loc="upper right",
+        fontsize=7,
+    )
+    return _save(fig, path)
+
+
+def make_all(results: Path, figures: Path) -> list[Path]:
+    records = load_results(results)
+    made = [
+        throughput_bars(records, figures / "throughput.png"),
+        ablation_bars(records, figures / "ablation.png"),
+        latency_curves(records, figures / "latency.png"),
+    ]
+    return [p for p in made if p is not None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=ROOT / "experiments" / "results")
+    parser.add_argument("--figures", type=Path, default=ROOT / "experiments" / "figures")
+    args = parser.parse_args(argv)
+    for path in make_all(args.results, args.figures):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

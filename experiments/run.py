@@ -1,0 +1,185 @@
+"""Every GPU experiment the README quotes, in one device call: offline throughput of nanoflow's
+executors (sequential / nano-batches without overlap / overlapped, and the tuned profile when
+given) on constant-length and dataset-shaped workloads, the transformers peer, optionally online
+latency; then the figures and the results table. Each measurement is a subprocess (a fresh CUDA
+context, so one crash or leak cannot skew the next) and writes its own stamped JSON.
+
+Results go to experiments/results and experiments/figures (or --out); on the device machine, where
+only a few files come back, to one archive $OUT/experiments.tar.gz to unpack in the repository
+root. A wall-clock budget skips what would not fit, recording it as skipped rather than running
+late.
+
+Usage: python experiments/run.py --quick                      (~9 min on an H100)
+       python experiments/run.py [--profile P] [--online] [--budget-s S]
+       python experiments/run.py --model builtin --device cpu --num-prompts 4 \
+           --workloads 16/4 --executors sequential --peer-workload 16/4   (CPU dry run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import plots
+from report import ROOT, render, write_result
+
+EXECUTORS = ("sequential", "nanobatch", "overlapped")
+QUICK_WORKLOADS = ("512/512",)
+ALL_WORKLOADS = ("512/512", "1024/512", "512/1024", "splitwise", "lmsys", "sharegpt")
+HERE = Path(__file__).resolve().parent
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "_", Path(text).stem if "." in text else text)
+
+
+class Runner:
+    """Runs commands under one deadline and stamps what they write."""
+
+    def __init__(self, results: Path, budget_s: float) -> None:
+        self.results = results
+        self.deadline = time.monotonic() + budget_s
+        self.log = results / "logs"
+        self.log.mkdir(parents=True, exist_ok=True)
+
+    def run(self, name: str, cmd: list[str], out: Path, stamp: dict[str, Any]) -> bool:
+        """Run ``cmd`` (which writes ``out``), then restamp ``out``; on failure or no time left,
+        write a record saying so, so a missing number is explained next to the others."""
+        left = self.deadline - time.monotonic()
+        command = " ".join(cmd)
+        if left < 30:
+            write_result(out, {**stamp, "skipped": "time budget spent"}, command)
+            return False
+        print(f"[run] {name}: {command}", flush=True)
+        out.unlink(missing_ok=True)
+        started = time.monotonic()
+        with (self.log / f"{out.stem}.log").open("w") as log:
+            try:
+                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=left)
+                ok = proc.returncode == 0 and out.exists()
+                error = None if ok else f"exit code {proc.returncode}; see logs/{out.stem}.log"
+            except subprocess.TimeoutExpired:
+                ok, error = False, f"killed after {left:.0f} s (time budget)"
+        record = json.loads(out.read_text()) if ok else {"error": error}
+        write_result(out, {**record, **stamp, "wall_s": time.monotonic() - started}, command)
+        print(f"[run] {name}: {'ok' if ok else error} ({time.monotonic() - started:.0f} s)")
+        return ok
+
+
+def nanoflow_exe() -> str:
+    """The console script of the running interpreter's environment (several may be installed;
+    ``python -m`` from the repository root would let ``kernels/`` shadow a package)."""
+    beside = Path(sys.executable).parent / "nanoflow"
+    exe = str(beside) if beside.exists() else shutil.which("nanoflow")
+    if exe is None:
+        raise SystemExit("the `nanoflow` command is not installed: pip install -e .")
+    return exe
+
+
+def throughput(runner: Runner, args: argparse.Namespace, workload: str, executor: str) -> None:
+    label = "tuned" if executor == "auto" else executor
+    out = runner.results / f"throughput-{args.model}-{slug(workload)}-{label}.json"
+    cmd = [nanoflow_exe(), "bench", "throughput", args.model, "--load-format", "dummy"]
+    cmd += ["--executor", executor, "--workload", workload, "--num-prompts", str(args.num_prompts)]
+    cmd += ["--device", args.device, "--output-json", str(out)]
+    if executor == "auto":
+        cmd += ["--profile", args.profile]
+    runner.run(
+        f"throughput {workload} {label}",
+        cmd,
+        out,
+        {
+            "experiment": "throughput",
+            "model": args.model,
+            "workload": workload,
+            "executor": label,
+        },
+    )
+
+
+def peer(runner: Runner, args: argparse.Namespace) -> None:
+    model = "tiny" if args.model == "builtin" else args.model
+    out = runner.results / f"peer_transformers-{model}.json"
+    cmd = [sys.executable, str(HERE / "peer_transformers.py"), "--model", model, "--device"]
+    cmd += [args.device, "--workload", args.peer_workload, "--output-json", str(out)]
+    cmd += ["--num-prompts", str(args.peer_prompts)]
+    if args.quick:
+        cmd += ["--modes", "static"]
+    runner.run("transformers peer", cmd, out, {"experiment": "peer_transformers", "model": model})
+
+
+def online(runner: Runner, args: argparse.Namespace) -> None:
+    out = runner.results / f"online_latency-{args.model}-{args.online_workload}.json"
+    cmd = [sys.executable, str(HERE / "online_latency.py"), "--model", args.model]
+    cmd += ["--workload", args.online_workload, "--output-json", str(out)]
+    if args.profile:
+        cmd += ["--profile", args.profile]
+    runner.run("online latency", cmd, out, {"experiment": "online_latency", "model": args.model})
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--quick", action="store_true", help="512/512, fewer prompts, static peer only: ~9 min"
+    )
+    p.add_argument("--model", default="llama-3-8b")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workloads", default=None, help="comma list (default: by --quick)")
+    p.add_argument("--executors", default=",".join(EXECUTORS))
+    p.add_argument("--profile", default=None, help="also run the tuned profile")
+    p.add_argument("--num-prompts", type=int, default=None, help="default 400 quick, 1000 full")
+    p.add_argument("--peer-workload", default="512/512", help="constant IN/OUT lengths")
+    p.add_argument("--peer-prompts", type=int, default=256)
+    p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--online", action="store_true", help="also run online latency")
+    p.add_argument("--online-workload", default="sharegpt")
+    p.add_argument("--out", type=Path, default=None, help="folder for results/ and figures/")
+    p.add_argument("--budget-s", type=float, default=None, help="default 540 quick, 3000 full")
+    args = p.parse_args(argv)
+    if args.device == "auto":  # explicit index: the engine's torch.cuda.set_device needs one
+        import torch
+
+        args.device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    args.workloads = args.workloads or ",".join(QUICK_WORKLOADS if args.quick else ALL_WORKLOADS)
+    args.num_prompts = args.num_prompts or (400 if args.quick else 1000)
+    args.budget_s = args.budget_s or (540.0 if args.quick else 3000.0)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    bundle = os.environ.get("OUT") if args.out is None else None
+    root = args.out or (
+        Path(tempfile.mkdtemp()) / "experiments" if bundle else ROOT / "experiments"
+    )
+    runner = Runner(root / "results", args.budget_s)
+    executors = args.executors.split(",") + (["auto"] if args.profile else [])
+    for i, workload in enumerate(args.workloads.split(",")):
+        for executor in executors:
+            throughput(runner, args, workload, executor)
+        if i == 0 and not args.no_peer:
+            peer(runner, args)
+    if args.online:
+        online(runner, args)
+    for path in plots.make_all(runner.results, root / "figures"):
+        print(f"[run] figure {path.relative_to(root)}")
+    print(render(runner.results))
+    if bundle:
+        archive = shutil.make_archive(
+            str(Path(bundle) / "experiments"), "gztar", root.parent, root.name
+        )
+        print(f"[run] wrote {archive}: `tar xzf` it in the repository root to commit the results")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

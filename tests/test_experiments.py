@@ -1,0 +1,145 @@
+"""The experiment scripts on CPU: result files carry what makes them quotable, figures and the
+README table come from result files, and the transformers peer and the runner dry-run."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))
+
+import online_latency  # noqa: E402
+import plots  # noqa: E402
+import report  # noqa: E402
+
+ENV = {"device": "cuda:0", "gpu": "NVIDIA H100 80GB HBM3", "date": "2026-11-23T10:00:00+00:00"}
+
+
+def synthetic_results(folder: Path) -> None:
+    for executor, tps in (("sequential", 8000.0), ("nanobatch", 7600.0), ("overlapped", 9900.0)):
+        record = ENV | {
+            "experiment": "throughput",
+            "model": "llama-3-8b",
+            "executor": executor,
+            "result": {"workload": "512/512", "tokens_per_s": tps, "fraction_of_optimal": 0.4},
+        }
+        report.write_result(folder / f"throughput-{executor}.json", record, "nanoflow bench ...")
+    peer = ENV | {
+        "experiment": "peer_transformers",
+        "model": "llama-3-8b",
+        "workload": "512/512",
+        "result": {
+            "static": {"batch_size": 128, "tokens_per_s": 3000.0},
+            "continuous": {"error": "boom"},
+        },
+    }
+    report.write_result(folder / "peer_transformers-llama-3-8b.json", peer, "python peer")
+    points = [
+        {"request_rate": r, "normalized_latency_s": 0.05 * r, "ttft_p99_s": 0.1 * r}
+        for r in (1, 2, 4, 8)
+    ]
+    latency = ENV | {
+        "experiment": "online_latency",
+        "model": "llama-3-8b",
+        "workload": "sharegpt",
+        "result": {"slo_s_per_token": 0.2, "points": points, "max_rate_under_slo": 4},
+    }
+    report.write_result(folder / "online_latency.json", latency, "python online")
+    (folder / "unsourced.json").write_text(json.dumps({"result": {"tokens_per_s": 1e9}}))
+
+
+def test_write_result_stamps_required_keys(tmp_path):
+    path = report.write_result(tmp_path / "r.json", {"result": {}}, "cmd")
+    record = json.loads(path.read_text())
+    assert all(k in record for k in report.REQUIRED_KEYS)
+    assert record["command"] == "cmd" and record["versions"]["torch"]
+
+
+def test_report_table_from_results_only(tmp_path):
+    synthetic_results(tmp_path)
+    text = report.render(tmp_path)
+    assert "| llama-3-8b | 512/512 | nanoflow overlapped | 9,900 | 40.0 |" in text
+    assert "transformers static (B=128) | 3,000 |" in text
+    assert "continuous" not in text  # a failed mode has no number to quote
+    assert "1,000,000,000" not in text  # a file without device/versions/command/date is ignored
+    assert "4 req/s" in text
+
+
+def test_write_readme_between_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{report.START}\nold\n{report.END}\nafter\n")
+    report.write_readme(readme, "new table")
+    assert readme.read_text() == f"# x\n\n{report.START}\nnew table\n{report.END}\nafter\n"
+
+
+def test_plots_from_results(tmp_path):
+    synthetic_results(tmp_path / "results")
+    made = plots.make_all(tmp_path / "results", tmp_path / "figures")
+    assert sorted(p.name for p in made) == ["ablation.png", "latency.png", "throughput.png"]
+    records = [
+        {"unit": u, "op": op, "resource": res, "nano_batch": nb, "start_ms": s, "end_ms": s + 0.2}
+        for nb, s in ((0, 0.0), (1, 0.25))
+        for u, op, res in (("compute", "qkv", "compute"), ("memory", "decode_attn", "memory"))
+    ]
+    path = plots.draw_timeline(records, tmp_path / "figures" / "timeline.png", "test")
+    for p in [*made, path]:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_online_latency_summary():
+    requests = [{"latency_s": 2.0, "ttft_s": 0.1 * i, "output_tokens": 100} for i in range(1, 101)]
+    point = online_latency.summarize({"result": {"requests": requests}}, 4.0)
+    assert point["normalized_latency_s"] == pytest.approx(0.02)
+    assert point["ttft_p99_s"] == pytest.approx(9.9)
+    summary = {"completed": 10, "total_output_tokens": 1000, "mean_e2el_ms": 5000.0}
+    point = online_latency.summarize({"result": summary | {"p99_ttft_ms": 300.0}}, 2.0)
+    assert point["normalized_latency_s"] == pytest.approx(0.05)
+    assert point["ttft_p99_s"] == pytest.approx(0.3)
+    points = [
+        {"request_rate": 1, "normalized_latency_s": 0.1},
+        {"request_rate": 2, "normalized_latency_s": 0.3},
+        {"request_rate": 4, "normalized_latency_s": 0.1},
+    ]
+    assert online_latency.max_rate_under_slo(points, 0.2) == 1
+
+
+def test_peer_transformers_dry_run(tmp_path):
+    import peer_transformers
+
+    out = tmp_path / "peer.json"
+    argv = ["--model", "tiny", "--device", "cpu", "--workload", "16/4", "--num-prompts", "4"]
+    assert peer_transformers.main([*argv, "--output-json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert all(k in record for k in report.REQUIRED_KEYS)
+    assert record["result"]["static"]["output_tokens"] == 4 * 4
+    assert (
+        "tokens_per_s" in record["result"]["continuous"]
+        or "error" in record["result"]["continuous"]
+    )
+
+
+@pytest.mark.slow
+def test_run_dry_run(tmp_path, monkeypatch):
+    import run
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    argv = ["--model", "builtin", "--device", "cpu", "--num-prompts", "4", "--workloads", "16/4"]
+    argv += ["--executors", "sequential", "--peer-workload", "16/4", "--peer-prompts", "4"]
+    assert run.main(argv) == 0
+    with tarfile.open(tmp_path / "experiments.tar.gz") as archive:
+        archive.extractall(tmp_path, filter="data")
+    results = sorted((tmp_path / "experiments" / "results").glob("*.json"))
+    assert [p.name for p in results] == [
+        "peer_transformers-tiny.json",
+        "throughput-builtin-16_4-sequential.json",
+    ]
+    for path in results:
+        record = json.loads(path.read_text())
+        assert all(k in record for k in report.REQUIRED_KEYS), path.name
+        assert "error" not in record, record.get("error")
+    assert (tmp_path / "experiments" / "figures" / "throughput.png").exists()
