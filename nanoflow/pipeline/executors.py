@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -29,6 +31,14 @@ def launch_order(num_ops: int, num_nano_batches: int, order: LaunchOrder) -> lis
     return [
         (w - j, j) for w in range(waves) for j in range(num_nano_batches) if 0 <= w - j < num_ops
     ]
+
+
+@dataclass
+class _LayerPlan:
+    units: list[ExecutionUnit]
+    deps: list[tuple[int, ...]]
+    kv_op: int | None
+    order: list[tuple[int, int]]
 
 
 class SequentialExecutor:
@@ -68,6 +78,7 @@ class OverlappedExecutor:
         self.units: dict[str, ExecutionUnit] = build_units(schedule, device)
         self.hook: LaunchHook | None = None
         self._events: dict[tuple[int, int], torch.cuda.Event] = {}
+        self._plans: dict[tuple[tuple[str, ...], int], _LayerPlan] = {}
 
     def _event(self, op_index: int, nano_batch: int) -> torch.cuda.Event:
         """One reusable event per (op, nano-batch): its waiters are all enqueued before the
@@ -80,6 +91,20 @@ class OverlappedExecutor:
     def _unit_per_op(self, ops: list[Op]) -> list[ExecutionUnit]:
         return [self.units[self.schedule.unit_of(op.name, op.resource).name] for op in ops]
 
+    def _layer_plan(self, ops: list[Op], num_nano_batches: int) -> _LayerPlan:
+        """Units, dependencies and launch order of a layer: the same for every layer of a
+        model, so worked out once and kept off the per-launch path."""
+        key = (tuple(op.name for op in ops), num_nano_batches)
+        if key not in self._plans:
+            units = self._unit_per_op(ops)
+            self._plans[key] = _LayerPlan(
+                units=units,
+                deps=op_dependencies([op.name for op in ops], [op.after for op in ops]),
+                kv_op=next((k for k, op in enumerate(ops) if op.writes_kv), None),
+                order=launch_order(len(ops), num_nano_batches, self.schedule.launch_order),
+            )
+        return self._plans[key]
+
     def run(
         self, layer_ops: list[list[Op]], buffers: StepBuffers, nano_batches: list[NanoBatch]
     ) -> None:
@@ -89,38 +114,49 @@ class OverlappedExecutor:
         main = torch.cuda.current_stream(self.device)
         start = self._event(-1, 0)
         start.record(main)
-        waited: set[int] = set()
-        # (event, stream id) that op 0 of each nano-batch waits for: the previous layer's end
-        entry: list[tuple[torch.cuda.Event, int]] = [(start, id(main))] * len(nano_batches)
-        for layer, ops in enumerate(layer_ops):
-            units = self._unit_per_op(ops)
-            deps = op_dependencies([op.name for op in ops], [op.after for op in ops])
-            kv_op = next((k for k, op in enumerate(ops) if op.writes_kv), None)
-            for k, j in launch_order(len(ops), len(nano_batches), self.schedule.launch_order):
-                op, unit, nb = ops[k], units[k], nano_batches[j]
-                stream = unit.stream
-                if id(stream) not in waited:
-                    stream.wait_event(start)
-                    waited.add(id(stream))
-                needs = [(self._event(d, j), id(units[d].stream)) for d in deps[k]] or [entry[j]]
-                if op.reads_other_kv and kv_op is not None:
-                    needs += [(self._event(kv_op, i), id(units[kv_op].stream)) for i in nb.kv_deps]
-                for event, owner in needs:
-                    if owner != id(stream):
-                        stream.wait_event(event)
-                with unit.active():
+        for unit in self.units.values():
+            unit.stream.wait_event(start)
+        current, carveout = main, 0
+        # the event (and its stream) that op 0 of each nano-batch waits for: the previous layer
+        entry: list[tuple[torch.cuda.Event, Any]] = [(start, main)] * len(nano_batches)
+        try:
+            for layer, ops in enumerate(layer_ops):
+                plan = self._layer_plan(ops, len(nano_batches))
+                units = plan.units
+                for k, j in plan.order:
+                    op, unit, nb = ops[k], units[k], nano_batches[j]
+                    stream = unit.stream
+                    needs = [(self._event(d, j), units[d].stream) for d in plan.deps[k]]
+                    if not needs:
+                        needs = [entry[j]]
+                    if op.reads_other_kv and plan.kv_op is not None:
+                        kv_stream = units[plan.kv_op].stream
+                        needs += [(self._event(plan.kv_op, i), kv_stream) for i in nb.kv_deps]
+                    for event, owner in needs:
+                        if owner is not stream:
+                            stream.wait_event(event)
+                    if stream is not current:
+                        torch.cuda.set_stream(stream)
+                        current = stream
+                    if unit.sm_carveout != carveout:
+                        carveout = unit.sm_carveout
+                        torch._C._set_sm_carveout_experimental(carveout or None)
                     if self.hook:
                         self.hook(layer, op, nb, unit.spec.name, True)
                     op.fn(buffers, nb, unit.cta_budget)
                     if self.hook:
                         self.hook(layer, op, nb, unit.spec.name, False)
-                self._event(k, j).record(stream)
-            last = len(ops) - 1
-            entry = [
-                (self._event(last, j), id(units[last].stream)) for j in range(len(nano_batches))
-            ]
+                    self._event(k, j).record(stream)
+                tail = len(ops) - 1
+                entry = [
+                    (self._event(tail, j), units[tail].stream) for j in range(len(nano_batches))
+                ]
+        finally:
+            torch.cuda.set_stream(main)
+            if carveout:
+                torch._C._set_sm_carveout_experimental(None)
         for event, owner in entry:
-            if owner != id(main):
+            if owner is not main:
                 main.wait_event(event)
 
     def _run_inline(
