@@ -466,6 +466,8 @@ def main() -> int:
     args = parser.parse_args()
     torch.manual_seed(0)
     RESULTS.update(
+        experiment="kernels",
+        versions={"torch": torch.__version__, "triton": triton.__version__},
         device=torch.cuda.get_device_name(DEVICE) if GPU else "cpu",
         sm_count=sm_count(DEVICE),
         torch=torch.__version__,

@@ -381,7 +381,7 @@ def main() -> int:
     DEVICE = torch.device(args.device)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    record = {**environment(DEVICE), "command": " ".join(sys.argv)}
+    record = {**environment(DEVICE), "experiment": "pipeline", "command": " ".join(sys.argv)}
     gemm = None
     if DEVICE.type == "cuda":
         gemm = record["gemm_tflops"] = gemm_ceiling_tflops(DEVICE)

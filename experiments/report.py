@@ -142,9 +142,96 @@ def latency_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def pipeline_table(records: list[dict[str, Any]]) -> str:
+    """One row per schedule of a pipeline run: one fixed 2048-token iteration (GPU time and the
+    host's launch time) and offline throughput."""
+    lines = []
+    for record in records:
+        e2e = record.get("e2e") if record.get("experiment") == "pipeline" else None
+        if not isinstance(e2e, dict) or "schedules" not in e2e:
+            continue
+        lines += [
+            f"Pipeline, llama-3-8b, {record.get('gpu') or record['device']}, "
+            f"{record['date'][:10]} (`experiments/results/{record['_file']}`):",
+            "",
+            "| schedule | iteration GPU ms | host launch ms | offline tokens/s | % of optimal |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for name, row in e2e["schedules"].items():
+            it, tp = row.get("iteration", {}), row.get("throughput", {})
+            frac = row.get("fraction_of_optimal")
+            lines.append(
+                f"| {name} | {_fmt(it.get('gpu_ms'), '.1f')}"
+                f" | {_fmt(it.get('cpu_launch_ms'), '.1f')}"
+                f" | {_fmt(tp.get('tokens_per_s'), ',.0f')}"
+                f" | {_fmt(None if frac is None else 100 * frac, '.1f')} |"
+            )
+        lines.append("")
+    return "\n".join(lines).strip()
+
+
+def overlap_table(records: list[dict[str, Any]]) -> str:
+    """The overlap microbenchmark: a gate-up GEMM beside decode attention on two units."""
+    lines = []
+    for record in records:
+        rows_ = record.get("overlap") if record.get("experiment") == "pipeline" else None
+        if not isinstance(rows_, list):
+            continue
+        lines += [
+            f"Overlap microbenchmark, {record.get('gpu') or record['device']}, "
+            f"{record['date'][:10]} (`experiments/results/{record['_file']}`): gate-up GEMM "
+            "(tokens x 4096 x 28672) beside decode attention (256 sequences x context).",
+            "",
+            "| tokens / context | mechanism | SMs compute / memory | GEMM / attention alone on "
+            "their SMs, ms | together, ms | together / sum of full-GPU times |",
+            "| --- | --- | --- | --- | ---: | ---: |",
+        ]
+        for r in rows_:
+            if "corun_ms" not in r:
+                continue
+            sms = r.get("unit_sms", {})
+            full = r["gemm_full_ms"] + r["attn_full_ms"]
+            lines.append(
+                f"| {r['tokens']} / {r['context']} | {r['mechanism']} | "
+                f"{sms.get('compute')} / {sms.get('memory')} | {r['gemm_part_ms']:.2f} / "
+                f"{r['attn_part_ms']:.2f} | {r['corun_ms']:.2f} | {r['corun_ms'] / full:.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines).strip()
+
+
+def kernel_table(records: list[dict[str, Any]]) -> str:
+    """Decode attention against the copy-bandwidth ceiling measured in the same run."""
+    lines = []
+    for record in records:
+        if record.get("experiment") != "kernels":
+            continue
+        ceil = record.get("ceilings", {})
+        decode = record.get("decode_attention", {}).get("rows", [])
+        lines += [
+            f"Kernels, {record['device']}, {record['date'][:10]} "
+            f"(`experiments/results/{record['_file']}`; ceilings in the same run: copy "
+            f"{_fmt(ceil.get('copy_gbs'), ',.0f')} GB/s, "
+            f"GEMM {_fmt(ceil.get('gemm_bf16_tflops'), '.0f')} TFLOP/s). "
+            "Decode attention, batch 256, fraction of copy bandwidth:",
+            "",
+            "| context | 33 CTAs | 66 CTAs | 132 CTAs | full grid |",
+            "| ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for ctx in sorted({r["context"] for r in decode}):
+            by = {r["num_ctas"]: r["frac_copy_bw"] for r in decode if r["context"] == ctx}
+            cells = " | ".join(_fmt(by.get(n), ".2f") for n in (33, 66, 132, None))
+            lines.append(f"| {ctx} | {cells} |")
+        lines.append("")
+    return "\n".join(lines).strip()
+
+
 def render(folder: Path) -> str:
     records = load_results(folder)
     parts = [throughput_table(records)]
+    for extra in (pipeline_table(records), overlap_table(records), kernel_table(records)):
+        if extra:
+            parts.append(extra)
     latency = latency_table(records)
     if latency:
         parts.append("Online latency:\n\n" + latency)

@@ -24,6 +24,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
+    env["versions"] = {"torch": env["torch"], "triton": env["triton"], "python": env["python"]}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(

@@ -143,3 +143,51 @@ def test_run_dry_run(tmp_path, monkeypatch):
         assert all(k in record for k in report.REQUIRED_KEYS), path.name
         assert "error" not in record, record.get("error")
     assert (tmp_path / "experiments" / "figures" / "throughput.png").exists()
+
+
+def test_report_renders_pipeline_overlap_and_kernel_runs(tmp_path):
+    stamp = {"device": "cuda", "gpu": "GPU-X", "versions": {}, "command": "c", "date": "2026-01-01"}
+    pipeline = {
+        **stamp,
+        "experiment": "pipeline",
+        "e2e": {
+            "schedules": {
+                "sequential": {
+                    "iteration": {"gpu_ms": 50.0, "cpu_launch_ms": 20.0},
+                    "throughput": {"tokens_per_s": 12345.0},
+                    "fraction_of_optimal": 0.25,
+                }
+            }
+        },
+        "overlap": [
+            {
+                "tokens": 2048,
+                "context": 1024,
+                "mechanism": "green_context",
+                "unit_sms": {"compute": 88, "memory": 44},
+                "gemm_full_ms": 0.6,
+                "attn_full_ms": 0.4,
+                "gemm_part_ms": 0.9,
+                "attn_part_ms": 0.8,
+                "corun_ms": 0.95,
+            }
+        ],
+    }
+    kernels = {
+        **stamp,
+        "experiment": "kernels",
+        "ceilings": {"copy_gbs": 3000.0, "gemm_bf16_tflops": 780.0},
+        "decode_attention": {
+            "rows": [
+                {"context": 1024, "num_ctas": 33, "frac_copy_bw": 0.5},
+                {"context": 1024, "num_ctas": None, "frac_copy_bw": 0.9},
+            ]
+        },
+    }
+    (tmp_path / "pipe.json").write_text(json.dumps(pipeline))
+    (tmp_path / "kern.json").write_text(json.dumps(kernels))
+    text = report.render(tmp_path)
+    assert "| sequential | 50.0 | 20.0 | 12,345 | 25.0 |" in text
+    assert "| 2048 / 1024 | green_context | 88 / 44 | 0.90 / 0.80 | 0.95 | 0.95 |" in text
+    assert "| 1024 | 0.50 |  |  | 0.90 |" in text
+    assert "GEMM 780 TFLOP/s" in text

@@ -70,6 +70,8 @@ def run_throughput(args: argparse.Namespace) -> int:
         )
     record = {
         **environment(device),
+        "experiment": "throughput",
+        "executor": args.executor,
         "command": " ".join(sys.argv),
         "args": vars(args) | {"func": None},
         "model": args.model,
