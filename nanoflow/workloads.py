@@ -19,6 +19,10 @@ LMSYS-Chat-1M       102 (169)    222 (210)
 ShareGPT            246 (547)    322 (244)
 =================  ============  ============
 
+These figures could not be re-read from the paper's text when this module was written: re-check
+them against the paper (or compute them from the repository's traces) before quoting results as
+paper-shaped.
+
 The underlying traces: Splitwise's Azure LLM inference conversation trace (Patel et al., ISCA 2024,
 github.com/Azure/AzurePublicDataset, AzureLLMInferenceDataset2023), LMSYS-Chat-1M (Zheng et al.,
 ICLR 2024, arXiv:2309.11998) and ShareGPT (huggingface.co/datasets/anon8231489123/
