@@ -24,7 +24,6 @@ ABLATION = {
     "nanoflow nanobatch": "nano-batches,\nno overlap",
     "nanoflow overlapped": "overlapped",
 }
-RESOURCE_COLORS = {"compute": "tab:blue", "memory": "tab:orange", "network": "tab:green"}
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -112,39 +111,6 @@ def latency_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
     left.set(xlabel="request rate (req/s)", ylabel="normalized latency (s/token)")
     right.set(xlabel="request rate (req/s)", ylabel="TTFT p99 (s)")
     left.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def draw_timeline(records: list[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """A Gantt chart of one iteration: one row per execution unit, one bar per (op, nano-batch)
-    coloured by op class (``resource`` when given, else the op name), nano-batch index on the bar.
-    Records are dicts ``{unit, op, nano_batch, start_ms, end_ms[, resource]}``."""
-    units = sorted({r["unit"] for r in records})
-    classes = sorted({r.get("resource", r["op"]) for r in records})
-    colors = {c: RESOURCE_COLORS.get(c, f"C{i}") for i, c in enumerate(classes)}
-    fig, ax = plt.subplots(figsize=(14, 1.2 + 0.8 * len(units)))
-    for r in records:
-        row = units.index(r["unit"])
-        left, width = r["start_ms"], r["end_ms"] - r["start_ms"]
-        ax.barh(
-            row,
-            width,
-            left=left,
-            height=0.6,
-            color=colors[r.get("resource", r["op"])],
-            edgecolor="black",
-            linewidth=0.3,
-        )
-        ax.text(left + width / 2, row, str(r["nano_batch"]), ha="center", va="center", fontsize=5)
-    ax.set_yticks(range(len(units)), units)
-    ax.set_xlabel("time (ms)")
-    ax.set_title(title or "pipeline timeline")
-    ax.legend(
-        [plt.Rectangle((0, 0), 1, 1, color=colors[c]) for c in classes],
-        classes,
-        loc="upper right",
-        fontsize=7,
-    )
     return _save(fig, path)
 
 

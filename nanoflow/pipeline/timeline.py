@@ -85,6 +85,8 @@ def draw_timeline(records: list[TimelineRecord], path: str | Path, title: str = 
                 edgecolor="black",
                 linewidth=0.3,
             )
+            middle = (r.start_ms + r.end_ms) / 2
+            ax.text(middle, row, str(r.nano_batch), ha="center", va="center", fontsize=5)
     ax.set_yticks(range(len(units)), units)
     ax.set_xlabel("time (ms)")
     ax.set_title(title or "pipeline timeline")
