@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from nanoflow.autotune.steady_state import SteadyBatch
 from nanoflow.autotune.tables import OpTable, OpTables
-
 from nanoflow.pipeline.executors import launch_order
 from nanoflow.pipeline.ops import Resource, op_dependencies
 from nanoflow.pipeline.schedule import PipelineSchedule, split_counts

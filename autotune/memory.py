@@ -8,7 +8,6 @@ does not see. So the search never proposes such a batch.
 from __future__ import annotations
 
 from nanoflow.autotune.steady_state import SteadyBatch, WorkloadShape, steady_batch
-
 from nanoflow.models.spec import ModelSpec
 
 ACTIVATION_SLACK_BYTES = 2 << 30  # the engine's allowance for activations and allocator slack

@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable
 
 import torch
-from nanoflow.autotune.tables import OpTable, OpTables
 from tqdm import tqdm
 
+from nanoflow.autotune.tables import OpTable, OpTables
 from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.engine.batch import AttentionChunks, NanoBatch, StepBuffers
 from nanoflow.measure import time_cuda

@@ -12,7 +12,6 @@ import datetime
 from collections.abc import Callable
 
 from nanoflow.autotune.tables import OpTable, OpTables
-
 from nanoflow.errors import ConfigError
 from nanoflow.models.llama import OP_AFTER
 from nanoflow.models.spec import ModelSpec

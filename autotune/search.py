@@ -14,11 +14,11 @@ import math
 from dataclasses import dataclass
 
 import optuna
+
 from nanoflow.autotune.cost_model import predict
 from nanoflow.autotune.memory import kv_fits
 from nanoflow.autotune.steady_state import WorkloadShape, steady_batch
 from nanoflow.autotune.tables import OpTables
-
 from nanoflow.models.spec import ModelSpec
 from nanoflow.pipeline.ops import Resource
 from nanoflow.pipeline.schedule import (

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import torch
+
 from nanoflow.autotune.profile import Profile, gpu_slug
 from nanoflow.autotune.roofline import roofline_tables
 from nanoflow.autotune.search import (
@@ -23,7 +24,6 @@ from nanoflow.autotune.search import (
 from nanoflow.autotune.steady_state import WorkloadShape, steady_batch
 from nanoflow.autotune.tables import OpTables, load_tables, save_tables
 from nanoflow.autotune.validate import Measured, validate
-
 from nanoflow.config import EngineConfig
 from nanoflow.engine.engine_core import EngineCore
 from nanoflow.errors import ConfigError, ProfileError

@@ -12,10 +12,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from nanoflow.autotune.search import Candidate
-from nanoflow.autotune.steady_state import SteadyBatch, WorkloadShape, steady_batch
 from tqdm import tqdm
 
+from nanoflow.autotune.search import Candidate
+from nanoflow.autotune.steady_state import SteadyBatch, WorkloadShape, steady_batch
 from nanoflow.engine.engine_core import EngineCore
 from nanoflow.engine.sampling_params import SamplingParams
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk

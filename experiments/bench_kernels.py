@@ -41,6 +41,7 @@ if not GPU:  # a dry run: the kernels run in Triton's interpreter (set before th
 
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
+
 from nanoflow.kernels._compat import sm_count  # noqa: E402
 from nanoflow.kernels.activation import silu_and_mul_ref, silu_and_mul_triton  # noqa: E402
 from nanoflow.kernels.decode_attention import (  # noqa: E402

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-from nanoflow.autotune.profile import load_profile, profile_path, save_profile
-from nanoflow.autotune.tuner import TuneOptions, tune
 
 from nanoflow import LLM, SamplingParams
+from nanoflow.autotune.profile import load_profile, profile_path, save_profile
+from nanoflow.autotune.tuner import TuneOptions, tune
 from nanoflow.measure import environment, gemm_ceiling_tflops, optimal_throughput
 from nanoflow.models.loader import resolve_model
 from nanoflow.pipeline.schedule import default_overlapped_schedule, sequential_schedule

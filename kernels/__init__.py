@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
 from nanoflow.kernels.activation import silu_and_mul_ref
 from nanoflow.kernels.decode_attention import paged_decode_attention_ref
 from nanoflow.kernels.fused_moe import fused_moe_ref

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from nanoflow.kernels._compat import as_rows, cdiv, jit, next_pow2, num_warps_for, tl
 
 

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+
 from nanoflow.kernels._compat import cdiv, check_num_ctas, jit, next_pow2, sm_count, tl
 
 LOG2E = math.log2(math.e)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from nanoflow.kernels._compat import cdiv, check_num_ctas, jit, sm_count, tl
 
 

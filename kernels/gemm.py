@@ -6,6 +6,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+
 from nanoflow.kernels._compat import as_rows, cdiv, check_num_ctas, jit, sm_count, tl
 
 

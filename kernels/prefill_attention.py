@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from nanoflow.kernels._compat import cdiv, check_num_ctas, jit, next_pow2, tl
 from nanoflow.kernels.decode_attention import LOG2E, check_paged_inputs, gather_kv
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from nanoflow.kernels._compat import as_rows, jit, next_pow2, num_warps_for, tl
 
 

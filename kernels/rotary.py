@@ -4,6 +4,7 @@ writing the token's K and V into the paged cache."""
 from __future__ import annotations
 
 import torch
+
 from nanoflow.kernels._compat import jit, next_pow2, tl
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from nanoflow import LLM, SamplingParams
 from nanoflow.autotune.cost_model import predict
 from nanoflow.autotune.profile import Profile, load_profile, profile_path, save_profile
 from nanoflow.autotune.search import SearchSpace, run_search, top_candidates
 from nanoflow.autotune.steady_state import SteadyBatch, WorkloadShape, steady_batch
 from nanoflow.autotune.tables import OpTable, OpTables, load_tables, save_tables
-
-from nanoflow import LLM, SamplingParams
 from nanoflow.errors import ProfileError
 from nanoflow.models.builtin import BUILTIN_SPEC
 from nanoflow.pipeline.schedule import (

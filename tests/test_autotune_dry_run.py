@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from nanoflow.autotune.profile import load_profile
 from nanoflow.autotune.tables import load_tables
-
 from nanoflow.cli.main import main
 from nanoflow.models.builtin import BUILTIN_SPEC
 

@@ -24,8 +24,22 @@ def _run(script: str, args: list[str], out: Path) -> dict:
 def test_pipeline_bench_dry_run(tmp_path):
     record = _run(
         "pipeline_bench.py",
-        ["--device", "cpu", "--model", "builtin", "--num-prompts", "4", "--budget", "64",
-         "--context", "48", "--input-len", "24", "--output-len", "6"],
+        [
+            "--device",
+            "cpu",
+            "--model",
+            "builtin",
+            "--num-prompts",
+            "4",
+            "--budget",
+            "64",
+            "--context",
+            "48",
+            "--input-len",
+            "24",
+            "--output-len",
+            "6",
+        ],
         tmp_path,
     )
     assert record["parity"]["greedy_identical_vs_hf_fp32"] == record["parity"]["prompts"]
@@ -43,8 +57,18 @@ def test_pipeline_bench_dry_run(tmp_path):
 def test_tp_bench_dry_run(tmp_path, llama_checkpoint):
     record = _run(
         "tp_bench.py",
-        ["--device", "cpu", "--model", str(llama_checkpoint[0]), "--tp", "2",
-         "--num-prompts", "3", "--workload", "12/4"],
+        [
+            "--device",
+            "cpu",
+            "--model",
+            str(llama_checkpoint[0]),
+            "--tp",
+            "2",
+            "--num-prompts",
+            "3",
+            "--workload",
+            "12/4",
+        ],
         tmp_path,
     )
     assert {r["executor"] for r in record["results"]} == {"sequential", "overlapped"}

@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from nanoflow import kernels
 from nanoflow.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
 from nanoflow.kernels.decode_attention import (
     DecodeConfig,
@@ -30,8 +31,6 @@ from nanoflow.kernels.prefill_attention import (
 )
 from nanoflow.kernels.rms_norm import rms_norm_ref, rms_norm_triton
 from nanoflow.kernels.rotary import rope_kv_write_ref, rope_kv_write_triton
-
-from nanoflow import kernels
 
 DTYPES = [torch.float32, torch.float16]
 DTYPE_IDS = ["fp32", "fp16"]

@@ -62,14 +62,36 @@ def test_torchrun_style_launch_matches_single_process(llama_checkpoint, tmp_path
     prompt = " ".join(str(t) for t in PROMPTS[0])
 
     def generate(extra: list[str], launcher: list[str]) -> list[int]:
-        cmd = [*launcher, "-m", "nanoflow.cli.main", "generate", str(folder), "--device", "cpu",
-               "--dtype", "float32", "--max-tokens", "8", "--json", "--prompt-ids", prompt, *extra]
+        cmd = [
+            *launcher,
+            "-m",
+            "nanoflow.cli.main",
+            "generate",
+            str(folder),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--max-tokens",
+            "8",
+            "--json",
+            "--prompt-ids",
+            prompt,
+            *extra,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         return json.loads(lines[0])["token_ids"]
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                "--master-port", "29533"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29533",
+    ]
     single = generate([], [sys.executable])
     assert generate(["--tensor-parallel-size", "2"], torchrun) == single

@@ -14,9 +14,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate text for prompts (offline)")
     add_engine_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompt-ids", action="append", default=[],
-                   help="a prompt as space-separated token ids (repeatable; for tokenizer-less "
-                        "dummy models)")
+    p.add_argument(
+        "--prompt-ids",
+        action="append",
+        default=[],
+        help="a prompt as space-separated token ids (repeatable; for tokenizer-less dummy models)",
+    )
     p.add_argument("--prompts-file", default=None, help="one prompt per line ('-' for stdin)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
