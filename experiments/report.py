@@ -154,9 +154,20 @@ def pipeline_table(records: list[dict[str, Any]]) -> str:
             f"Pipeline, llama-3-8b, {record.get('gpu') or record['device']}, "
             f"{record['date'][:10]} (`experiments/results/{record['_file']}`):",
             "",
-            "| schedule | iteration GPU ms | host launch ms | offline tokens/s | % of optimal |",
-            "| --- | ---: | ---: | ---: | ---: |",
+            "| schedule | iteration GPU ms | host launch ms | offline tokens/s | % of optimal "
+            "| greedy tokens as sequential |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
+        parity = record.get("parity", {})
+        if "prompts" in parity:
+            lines[-2:-2] = [
+                f"bf16 parity with transformers on a tiny random checkpoint: greedy 16 tokens "
+                f"identical for {parity['greedy_identical_vs_hf_same_dtype']}/{parity['prompts']} "
+                f"prompts vs transformers bf16, {parity['greedy_identical_vs_hf_fp32']}/"
+                f"{parity['prompts']} vs fp32; largest logits relative error vs fp32 "
+                f"{parity['max_logits_rel_err_vs_fp32']:.1e}.",
+                "",
+            ]
         for name, row in e2e["schedules"].items():
             it, tp = row.get("iteration", {}), row.get("throughput", {})
             frac = row.get("fraction_of_optimal")
@@ -164,7 +175,8 @@ def pipeline_table(records: list[dict[str, Any]]) -> str:
                 f"| {name} | {_fmt(it.get('gpu_ms'), '.1f')}"
                 f" | {_fmt(it.get('cpu_launch_ms'), '.1f')}"
                 f" | {_fmt(tp.get('tokens_per_s'), ',.0f')}"
-                f" | {_fmt(None if frac is None else 100 * frac, '.1f')} |"
+                f" | {_fmt(None if frac is None else 100 * frac, '.1f')}"
+                f" | {_fmt(row.get('greedy_16_identical_to_sequential'), '.0%')} |"
             )
         lines.append("")
     return "\n".join(lines).strip()

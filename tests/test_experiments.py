@@ -181,7 +181,7 @@ def test_report_renders_pipeline_overlap_and_kernel_runs(tmp_path):
     (tmp_path / "pipe.json").write_text(json.dumps(pipeline))
     (tmp_path / "kern.json").write_text(json.dumps(kernels))
     text = report.render(tmp_path)
-    assert "| sequential | 50.0 | 20.0 | 12,345 | 25.0 |" in text
+    assert "| sequential | 50.0 | 20.0 | 12,345 | 25.0 |  |" in text
     assert "| 2048 / 1024 | green_context | 88 / 44 | 0.90 / 0.80 | 0.95 | 0.95 |" in text
     assert "| 1024 | 0.50 |  |  | 0.90 |" in text
     assert "GEMM 780 TFLOP/s" in text
