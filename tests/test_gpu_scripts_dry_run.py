@@ -73,3 +73,21 @@ def test_tp_bench_dry_run(tmp_path, llama_checkpoint):
     )
     assert {r["executor"] for r in record["results"]} == {"sequential", "overlapped"}
     assert "error" not in record
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["moe", "offload"])
+def test_moe_offload_bench_dry_run(tmp_path, mode):
+    args = ["--device", "cpu", "--model", "tiny", "--num-prompts", "3", "--input-len", "16",
+            "--output-len", "4", "--budget", "64"]  # fmt: skip
+    record = _run("moe_offload_bench.py", args + (["--offload"] if mode == "offload" else []),
+                  tmp_path)  # fmt: skip
+    for key in ("date", "torch", "command", "device"):
+        assert record[key]
+    if mode == "moe":
+        assert max(row["rel_err_vs_ref"] for row in record["kernel"]) < 1e-5
+        for row in record["schedules"].values():
+            assert "error" not in row and row["greedy_16_identical_to_sequential"] == 1.0
+    else:
+        assert record["parity"]["greedy_identical"] == record["parity"]["prompts"]
+        assert record["offloaded_layers"] and record["h2d_gbs"] > 0
