@@ -23,7 +23,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def output_root() -> Path:
-    """$OUT on the device machine (what comes back from a device call), else experiments/."""
+    """The folder named by $OUT when set (a remote run's output folder), else experiments/."""
     return Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "experiments"
 
 

@@ -4,10 +4,10 @@ given) on constant-length and dataset-shaped workloads, the transformers peer, o
 latency; then the figures and the results table. Each measurement is a subprocess (a fresh CUDA
 context, so one crash or leak cannot skew the next) and writes its own stamped JSON.
 
-Results go to experiments/results and experiments/figures (or --out); on the device machine, where
-only a few files come back, to one archive $OUT/experiments.tar.gz to unpack in the repository
-root. A wall-clock budget skips what would not fit, recording it as skipped rather than running
-late.
+Results go to experiments/results and experiments/figures (or --out); with $OUT set (a remote run
+that hands back one output folder), to one archive $OUT/experiments.tar.gz to unpack in the
+repository root. A wall-clock budget skips what would not fit, recording it as skipped rather
+than running late.
 
 Usage: python experiments/run.py --quick                      (~9 min on an H100)
        python experiments/run.py [--profile P] [--online] [--budget-s S]
