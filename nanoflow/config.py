@@ -34,6 +34,7 @@ class EngineConfig:
     offload_weights: str | None = None
     offload_fraction: float | None = None
     async_scheduling: bool | None = None  # None: on for CUDA without tensor parallelism
+    cuda_graphs: bool = False  # replay decode-only iterations from CUDA graphs
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -56,6 +57,8 @@ class EngineConfig:
             raise ConfigError("max_num_seqs must be positive")
         if self.tensor_parallel_size < 1:
             raise ConfigError("tensor_parallel_size must be positive")
+        if self.cuda_graphs and self.tensor_parallel_size > 1:
+            raise ConfigError("cuda_graphs is not supported with tensor parallelism yet")
         if self.offload_weights not in (None, "cpu"):
             raise ConfigError(
                 f"offload_weights must be None or 'cpu', not {self.offload_weights!r}"

@@ -46,6 +46,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay decode-only iterations from CUDA graphs (one per batch-size bucket)",
+    )
+    parser.add_argument(
         "--offload-weights",
         default=None,
         choices=["cpu"],
@@ -75,6 +80,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "num_kv_blocks": args.num_kv_blocks,
         "tensor_parallel_size": args.tensor_parallel_size,
         "seed": args.seed,
+        "cuda_graphs": args.cuda_graphs,
         "offload_weights": args.offload_weights,
         "offload_fraction": args.offload_fraction,
     }

@@ -11,6 +11,7 @@ import torch
 from nanoflow.config import EngineConfig
 from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.engine.batch import PreparedStep, StepBuffers, prepare_step
+from nanoflow.engine.cuda_graphs import Capture, DecodeGraphs, cuda_capture
 from nanoflow.engine.sampler import sample
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.errors import ConfigError
@@ -96,8 +97,10 @@ class ModelRunner:
             spec, max_num_batched_tokens, self.device, self.dtype, group.size
         )
         self.num_blocks = self._num_kv_blocks(weights)
+        # one block more than the block manager hands out: the scratch block CUDA-graph padding
+        # rows write to
         self.model = build_model(
-            spec, weights, self.num_blocks, config.block_size, self.device, self.dtype, group
+            spec, weights, self.num_blocks + 1, config.block_size, self.device, self.dtype, group
         )
         if self.offload is not None:
             self.offload.attach(self.model)
@@ -108,6 +111,22 @@ class ModelRunner:
             self.on_schedule(schedule)
         self.schedule = schedule
         self.executor: Executor = make_executor(schedule, self.device)
+        self.graphs: DecodeGraphs | None = None
+        if self.config.cuda_graphs:
+            if self.device.type != "cuda":
+                raise ConfigError("cuda_graphs needs a CUDA device")
+            self.graphs = self.decode_graphs(cuda_capture(torch.cuda.graph_pool_handle()))
+
+    def decode_graphs(self, capture: Capture) -> DecodeGraphs:
+        """Graphs of decode-only iterations of this runner's model, schedule and executor."""
+        width = min(
+            self.num_blocks, -(-self.spec.max_position_embeddings // self.config.block_size)
+        )
+        return DecodeGraphs(
+            self.model, self.executor, self.buffers, self.schedule, self.config.block_size,
+            width, self.num_blocks, min(self.config.max_num_seqs, self.max_num_batched_tokens),
+            capture,
+        )  # fmt: skip
 
     def _num_kv_blocks(self, weights: dict[str, torch.Tensor]) -> int:
         if self.config.num_kv_blocks is not None:
@@ -166,6 +185,9 @@ class ModelRunner:
             step.input_ids[torch.tensor(rows, device=self.device)] = previous.token_ids[
                 torch.tensor(sources, device=self.device)
             ]
-        logits = self.forward(step)
+        if self.graphs is not None and self.graphs.eligible(plan):
+            logits = self.graphs.forward(plan, step)
+        else:
+            logits = self.forward(step)
         result = sample(logits, [c.seq for c in step.sampling_chunks])
         return InFlight.start(step.sampling_chunks, result.token_ids, result.logprobs)

@@ -155,9 +155,12 @@ class OverlappedExecutor:
             torch.cuda.set_stream(main)
             if carveout:
                 torch._C._set_sm_carveout_experimental(None)
-        for event, owner in entry:
-            if owner is not main:
-                main.wait_event(event)
+        # Join every unit's stream back (also those this iteration gave no work), so the main
+        # stream, and a CUDA graph being captured on it, ends after all of it.
+        for i, unit in enumerate(self.units.values()):
+            done = self._event(-2, i)
+            done.record(unit.stream)
+            main.wait_event(done)
 
     def _run_inline(
         self, layer_ops: list[list[Op]], buffers: StepBuffers, nano_batches: list[NanoBatch]
