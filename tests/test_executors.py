@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from nanoflow import LLM, SamplingParams
 from nanoflow.engine.batch import prepare_step
@@ -87,11 +88,29 @@ def test_launch_orders_respect_dependencies(order):
         seen.add((k, j))
 
 
-def test_default_schedule_leaves_a_quarter_of_the_sms_to_memory_ops():
-    schedule = default_overlapped_schedule(132)
-    units = {u.name: u.num_sms for u in schedule.units}
-    assert units["memory"] == 32 and units["compute"] == 100
+@pytest.mark.parametrize(
+    "model, tp, expected",
+    [
+        ("llama-3-8b", 1, {"compute": 88, "memory": 44}),  # GQA: a third to memory
+        ("llama-2-7b", 1, {"compute": 66, "memory": 66}),  # multi-head: half
+        ("llama-2-70b", 2, {"compute": 88, "memory": 44, "network": 16}),
+    ],
+)
+def test_hand_written_schedule_per_architecture(model, tp, expected):
+    from nanoflow.config import EngineConfig
+    from nanoflow.models.registry import get_known_model
+    from nanoflow.pipeline.schedule_select import architecture_schedule
+
+    config = EngineConfig(model=model, device="cpu", tensor_parallel_size=tp)
+    schedule = architecture_schedule(config, get_known_model(model), torch.device("cpu"))
+    assert {u.name: u.num_sms for u in schedule.units} == expected
     assert schedule.overlap and schedule.num_nano_batches == 2
+    assert schedule.op_units["network"] == ("network" if tp > 1 else "compute")
+
+
+def test_default_schedule_without_a_tensor_parallel_group_has_no_network_unit():
+    schedule = default_overlapped_schedule(132)
+    assert [u.name for u in schedule.units] == ["compute", "memory"]
 
 
 @pytest.mark.parametrize("executor", ["sequential", "overlapped"])

@@ -127,19 +127,28 @@ def nano_batch_schedule(num_nano_batches: int = 2) -> PipelineSchedule:
     return PipelineSchedule(decode_shares=shares, prefill_shares=shares)
 
 
-def default_overlapped_schedule(num_sms: int, num_nano_batches: int = 2) -> PipelineSchedule:
-    """The hand-written schedule used without a profile: GEMMs on ~3/4 of the SMs, memory-bound
-    ops (decode attention, norms, RoPE) on the rest, collectives on a small unit of their own."""
-    memory_sms = max(8, (num_sms // 4) // 8 * 8)
+def default_overlapped_schedule(
+    num_sms: int,
+    num_nano_batches: int = 2,
+    memory_fraction: float = 0.25,
+    mechanism: Mechanism = Mechanism.CTA_LIMIT,
+    network_sms: int | None = None,
+) -> PipelineSchedule:
+    """A hand-written overlapped schedule: GEMMs on most of the SMs, memory-bound ops (decode
+    attention, norms, RoPE) on ``memory_fraction`` of them and, with tensor parallelism, the
+    collectives on a small unit of their own (without one, network ops share the compute unit)."""
+    memory_sms = max(8, int(num_sms * memory_fraction))
     shares = tuple([1.0 / num_nano_batches] * num_nano_batches)
+    units = [UnitSpec("compute", num_sms - memory_sms), UnitSpec("memory", memory_sms)]
+    op_units = {"compute": "compute", "memory": "memory", "network": "compute"}
+    if network_sms is not None:
+        units.append(UnitSpec("network", network_sms))
+        op_units["network"] = "network"
     return PipelineSchedule(
         decode_shares=shares,
         prefill_shares=shares,
-        units=(
-            UnitSpec("compute", num_sms - memory_sms),
-            UnitSpec("memory", memory_sms),
-            UnitSpec("network", max(8, num_sms // 16)),
-        ),
-        op_units={r.value: r.value for r in Resource},
+        units=tuple(units),
+        op_units=op_units,
+        mechanism=mechanism,
         overlap=True,
     )
