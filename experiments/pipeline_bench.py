@@ -307,6 +307,7 @@ def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | Non
         device=str(DEVICE),
         max_num_batched_tokens=args.budget,
         num_kv_blocks=args.num_kv_blocks,
+        cuda_graphs=args.cuda_graphs,
     )
     schedules = {
         "sequential": sequential_schedule(),
@@ -375,6 +376,9 @@ def main() -> int:
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=512)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="replay decode-only iterations from graphs"
+    )
     parser.add_argument("--skip", action="append", default=[], help="parity|overlap|e2e")
     args = parser.parse_args()
     global DEVICE
