@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -69,11 +70,13 @@ class InFlight:
 
 
 class ModelRunner:
+    """One rank's model, KV cache, step buffers and executor (and decode graphs when enabled)."""
+
     def __init__(
         self,
         config: EngineConfig,
         spec: ModelSpec,
-        checkpoint,
+        checkpoint: Path | None,
         schedule: PipelineSchedule,
         max_num_batched_tokens: int,
         group: ParallelGroup,
