@@ -115,6 +115,7 @@ def parity_bf16() -> dict:
     whole = LLM(folder, max_num_batched_tokens=1024, **small)
     same16 = same32 = 0
     rel_errs = []
+    divergences = []
     for prompt, out in zip(prompts, outs, strict=True):
         got = out.outputs[0].token_ids
         ids = torch.tensor([prompt], device=DEVICE)
@@ -132,7 +133,16 @@ def parity_bf16() -> dict:
         # engine logits of the same positions: prefill of prompt+output in one chunk
         seq_logits = _engine_logits(whole, prompt + got, len(prompt))
         rel_errs.append(((seq_logits - want).norm() / want.norm()).item())
+        if got != g32:  # is the first disagreement a near-tie in the fp32 logits?
+            step = next(i for i, (a, b) in enumerate(zip(got, g32, strict=True)) if a != b)
+            top2 = want[step].topk(2).values
+            divergences.append({
+                "step": step,
+                "fp32_top2_margin": (top2[0] - top2[1]).item(),
+                "engine_max_abs_logit_error": (seq_logits[step] - want[step]).abs().max().item(),
+            })  # fmt: skip
     return {
+        "divergences_vs_fp32": divergences,
         "dtype": str(low),
         "prompts": len(prompts),
         "greedy_identical_vs_hf_same_dtype": same16,
