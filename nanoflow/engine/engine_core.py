@@ -16,6 +16,7 @@ from nanoflow.engine.scheduler import Scheduler
 from nanoflow.engine.sequence import PLACEHOLDER, Sequence
 from nanoflow.errors import RequestError
 from nanoflow.models.loader import resolve_model
+from nanoflow.pipeline.schedule import PipelineSchedule
 from nanoflow.pipeline.schedule_select import select_schedule
 
 logger = logging.getLogger(__name__)
@@ -48,14 +49,12 @@ class StepStats:
 
 
 class EngineCore:
-    def __init__(
-        self,
-        config: EngineConfig,
-        detokenize: Detokenize | None = None,
-        group: ParallelGroup | None = None,
-    ) -> None:
+    """Requests in, tokens out: owns the scheduler, the block manager and rank 0's runner."""
+
+    def __init__(self, config: EngineConfig, detokenize: Detokenize | None = None) -> None:
         self.launcher = None
-        if config.tensor_parallel_size > 1 and group is None:
+        group = ParallelGroup()
+        if config.tensor_parallel_size > 1:
             from nanoflow.distributed.launcher import TensorParallelLauncher
 
             self.launcher = TensorParallelLauncher(config)
@@ -64,12 +63,10 @@ class EngineCore:
         self.detokenize = detokenize
         self.spec, checkpoint = resolve_model(config.model)
         device = config.torch_device()
-        self.schedule, budget, source = select_schedule(config, self.spec, device)
+        schedule, budget, source = select_schedule(config, self.spec, device)
         logger.info("pipeline schedule: %s", source)
         self.schedule_source = source
-        self.runner = ModelRunner(
-            config, self.spec, checkpoint, self.schedule, budget, group or ParallelGroup()
-        )
+        self.runner = ModelRunner(config, self.spec, checkpoint, schedule, budget, group)
         if self.launcher is not None:
             self.runner.on_plan = self.launcher.broadcast
             self.runner.on_schedule = self.launcher.broadcast_schedule
@@ -109,6 +106,10 @@ class EngineCore:
 
     def abort_request(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id) is not None
+
+    @property
+    def schedule(self) -> PipelineSchedule:
+        return self.runner.schedule
 
     def shutdown(self) -> None:
         """Release the tensor-parallel workers (no-op without tensor parallelism)."""
