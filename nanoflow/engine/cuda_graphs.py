@@ -77,6 +77,13 @@ class DecodeGraphs:
         self.sizes = [b for b in BUCKETS if b <= max_batch]
         self.capture = capture
         self.buckets: dict[int, _Bucket] = {}
+        # Host staging for the block tables, rewritten in place each step rather than rebuilt as
+        # Python lists (a table is up to max_batch x max_blocks_per_seq entries). Pageable on
+        # purpose: a copy from pageable memory is staged before it returns, so the next step may
+        # rewrite these while the GPU is still behind.
+        largest = self.sizes[-1] if self.sizes else 0
+        self.host_tables = torch.full((largest, self.width), scratch_block, dtype=torch.int32)
+        self.host_lens = torch.ones(largest, dtype=torch.int32)
 
     def eligible(self, plan: BatchPlan) -> bool:
         return (
@@ -90,12 +97,15 @@ class DecodeGraphs:
         """Logits of the plan's decodes (rows in plan order, as ``prepare_step`` laid them out)."""
         n = len(plan.decodes)
         bucket = self._bucket(next(size for size in self.sizes if size >= n))
-        pad = [self.scratch_block] * self.width
-        tables = [c.seq.block_table + pad[len(c.seq.block_table) :] for c in plan.decodes]
-        tables += [pad] * (bucket.size - n)
-        lens = [c.start + 1 for c in plan.decodes] + [1] * (bucket.size - n)
-        bucket.block_tables.copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
-        bucket.context_lens.copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
+        tables, lens = self.host_tables.numpy(), self.host_lens.numpy()
+        tables[: bucket.size].fill(self.scratch_block)
+        lens[: bucket.size].fill(1)
+        for i, chunk in enumerate(plan.decodes):
+            table = chunk.seq.block_table
+            tables[i, : len(table)] = table
+            lens[i] = chunk.start + 1
+        bucket.block_tables.copy_(self.host_tables[: bucket.size], non_blocking=True)
+        bucket.context_lens.copy_(self.host_lens[: bucket.size], non_blocking=True)
         bucket.input_ids[:n].copy_(step.input_ids)
         bucket.input_ids[n:].zero_()
         self.buffers.positions[n : bucket.size].zero_()

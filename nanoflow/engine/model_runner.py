@@ -122,9 +122,9 @@ class ModelRunner:
 
     def decode_graphs(self, capture: Capture) -> DecodeGraphs:
         """Graphs of decode-only iterations of this runner's model, schedule and executor."""
-        width = min(
-            self.num_blocks, -(-self.spec.max_position_embeddings // self.config.block_size)
-        )
+        max_len = min(self.config.max_model_len or self.spec.max_position_embeddings,
+                      self.spec.max_position_embeddings)  # fmt: skip
+        width = min(self.num_blocks, -(-max_len // self.config.block_size))
         return DecodeGraphs(
             self.model, self.executor, self.buffers, self.schedule, self.config.block_size,
             width, self.num_blocks, min(self.config.max_num_seqs, self.max_num_batched_tokens),
