@@ -69,15 +69,11 @@ class Simulator:
         return False
 
 
-def _ops(sim: Simulator, network: bool) -> list[Op]:
-    """The Llama layer's real op list (names, classes, dependencies), with recording bodies."""
+def _llama_ops(network: bool) -> list[Op]:
+    """The Llama layer's real op list: names, classes and dependencies (bodies replaced)."""
     layer = DecoderLayer.__new__(DecoderLayer)
     layer.group = types.SimpleNamespace(size=2 if network else 1)
-    real = layer.ops()
-    return [
-        dataclasses.replace(op, fn=lambda b, nb, sms, name=op.name: sim.run_op((0, name, nb.index)))
-        for op in real
-    ]
+    return layer.ops()
 
 
 @pytest.mark.parametrize("order", list(LaunchOrder))
@@ -120,7 +116,7 @@ def test_every_dependency_happens_before(monkeypatch, order, network, op_units):
     num_layers = 3
     layer_ops = []
     for layer in range(num_layers):
-        ops = _ops(sim, network)
+        ops = _llama_ops(network)
         layer_ops.append([
             dataclasses.replace(op, fn=lambda b, nb, sms, n=op.name, L=layer:
                                 sim.run_op((L, n, nb.index)))
