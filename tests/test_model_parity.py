@@ -72,7 +72,7 @@ def _hf_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
         {},
         {"max_num_batched_tokens": 8},  # the longest prompt is split over iterations
         # a small cache and an optimistic output-length guess force preemption
-        {"num_kv_blocks": 6, "block_size": 8, "expected_output_len": 1},
+        {"num_kv_blocks": 8, "block_size": 8, "expected_output_len": 1},
     ],
     ids=["packed", "chunked-prefill", "preemption"],
 )

@@ -96,7 +96,7 @@ def test_decodes_come_first_and_prompts_fill_the_budget():
 
 
 def test_preempted_request_is_recomputed_not_dropped():
-    blocks = BlockManager(4, 2)
+    blocks = BlockManager(5, 2)
     scheduler = Scheduler(blocks, 16, 8, expected_output_len=1)
     a = Sequence("a", [1, 2, 3], SamplingParams(max_tokens=4))
     b = Sequence("b", [4, 5, 6], SamplingParams(max_tokens=4))
@@ -114,4 +114,54 @@ def test_preempted_request_is_recomputed_not_dropped():
                     scheduler.finish(c.seq, "length")
     assert [s.request_id for s in preempted][:1] == ["b"]
     assert a.output_token_ids == b.output_token_ids == [9] * 4
-    assert blocks.num_free_blocks == 4
+    assert blocks.num_free_blocks == 5
+
+
+class PeakSumScheduler(Scheduler):
+    """Admission as if every request reached its peak at the same moment."""
+
+    def _admits(self, seq: Sequence) -> bool:
+        def peak(s: Sequence) -> int:
+            return self.blocks.blocks_for(self._expected_length(s))
+
+        return sum(peak(s) for s in self.running) + peak(seq) <= self.blocks.num_blocks
+
+
+def _drain(scheduler: Scheduler) -> tuple[int, int]:
+    """Run every request to its max_tokens; (iterations, preemptions)."""
+    iterations = preempted = 0
+    while scheduler.has_unfinished:
+        plan = scheduler.plan()
+        iterations += 1
+        preempted += len(plan.preempted)
+        scheduler.commit(plan)
+        for chunk in plan.chunks:
+            if chunk.samples:
+                chunk.seq.output_token_ids.append(5)
+                if len(chunk.seq.output_token_ids) == chunk.seq.params.max_tokens:
+                    scheduler.finish(chunk.seq, "length")
+    return iterations, preempted
+
+
+def test_admission_by_predicted_usage_over_time_beats_summing_peaks():
+    """Requests at different stages peak at different times: predicting usage step by step
+    keeps more requests running than summing their peaks, with no preemption when the output
+    lengths are known."""
+    import random
+
+    rng = random.Random(0)
+    lengths = [(rng.randint(4, 40), rng.randint(4, 60)) for _ in range(80)]
+
+    def run(kind: type[Scheduler]) -> tuple[int, int]:
+        blocks = BlockManager(96, 4)
+        scheduler = kind(blocks, max_num_batched_tokens=64, max_num_seqs=1000)
+        for i, (prompt, output) in enumerate(lengths):
+            scheduler.add(Sequence(f"r{i}", [3] * prompt, SamplingParams(max_tokens=output)))
+        result = _drain(scheduler)
+        assert blocks.num_free_blocks == 96
+        return result
+
+    over_time, preempted = run(Scheduler)
+    summed, _ = run(PeakSumScheduler)
+    assert preempted == 0
+    assert over_time < summed

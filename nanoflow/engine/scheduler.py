@@ -158,16 +158,38 @@ class Scheduler:
         room = (len(seq.block_table) + self.blocks.num_free_blocks) * self.blocks.block_size
         return max(0, min(seq.num_pending_tokens, budget, room - seq.num_computed_tokens))
 
-    def _predicted_peak_blocks(self, seq: Sequence) -> int:
+    def _expected_length(self, seq: Sequence) -> int:
         expected = seq.params.max_tokens
         if self.expected_output_len is not None:
             expected = min(expected, self.expected_output_len)
-        peak = len(seq.prompt_token_ids) + max(expected, len(seq.output_token_ids) + 1)
-        return max(len(seq.block_table), self.blocks.blocks_for(peak))
+        return len(seq.prompt_token_ids) + max(expected, len(seq.output_token_ids) + 1)
 
     def _admits(self, seq: Sequence) -> bool:
-        committed = sum(self._predicted_peak_blocks(s) for s in self.running)
-        return committed + self._predicted_peak_blocks(seq) <= self.blocks.num_blocks
+        """Whether the cache holds the running requests and ``seq`` at every future step.
+
+        Each request grows one token per step until its expected end, then frees everything, so
+        requests at different stages peak at different times: the predicted usage is highest at
+        one of those ends. At the end of the k-th longest-remaining request the k longest are
+        still alive, each at (tokens now + steps) tokens; prefix sums over the requests sorted
+        by remaining steps give every such total in one pass. (Counting each request's own peak
+        as if all came at once would keep the batch far smaller than the cache allows.)
+        """
+        lives = [
+            (max(0, self._expected_length(s) - s.num_tokens), s.num_tokens) for s in self.running
+        ]
+        lives.append((self._expected_length(seq) - len(seq.prompt_token_ids),
+                      len(seq.prompt_token_ids)))  # fmt: skip
+        lives.sort(reverse=True)
+        alive_tokens = 0
+        for count, (remaining, now) in enumerate(lives, start=1):
+            alive_tokens += now
+            # at step ``remaining`` the ``count`` longest-lived requests hold at most these
+            # blocks (each request's last block rounded up)
+            size = self.blocks.block_size
+            blocks = (alive_tokens + count * (remaining + size - 1)) // size
+            if blocks > self.blocks.num_blocks:
+                return False
+        return True
 
     def _make_room(
         self, seq: Sequence, num_tokens: int, scheduled: set[str], plan: BatchPlan
