@@ -20,7 +20,7 @@ def test_engine_parity_and_executors_on_triton_kernels():
     selection = [
         f"{parity}::test_greedy_generation_matches_transformers[llama3-chunked-prefill]",
         f"{parity}::test_prefill_and_decode_logits_match_transformers[qwen2]",
-        f"{TESTS / 'test_executors.py'}::test_executors_agree[12]",
+        f"{TESTS / 'test_executors.py'}::test_executors_agree[llama3-12]",
     ]
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *selection],
