@@ -26,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_throughput(args: argparse.Namespace) -> int:
     from nanoflow import LLM, SamplingParams
+    from nanoflow.engine.engine_core import RunStats
     from nanoflow.measure import environment, gemm_ceiling_tflops, optimal_throughput
     from nanoflow.workloads import load_workload, random_prompts
 
@@ -39,6 +40,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     warmup = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[: min(8, len(prompts))], warmup, use_tqdm=False)
     engine.runner.synchronize()
+    engine.stats = RunStats()  # count the measured run only
     started = time.perf_counter()
     outputs = llm.generate(prompts, params)
     engine.runner.synchronize()
@@ -58,6 +60,7 @@ def run_throughput(args: argparse.Namespace) -> int:
         "token_budget": engine.scheduler.max_num_batched_tokens,
         "num_kv_blocks": engine.runner.num_blocks,
         "preemptions": sum(int(o.metrics["num_preemptions"]) for o in outputs),
+        "iterations": engine.stats.summary(),
     }
     device = engine.runner.device
     if device.type == "cuda":

@@ -45,7 +45,35 @@ class StepStats:
     num_tokens: int = 0
     num_decode: int = 0
     num_prefill_tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # host time to plan and launch the iteration
+
+
+@dataclass
+class RunStats:
+    """Totals over the engine's life: what a throughput figure is made of."""
+
+    iterations: int = 0
+    decode_only_iterations: int = 0
+    tokens: int = 0
+    decode_tokens: int = 0
+    launch_seconds: float = 0.0
+
+    def add(self, step: StepStats) -> None:
+        self.iterations += 1
+        self.decode_only_iterations += step.num_prefill_tokens == 0
+        self.tokens += step.num_tokens
+        self.decode_tokens += step.num_decode
+        self.launch_seconds += step.seconds
+
+    def summary(self) -> dict[str, float]:
+        n = max(1, self.iterations)
+        return {
+            "iterations": self.iterations,
+            "tokens_per_iteration": self.tokens / n,
+            "decodes_per_iteration": self.decode_tokens / n,
+            "decode_only_fraction": self.decode_only_iterations / n,
+            "host_launch_ms_per_iteration": 1e3 * self.launch_seconds / n,
+        }
 
 
 class EngineCore:
@@ -82,6 +110,7 @@ class EngineCore:
         )
         self.eos_token_ids = set(self.spec.eos_token_ids)
         self.last_step = StepStats()
+        self.stats = RunStats()
         self.async_scheduling = config.use_async_scheduling()
         self.in_flight: InFlight | None = None
 
@@ -147,6 +176,7 @@ class EngineCore:
                 plan.num_prefill_tokens,
                 time.perf_counter() - started,
             )
+            self.stats.add(self.last_step)
         previous, self.in_flight = self.in_flight, launched
         if not self.async_scheduling and launched is not None:
             previous, self.in_flight = launched, None
