@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from nanoflow import LLM, SamplingParams
+from nanoflow.engine.engine_core import RunStats
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.sequence import Sequence
 from nanoflow.measure import (
@@ -298,6 +299,7 @@ def throughput(llm: LLM, num_prompts: int, in_len: int, out_len: int) -> dict:
     prompts = random_prompts(requests, llm.engine.spec.vocab_size, seed=1)
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
     sync()
+    llm.engine.stats = RunStats()
     start = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
     sync()
@@ -306,6 +308,7 @@ def throughput(llm: LLM, num_prompts: int, in_len: int, out_len: int) -> dict:
         "num_prompts": num_prompts,
         "elapsed_s": elapsed,
         "tokens_per_s": num_prompts * (in_len + out_len) / elapsed,
+        "iterations": llm.engine.stats.summary(),
     }
 
 
