@@ -91,3 +91,13 @@ def test_moe_offload_bench_dry_run(tmp_path, mode):
     else:
         assert record["parity"]["greedy_identical"] == record["parity"]["prompts"]
         assert record["offloaded_layers"] and record["h2d_gbs"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_bench_kernels_dry_run(tmp_path):
+    """On CPU the kernel benchmark checks every kernel (interpreter, tiny shapes, fp32)."""
+    record = _run("bench_kernels.py", [], tmp_path)
+    assert record["checks"] and all(check["ok"] for check in record["checks"])
+    assert not record["errors"]
+    for key in ("date", "versions", "command", "device"):
+        assert record[key]
