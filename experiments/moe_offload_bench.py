@@ -36,7 +36,13 @@ from pathlib import Path
 import torch
 
 from nanoflow import LLM, SamplingParams
-from nanoflow.measure import environment, gemm_ceiling_tflops, optimal_throughput, time_cuda
+from nanoflow.measure import (
+    environment,
+    gemm_ceiling_tflops,
+    optimal_throughput,
+    time_cuda,
+    token_agreement,
+)
 from nanoflow.pipeline.schedule import default_overlapped_schedule, sequential_schedule
 from nanoflow.workloads import constant, random_prompts
 
@@ -191,9 +197,7 @@ def moe_mode(args: argparse.Namespace, record: dict) -> None:
             llm.engine.runner.set_schedule(schedule)
             tokens = greedy(llm, 16, 64)
             reference = reference or tokens
-            row["greedy_16_identical_to_sequential"] = sum(
-                a == b for a, b in zip(tokens, reference, strict=True)
-            ) / len(tokens)
+            row["greedy_16_identical_to_sequential"] = token_agreement(tokens, reference)
             row["offline"] = offline(llm, args.num_prompts, args.input_len, args.output_len)
             if optimal:
                 row["fraction_of_optimal"] = row["offline"]["tokens_per_s"] / optimal

@@ -35,6 +35,7 @@ from nanoflow.measure import (
     gemm_ceiling_tflops,
     optimal_throughput,
     time_cuda,
+    token_agreement,
 )
 from nanoflow.pipeline.schedule import (
     Mechanism,
@@ -346,9 +347,7 @@ def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | Non
             row["iteration"] = time_iteration(llm, plan)
             tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
             reference_tokens = reference_tokens or tokens
-            row["greedy_16_identical_to_sequential"] = sum(
-                a == b for a, b in zip(tokens, reference_tokens, strict=True)
-            ) / len(tokens)
+            row["greedy_16_identical_to_sequential"] = token_agreement(tokens, reference_tokens)
             row["throughput"] = throughput(llm, args.num_prompts, args.input_len, args.output_len)
             if optimal:
                 row["fraction_of_optimal"] = row["throughput"]["tokens_per_s"] / optimal

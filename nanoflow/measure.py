@@ -70,6 +70,11 @@ def copy_bandwidth_gbs(device: torch.device, gib: float = 2.0) -> float:
     return 2 * n * 2 / seconds / 1e9
 
 
+def token_agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
+    """Fraction of requests whose generated tokens equal the reference's exactly."""
+    return sum(a == b for a, b in zip(tokens, reference, strict=True)) / len(tokens)
+
+
 def optimal_throughput(spec: ModelSpec, gemm_flops_per_s: float) -> float:
     """NanoFlow's bound for compute-bound serving: tokens/s = GEMM rate / (2 x params per token)."""
     return gemm_flops_per_s / (2 * spec.params_per_token())
