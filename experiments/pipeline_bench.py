@@ -15,6 +15,7 @@ Usage: python experiments/pipeline_bench.py [--out DIR] [--num-prompts N]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -26,6 +27,8 @@ from pathlib import Path
 import torch
 
 from nanoflow import LLM, SamplingParams
+from nanoflow.engine.batch import PreparedStep, prepare_step
+from nanoflow.engine.cuda_graphs import GraphStats
 from nanoflow.engine.engine_core import RunStats
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.sequence import Sequence
@@ -68,12 +71,16 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def overlapped(compute: int, memory: int, mechanism: Mechanism, nano: int = 2) -> PipelineSchedule:
+def overlapped(
+    compute: int | None, memory: int, mechanism: Mechanism, nano: int = 2, priority: int = 0
+) -> PipelineSchedule:
+    """Two units; ``compute=None`` leaves GEMMs the whole GPU, the memory unit's kernels then
+    share SMs with them under a CTA limit (and ``priority`` for its stream)."""
     shares = tuple([1.0 / nano] * nano)
     return PipelineSchedule(
         decode_shares=shares,
         prefill_shares=shares,
-        units=(UnitSpec("compute", compute), UnitSpec("memory", memory)),
+        units=(UnitSpec("compute", compute), UnitSpec("memory", memory, priority)),
         op_units={"compute": "compute", "memory": "memory", "network": "compute"},
         mechanism=mechanism,
         overlap=True,
@@ -275,10 +282,41 @@ def fixed_plan(llm: LLM, decodes: int, ctx: int, prefill_chunks: int, chunk: int
     return plan
 
 
-def time_iteration(llm: LLM, plan: BatchPlan) -> dict:
+def eager_step(llm: LLM, plan: BatchPlan) -> PreparedStep:
+    """The plan laid out unpadded, to run with eager launches even when graphs are on."""
+    runner = llm.engine.runner
+    return prepare_step(plan, runner.schedule, runner.buffers, runner.config.block_size, DEVICE)
+
+
+def graph_check(llm: LLM, plan: BatchPlan) -> dict:
+    """Logits of one step three ways: unpadded and eager, padded and eager, padded and replayed
+    from the graph. Replay against padded-eager isolates the capture; padded against unpadded
+    shows what other GEMM shapes change in bf16."""
     runner = llm.engine.runner
     with torch.inference_mode():
+        eager = runner.forward(eager_step(llm, plan)).clone()
         step = runner.prepare(plan)
+        replayed = runner.forward(step).clone()
+        padded = runner.forward(dataclasses.replace(step, replay=None)).clone()
+
+    def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
+        return {
+            "max_abs_diff": (a - b).abs().max().item(),
+            "argmax_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
+        }
+
+    return {
+        "rows": eager.shape[0],
+        "max_abs_logit": eager.abs().max().item(),
+        "replayed_vs_padded_eager": compare(replayed, padded),
+        "padded_vs_unpadded_eager": compare(padded, eager),
+    }
+
+
+def time_iteration(llm: LLM, plan: BatchPlan, eager: bool = False) -> dict:
+    runner = llm.engine.runner
+    with torch.inference_mode():
+        step = eager_step(llm, plan) if eager else runner.prepare(plan)
         gpu = time_any(lambda: runner.forward(step))
         cpu = []
         for _ in range(5):
@@ -301,16 +339,22 @@ def throughput(llm: LLM, num_prompts: int, in_len: int, out_len: int) -> dict:
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
     sync()
     llm.engine.stats = RunStats()
+    graphs = llm.engine.runner.graphs
+    if graphs is not None:
+        graphs.stats = GraphStats()
     start = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
     sync()
     elapsed = time.perf_counter() - start
-    return {
+    result = {
         "num_prompts": num_prompts,
         "elapsed_s": elapsed,
         "tokens_per_s": num_prompts * (in_len + out_len) / elapsed,
         "iterations": llm.engine.stats.summary(),
     }
+    if graphs is not None:  # the throughput above includes capturing the run's new shapes
+        result["cuda_graphs"] = graphs.stats.summary()
+    return result
 
 
 def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | None) -> dict:
@@ -326,9 +370,10 @@ def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | Non
     schedules = {
         "sequential": sequential_schedule(),
         "nanobatch-2": nano_batch_schedule(2),
-        "overlap-cta-100/32": overlapped(100, 32, Mechanism.CTA_LIMIT),
-        "overlap-green-96/36": overlapped(96, 36, Mechanism.GREEN_CONTEXT),
         "overlap-green-88/44": overlapped(88, 44, Mechanism.GREEN_CONTEXT),
+        "overlap-shared-all/32": overlapped(None, 32, Mechanism.CTA_LIMIT),
+        "overlap-shared-all/32-high": overlapped(None, 32, Mechanism.CTA_LIMIT, priority=-1),
+        "overlap-shared-all/66-high": overlapped(None, 66, Mechanism.CTA_LIMIT, priority=-1),
     }
     if DEVICE.type != "cuda":  # green contexts need a GPU; the rest runs as a dry run
         schedules = {k: v for k, v in schedules.items() if "green" not in k}
@@ -338,6 +383,11 @@ def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | Non
     greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     result: dict = {"num_kv_blocks": llm.engine.runner.num_blocks, "schedules": {}}
     reference_tokens = None
+    if llm.engine.runner.graphs is not None:  # the reference runs eagerly, graphs are checked
+        llm.engine.runner.graphs = None
+        outs = llm.generate(prompts, greedy, use_tqdm=False)
+        reference_tokens = [o.outputs[0].token_ids for o in outs]
+        result["reference"] = "sequential executor, eager launches"
     optimal = optimal_throughput(llm.engine.spec, gemm_tflops * 1e12) if gemm_tflops else None
     result["optimal_tokens_per_s"] = optimal
     for name, schedule in schedules.items():
@@ -345,6 +395,9 @@ def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | Non
         try:
             llm.engine.runner.set_schedule(schedule)
             row["iteration"] = time_iteration(llm, plan)
+            if llm.engine.runner.graphs is not None:
+                row["iteration_eager"] = time_iteration(llm, plan, eager=True)
+                row["graph_check"] = graph_check(llm, plan)
             tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
             reference_tokens = reference_tokens or tokens
             row["greedy_16_identical_to_sequential"] = token_agreement(tokens, reference_tokens)
@@ -362,17 +415,30 @@ def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | Non
 
 
 def record_timeline(llm: LLM, plan: BatchPlan, out_dir: Path, name: str) -> str:
+    """One iteration's timeline: launched eagerly, or with graphs on, captured with its timing
+    events inside the graph and replayed (so the host's launch gaps are not in it)."""
     runner = llm.engine.runner
-    recorder = TimelineRecorder()
+    graphed = runner.graphs is not None
+    recorder = TimelineRecorder(in_graph=graphed)
     with torch.inference_mode():
         step = runner.prepare(plan)
         runner.forward(step)
-        recorder.attach(runner.executor)
-        runner.forward(step)
+        if graphed:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                recorder.attach(runner.executor)
+                runner.model.embed(step.input_ids, runner.buffers)
+                runner.executor.run(runner.model.layer_ops, runner.buffers, step.nano_batches)
+            graph.replay()
+        else:
+            recorder.attach(runner.executor)
+            runner.forward(step)
         runner.executor.hook = None
     records = [r for r in recorder.records() if r.layer < 4]
     png = out_dir / "timeline_overlapped.png"
-    draw_timeline(records, png, f"llama-3-8b, {name}, layers 0-3 of one 2048-token iteration")
+    how = "CUDA graph replay" if graphed else "eager launch"
+    title = f"llama-3-8b, {name} ({how}), layers 0-3 of one 2048-token iteration"
+    draw_timeline(records, png, title)
     (out_dir / "timeline_overlapped.json").write_text(json.dumps(as_dicts(records)))
     return png.name
 
@@ -389,7 +455,7 @@ def main() -> int:
     parser.add_argument("--output-len", type=int, default=512)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument(
-        "--cuda-graphs", action="store_true", help="replay decode-only iterations from graphs"
+        "--cuda-graphs", action="store_true", help="replay iterations from CUDA graphs"
     )
     parser.add_argument("--skip", action="append", default=[], help="parity|overlap|e2e")
     args = parser.parse_args()

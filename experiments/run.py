@@ -86,11 +86,13 @@ def nanoflow_exe() -> str:
 
 
 def throughput(runner: Runner, args: argparse.Namespace, workload: str, executor: str) -> None:
-    label = "tuned" if executor == "auto" else executor
+    label = ("tuned" if executor == "auto" else executor) + ("-graphs" if args.cuda_graphs else "")
     out = runner.results / f"throughput-{args.model}-{slug(workload)}-{label}.json"
     cmd = [nanoflow_exe(), "bench", "throughput", args.model, "--load-format", "dummy"]
     cmd += ["--executor", executor, "--workload", workload, "--num-prompts", str(args.num_prompts)]
     cmd += ["--device", args.device, "--output-json", str(out)]
+    if args.cuda_graphs:
+        cmd += ["--cuda-graphs"]
     if executor == "auto":
         cmd += ["--profile", args.profile]
     runner.run(
@@ -140,6 +142,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peer-workload", default="512/512", help="constant IN/OUT lengths")
     p.add_argument("--peer-prompts", type=int, default=256)
     p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--cuda-graphs", action="store_true", help="nanoflow replays CUDA graphs")
     p.add_argument("--online", action="store_true", help="also run online latency")
     p.add_argument("--online-workload", default="sharegpt")
     p.add_argument("--out", type=Path, default=None, help="folder for results/ and figures/")

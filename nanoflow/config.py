@@ -34,7 +34,7 @@ class EngineConfig:
     offload_weights: str | None = None
     offload_fraction: float | None = None
     async_scheduling: bool | None = None  # None: on for CUDA without tensor parallelism
-    cuda_graphs: bool = False  # replay decode-only iterations from CUDA graphs
+    cuda_graphs: bool = False  # replay iterations from CUDA graphs, one per padded shape
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):

@@ -1,50 +1,77 @@
-"""Decode-graph bookkeeping (static buffers, buckets, padding rows on a scratch block), checked on
-CPU with a capture that replays the forward eagerly: same tokens as the plain path."""
+"""Step-graph bookkeeping (padded shapes, static buffers, chunk slots, scratch-block padding),
+checked on CPU with a capture that replays the step eagerly: same tokens as the unpadded path."""
 
 from __future__ import annotations
 
 import pytest
 
 from nanoflow import LLM, SamplingParams
-from nanoflow.engine.cuda_graphs import BUCKETS
+from nanoflow.engine.batch import lay_out
+from nanoflow.engine.cuda_graphs import DECODE_ROUND, PREFILL_ROUND
+from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
+from nanoflow.engine.sequence import Sequence
 from nanoflow.errors import ConfigError
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 64, 12, 7], [11, 23, 5], [3, 9, 27, 81, 14] * 3, [77], [1, 2]]
 
 
-def _eager(forward):
-    return forward
+def _eager(run):
+    return run
 
 
-def _tokens(folder, graphs: bool, **kwargs) -> tuple[list[list[int]], set[int]]:
+def _generate(folder, graphs: bool, **kwargs):
     llm = LLM(str(folder), dtype="float32", device="cpu", **kwargs)
     runner = llm.engine.runner
     if graphs:
-        runner.graphs = runner.decode_graphs(_eager)
+        runner.graphs = runner.step_graphs(_eager)
     params = [SamplingParams(max_tokens=6 + i, temperature=0.0, ignore_eos=True)
               for i in range(len(PROMPTS))]  # fmt: skip
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
-    used = set(runner.graphs.buckets) if runner.graphs else set()
-    return [o.outputs[0].token_ids for o in outs], used
+    shapes = set(runner.graphs.graphs) if runner.graphs else set()
+    return [o.outputs[0].token_ids for o in outs], shapes
 
 
 @pytest.mark.parametrize("executor", ["sequential", "overlapped"])
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_graph_path_gives_the_same_tokens(llama_checkpoint, executor, async_scheduling):
     folder, _ = llama_checkpoint
-    kwargs = {"executor": executor, "async_scheduling": async_scheduling}
-    plain, _ = _tokens(folder, False, **kwargs)
-    replayed, buckets = _tokens(folder, True, **kwargs)
+    # a small token budget so prompts are split into chunks that share steps with decodes
+    kwargs = {"executor": executor, "async_scheduling": async_scheduling,
+              "max_num_batched_tokens": 8}  # fmt: skip
+    plain, _ = _generate(folder, False, **kwargs)
+    replayed, shapes = _generate(folder, True, **kwargs)
     assert replayed == plain
-    assert buckets and buckets <= set(BUCKETS)  # decode-only steps went through the graphs
+    decode_rows = [sum(decodes) for decodes, _, _ in shapes]
+    prefill_rows = [sum(prefills) for _, prefills, _ in shapes]
+    assert all(d % DECODE_ROUND == 0 for d in decode_rows)
+    assert all(p % PREFILL_ROUND == 0 for p in prefill_rows)
+    mixed = [d and p for d, p in zip(decode_rows, prefill_rows, strict=True)]
+    assert any(mixed) and 0 in prefill_rows  # mixed and decode-only steps both went through
 
 
-def test_scratch_block_is_outside_the_block_managers_range(llama_checkpoint):
-    folder, _ = llama_checkpoint
-    llm = LLM(str(folder), dtype="float32", device="cpu", num_kv_blocks=10)
-    assert llm.engine.blocks.num_blocks == 10
-    assert llm.engine.runner.model.layers[0].k_cache.shape[0] == 11
+def _seq(rid: str, prompt_len: int, first_block: int, block_size: int = 4) -> Sequence:
+    seq = Sequence(rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=4))
+    seq.block_table = list(range(first_block, first_block + -(-prompt_len // block_size)))
+    return seq
+
+
+def test_padded_layout_fills_nano_batches_in_order_and_pads_the_rest():
+    a, b = _seq("a", 10, 0), _seq("b", 6, 3)
+    plan = BatchPlan(prefills=[ScheduledChunk(a, 0, 10), ScheduledChunk(b, 0, 6)])
+    layout = lay_out(plan, [0, 0], [12, 12], block_size=4, pad_slot=99)
+    first, second = layout.nano_batches
+    assert (first.start, first.end, second.start, second.end) == (0, 12, 12, 24)
+    assert [(c.seq.request_id, c.start, c.num_tokens) for c in second.pieces] == [("b", 2, 4)]
+    assert second.kv_deps == (0,)  # b's first two tokens are in the first nano-batch
+    assert layout.slots[16:] == [99] * 8 and layout.input_ids[16:] == [0] * 8
+    assert layout.sample_rows == [9, 15]  # each prompt's last token
+
+
+def test_layout_rejects_a_plan_larger_than_its_rows():
+    plan = BatchPlan(prefills=[ScheduledChunk(_seq("a", 10, 0), 0, 10)])
+    with pytest.raises(ValueError, match="more tokens"):
+        lay_out(plan, [0], [8], block_size=4)
 
 
 def test_cuda_graphs_need_a_gpu():

@@ -35,7 +35,7 @@ def test_round_trip():
     schedule = PipelineSchedule(
         decode_shares=(0.25, 0.75),
         prefill_shares=(0.5, 0.5),
-        units=(UnitSpec("a", 96), UnitSpec("b", 36)),
+        units=(UnitSpec("a", 96), UnitSpec("b", 36, priority=-1)),
         op_units={"compute": "a", "memory": "b", "network": "b", "qkv_proj": "b"},
         launch_order=LaunchOrder.WAVEFRONT,
         mechanism=Mechanism.GREEN_CONTEXT,

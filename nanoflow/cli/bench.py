@@ -26,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_throughput(args: argparse.Namespace) -> int:
     from nanoflow import LLM, SamplingParams
+    from nanoflow.engine.cuda_graphs import GraphStats
     from nanoflow.engine.engine_core import RunStats
     from nanoflow.measure import environment, gemm_ceiling_tflops, optimal_throughput
     from nanoflow.workloads import load_workload, random_prompts
@@ -41,6 +42,9 @@ def run_throughput(args: argparse.Namespace) -> int:
     llm.generate(prompts[: min(8, len(prompts))], warmup, use_tqdm=False)
     engine.runner.synchronize()
     engine.stats = RunStats()  # count the measured run only
+    graphs = engine.runner.graphs
+    if graphs is not None:
+        graphs.stats = GraphStats()
     started = time.perf_counter()
     outputs = llm.generate(prompts, params)
     engine.runner.synchronize()
@@ -62,6 +66,8 @@ def run_throughput(args: argparse.Namespace) -> int:
         "preemptions": sum(int(o.metrics["num_preemptions"]) for o in outputs),
         "iterations": engine.stats.summary(),
     }
+    if graphs is not None:
+        result["cuda_graphs"] = graphs.stats.summary()
     device = engine.runner.device
     if device.type == "cuda":
         tflops = gemm_ceiling_tflops(device)

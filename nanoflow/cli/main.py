@@ -48,7 +48,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cuda-graphs",
         action="store_true",
-        help="replay decode-only iterations from CUDA graphs (one per batch-size bucket)",
+        help="replay iterations from CUDA graphs, one per padded step shape",
     )
     parser.add_argument(
         "--offload-weights",

@@ -6,12 +6,14 @@ so every op of a nano-batch works on one contiguous slice of the step buffers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.sequence import PLACEHOLDER
+from nanoflow.engine.upload import copy_to, to_device
 from nanoflow.models.spec import ModelSpec
 from nanoflow.pipeline.schedule import PipelineSchedule, split_counts
 
@@ -89,15 +91,47 @@ class PreparedStep:
     sampling_chunks: list[ScheduledChunk]
     num_tokens: int
     placeholder_rows: list[tuple[int, str]]  # (row, request) whose input is still on the GPU
+    replay: Callable[[], None] | None = None  # a CUDA graph of embed + layers, when one fits
+
+
+@dataclass
+class NanoBatchRows:
+    """One nano-batch's rows: its decode part then its prefill part, each possibly padded."""
+
+    start: int
+    decode_rows: int
+    prefill_rows: int
+    decodes: list[ScheduledChunk]
+    pieces: list[ScheduledChunk]
+    kv_deps: tuple[int, ...]
+
+    @property
+    def end(self) -> int:
+        return self.start + self.decode_rows + self.prefill_rows
+
+
+@dataclass
+class RowLayout:
+    """Host-side rows of a step, nano-batch by nano-batch: what is uploaded and what each
+    nano-batch's attention covers."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    nano_batches: list[NanoBatchRows]
+    sample_rows: list[int]
+    sampling_chunks: list[ScheduledChunk]
+    placeholder_rows: list[tuple[int, str]]
 
 
 def _pieces(prefills: list[ScheduledChunk], counts: list[int]) -> list[list[ScheduledChunk]]:
-    """Cut the concatenated prefill tokens into consecutive runs of ``counts`` tokens."""
+    """Cut the concatenated prefill tokens into consecutive runs of at most ``counts`` tokens
+    (the last runs stay short, or empty, when the tokens run out)."""
     out: list[list[ScheduledChunk]] = []
     queue = list(prefills)
     for count in counts:
         group: list[ScheduledChunk] = []
-        while count > 0:
+        while count > 0 and queue:
             chunk = queue[0]
             take = min(count, chunk.num_tokens)
             group.append(ScheduledChunk(chunk.seq, chunk.start, take))
@@ -110,6 +144,63 @@ def _pieces(prefills: list[ScheduledChunk], counts: list[int]) -> list[list[Sche
     return out
 
 
+def lay_out(
+    plan: BatchPlan,
+    decode_rows: list[int],
+    prefill_rows: list[int],
+    block_size: int,
+    pad_slot: int = 0,
+) -> RowLayout:
+    """Place the plan's tokens in nano-batches of the given decode and prefill row counts,
+    filling them in order. Rows left over are padding (token 0 at position 0, writing its K/V to
+    ``pad_slot``); a nano-batch of no rows at all is dropped."""
+    if len(plan.decodes) > sum(decode_rows) or plan.num_prefill_tokens > sum(prefill_rows):
+        raise ValueError("the plan has more tokens than the layout has rows")
+    decode_groups, taken = [], 0
+    for count in decode_rows:
+        decode_groups.append(plan.decodes[taken : taken + count])
+        taken += len(decode_groups[-1])
+    layout = RowLayout([], [], [], [], [], [c for c in plan.chunks if c.samples], [])
+    last_row: dict[str, int] = {}
+    seen_in: dict[str, set[int]] = {}
+
+    def place(chunks: list[ScheduledChunk], rows: int, deps: set[int]) -> None:
+        for chunk in chunks:
+            seq, end = chunk.seq, chunk.start + chunk.num_tokens
+            table = seq.block_table
+            layout.input_ids.extend(seq.token_slice(chunk.start, end))
+            layout.positions.extend(range(chunk.start, end))
+            layout.slots.extend(
+                table[p // block_size] * block_size + p % block_size
+                for p in range(chunk.start, end)
+            )
+            last_row[seq.request_id] = len(layout.input_ids) - 1
+            if layout.input_ids[-1] == PLACEHOLDER:
+                layout.placeholder_rows.append((len(layout.input_ids) - 1, seq.request_id))
+                layout.input_ids[-1] = 0
+            owners = seen_in.setdefault(seq.request_id, set())
+            deps |= owners
+            owners.add(len(layout.nano_batches))
+        pad = rows - sum(c.num_tokens for c in chunks)
+        layout.input_ids.extend([0] * pad)
+        layout.positions.extend([0] * pad)
+        layout.slots.extend([pad_slot] * pad)
+
+    pieces_of = _pieces(plan.prefills, prefill_rows)
+    groups = zip(decode_rows, prefill_rows, decode_groups, pieces_of, strict=True)
+    for n_dec, n_pre, decodes, pieces in groups:
+        if n_dec + n_pre == 0:
+            continue
+        start, deps = len(layout.input_ids), set()
+        place(decodes, n_dec, deps)
+        place(pieces, n_pre, deps)
+        layout.nano_batches.append(
+            NanoBatchRows(start, n_dec, n_pre, decodes, pieces, tuple(sorted(deps)))
+        )
+    layout.sample_rows = [last_row[c.seq.request_id] for c in layout.sampling_chunks]
+    return layout
+
+
 def _attention_chunks(chunks: list[ScheduledChunk], device: torch.device) -> AttentionChunks | None:
     if not chunks:
         return None
@@ -120,7 +211,7 @@ def _attention_chunks(chunks: list[ScheduledChunk], device: torch.device) -> Att
         cu.append(cu[-1] + c.num_tokens)
 
     def tensor(values: list) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+        return to_device(values, torch.int32, device)
 
     return AttentionChunks(
         block_tables=tensor(tables),
@@ -137,64 +228,34 @@ def prepare_step(
     block_size: int,
     device: torch.device,
 ) -> PreparedStep:
-    """Lay the plan's tokens out by nano-batch and upload ids, positions and cache slots."""
-    decode_counts = split_counts(len(plan.decodes), schedule.decode_shares)
-    prefill_groups = _pieces(
-        plan.prefills, split_counts(plan.num_prefill_tokens, schedule.prefill_shares)
+    """Lay the plan's tokens out by nano-batch, with no padding, and upload ids, positions and
+    cache slots."""
+    layout = lay_out(
+        plan,
+        split_counts(len(plan.decodes), schedule.decode_shares),
+        split_counts(plan.num_prefill_tokens, schedule.prefill_shares),
+        block_size,
     )
-    input_ids: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    last_row: dict[str, int] = {}
-    placeholders: list[tuple[int, str]] = []
-    seen_in: dict[str, set[int]] = {}
-    nano_batches: list[NanoBatch] = []
-    decode_offset = 0
-    for n_dec, pieces in zip(decode_counts, prefill_groups, strict=True):
-        decodes = plan.decodes[decode_offset : decode_offset + n_dec]
-        decode_offset += n_dec
-        if not decodes and not pieces:
-            continue
-        start = len(input_ids)
-        deps: set[int] = set()
-        for chunk in decodes + pieces:
-            seq = chunk.seq
-            end = chunk.start + chunk.num_tokens
-            table = seq.block_table
-            input_ids.extend(seq.token_slice(chunk.start, end))
-            positions.extend(range(chunk.start, end))
-            slots.extend(
-                table[p // block_size] * block_size + p % block_size
-                for p in range(chunk.start, end)
-            )
-            last_row[seq.request_id] = len(input_ids) - 1
-            if input_ids[-1] == PLACEHOLDER:
-                placeholders.append((len(input_ids) - 1, seq.request_id))
-                input_ids[-1] = 0
-            owners = seen_in.setdefault(seq.request_id, set())
-            deps |= owners
-            owners.add(len(nano_batches))
-        nano_batches.append(
-            NanoBatch(
-                index=len(nano_batches),
-                start=start,
-                end=len(input_ids),
-                num_decode=len(decodes),
-                decode=_attention_chunks(decodes, device),
-                prefill=_attention_chunks(pieces, device),
-                kv_deps=tuple(sorted(deps)),
-            )
+    nano_batches = [
+        NanoBatch(
+            index=i,
+            start=rows.start,
+            end=rows.end,
+            num_decode=rows.decode_rows,
+            decode=_attention_chunks(rows.decodes, device),
+            prefill=_attention_chunks(rows.pieces, device),
+            kv_deps=rows.kv_deps,
         )
-    n = len(input_ids)
-    buffers.positions[:n].copy_(torch.tensor(positions, dtype=torch.int64), non_blocking=True)
-    buffers.slot_mapping[:n].copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
-    sampling = [c for c in plan.chunks if c.samples]
-    rows = [last_row[c.seq.request_id] for c in sampling]
+        for i, rows in enumerate(layout.nano_batches)
+    ]
+    n = len(layout.input_ids)
+    copy_to(buffers.positions[:n], torch.tensor(layout.positions))
+    copy_to(buffers.slot_mapping[:n], torch.tensor(layout.slots))
     return PreparedStep(
-        input_ids=torch.tensor(input_ids, dtype=torch.int64).to(device, non_blocking=True),
+        input_ids=to_device(layout.input_ids, torch.int64, device),
         nano_batches=nano_batches,
-        sample_rows=torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True),
-        sampling_chunks=sampling,
+        sample_rows=to_device(layout.sample_rows, torch.int64, device),
+        sampling_chunks=layout.sampling_chunks,
         num_tokens=n,
-        placeholder_rows=placeholders,
+        placeholder_rows=layout.placeholder_rows,
     )

@@ -1,61 +1,90 @@
-"""CUDA graphs for decode-only iterations, one per batch-size bucket.
+"""CUDA graphs of whole iterations (embedding and every layer's pipeline), one per padded shape.
 
-Launching a layer's ops from Python costs more host time than a small decode batch takes on the
-GPU, and an overlapped pipeline launches each op once per nano-batch. A decode-only iteration has
-shapes that depend only on its batch size, so it is captured once per bucket of sizes (its pipeline
-with all streams and events included) and replayed: the host then only copies the step's inputs
-into the graph's static buffers. Rows past the real batch are padding that attends to one token of
-a scratch KV block no sequence owns, so they never touch real cache entries.
+Launching a layer's ops from Python costs more host time than many of them take on the GPU, and
+an overlapped pipeline launches each op once per nano-batch. What an iteration launches depends
+only on its shape: each nano-batch's decode rows and prefill rows, and which nano-batches wait for
+another's KV write. Rounding the decode count up to a multiple of ``DECODE_ROUND`` and the prefill
+tokens to one of ``PREFILL_ROUND`` leaves few shapes; each is captured once (its pipeline with all
+streams and events) and replayed, and the host only writes the step's ids, positions, cache slots
+and attention metadata into static buffers.
+
+Padding rows are token 0 at position 0 and write their K/V to a scratch block no sequence owns;
+padded decode rows attend to that one token, padded prefill rows belong to no chunk. Each
+nano-batch's prefill attention has ``CHUNK_SLOTS`` chunk slots; unused ones hold no queries. The
+kernels size their grids from these padded shapes, never from the data.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
-from nanoflow.engine.batch import AttentionChunks, NanoBatch, PreparedStep, StepBuffers
+from nanoflow.engine.batch import (
+    AttentionChunks,
+    NanoBatch,
+    PreparedStep,
+    RowLayout,
+    StepBuffers,
+    lay_out,
+)
 from nanoflow.engine.scheduler import BatchPlan
+from nanoflow.engine.upload import copy_to, to_device
 from nanoflow.pipeline.schedule import PipelineSchedule, split_counts
 
-Forward = Callable[[], torch.Tensor]
-Capture = Callable[[Forward], Forward]
+logger = logging.getLogger(__name__)
 
-BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+Run = Callable[[], None]
+Capture = Callable[[Run], Run]
+ShapeKey = tuple[tuple[int, ...], tuple[int, ...], tuple[tuple[int, ...], ...]]
+
+DECODE_ROUND = 16
+PREFILL_ROUND = 64
+CHUNK_SLOTS = 8
+MAX_GRAPHS = 256
+# rows the step buffers need beyond the token budget, for the rounding up
+PADDING_ROWS = DECODE_ROUND + PREFILL_ROUND
 
 
 def cuda_capture(pool: object) -> Capture:
-    """Capture ``forward`` into a CUDA graph (after one eager run that compiles and warms up)
-    sharing one memory pool with the other buckets; the replay returns the graph's output."""
+    """Capture ``run`` into a CUDA graph (after one eager run that compiles and warms up) sharing
+    one memory pool with the other shapes' graphs."""
 
-    def capture(forward: Forward) -> Forward:
-        forward()
+    def capture(run: Run) -> Run:
+        run()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            output = forward()
-
-        def replay() -> torch.Tensor:
-            graph.replay()
-            return output
-
-        return replay
+            run()
+        return graph.replay
 
     return capture
 
 
 @dataclass
-class _Bucket:
-    size: int
-    input_ids: torch.Tensor
-    block_tables: torch.Tensor
-    context_lens: torch.Tensor
-    replay: Forward
+class GraphStats:
+    """What the graphs did over a run: a throughput figure includes the capture time."""
+
+    shapes_captured: int = 0
+    capture_seconds: float = 0.0
+    graph_steps: int = 0
+    eager_steps: int = 0
+
+    def summary(self) -> dict[str, float]:
+        return asdict(self)
 
 
-class DecodeGraphs:
-    """Replays captured decode iterations; ``eligible`` says which plans it can take."""
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class StepGraphs:
+    """Lays steps out in padded shapes and replays one captured graph per shape; ``prepare``
+    returns None for a plan no graph can take (too many chunks, too long a block table, or the
+    graph count is at its cap), which then runs eagerly."""
 
     def __init__(
         self,
@@ -66,7 +95,6 @@ class DecodeGraphs:
         block_size: int,
         max_blocks_per_seq: int,
         scratch_block: int,
-        max_batch: int,
         capture: Capture,
     ) -> None:
         self.model, self.executor, self.buffers = model, executor, buffers
@@ -74,81 +102,158 @@ class DecodeGraphs:
         self.block_size = block_size
         self.width = max_blocks_per_seq
         self.scratch_block = scratch_block
-        self.sizes = [b for b in BUCKETS if b <= max_batch]
         self.capture = capture
-        self.buckets: dict[int, _Bucket] = {}
-        # Host staging for the block tables, rewritten in place each step rather than rebuilt as
-        # Python lists (a table is up to max_batch x max_blocks_per_seq entries). Pageable on
-        # purpose: a copy from pageable memory is staged before it returns, so the next step may
-        # rewrite these while the GPU is still behind.
-        largest = self.sizes[-1] if self.sizes else 0
-        self.host_tables = torch.full((largest, self.width), scratch_block, dtype=torch.int32)
-        self.host_lens = torch.ones(largest, dtype=torch.int32)
+        self.stats = GraphStats()
+        self.graphs: dict[ShapeKey, Run] = {}
+        self._nano_batches: dict[ShapeKey, list[NanoBatch]] = {}
+        self.rows = buffers.hidden.shape[0]
+        slots = schedule.num_nano_batches * CHUNK_SLOTS
+        device = buffers.hidden.device
 
-    def eligible(self, plan: BatchPlan) -> bool:
+        def static(*shape: int, fill: int = 0, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+            return torch.full(shape, fill, dtype=dtype, device=device)
+
+        self.ids = static(self.rows, dtype=torch.int64)
+        self.decode_tables = static(self.rows, self.width, fill=scratch_block)
+        self.decode_lens = static(self.rows, fill=1)
+        self.decode_cu = torch.arange(self.rows + 1, dtype=torch.int32, device=device)
+        self.prefill_tables = static(slots, self.width, fill=scratch_block)
+        self.prefill_lens = static(slots)
+        self.prefill_cu = static(schedule.num_nano_batches, CHUNK_SLOTS + 1)
+        # Host copies of the metadata, rewritten in place each step (only the rows in use);
+        # each upload goes through a pinned block of its own.
+        self.host_decode_tables = self.decode_tables.cpu()
+        self.host_decode_lens = self.decode_lens.cpu()
+        self.host_prefill_tables = self.prefill_tables.cpu()
+        self.host_prefill_lens = self.prefill_lens.cpu()
+        self.host_prefill_cu = self.prefill_cu.cpu()
+
+    def shape_of(self, plan: BatchPlan) -> tuple[list[int], list[int]] | None:
+        """Decode and prefill rows of each nano-batch for the plan, rounded up; None when the
+        padded step does not fit the buffers."""
+        decodes = _round_up(len(plan.decodes), DECODE_ROUND)
+        prefill = _round_up(plan.num_prefill_tokens, PREFILL_ROUND)
+        if decodes + prefill > self.rows:
+            return None
         return (
-            not plan.prefills
-            and bool(self.sizes)
-            and 0 < len(plan.decodes) <= self.sizes[-1]
-            and all(len(c.seq.block_table) <= self.width for c in plan.decodes)
+            split_counts(decodes, self.schedule.decode_shares),
+            split_counts(prefill, self.schedule.prefill_shares),
         )
 
-    def forward(self, plan: BatchPlan, step: PreparedStep) -> torch.Tensor:
-        """Logits of the plan's decodes (rows in plan order, as ``prepare_step`` laid them out)."""
-        n = len(plan.decodes)
-        bucket = self._bucket(next(size for size in self.sizes if size >= n))
-        tables, lens = self.host_tables.numpy(), self.host_lens.numpy()
-        tables[: bucket.size].fill(self.scratch_block)
-        lens[: bucket.size].fill(1)
-        for i, chunk in enumerate(plan.decodes):
-            table = chunk.seq.block_table
-            tables[i, : len(table)] = table
-            lens[i] = chunk.start + 1
-        bucket.block_tables.copy_(self.host_tables[: bucket.size], non_blocking=True)
-        bucket.context_lens.copy_(self.host_lens[: bucket.size], non_blocking=True)
-        bucket.input_ids[:n].copy_(step.input_ids)
-        bucket.input_ids[n:].zero_()
-        self.buffers.positions[n : bucket.size].zero_()
-        self.buffers.slot_mapping[n : bucket.size].fill_(self.scratch_block * self.block_size)
-        return bucket.replay()[:n]
+    def prepare(self, plan: BatchPlan) -> PreparedStep | None:
+        step = self._prepare(plan)
+        if step is None:
+            self.stats.eager_steps += 1
+        else:
+            self.stats.graph_steps += 1
+        return step
 
-    def _bucket(self, size: int) -> _Bucket:
-        if size not in self.buckets:
-            self.buckets[size] = self._capture(size)
-        return self.buckets[size]
+    def _prepare(self, plan: BatchPlan) -> PreparedStep | None:
+        shape = self.shape_of(plan)
+        if shape is None or any(len(c.seq.block_table) > self.width for c in plan.chunks):
+            return None
+        pad_slot = self.scratch_block * self.block_size
+        layout = lay_out(plan, *shape, self.block_size, pad_slot)
+        if any(len(rows.pieces) > CHUNK_SLOTS for rows in layout.nano_batches):
+            return None
+        key = (tuple(shape[0]), tuple(shape[1]), tuple(r.kv_deps for r in layout.nano_batches))
+        if key not in self.graphs and len(self.graphs) >= MAX_GRAPHS:
+            if len(self.graphs) == MAX_GRAPHS:
+                logger.warning("%d CUDA graphs captured; new shapes run eagerly", MAX_GRAPHS)
+            return None
+        self._upload(layout)
+        n = len(layout.input_ids)
+        device = self.ids.device
+        return PreparedStep(
+            input_ids=self.ids[:n],
+            nano_batches=self._static_nano_batches(key, layout),
+            sample_rows=to_device(layout.sample_rows, torch.int64, device),
+            sampling_chunks=layout.sampling_chunks,
+            num_tokens=n,
+            placeholder_rows=layout.placeholder_rows,
+            replay=self._replay(key, n),
+        )
 
-    def _capture(self, size: int) -> _Bucket:
-        device = self.buffers.hidden.device
-        ids = torch.zeros(size, dtype=torch.int64, device=device)
-        tables = torch.full((size, self.width), self.scratch_block, dtype=torch.int32,
-                            device=device)  # fmt: skip
-        lens = torch.ones(size, dtype=torch.int32, device=device)
-        rows = torch.arange(size, device=device)
-        nano_batches, start = [], 0
-        for count in split_counts(size, self.schedule.decode_shares):
-            if count == 0:
-                continue
-            end = start + count
-            chunks = AttentionChunks(
-                block_tables=tables[start:end],
-                context_lens=lens[start:end],
-                cu_q_lens=torch.arange(count + 1, dtype=torch.int32, device=device),
-                max_q_len=1,
+    def _upload(self, layout: RowLayout) -> None:
+        """Write the step's rows and attention metadata into the static device buffers."""
+        n = len(layout.input_ids)
+        copy_to(self.ids[:n], torch.tensor(layout.input_ids))
+        copy_to(self.buffers.positions[:n], torch.tensor(layout.positions))
+        copy_to(self.buffers.slot_mapping[:n], torch.tensor(layout.slots))
+        tables, lens = self.host_decode_tables.numpy(), self.host_decode_lens.numpy()
+        p_tables, p_lens = self.host_prefill_tables.numpy(), self.host_prefill_lens.numpy()
+        p_cu = self.host_prefill_cu.numpy()
+        decode_rows = 0
+        for i, rows in enumerate(layout.nano_batches):
+            for r in range(decode_rows, decode_rows + rows.decode_rows):
+                tables[r, 0], lens[r] = self.scratch_block, 1
+            for r, chunk in enumerate(rows.decodes, start=decode_rows):
+                table = chunk.seq.block_table
+                tables[r, : len(table)] = table
+                lens[r] = chunk.start + 1
+            decode_rows += rows.decode_rows
+            p_lens[i * CHUNK_SLOTS : (i + 1) * CHUNK_SLOTS] = 0
+            p_cu[i] = 0
+            for s, chunk in enumerate(rows.pieces):
+                table = chunk.seq.block_table
+                p_tables[i * CHUNK_SLOTS + s, : len(table)] = table
+                p_lens[i * CHUNK_SLOTS + s] = chunk.start + chunk.num_tokens
+                p_cu[i, s + 1 :] = p_cu[i, s] + chunk.num_tokens
+        used = slice(0, decode_rows)
+        copy_to(self.decode_tables[used], self.host_decode_tables[used])
+        copy_to(self.decode_lens[used], self.host_decode_lens[used])
+        copy_to(self.prefill_tables, self.host_prefill_tables)
+        copy_to(self.prefill_lens, self.host_prefill_lens)
+        copy_to(self.prefill_cu, self.host_prefill_cu)
+
+    def _static_nano_batches(self, key: ShapeKey, layout: RowLayout) -> list[NanoBatch]:
+        """The shape's nano-batches, views of the static buffers (the same objects every step,
+        as the captured graph reads them)."""
+        if key in self._nano_batches:
+            return self._nano_batches[key]
+        nano_batches, decode_rows = [], 0
+        for i, rows in enumerate(layout.nano_batches):
+            decode = prefill = None
+            if rows.decode_rows:
+                span = slice(decode_rows, decode_rows + rows.decode_rows)
+                decode = AttentionChunks(
+                    self.decode_tables[span],
+                    self.decode_lens[span],
+                    self.decode_cu[: rows.decode_rows + 1],
+                    max_q_len=1,
+                )
+                decode_rows += rows.decode_rows
+            if rows.prefill_rows:
+                span = slice(i * CHUNK_SLOTS, (i + 1) * CHUNK_SLOTS)
+                prefill = AttentionChunks(
+                    self.prefill_tables[span],
+                    self.prefill_lens[span],
+                    self.prefill_cu[i],
+                    max_q_len=rows.prefill_rows,
+                )
+            nano_batches.append(
+                NanoBatch(i, rows.start, rows.end, rows.decode_rows, decode, prefill, rows.kv_deps)
             )
-            nano_batches.append(NanoBatch(len(nano_batches), start, end, count, chunks, None, ()))
-            start = end
+        self._nano_batches[key] = nano_batches
+        return nano_batches
 
-        def forward() -> torch.Tensor:
+    def _replay(self, key: ShapeKey, num_rows: int) -> Run:
+        """The shape's graph, captured on first use (capturing runs the step once eagerly, and
+        replaying then runs it again: the same K/V land in the same slots, so that is harmless)."""
+        if key in self.graphs:
+            return self.graphs[key]
+        nano_batches, ids = self._nano_batches[key], self.ids[:num_rows]
+
+        def run() -> None:
             self.model.embed(ids, self.buffers)
             self.executor.run(self.model.layer_ops, self.buffers, nano_batches)
-            return self.model.logits(self.buffers, rows)
 
-        # Capturing runs the forward (warm-up, capture): point every row at the scratch block
-        # meanwhile, and give the step being served its positions and cache slots back after.
-        saved = self.buffers.positions[:size].clone(), self.buffers.slot_mapping[:size].clone()
-        self.buffers.positions[:size].zero_()
-        self.buffers.slot_mapping[:size].fill_(self.scratch_block * self.block_size)
-        replay = self.capture(forward)
-        self.buffers.positions[:size].copy_(saved[0])
-        self.buffers.slot_mapping[:size].copy_(saved[1])
-        return _Bucket(size, ids, tables, lens, replay)
+        def capture_then_replay() -> None:
+            if key not in self.graphs:  # a step may be run more than once (benchmarks do)
+                started = time.perf_counter()
+                self.graphs[key] = self.capture(run)
+                self.stats.shapes_captured += 1
+                self.stats.capture_seconds += time.perf_counter() - started
+            self.graphs[key]()
+
+        return capture_then_replay

@@ -12,9 +12,10 @@ import torch
 from nanoflow.config import EngineConfig
 from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.engine.batch import PreparedStep, StepBuffers, prepare_step
-from nanoflow.engine.cuda_graphs import Capture, DecodeGraphs, cuda_capture
+from nanoflow.engine.cuda_graphs import PADDING_ROWS, Capture, StepGraphs, cuda_capture
 from nanoflow.engine.sampler import sample
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
+from nanoflow.engine.upload import to_device
 from nanoflow.errors import ConfigError
 from nanoflow.models.loader import build_model, load_weights
 from nanoflow.models.offload import plan_offload
@@ -70,7 +71,7 @@ class InFlight:
 
 
 class ModelRunner:
-    """One rank's model, KV cache, step buffers and executor (and decode graphs when enabled)."""
+    """One rank's model, KV cache, step buffers and executor (and step graphs when enabled)."""
 
     def __init__(
         self,
@@ -96,8 +97,9 @@ class ModelRunner:
         weights = load_weights(
             spec, checkpoint, config.load_format, self.device, self.dtype, config.seed, host_layers
         )
+        # rows past the token budget: room for the padding of CUDA-graph shapes
         self.buffers = StepBuffers.allocate(
-            spec, max_num_batched_tokens, self.device, self.dtype, group.size
+            spec, max_num_batched_tokens + PADDING_ROWS, self.device, self.dtype, group.size
         )
         self.num_blocks = self._num_kv_blocks(weights)
         # one block more than the block manager hands out: the scratch block CUDA-graph padding
@@ -114,21 +116,20 @@ class ModelRunner:
             self.on_schedule(schedule)
         self.schedule = schedule
         self.executor: Executor = make_executor(schedule, self.device)
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: StepGraphs | None = None
         if self.config.cuda_graphs:
             if self.device.type != "cuda":
                 raise ConfigError("cuda_graphs needs a CUDA device")
-            self.graphs = self.decode_graphs(cuda_capture(torch.cuda.graph_pool_handle()))
+            self.graphs = self.step_graphs(cuda_capture(torch.cuda.graph_pool_handle()))
 
-    def decode_graphs(self, capture: Capture) -> DecodeGraphs:
-        """Graphs of decode-only iterations of this runner's model, schedule and executor."""
+    def step_graphs(self, capture: Capture) -> StepGraphs:
+        """Graphs of whole iterations of this runner's model, schedule and executor."""
         max_len = min(self.config.max_model_len or self.spec.max_position_embeddings,
                       self.spec.max_position_embeddings)  # fmt: skip
         width = min(self.num_blocks, -(-max_len // self.config.block_size))
-        return DecodeGraphs(
+        return StepGraphs(
             self.model, self.executor, self.buffers, self.schedule, self.config.block_size,
-            width, self.num_blocks, min(self.config.max_num_seqs, self.max_num_batched_tokens),
-            capture,
+            width, self.num_blocks, capture,
         )  # fmt: skip
 
     def _num_kv_blocks(self, weights: dict[str, torch.Tensor]) -> int:
@@ -160,12 +161,20 @@ class ModelRunner:
         return blocks
 
     def prepare(self, plan: BatchPlan) -> PreparedStep:
+        """The step in a graph's padded shape when graphs are on and one fits, else unpadded."""
+        if self.graphs is not None:
+            step = self.graphs.prepare(plan)
+            if step is not None:
+                return step
         return prepare_step(plan, self.schedule, self.buffers, self.config.block_size, self.device)
 
     def forward(self, step: PreparedStep) -> torch.Tensor:
         """Float32 logits of the sampling rows."""
-        self.model.embed(step.input_ids, self.buffers)
-        self.executor.run(self.model.layer_ops, self.buffers, step.nano_batches)
+        if step.replay is not None:
+            step.replay()
+        else:
+            self.model.embed(step.input_ids, self.buffers)
+            self.executor.run(self.model.layer_ops, self.buffers, step.nano_batches)
         return self.model.logits(self.buffers, step.sample_rows)
 
     def synchronize(self) -> None:
@@ -185,12 +194,9 @@ class ModelRunner:
                 raise RuntimeError("a sequence waits on a token from no iteration in flight")
             rows = [r for r, _ in step.placeholder_rows]
             sources = [previous.row_of[rid] for _, rid in step.placeholder_rows]
-            step.input_ids[torch.tensor(rows, device=self.device)] = previous.token_ids[
-                torch.tensor(sources, device=self.device)
+            step.input_ids[to_device(rows, torch.int64, self.device)] = previous.token_ids[
+                to_device(sources, torch.int64, self.device)
             ]
-        if self.graphs is not None and self.graphs.eligible(plan):
-            logits = self.graphs.forward(plan, step)
-        else:
-            logits = self.forward(step)
+        logits = self.forward(step)
         result = sample(logits, [c.seq for c in step.sampling_chunks])
         return InFlight.start(step.sampling_chunks, result.token_ids, result.logprobs)

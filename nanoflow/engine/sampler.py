@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoflow.engine.sequence import Sequence
+from nanoflow.engine.upload import to_device
 
 
 @dataclass
@@ -23,9 +24,9 @@ class DeviceSample:
 
 def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     device = logits.device
-    temps = torch.tensor([s.params.temperature for s in seqs], device=device).unsqueeze(1)
-    top_k = torch.tensor([s.params.top_k or logits.shape[1] for s in seqs], device=device)
-    top_p = torch.tensor([s.params.top_p for s in seqs], device=device).unsqueeze(1)
+    temps = to_device([s.params.temperature for s in seqs], torch.float32, device).unsqueeze(1)
+    top_k = to_device([s.params.top_k or logits.shape[1] for s in seqs], torch.int64, device)
+    top_p = to_device([s.params.top_p for s in seqs], torch.float32, device).unsqueeze(1)
     sorted_logits, order = torch.sort(logits / temps, dim=-1, descending=True)
     ranks = torch.arange(logits.shape[1], device=device).unsqueeze(0)
     sorted_logits = sorted_logits.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
@@ -40,7 +41,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample:
     tokens = torch.argmax(logits, dim=-1)
     random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if random_rows:
-        index = torch.tensor(random_rows, device=logits.device)
+        index = to_device(random_rows, torch.int64, logits.device)
         probs = _filtered_probs(logits[index], [seqs[i] for i in random_rows])
         race = torch.empty_like(probs).exponential_()
         for j, i in enumerate(random_rows):

@@ -25,10 +25,15 @@ class LaunchOrder(enum.StrEnum):
 
 @dataclass(frozen=True)
 class UnitSpec:
-    """An execution unit: a stream and the SMs its kernels may use (None: the whole GPU)."""
+    """An execution unit: a stream and the SMs its kernels may use (None: the whole GPU).
+
+    ``priority`` is the stream's (CUDA's convention: lower runs first, -1 is high): where units
+    share SMs, a high-priority unit's blocks are placed first as SMs free up.
+    """
 
     name: str
     num_sms: int | None = None
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,10 @@ class PipelineSchedule:
             return cls(
                 decode_shares=tuple(float(s) for s in data["decode_shares"]),
                 prefill_shares=tuple(float(s) for s in data["prefill_shares"]),
-                units=tuple(UnitSpec(u["name"], u.get("num_sms")) for u in data["units"]),
+                units=tuple(
+                    UnitSpec(u["name"], u.get("num_sms"), int(u.get("priority", 0)))
+                    for u in data["units"]
+                ),
                 op_units=dict(data["op_units"]),
                 launch_order=LaunchOrder(data.get("launch_order", "op_major")),
                 mechanism=Mechanism(data.get("mechanism", "cta_limit")),

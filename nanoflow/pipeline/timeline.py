@@ -25,10 +25,16 @@ class TimelineRecord:
 
 
 class TimelineRecorder:
-    """Executor hook that brackets each launch with CUDA events on the unit's stream."""
+    """Executor hook that brackets each launch with CUDA events on the unit's stream.
 
-    def __init__(self) -> None:
-        self._origin = torch.cuda.Event(enable_timing=True)
+    ``in_graph``: the iteration is being captured into a CUDA graph, so the events are made
+    external (recorded as graph nodes that fire on every replay) and ``attach`` belongs inside
+    the capture too.
+    """
+
+    def __init__(self, in_graph: bool = False) -> None:
+        self._external = in_graph
+        self._origin = self._new_event()
         self._pending: list[tuple[int, Op, int, str, torch.cuda.Event, torch.cuda.Event]] = []
         self._open: dict[tuple[int, str, int], torch.cuda.Event] = {}
 
@@ -37,13 +43,16 @@ class TimelineRecorder:
         executor.hook = self
 
     def __call__(self, layer: int, op: Op, nb: NanoBatch, unit: str, before: bool) -> None:
-        event = torch.cuda.Event(enable_timing=True)
+        event = self._new_event()
         event.record()
         key = (layer, op.name, nb.index)
         if before:
             self._open[key] = event
         else:
             self._pending.append((layer, op, nb.index, unit, self._open.pop(key), event))
+
+    def _new_event(self) -> torch.cuda.Event:
+        return torch.cuda.Event(enable_timing=True, external=self._external)
 
     def records(self) -> list[TimelineRecord]:
         torch.cuda.synchronize()

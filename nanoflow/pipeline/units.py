@@ -69,7 +69,8 @@ def build_units(schedule: PipelineSchedule, device: torch.device) -> dict[str, E
     units = {}
     for u in schedule.units:
         carveout = 0 if u.num_sms is None else max(0, total - u.num_sms)
-        units[u.name] = ExecutionUnit(u, torch.cuda.Stream(device), carveout)
+        stream = torch.cuda.Stream(device, priority=u.priority)
+        units[u.name] = ExecutionUnit(u, stream, carveout)
     return units
 
 
@@ -127,10 +128,12 @@ def _green_context_units(
             )
         )
         raw = _check(
-            driver.cuGreenCtxStreamCreate(green, driver.CUstream_flags.CU_STREAM_NON_BLOCKING, 0)
+            driver.cuGreenCtxStreamCreate(
+                green, driver.CUstream_flags.CU_STREAM_NON_BLOCKING, spec.priority
+            )
         )
         stream = torch.cuda.ExternalStream(int(raw), device=device)
-        unit_spec = UnitSpec(spec.name, num_sms)
+        unit_spec = UnitSpec(spec.name, num_sms, spec.priority)
         units[spec.name] = ExecutionUnit(unit_spec, stream, 0, (green, raw))
         logger.info(
             "green context %s: %d SMs, own workqueue: %s", spec.name, num_sms, workqueue is not None
