@@ -197,9 +197,11 @@ def predict(
     schedule: PipelineSchedule,
     batch: SteadyBatch,
     num_layers: int | None = None,
+    launch_bound: bool = True,
 ) -> Prediction:
     """Predicted time of one iteration of ``batch`` under ``schedule`` (all layers, then the
-    LM head on the whole GPU)."""
+    LM head on the whole GPU). ``launch_bound``: the host launches every op, so the iteration
+    takes at least that long; not so for one replayed from a CUDA graph."""
     layers = num_layers or tables.num_layers
     tasks = build_tasks(tables, schedule, batch, layers)
     mechanism = schedule.mechanism.value
@@ -208,5 +210,5 @@ def predict(
     timeline = simulate(tasks, interference if schedule.overlap else None)
     makespan = max((iv.end for iv in timeline), default=0.0)
     gpu = makespan + tables.lm_head.time(batch.sampled_rows, 0, tables.sm_count)
-    host = len(tasks) * tables.launch_seconds
+    host = len(tasks) * tables.launch_seconds if launch_bound else 0.0
     return Prediction(max(gpu, host), gpu, host, tuple(timeline))

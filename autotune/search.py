@@ -54,6 +54,7 @@ class SearchSpace:
     max_batch: int
     batch_step: int = 64
     has_network: bool = False
+    cuda_graphs: bool = False  # iterations replayed from graphs: no host launch bound
 
 
 def batch_limit(
@@ -134,7 +135,9 @@ def make_objective(tables: OpTables, shape: WorkloadShape, space: SearchSpace):
             "dense_batch_size", space.min_batch, space.max_batch, step=space.batch_step
         )
         schedule = schedule_of(trial, space)
-        predicted = predict(tables, schedule, steady_batch(dense, shape))
+        predicted = predict(
+            tables, schedule, steady_batch(dense, shape), launch_bound=not space.cuda_graphs
+        )
         trial.set_user_attr("predicted_iteration_s", predicted.iteration_s)
         trial.set_user_attr("schedule", schedule.to_dict())
         return dense / predicted.iteration_s

@@ -88,7 +88,13 @@ def _tables(opts: TuneOptions, spec: ModelSpec, device: torch.device) -> OpTable
     return profile_op_tables(spec, opts.model, device)
 
 
-def _space(opts: TuneOptions, spec: ModelSpec, tables: OpTables, shape: WorkloadShape):
+def _space(
+    opts: TuneOptions,
+    spec: ModelSpec,
+    tables: OpTables,
+    shape: WorkloadShape,
+    cuda_graphs: bool,
+):
     step = opts.batch_step
     limit = batch_limit(spec, tables, shape, opts.max_num_seqs, step, opts.max_batch)
     if limit == 0:
@@ -98,7 +104,7 @@ def _space(opts: TuneOptions, spec: ModelSpec, tables: OpTables, shape: Workload
         )
     has_network = any(op.resource == Resource.NETWORK.value for op in tables.ops)
     mechanisms = tables.mechanisms or ("cta_limit",)
-    return SearchSpace(tables.sm_count, mechanisms, step, limit, step, has_network)
+    return SearchSpace(tables.sm_count, mechanisms, step, limit, step, has_network, cuda_graphs)
 
 
 def tune(opts: TuneOptions) -> TuneResult:
@@ -109,7 +115,8 @@ def tune(opts: TuneOptions) -> TuneResult:
     if opts.tables_out:
         save_tables(tables, opts.tables_out)
     shape = WorkloadShape.from_workload(opts.workload, seed=opts.seed)
-    space = _space(opts, spec, tables, shape)
+    # the validation engine, like any engine on one GPU, replays its iterations from graphs
+    space = _space(opts, spec, tables, shape, cuda_graphs=device.type == "cuda")
     study_name = f"{Path(opts.model).name}-{gpu_slug(tables.gpu)}-{opts.workload}"
     study = run_search(tables, shape, space, opts.trials, opts.seed, opts.storage, study_name)
     candidates = top_candidates(study, opts.top_k)

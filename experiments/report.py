@@ -142,38 +142,66 @@ def latency_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _parity_line(parity: dict[str, Any], source: dict[str, Any] | None = None) -> str:
+    where = ""
+    if source is not None:
+        where = (
+            f" ({source.get('gpu') or source['device']}, {source['date'][:10]}, "
+            f"`experiments/results/{source['_file']}`)"
+        )
+    ties = [d for d in parity.get("divergences_vs_fp32", []) if "fp32_top2_margin" in d]
+    tie_note = ""
+    if ties:
+        margins = ", ".join(
+            f"{d['fp32_top2_margin']:.3f} "
+            f"(engine logit error {d['engine_max_abs_logit_error']:.3f})"
+            for d in ties
+        )
+        tie_note = (
+            f" Where the engine's greedy path leaves fp32's, the fp32 top-2 margin was {margins}."
+        )
+    return (
+        f"bf16 parity with transformers on a tiny random checkpoint{where}: greedy 16 tokens "
+        f"identical for {parity['greedy_identical_vs_hf_same_dtype']}/{parity['prompts']} "
+        f"prompts vs transformers bf16, {parity['greedy_identical_vs_hf_fp32']}/"
+        f"{parity['prompts']} vs fp32; largest logits relative error vs fp32 "
+        f"{parity['max_logits_rel_err_vs_fp32']:.1e}.{tie_note}"
+    )
+
+
 def pipeline_table(records: list[dict[str, Any]]) -> str:
     """One row per schedule of a pipeline run: one fixed 2048-token iteration (GPU time and the
     host's launch time) and offline throughput."""
     lines = []
     for record in records:
-        e2e = record.get("e2e") if record.get("experiment") == "pipeline" else None
+        if record.get("experiment") != "pipeline":
+            continue
+        e2e = record.get("e2e")
         if not isinstance(e2e, dict) or "schedules" not in e2e:
+            if "prompts" in record.get("parity", {}):
+                lines += [_parity_line(record["parity"], record), ""]
             continue
         lines += [
             f"Pipeline, llama-3-8b, {record.get('gpu') or record['device']}, "
             f"{record['date'][:10]} (`experiments/results/{record['_file']}`):",
             "",
-            "| schedule | iteration GPU ms | host launch ms | offline tokens/s | % of optimal "
-            "| greedy tokens as sequential |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            "| schedule | iteration GPU ms | host launch ms | same, eager launches: GPU / host ms "
+            "| offline tokens/s | % of optimal | greedy tokens as sequential |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         parity = record.get("parity", {})
         if "prompts" in parity:
-            lines[-2:-2] = [
-                f"bf16 parity with transformers on a tiny random checkpoint: greedy 16 tokens "
-                f"identical for {parity['greedy_identical_vs_hf_same_dtype']}/{parity['prompts']} "
-                f"prompts vs transformers bf16, {parity['greedy_identical_vs_hf_fp32']}/"
-                f"{parity['prompts']} vs fp32; largest logits relative error vs fp32 "
-                f"{parity['max_logits_rel_err_vs_fp32']:.1e}.",
-                "",
-            ]
+            lines[-2:-2] = [_parity_line(parity), ""]
         for name, row in e2e["schedules"].items():
             it, tp = row.get("iteration", {}), row.get("throughput", {})
+            eager = row.get("iteration_eager", {})
             frac = row.get("fraction_of_optimal")
+            eager_cell = (
+                f"{eager['gpu_ms']:.1f} / {eager['cpu_launch_ms']:.1f}" if "gpu_ms" in eager else ""
+            )
             lines.append(
                 f"| {name} | {_fmt(it.get('gpu_ms'), '.1f')}"
-                f" | {_fmt(it.get('cpu_launch_ms'), '.1f')}"
+                f" | {_fmt(it.get('cpu_launch_ms'), '.1f')} | {eager_cell}"
                 f" | {_fmt(tp.get('tokens_per_s'), ',.0f')}"
                 f" | {_fmt(None if frac is None else 100 * frac, '.1f')}"
                 f" | {_fmt(row.get('greedy_16_identical_to_sequential'), '.0%')} |"
@@ -212,6 +240,34 @@ def overlap_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines).strip()
 
 
+def serve_table(records: list[dict[str, Any]]) -> str:
+    """`nanoflow serve` driven by `nanoflow bench serve` at several request rates."""
+    lines = []
+    for record in records:
+        if record.get("experiment") != "serve_bench":
+            continue
+        lines += [
+            f"Online serving, {record.get('model', '')} ({record.get('workload', '')} tokens, "
+            f"{record.get('num_prompts')} requests), {record.get('gpu') or record['device']}, "
+            f"{record['date'][:10]} (`experiments/results/{record['_file']}`):",
+            "",
+            "| request rate | completed / failed | total tokens/s | TTFT median / p99 ms "
+            "| TPOT median / p99 ms |",
+            "| --- | --- | ---: | ---: | ---: |",
+        ]
+        for r in record.get("rates", []):
+            if "completed" not in r:
+                continue
+            lines.append(
+                f"| {r['request_rate']} | {r['completed']} / {r['failed']}"
+                f" | {r['total_token_throughput']:,.0f}"
+                f" | {r['median_ttft_ms']:.0f} / {r['p99_ttft_ms']:.0f}"
+                f" | {r['median_tpot_ms']:.1f} / {r['p99_tpot_ms']:.1f} |"
+            )
+        lines.append("")
+    return "\n".join(lines).strip()
+
+
 def kernel_table(records: list[dict[str, Any]]) -> str:
     """Decode attention against the copy-bandwidth ceiling measured in the same run."""
     lines = []
@@ -241,7 +297,8 @@ def kernel_table(records: list[dict[str, Any]]) -> str:
 def render(folder: Path) -> str:
     records = load_results(folder)
     parts = [throughput_table(records)]
-    for extra in (pipeline_table(records), overlap_table(records), kernel_table(records)):
+    tables = (pipeline_table, overlap_table, serve_table, kernel_table)
+    for extra in (table(records) for table in tables):
         if extra:
             parts.append(extra)
     latency = latency_table(records)

@@ -91,8 +91,7 @@ def throughput(runner: Runner, args: argparse.Namespace, workload: str, executor
     cmd = [nanoflow_exe(), "bench", "throughput", args.model, "--load-format", "dummy"]
     cmd += ["--executor", executor, "--workload", workload, "--num-prompts", str(args.num_prompts)]
     cmd += ["--device", args.device, "--output-json", str(out)]
-    if args.cuda_graphs:
-        cmd += ["--cuda-graphs"]
+    cmd += ["--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs"]
     if executor == "auto":
         cmd += ["--profile", args.profile]
     runner.run(
@@ -142,7 +141,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peer-workload", default="512/512", help="constant IN/OUT lengths")
     p.add_argument("--peer-prompts", type=int, default=256)
     p.add_argument("--no-peer", action="store_true")
-    p.add_argument("--cuda-graphs", action="store_true", help="nanoflow replays CUDA graphs")
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="nanoflow replays CUDA graphs (default: on a GPU, as the engine does)",
+    )
     p.add_argument("--online", action="store_true", help="also run online latency")
     p.add_argument("--online-workload", default="sharegpt")
     p.add_argument("--out", type=Path, default=None, help="folder for results/ and figures/")
@@ -154,6 +158,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.device = "cuda:0" if torch.cuda.is_available() else "cpu"
     args.workloads = args.workloads or ",".join(QUICK_WORKLOADS if args.quick else ALL_WORKLOADS)
     args.num_prompts = args.num_prompts or (400 if args.quick else 1000)
+    if args.cuda_graphs is None:
+        args.cuda_graphs = args.device.startswith("cuda")
     args.budget_s = args.budget_s or (540.0 if args.quick else 3000.0)
     return args
 

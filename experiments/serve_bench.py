@@ -86,6 +86,7 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     record = {
         **environment(device),
+        "experiment": "serve_bench",
         "command": " ".join([sys.executable, *sys.argv]),
         "model": args.model,
         "server_args": server_args(args),

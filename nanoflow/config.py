@@ -34,7 +34,9 @@ class EngineConfig:
     offload_weights: str | None = None
     offload_fraction: float | None = None
     async_scheduling: bool | None = None  # None: on for CUDA without tensor parallelism
-    cuda_graphs: bool = False  # replay iterations from CUDA graphs, one per padded shape
+    # replay iterations from CUDA graphs, one per padded shape; None: on for a dense model on one
+    # CUDA GPU without weight offload (the combinations measured on a GPU)
+    cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):

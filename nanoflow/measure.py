@@ -38,13 +38,24 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-def time_cuda(fn, iters: int = 20, warmup: int = 3) -> float:
-    """Median seconds of ``fn`` on the current stream, timed with CUDA events."""
+# about a millisecond of spinning on an H100: longer than launching one op from Python
+_QUEUE_AHEAD_CYCLES = 2_000_000
+
+
+def time_cuda(fn, iters: int = 20, warmup: int = 3, queue_ahead: bool = False) -> float:
+    """Median seconds of ``fn`` on the current stream, timed with CUDA events.
+
+    ``queue_ahead`` holds the stream with a spin kernel while ``fn`` is launched, so the events
+    time the GPU's work alone; without it a kernel shorter than its own host launch is timed as
+    the launch, which is right for eager execution and wrong for a replayed CUDA graph.
+    """
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if queue_ahead:
+            torch.cuda._sleep(_QUEUE_AHEAD_CYCLES)
         start.record()
         fn()
         end.record()

@@ -99,6 +99,19 @@ def test_cost_model_reproduces_a_hand_computed_timeline(factor, makespan_ms):
     assert sequential.iteration_s == pytest.approx(16e-3)
 
 
+def test_launch_bound_applies_only_without_graphs():
+    """A slow host bounds an eagerly launched iteration, not one replayed from a graph."""
+    import dataclasses
+
+    ops = [OpTable("gemm", "compute", (1024,), (0,), (128,), (((1e-3,),),))]
+    tables = dataclasses.replace(_tables(ops, 4, {}), launch_seconds=2e-3)
+    batch = SteadyBatch(decodes=0, prefill_tokens=1024, decode_context=0, prompt_len=1024)
+    eager = predict(tables, sequential_schedule(), batch)
+    replayed = predict(tables, sequential_schedule(), batch, launch_bound=False)
+    assert eager.iteration_s == pytest.approx(8e-3) and eager.gpu_s == pytest.approx(4e-3)
+    assert replayed.iteration_s == pytest.approx(4e-3) and replayed.host_s == 0.0
+
+
 def test_search_finds_the_known_optimum_of_synthetic_tables():
     """A GEMM that scales with every SM beside a memory-bound op that reaches full speed on 32
     SMs. Per layer of 2048 tokens, with c SMs for the GEMM and m = 128 - c (multiples of 8):
@@ -228,3 +241,19 @@ def test_engine_runs_a_profile_and_matches_the_sequential_executor(tmp_path):
     assert tuned.engine.schedule.num_nano_batches == 2 and tuned.engine.schedule.overlap
     reference = LLM("builtin", device="cpu", dtype="float32", executor="sequential")
     assert tokens(tuned) == tokens(reference)
+
+
+def test_committed_profiles_load_for_their_models():
+    from pathlib import Path
+
+    import torch
+
+    from nanoflow.autotune.profile import load_profile
+    from nanoflow.models.loader import resolve_model
+
+    root = Path(__file__).resolve().parent.parent / "profiles"
+    paths = sorted(root.glob("*/*.json"))
+    assert paths, "no profile committed"
+    for path in paths:
+        profile = load_profile(path, resolve_model(path.parent.name)[0], torch.device("cpu"))
+        assert profile.model == path.parent.name and profile.dense_batch_size > 0

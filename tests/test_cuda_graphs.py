@@ -4,12 +4,14 @@ checked on CPU with a capture that replays the step eagerly: same tokens as the 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from nanoflow import LLM, SamplingParams
 from nanoflow.engine.batch import lay_out
-from nanoflow.engine.cuda_graphs import DECODE_ROUND, PREFILL_ROUND
+from nanoflow.engine.cuda_graphs import CHUNK_SLOTS, DECODE_ROUND, PREFILL_ROUND
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.sequence import Sequence
+from nanoflow.engine.upload import copy_to, to_device
 from nanoflow.errors import ConfigError
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 64, 12, 7], [11, 23, 5], [3, 9, 27, 81, 14] * 3, [77], [1, 2]]
@@ -19,17 +21,17 @@ def _eager(run):
     return run
 
 
-def _generate(folder, graphs: bool, **kwargs):
+def _generate(folder, graphs: bool, prompts=PROMPTS, **kwargs):
     llm = LLM(str(folder), dtype="float32", device="cpu", **kwargs)
     runner = llm.engine.runner
+    assert runner.graphs is None  # off by default on CPU
     if graphs:
         runner.graphs = runner.step_graphs(_eager)
-    params = [SamplingParams(max_tokens=6 + i, temperature=0.0, ignore_eos=True)
-              for i in range(len(PROMPTS))]  # fmt: skip
-    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    params = [SamplingParams(max_tokens=6 + i % 5, temperature=0.0, ignore_eos=True)
+              for i in range(len(prompts))]  # fmt: skip
+    outs = llm.generate(prompts, params, use_tqdm=False)
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
-    shapes = set(runner.graphs.graphs) if runner.graphs else set()
-    return [o.outputs[0].token_ids for o in outs], shapes
+    return [o.outputs[0].token_ids for o in outs], runner.graphs
 
 
 @pytest.mark.parametrize("executor", ["sequential", "overlapped"])
@@ -40,14 +42,35 @@ def test_graph_path_gives_the_same_tokens(llama_checkpoint, executor, async_sche
     kwargs = {"executor": executor, "async_scheduling": async_scheduling,
               "max_num_batched_tokens": 8}  # fmt: skip
     plain, _ = _generate(folder, False, **kwargs)
-    replayed, shapes = _generate(folder, True, **kwargs)
+    replayed, graphs = _generate(folder, True, **kwargs)
     assert replayed == plain
+    shapes = set(graphs.graphs)
+    assert graphs.stats.shapes_captured == len(shapes)
+    assert graphs.stats.eager_steps == 0 and graphs.stats.graph_steps > len(shapes)
     decode_rows = [sum(decodes) for decodes, _, _ in shapes]
     prefill_rows = [sum(prefills) for _, prefills, _ in shapes]
     assert all(d % DECODE_ROUND == 0 for d in decode_rows)
     assert all(p % PREFILL_ROUND == 0 for p in prefill_rows)
     mixed = [d and p for d, p in zip(decode_rows, prefill_rows, strict=True)]
     assert any(mixed) and 0 in prefill_rows  # mixed and decode-only steps both went through
+
+
+def test_a_step_with_more_chunks_than_slots_runs_eagerly(llama_checkpoint):
+    folder, _ = llama_checkpoint
+    prompts = [[3 + i, 5, 7 + i] for i in range(CHUNK_SLOTS + 4)]  # all prefill in one step
+    kwargs = {"executor": "sequential", "max_num_batched_tokens": 64}
+    plain, _ = _generate(folder, False, prompts, **kwargs)
+    replayed, graphs = _generate(folder, True, prompts, **kwargs)
+    assert replayed == plain
+    assert graphs.stats.eager_steps >= 1 and graphs.stats.graph_steps >= 1
+
+
+def test_uploads_keep_values_and_dtypes():
+    ids = to_device([3, 1, 2], torch.int64, torch.device("cpu"))
+    assert ids.dtype == torch.int64 and ids.tolist() == [3, 1, 2]
+    target = torch.zeros(4, dtype=torch.int32)
+    copy_to(target[1:3], torch.tensor([7, 9], dtype=torch.int32))
+    assert target.tolist() == [0, 7, 9, 0]
 
 
 def _seq(rid: str, prompt_len: int, first_block: int, block_size: int = 4) -> Sequence:

@@ -150,7 +150,11 @@ def test_report_renders_pipeline_overlap_and_kernel_runs(tmp_path):
                     "iteration": {"gpu_ms": 50.0, "cpu_launch_ms": 20.0},
                     "throughput": {"tokens_per_s": 12345.0},
                     "fraction_of_optimal": 0.25,
-                }
+                },
+                "overlapped": {
+                    "iteration": {"gpu_ms": 60.0, "cpu_launch_ms": 1.0},
+                    "iteration_eager": {"gpu_ms": 61.0, "cpu_launch_ms": 40.0},
+                },
             }
         },
         "overlap": [
@@ -178,10 +182,32 @@ def test_report_renders_pipeline_overlap_and_kernel_runs(tmp_path):
             ]
         },
     }
+    serve = {
+        **stamp,
+        "experiment": "serve_bench",
+        "model": "m",
+        "workload": "512/256",
+        "num_prompts": 10,
+        "rates": [
+            {
+                "request_rate": "4",
+                "completed": 10,
+                "failed": 0,
+                "total_token_throughput": 2500.0,
+                "median_ttft_ms": 27.0,
+                "p99_ttft_ms": 90.0,
+                "median_tpot_ms": 7.1,
+                "p99_tpot_ms": 7.4,
+            }
+        ],
+    }
     (tmp_path / "pipe.json").write_text(json.dumps(pipeline))
     (tmp_path / "kern.json").write_text(json.dumps(kernels))
+    (tmp_path / "serve.json").write_text(json.dumps(serve))
     text = report.render(tmp_path)
-    assert "| sequential | 50.0 | 20.0 | 12,345 | 25.0 |  |" in text
+    assert "| sequential | 50.0 | 20.0 |  | 12,345 | 25.0 |  |" in text
+    assert "| overlapped | 60.0 | 1.0 | 61.0 / 40.0 |  |  |  |" in text
+    assert "| 4 | 10 / 0 | 2,500 | 27 / 90 | 7.1 / 7.4 |" in text
     assert "| 2048 / 1024 | green_context | 88 / 44 | 0.90 / 0.80 | 0.95 | 0.95 |" in text
     assert "| 1024 | 0.50 |  |  | 0.90 |" in text
     assert "GEMM 780 TFLOP/s" in text

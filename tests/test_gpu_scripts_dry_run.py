@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+SCHEDULES = ("sequential", "nanobatch-2", "overlap-shared-all/32-high", "overlap-attn-all/66-high")
 
 
 def _run(script: str, args: list[str], out: Path) -> dict:
@@ -39,13 +40,15 @@ def test_pipeline_bench_dry_run(tmp_path):
             "24",
             "--output-len",
             "6",
+            "--schedules",
+            ",".join(SCHEDULES),
         ],
         tmp_path,
     )
     assert record["parity"]["greedy_identical_vs_hf_fp32"] == record["parity"]["prompts"]
     assert record["parity"]["max_logits_rel_err_vs_fp32"] < 1e-4
     rows = record["e2e"]["schedules"]
-    assert set(rows) >= {"sequential", "nanobatch-2", "overlap-cta-100/32"}
+    assert set(rows) == set(SCHEDULES)
     for row in rows.values():
         assert "error" not in row
         assert row["greedy_16_identical_to_sequential"] == 1.0

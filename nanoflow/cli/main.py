@@ -47,8 +47,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--cuda-graphs",
-        action="store_true",
-        help="replay iterations from CUDA graphs, one per padded step shape",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replay iterations from CUDA graphs, one per padded step shape (default: on for a "
+        "dense model on one GPU without weight offload)",
     )
     parser.add_argument(
         "--offload-weights",

@@ -117,10 +117,17 @@ class ModelRunner:
         self.schedule = schedule
         self.executor: Executor = make_executor(schedule, self.device)
         self.graphs: StepGraphs | None = None
-        if self.config.cuda_graphs:
-            if self.device.type != "cuda":
-                raise ConfigError("cuda_graphs needs a CUDA device")
+        if self._use_cuda_graphs():
             self.graphs = self.step_graphs(cuda_capture(torch.cuda.graph_pool_handle()))
+
+    def _use_cuda_graphs(self) -> bool:
+        wanted = self.config.cuda_graphs
+        if wanted and self.device.type != "cuda":
+            raise ConfigError("cuda_graphs needs a CUDA device")
+        if wanted is not None:
+            return wanted
+        dense_single_gpu = self.group.size == 1 and not self.spec.is_moe
+        return self.device.type == "cuda" and dense_single_gpu and self.offload is None
 
     def step_graphs(self, capture: Capture) -> StepGraphs:
         """Graphs of whole iterations of this runner's model, schedule and executor."""
