@@ -7,9 +7,9 @@ Three kinds, all named by ``load_workload``:
   evaluates on, so throughput can be compared without shipping (or downloading) the traces.
 - a CSV/JSON trace file, for the real thing.
 
-Dataset shapes. Mean and standard deviation of input/output lengths in tokens, as published in the
-NanoFlow paper's dataset-statistics table (Zhu et al., "NanoFlow: Towards Optimal Large Language
-Model Serving Throughput", arXiv:2408.12757, Table 3 "mean (std)"):
+Dataset shapes. Mean and standard deviation of input/output lengths in tokens of the sampled
+datasets, as published in the NanoFlow paper (Zhu et al., "NanoFlow: Towards Optimal Large Language
+Model Serving Throughput", OSDI 2025 / arXiv:2408.12757v2, Table 4 "mean (std)"):
 
 =================  ============  ============
 dataset            input         output
@@ -18,10 +18,6 @@ Splitwise (conv.)  1155 (1109)   211 (163)
 LMSYS-Chat-1M       102 (169)    222 (210)
 ShareGPT            246 (547)    322 (244)
 =================  ============  ============
-
-These figures could not be re-read from the paper's text when this module was written: re-check
-them against the paper (or compute them from the repository's traces) before quoting results as
-paper-shaped.
 
 The underlying traces: Splitwise's Azure LLM inference conversation trace (Patel et al., ISCA 2024,
 github.com/Azure/AzurePublicDataset, AzureLLMInferenceDataset2023), LMSYS-Chat-1M (Zheng et al.,

@@ -100,3 +100,15 @@ def test_layout_rejects_a_plan_larger_than_its_rows():
 def test_cuda_graphs_need_a_gpu():
     with pytest.raises(ConfigError, match="CUDA"):
         LLM("builtin", device="cpu", cuda_graphs=True)
+
+
+def test_graphs_are_on_by_default_only_for_a_dense_model_on_one_gpu(llama_checkpoint):
+    import dataclasses
+
+    folder, _ = llama_checkpoint
+    runner = LLM(str(folder), dtype="float32", device="cpu").engine.runner
+    assert not runner._use_cuda_graphs()  # on CPU
+    runner.device = torch.device("cuda")  # the rule alone: nothing is captured here
+    assert runner._use_cuda_graphs()
+    runner.spec = dataclasses.replace(runner.spec, num_experts=8, num_experts_per_token=2)
+    assert not runner._use_cuda_graphs()  # MoE routing has not been captured on a GPU yet
