@@ -61,6 +61,9 @@ class EngineConfig:
             raise ConfigError("tensor_parallel_size must be positive")
         if self.cuda_graphs and self.tensor_parallel_size > 1:
             raise ConfigError("cuda_graphs is not supported with tensor parallelism yet")
+        if self.cuda_graphs and self.offload_weights is not None:
+            # the prefetch planner keeps host state across steps (which copy, into which slot)
+            raise ConfigError("cuda_graphs is not supported with offload_weights yet")
         if self.offload_weights not in (None, "cpu"):
             raise ConfigError(
                 f"offload_weights must be None or 'cpu', not {self.offload_weights!r}"

@@ -102,6 +102,11 @@ def test_cuda_graphs_need_a_gpu():
         LLM("builtin", device="cpu", cuda_graphs=True)
 
 
+def test_cuda_graphs_refuse_weight_offload():
+    with pytest.raises(ConfigError, match="offload_weights"):
+        LLM("builtin", device="cpu", cuda_graphs=True, offload_weights="cpu")
+
+
 def test_graphs_are_on_by_default_only_for_a_dense_model_on_one_gpu(llama_checkpoint):
     import dataclasses
 
