@@ -65,6 +65,18 @@ def test_a_step_with_more_chunks_than_slots_runs_eagerly(llama_checkpoint):
     assert graphs.stats.eager_steps >= 1 and graphs.stats.graph_steps >= 1
 
 
+def test_past_the_graph_cap_new_shapes_run_eagerly(llama_checkpoint, monkeypatch):
+    from nanoflow.engine import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 1)
+    folder, _ = llama_checkpoint
+    kwargs = {"executor": "sequential", "max_num_batched_tokens": 8}
+    plain, _ = _generate(folder, False, **kwargs)
+    replayed, graphs = _generate(folder, True, **kwargs)
+    assert replayed == plain
+    assert len(graphs.graphs) == 1 and graphs.stats.eager_steps > 0
+
+
 def test_uploads_keep_values_and_dtypes():
     ids = to_device([3, 1, 2], torch.int64, torch.device("cpu"))
     assert ids.dtype == torch.int64 and ids.tolist() == [3, 1, 2]

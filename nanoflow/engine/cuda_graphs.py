@@ -104,6 +104,7 @@ class StepGraphs:
         self.scratch_block = scratch_block
         self.capture = capture
         self.stats = GraphStats()
+        self._cap_reported = False
         self.graphs: dict[ShapeKey, Run] = {}
         self._nano_batches: dict[ShapeKey, list[NanoBatch]] = {}
         self.rows = buffers.hidden.shape[0]
@@ -158,7 +159,8 @@ class StepGraphs:
             return None
         key = (tuple(shape[0]), tuple(shape[1]), tuple(r.kv_deps for r in layout.nano_batches))
         if key not in self.graphs and len(self.graphs) >= MAX_GRAPHS:
-            if len(self.graphs) == MAX_GRAPHS:
+            if not self._cap_reported:
+                self._cap_reported = True
                 logger.warning("%d CUDA graphs captured; new shapes run eagerly", MAX_GRAPHS)
             return None
         self._upload(layout)
