@@ -160,9 +160,13 @@ class OpTables:
         )
 
 
-def save_tables(tables: OpTables, path: str | Path) -> None:
+def save_tables(
+    tables: OpTables, path: str | Path, provenance: dict[str, Any] | None = None
+) -> None:
+    """``provenance`` (device, versions, command...) is stored beside the tables, which keep
+    their own keys, date included."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(tables.to_dict(), indent=1))
+    Path(path).write_text(json.dumps({**(provenance or {}), **tables.to_dict()}, indent=1))
 
 
 def load_tables(path: str | Path) -> OpTables:

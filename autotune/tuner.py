@@ -113,7 +113,7 @@ def tune(opts: TuneOptions) -> TuneResult:
     device = EngineConfig(device=opts.device).torch_device()
     tables = _tables(opts, spec, device)
     if opts.tables_out:
-        save_tables(tables, opts.tables_out)
+        save_tables(tables, opts.tables_out, {**environment(device), "command": opts.command})
     shape = WorkloadShape.from_workload(opts.workload, seed=opts.seed)
     # the validation engine, like any engine on one GPU, replays its iterations from graphs
     space = _space(opts, spec, tables, shape, cuda_graphs=device.type == "cuda")

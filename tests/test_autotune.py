@@ -139,9 +139,10 @@ def test_search_finds_the_known_optimum_of_synthetic_tables():
 def test_op_tables_round_trip_and_interpolate(tmp_path):
     tables = _tables([_linear_op("gemm", "compute", 1e-6, 128)], 2, {"cta_limit": {}})
     path = tmp_path / "tables.json"
-    save_tables(tables, path)
+    save_tables(tables, path, {"command": "nanoflow tune x", "device": "cpu"})
     again = load_tables(path)
-    assert again == tables
+    assert again == tables  # the provenance rides along without changing the tables
+    assert json.loads(path.read_text())["command"] == "nanoflow tune x"
     op = again.ops[0]
     assert op.time(5000, 0, 128) == pytest.approx(5e-3)
     assert op.time(5000, 0, 60) == pytest.approx(5e-3 * (128 / 56 + 128 / 64) / 2)
