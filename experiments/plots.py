@@ -39,6 +39,8 @@ def throughput_bars(records: list[dict[str, Any]], path: Path) -> Path | None:
     by_workload: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         for row in rows(record):
+            if row["num_prompts"]:  # runs of different sizes are different bars
+                row = row | {"system": f"{row['system']}, {row['num_prompts']} prompts"}
             by_workload[row["workload"]].append(row)
     if not by_workload:
         return None
@@ -65,24 +67,31 @@ def throughput_bars(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def ablation_bars(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """Throughput of the three nanoflow executors relative to sequential, per workload."""
+    """Throughput of the three nanoflow executors relative to sequential, per workload and
+    launch mode (eager, or replayed from CUDA graphs: an executor is only compared with the
+    sequential executor of its own mode)."""
     table: dict[str, dict[str, float]] = defaultdict(dict)
     for record in records:
         for row in rows(record):
-            if row["system"] in ABLATION:
-                table[row["workload"]][row["system"]] = row["tokens_per_s"]
+            system = row["system"].removesuffix("-graphs")
+            graphs = system != row["system"]
+            if system in ABLATION:
+                group = f"{row['workload']}\n{'CUDA graphs' if graphs else 'eager'}"
+                table[group][system] = row["tokens_per_s"]
     table = {w: t for w, t in table.items() if "nanoflow sequential" in t}
     if not table:
         return None
     fig, ax = plt.subplots(figsize=(max(5, 2.5 * len(table)), 3.5))
     width = 0.8 / len(ABLATION)
     for i, (system, label) in enumerate(ABLATION.items()):
+        labelled = False
         for x, t in enumerate(table.values()):
             if system in t:
                 speedup = t[system] / t["nanoflow sequential"]
                 bar = ax.bar(
-                    x + i * width, speedup, width, color=f"C{i}", label=label if x == 0 else None
+                    x + i * width, speedup, width, color=f"C{i}", label=None if labelled else label
                 )
+                labelled = True
                 ax.bar_label(bar, [f"{speedup:.2f}×"], fontsize=7)
     ax.axhline(1.0, color="grey", linewidth=0.5)
     ax.margins(y=0.2)

@@ -85,6 +85,7 @@ def rows(record: dict[str, Any]) -> list[dict[str, Any]]:
                 "workload": result.get("workload", ""),
                 "system": "nanoflow "
                 + str(record.get("executor") or record.get("args", {}).get("executor", "")),
+                "num_prompts": result.get("num_prompts"),
                 "tokens_per_s": result["tokens_per_s"],
                 "fraction_of_optimal": result.get("fraction_of_optimal"),
                 "file": record["_file"],
@@ -97,6 +98,7 @@ def rows(record: dict[str, Any]) -> list[dict[str, Any]]:
                 "workload": record.get("workload", ""),
                 "system": f"transformers {mode}"
                 + (f" (B={r['batch_size']})" if "batch_size" in r else ""),
+                "num_prompts": r.get("num_prompts", record.get("num_prompts")),
                 "tokens_per_s": r["tokens_per_s"],
                 "fraction_of_optimal": None,
                 "file": record["_file"],
@@ -112,13 +114,15 @@ def throughput_table(records: list[dict[str, Any]]) -> str:
     if not table:
         return "_No results yet: run `python experiments/run.py` on a GPU._"
     lines = [
-        "| model | workload | system | tokens/s (in+out) | % of optimal | GPU | date | source |",
-        "| --- | --- | --- | ---: | ---: | --- | --- | --- |",
+        "| model | workload | system | prompts | tokens/s (in+out) | % of optimal | GPU | date "
+        "| source |",
+        "| --- | --- | --- | ---: | ---: | ---: | --- | --- | --- |",
     ]
     for r in table:
         frac = r["fraction_of_optimal"]
         lines.append(
-            f"| {r['model']} | {r['workload']} | {r['system']} | {_fmt(r['tokens_per_s'], ',.0f')}"
+            f"| {r['model']} | {r['workload']} | {r['system']} | {r['num_prompts'] or ''}"
+            f" | {_fmt(r['tokens_per_s'], ',.0f')}"
             f" | {_fmt(None if frac is None else 100 * frac, '.1f')} | {r['gpu']} | {r['date']}"
             f" | `experiments/results/{r['file']}` |"
         )
