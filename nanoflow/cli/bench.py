@@ -97,6 +97,13 @@ def run_throughput(args: argparse.Namespace) -> int:
             f"{result['optimal_tokens_per_s']:.0f} tokens/s; reached "
             f"{100 * result['fraction_of_optimal']:.1f}%"
         )
+    if "cuda_graphs" in result:
+        g = result["cuda_graphs"]
+        print(
+            f"CUDA graphs: {g['graph_steps']} iterations replayed, {g['eager_steps']} eager; "
+            f"{g['shapes_captured']} shapes captured in {g['capture_seconds']:.1f} s "
+            "(inside the measured time)"
+        )
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(json.dumps(record, indent=2, default=str))
