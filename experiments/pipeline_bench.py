@@ -3,12 +3,15 @@
 1. bf16 parity of the engine with transformers on a tiny random checkpoint.
 2. Overlap microbenchmark: a Llama-3-8B gate-up GEMM beside paged decode attention, each on its own
    execution unit, for several SM splits and both mechanisms (CTA limits, green contexts).
-3. End to end on llama-3-8b dummy weights: one fixed 2048-token iteration (512 decodes at context
-   1024 + 1536 prefill tokens) timed per schedule (GPU time and CPU launch time), greedy tokens of
-   the executors compared, and offline 512/512 throughput for every schedule.
-4. The timeline of one overlapped iteration (PNG + JSON).
+3. End to end on llama-3-8b dummy weights: one fixed 2048-token iteration (512 decodes at
+   ``--context`` + 1536 prefill tokens) timed per schedule (GPU time and CPU launch time; with
+   ``--cuda-graphs`` also launched eagerly, and the replayed logits compared with the eager ones),
+   greedy tokens of the executors compared, and offline 512/512 throughput for every schedule
+   (``--skip throughput`` leaves it out, ``--schedules`` picks schedules by name).
+4. The timeline of one overlapped iteration (PNG + JSON), recorded inside the graph when graphs
+   are on.
 
-Usage: python experiments/pipeline_bench.py [--out DIR] [--num-prompts N]
+Usage: python experiments/pipeline_bench.py [--out DIR] [--num-prompts N] [--cuda-graphs]
        python experiments/pipeline_bench.py --device cpu --model builtin ...   (a dry run)
 """
 

@@ -28,9 +28,8 @@ from nanoflow.autotune.profile import load_profile, profile_path, save_profile
 from nanoflow.autotune.tuner import TuneOptions, tune
 from nanoflow.measure import environment, gemm_ceiling_tflops, optimal_throughput
 from nanoflow.models.loader import resolve_model
-from nanoflow.pipeline.schedule import default_overlapped_schedule, sequential_schedule
-from nanoflow.pipeline.schedule_select import DEFAULT_TOKEN_BUDGET
-from nanoflow.pipeline.units import device_sm_count
+from nanoflow.pipeline.schedule import sequential_schedule
+from nanoflow.pipeline.schedule_select import DEFAULT_TOKEN_BUDGET, architecture_schedule
 from nanoflow.workloads import load_workload, random_prompts
 
 
@@ -60,10 +59,12 @@ def compare(args: argparse.Namespace, profile_file: Path, device: torch.device) 
         max_num_batched_tokens=max(DEFAULT_TOKEN_BUDGET, tuned.dense_batch_size),
         num_kv_blocks=args.num_kv_blocks,
     )
-    sms = device_sm_count(device) if device.type == "cuda" else 132
     runs = {
         "sequential": (sequential_schedule(), DEFAULT_TOKEN_BUDGET),
-        "default_overlapped": (default_overlapped_schedule(sms), DEFAULT_TOKEN_BUDGET),
+        "default_overlapped": (
+            architecture_schedule(llm.engine.config, device),
+            DEFAULT_TOKEN_BUDGET,
+        ),
         "tuned_profile": (tuned.schedule, tuned.dense_batch_size),
     }
     requests = load_workload(args.workload, args.num_prompts, args.seed)

@@ -10,6 +10,7 @@ from nanoflow.engine.batch import prepare_step
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.sequence import Sequence
 from nanoflow.pipeline.executors import launch_order
+from nanoflow.pipeline.ops import Resource
 from nanoflow.pipeline.schedule import (
     LaunchOrder,
     PipelineSchedule,
@@ -91,22 +92,24 @@ def test_launch_orders_respect_dependencies(order):
 
 
 @pytest.mark.parametrize(
-    "model, tp, expected",
+    "tp, expected",
     [
-        ("llama-3-8b", 1, {"compute": 88, "memory": 44}),  # GQA: a third to memory
-        ("llama-2-7b", 1, {"compute": 66, "memory": 66}),  # multi-head: half
-        ("llama-2-70b", 2, {"compute": 88, "memory": 44, "network": 16}),
+        (1, {"compute": None, "attention": 99}),
+        (2, {"compute": None, "attention": 99, "network": 16}),
     ],
 )
-def test_hand_written_schedule_per_architecture(model, tp, expected):
+def test_hand_written_schedule_shares_the_sms(tp, expected):
+    """GEMMs keep the whole GPU; decode attention alone runs beside them, CTA-limited, on a
+    high-priority stream."""
     from nanoflow.config import EngineConfig
-    from nanoflow.models.registry import get_known_model
     from nanoflow.pipeline.schedule_select import architecture_schedule
 
-    config = EngineConfig(model=model, device="cpu", tensor_parallel_size=tp)
-    schedule = architecture_schedule(config, get_known_model(model), torch.device("cpu"))
+    config = EngineConfig(model="llama-3-8b", device="cpu", tensor_parallel_size=tp)
+    schedule = architecture_schedule(config, torch.device("cpu"))
     assert {u.name: u.num_sms for u in schedule.units} == expected
     assert schedule.overlap and schedule.num_nano_batches == 2
+    assert schedule.unit_of("decode_attention", Resource.MEMORY).priority == -1
+    assert schedule.unit_of("input_norm", Resource.MEMORY).name == "compute"
     assert schedule.op_units["network"] == ("network" if tp > 1 else "compute")
 
 

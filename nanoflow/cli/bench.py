@@ -61,6 +61,7 @@ def run_throughput(args: argparse.Namespace) -> int:
         "output_tokens_per_s": num_out / elapsed,
         "requests_per_s": len(prompts) / elapsed,
         "schedule": engine.schedule_source,
+        "pipeline_schedule": engine.schedule.to_dict(),
         "token_budget": engine.scheduler.max_num_batched_tokens,
         "num_kv_blocks": engine.runner.num_blocks,
         "preemptions": sum(int(o.metrics["num_preemptions"]) for o in outputs),

@@ -135,6 +135,31 @@ def nano_batch_schedule(num_nano_batches: int = 2) -> PipelineSchedule:
     return PipelineSchedule(decode_shares=shares, prefill_shares=shares)
 
 
+def shared_sm_schedule(
+    num_sms: int,
+    attention_fraction: float = 0.75,
+    num_nano_batches: int = 2,
+    network_sms: int | None = None,
+) -> PipelineSchedule:
+    """GEMMs and the small memory-bound ops on the whole GPU; decode attention on a
+    high-priority stream of its own, at most ``attention_fraction`` of the SMs' worth of CTAs,
+    so it runs between another nano-batch's GEMM blocks instead of on SMs taken from them."""
+    shares = tuple([1.0 / num_nano_batches] * num_nano_batches)
+    units = [UnitSpec("compute"), UnitSpec("attention", int(num_sms * attention_fraction), -1)]
+    op_units = {r.value: "compute" for r in Resource} | {"decode_attention": "attention"}
+    if network_sms is not None:
+        units.append(UnitSpec("network", network_sms))
+        op_units["network"] = "network"
+    return PipelineSchedule(
+        decode_shares=shares,
+        prefill_shares=shares,
+        units=tuple(units),
+        op_units=op_units,
+        mechanism=Mechanism.CTA_LIMIT,
+        overlap=True,
+    )
+
+
 def default_overlapped_schedule(
     num_sms: int,
     num_nano_batches: int = 2,

@@ -3,18 +3,15 @@ else the executor the user asked for, else the hand-written default for the devi
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from nanoflow.config import EngineConfig
 from nanoflow.models.spec import ModelSpec
 from nanoflow.pipeline.schedule import (
-    Mechanism,
     PipelineSchedule,
-    default_overlapped_schedule,
     nano_batch_schedule,
     sequential_schedule,
+    shared_sm_schedule,
 )
 from nanoflow.pipeline.units import device_sm_count
 
@@ -47,43 +44,25 @@ def select_schedule(
         )
     if executor == "nanobatch":
         return nano_batch_schedule(2), budget, "2 nano-batches without overlap (no profile)"
-    return architecture_schedule(config, spec, device), budget, "hand-written overlapped schedule"
+    return architecture_schedule(config, device), budget, "hand-written overlapped schedule"
 
 
-def architecture_schedule(
-    config: EngineConfig, spec: ModelSpec, device: torch.device
-) -> PipelineSchedule:
-    """The overlapped schedule used without a profile, per architecture and machine.
+def architecture_schedule(config: EngineConfig, device: torch.device) -> PipelineSchedule:
+    """The overlapped schedule used without a profile.
 
-    Decode attention reads every cached K/V once per step, so its share of the GPU grows with the
-    KV bytes per token: models with grouped-query attention (4+ query heads per KV head) give the
-    memory unit a third of the SMs, multi-head models half. Green contexts are the mechanism where
-    the driver offers them (on an H100 they let decode attention on 44 SMs overlap a GEMM; with
-    one persistent CTA per SM it does not reach the bandwidth); tensor parallelism adds a small
-    network unit for the collectives, on plain streams.
+    The one that measured fastest of those tried on an H100 (llama-3-8b, a 2048-token iteration,
+    `experiments/results/pipeline_bench_attention_unit_h100.json`): GEMMs keep the whole GPU and
+    decode attention alone runs beside them on a high-priority stream with three quarters of the
+    SMs' worth of CTAs (62.5 ms, against 84 ms with a green-context split of 88/44 SMs; the
+    sequential executor took 53.5 ms in the same run). Tensor parallelism adds a small network
+    unit for the collectives.
     """
     sms = device_sm_count(device) if device.type == "cuda" else 132
-    group = spec.num_heads // spec.num_kv_heads
-    tensor_parallel = config.tensor_parallel_size > 1
-    mechanism = Mechanism.CTA_LIMIT
-    if device.type == "cuda" and not tensor_parallel and _has_driver_bindings():
-        mechanism = Mechanism.GREEN_CONTEXT
-    return default_overlapped_schedule(
-        sms,
-        memory_fraction=1 / 3 if group >= 4 else 1 / 2,
-        mechanism=mechanism,
-        network_sms=16 if tensor_parallel else None,
-    )
+    network_sms = 16 if config.tensor_parallel_size > 1 else None
+    return shared_sm_schedule(sms, network_sms=network_sms)
 
 
 def _without_overlap(schedule: PipelineSchedule) -> PipelineSchedule:
     return PipelineSchedule(
         decode_shares=schedule.decode_shares, prefill_shares=schedule.prefill_shares
     )
-
-
-def _has_driver_bindings() -> bool:
-    try:
-        return importlib.util.find_spec("cuda.bindings") is not None
-    except ModuleNotFoundError:  # no ``cuda`` package at all
-        return False
