@@ -44,12 +44,14 @@ from nanoflow.measure import (
     token_agreement,
 )
 from nanoflow.pipeline.schedule import (
+    LaunchOrder,
     Mechanism,
     PipelineSchedule,
     UnitSpec,
     nano_batch_schedule,
     sequential_schedule,
 )
+from nanoflow.pipeline.schedule_select import architecture_schedule
 from nanoflow.pipeline.timeline import TimelineRecorder, as_dicts, draw_timeline
 from nanoflow.pipeline.units import build_units
 from nanoflow.workloads import constant, random_prompts
@@ -398,6 +400,16 @@ def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | Non
         )
     schedules["overlap-attn-green-100/32"] = overlapped(
         100, 32, Mechanism.GREEN_CONTEXT, attention_only=True
+    )
+    hand_written = architecture_schedule(llm.engine.config, DEVICE)
+    schedules["hand-written"] = hand_written
+    # the same with each nano-batch's ops launched a step behind the previous one's: the streams
+    # then interleave the nano-batches instead of running them in lock step
+    schedules["hand-written-wavefront"] = dataclasses.replace(
+        hand_written, launch_order=LaunchOrder.WAVEFRONT
+    )
+    schedules["overlap-green-88/44-wavefront"] = dataclasses.replace(
+        schedules["overlap-green-88/44"], launch_order=LaunchOrder.WAVEFRONT
     )
     if args.schedules:
         schedules = {k: v for k, v in schedules.items() if k in args.schedules.split(",")}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
-SCHEDULES = ("sequential", "nanobatch-2", "overlap-shared-all/32-high", "overlap-attn-all/66-high")
+SCHEDULES = ("sequential", "nanobatch-2", "overlap-attn-all/66-high", "hand-written-wavefront")
 
 
 def _run(script: str, args: list[str], out: Path) -> dict:
