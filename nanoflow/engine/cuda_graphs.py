@@ -201,10 +201,13 @@ class StepGraphs:
                 p_tables[i * CHUNK_SLOTS + s, : len(table)] = table
                 p_lens[i * CHUNK_SLOTS + s] = chunk.start + chunk.num_tokens
                 p_cu[i, s + 1 :] = p_cu[i, s] + chunk.num_tokens
+        # only the columns some table reaches: a kernel never reads past a sequence's length
+        chunks = [c for rows in layout.nano_batches for c in rows.decodes + rows.pieces]
+        width = max((len(c.seq.block_table) for c in chunks), default=1)
         used = slice(0, decode_rows)
-        copy_to(self.decode_tables[used], self.host_decode_tables[used])
+        copy_to(self.decode_tables[used, :width], self.host_decode_tables[used, :width])
         copy_to(self.decode_lens[used], self.host_decode_lens[used])
-        copy_to(self.prefill_tables, self.host_prefill_tables)
+        copy_to(self.prefill_tables[:, :width], self.host_prefill_tables[:, :width])
         copy_to(self.prefill_lens, self.host_prefill_lens)
         copy_to(self.prefill_cu, self.host_prefill_cu)
 
