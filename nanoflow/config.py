@@ -37,6 +37,8 @@ class EngineConfig:
     # replay iterations from CUDA graphs, one per padded shape; None: on for a dense model on one
     # CUDA GPU without weight offload (the combinations measured on a GPU)
     cuda_graphs: bool | None = None
+    # reuse the K/V of full prompt blocks another request already computed
+    enable_prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):

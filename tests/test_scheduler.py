@@ -21,16 +21,31 @@ actions = st.lists(
 )
 
 
-def _step(scheduler: Scheduler, budget: int) -> list[Sequence]:
-    """One fake iteration: plan, check the plan, commit, append a token to samplers."""
+def _step(scheduler: Scheduler, budget: int, kv: dict | None = None) -> list[Sequence]:
+    """One fake iteration: plan, check the plan, commit, append a token to samplers. ``kv``
+    models the cache's content ((block, offset) -> token): every token a chunk attends to must
+    hold the sequence's own token, and no block a chunk writes may be another's."""
     plan = scheduler.plan()
     assert plan.num_tokens <= budget
     ids = [c.seq.request_id for c in plan.chunks]
     assert len(ids) == len(set(ids)), "a sequence scheduled twice in one iteration"
+    size = scheduler.blocks.block_size
     for chunk in plan.chunks:
         seq = chunk.seq
         assert chunk.start == seq.num_computed_tokens
-        assert len(seq.block_table) * scheduler.blocks.block_size >= chunk.start + chunk.num_tokens
+        assert len(seq.block_table) * size >= chunk.start + chunk.num_tokens
+        if kv is None:
+            continue
+        tokens = seq.all_token_ids
+        for p in range(chunk.start):
+            assert kv.get((seq.block_table[p // size], p % size)) == tokens[p], "stale prefix"
+        written = {
+            seq.block_table[p // size] for p in range(chunk.start, chunk.start + chunk.num_tokens)
+        }
+        others = {b for s in scheduler.running if s is not seq for b in s.block_table}
+        assert not written & others, "a chunk writes a block another sequence reads"
+        for p in range(chunk.start, chunk.start + chunk.num_tokens):
+            kv[(seq.block_table[p // size], p % size)] = tokens[p]
     samplers = [c.seq for c in plan.chunks if c.samples]
     scheduler.commit(plan)
     for seq in samplers:
@@ -40,6 +55,12 @@ def _step(scheduler: Scheduler, budget: int) -> list[Sequence]:
     return samplers
 
 
+def _prompt(length: int, variant: int) -> list[int]:
+    """Prompts that share prefixes of many lengths: a common head, then a variant's tail."""
+    head = length * (variant % 4) // 4
+    return ([1, 2, 3, 4, 5, 6, 7] * 6)[:head] + [10 + variant % 3] * (length - head)
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     actions=actions,
@@ -47,34 +68,39 @@ def _step(scheduler: Scheduler, budget: int) -> list[Sequence]:
     num_blocks=st.integers(8, 24),
     block_size=st.sampled_from([2, 4, 8]),
     expected=st.sampled_from([None, 1, 4]),
+    prefix_caching=st.booleans(),
 )
-def test_random_traffic_keeps_invariants(actions, budget, num_blocks, block_size, expected):
-    blocks = BlockManager(num_blocks, block_size)
+def test_random_traffic_keeps_invariants(
+    actions, budget, num_blocks, block_size, expected, prefix_caching
+):
+    blocks = BlockManager(num_blocks, block_size, prefix_caching)
     scheduler = Scheduler(blocks, budget, max_num_seqs=6, expected_output_len=expected)
     capacity = num_blocks * block_size
     all_seqs: list[Sequence] = []
+    kv: dict = {}
     for kind, a, b in actions:
         if kind == "add":
             prompt_len = min(a, capacity - b)
             if prompt_len < 1:
                 continue
-            seq = Sequence(f"r{len(all_seqs)}", [3] * prompt_len, SamplingParams(max_tokens=b))
+            prompt = _prompt(prompt_len, a + b)
+            seq = Sequence(f"r{len(all_seqs)}", prompt, SamplingParams(max_tokens=b))
             all_seqs.append(seq)
             scheduler.add(seq)
         elif kind == "step":
-            _step(scheduler, budget)
+            _step(scheduler, budget, kv)
         elif kind == "abort" and all_seqs:
             scheduler.abort(all_seqs[a % len(all_seqs)].request_id)
         elif kind == "preempt" and scheduler.running:
             scheduler.preempt(scheduler.running[a % len(scheduler.running)])
         tracked = [s.request_id for s in list(scheduler.waiting) + scheduler.running]
         assert len(tracked) == len(set(tracked)), "a request is queued twice"
-        used = sum(len(s.block_table) for s in scheduler.running)
-        assert used + blocks.num_free_blocks == num_blocks, "a block leaked"
+        used = {b for s in scheduler.running for b in s.block_table}
+        assert len(used) + blocks.num_free_blocks == num_blocks, "a block leaked"
     for _ in range(10_000):
         if not scheduler.has_unfinished:
             break
-        _step(scheduler, budget)
+        _step(scheduler, budget, kv)
     assert not scheduler.has_unfinished, "requests never finished (lost or deadlocked)"
     for seq in all_seqs:
         assert seq.status is SequenceStatus.FINISHED

@@ -53,6 +53,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "dense model on one GPU without weight offload)",
     )
     parser.add_argument(
+        "--enable-prefix-caching",
+        action="store_true",
+        help="reuse the K/V of full prompt blocks that an earlier request computed",
+    )
+    parser.add_argument(
         "--offload-weights",
         default=None,
         choices=["cpu"],
@@ -83,6 +88,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "tensor_parallel_size": args.tensor_parallel_size,
         "seed": args.seed,
         "cuda_graphs": args.cuda_graphs,
+        "enable_prefix_caching": args.enable_prefix_caching,
         "offload_weights": args.offload_weights,
         "offload_fraction": args.offload_fraction,
     }

@@ -1,25 +1,42 @@
-"""Paged KV-cache bookkeeping: a free list of fixed-size blocks and per-sequence block tables."""
+"""Paged KV-cache bookkeeping: a free list of fixed-size blocks and per-sequence block tables.
+
+With prefix caching, a full block of prompt tokens whose K/V are computed is remembered by its
+content, keyed by its own tokens and a hash of the key of the block before it, so a key names the
+whole prefix (two prefixes would have to collide in a 64-bit hash and agree on the block's tokens
+to be confused). A later request whose prompt
+starts with the same blocks takes them instead of recomputing them; a block counts its users and,
+once none is left, stays cached until the space is needed (least recently released first).
+"""
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 
 from nanoflow.engine.sequence import Sequence
+
+BlockKey = tuple  # (hash of the previous block's key, or None; tokens of this block)
 
 
 class BlockManager:
     """Hands out physical cache blocks; every block comes back when its sequence lets go."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("the KV cache needs at least one block of at least one token")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.prefix_caching = prefix_caching
         self._free: deque[int] = deque(range(num_blocks))
+        self._users = [0] * num_blocks
+        self._key_of: dict[int, BlockKey] = {}
+        self._block_of: dict[BlockKey, int] = {}
+        self._idle: OrderedDict[int, None] = OrderedDict()  # cached blocks no sequence uses
+        self.cached_tokens_served = 0
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks a sequence can get now (cached ones nobody uses included)."""
+        return len(self._free) + len(self._idle)
 
     @property
     def usage(self) -> float:
@@ -42,8 +59,66 @@ class BlockManager:
                 f"KV cache exhausted: {seq.request_id} needs {needed} blocks, "
                 f"{self.num_free_blocks} free"
             )
-        seq.block_table.extend(self._free.popleft() for _ in range(needed))
+        seq.block_table.extend(self._take() for _ in range(needed))
 
     def free(self, seq: Sequence) -> None:
-        self._free.extend(seq.block_table)
+        for block in seq.block_table:
+            self._users[block] -= 1
+            if self._users[block] == 0:
+                if block in self._key_of:
+                    self._idle[block] = None
+                else:
+                    self._free.append(block)
         seq.block_table = []
+
+    def reuse_prefix(self, seq: Sequence) -> int:
+        """Give a sequence with no blocks yet the cached blocks its prompt starts with; returns
+        the tokens they hold (always fewer than the sequence's, so one is left to compute)."""
+        if not self.prefix_caching or seq.block_table:
+            return 0
+        blocks = []
+        for key in self._prompt_keys(seq, seq.num_tokens - 1):
+            block = self._block_of.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+        for block in blocks:
+            self._idle.pop(block, None)
+            self._users[block] += 1
+        seq.block_table = blocks
+        cached = len(blocks) * self.block_size
+        self.cached_tokens_served += cached
+        return cached
+
+    def remember_prefix(self, seq: Sequence) -> None:
+        """Remember the sequence's full prompt blocks whose K/V are computed (by then queued on
+        the GPU ahead of any later step that could reuse them)."""
+        if not self.prefix_caching:
+            return
+        for i, key in enumerate(self._prompt_keys(seq, seq.num_computed_tokens)):
+            block = seq.block_table[i]
+            if block in self._key_of or key in self._block_of:
+                continue  # already known, or the same content cached in another block
+            self._key_of[block] = key
+            self._block_of[key] = block
+
+    def _prompt_keys(self, seq: Sequence, limit: int) -> list[BlockKey]:
+        """Keys of the full prompt blocks within the first ``limit`` tokens."""
+        size, prompt = self.block_size, seq.prompt_token_ids
+        keys: list[BlockKey] = []
+        parent = None
+        for start in range(0, min(limit, len(prompt)) - size + 1, size):
+            key = (parent, tuple(prompt[start : start + size]))
+            keys.append(key)
+            parent = hash(key)
+        return keys
+
+    def _take(self) -> int:
+        """A free block, else the cached block released longest ago (forgetting its content)."""
+        if self._free:
+            block = self._free.popleft()
+        else:
+            block, _ = self._idle.popitem(last=False)
+            del self._block_of[self._key_of.pop(block)]
+        self._users[block] = 1
+        return block

@@ -98,7 +98,9 @@ class EngineCore:
         if self.launcher is not None:
             self.runner.on_plan = self.launcher.broadcast
             self.runner.on_schedule = self.launcher.broadcast_schedule
-        self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
+        self.blocks = BlockManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
         capacity = self.runner.num_blocks * config.block_size
         self.max_model_len = min(
             config.max_model_len or self.spec.max_position_embeddings,
@@ -246,7 +248,11 @@ class EngineCore:
         return None
 
     def _output(self, seq: Sequence, tokens: list[int], logprobs: list[float]) -> RequestOutput:
-        metrics = {"arrival_time": seq.arrival_time, "num_preemptions": seq.num_preemptions}
+        metrics = {
+            "arrival_time": seq.arrival_time,
+            "num_preemptions": seq.num_preemptions,
+            "num_cached_tokens": seq.num_cached_tokens,
+        }
         if seq.first_token_time is not None:
             metrics["first_token_time"] = seq.first_token_time
         if seq.finish_time is not None:

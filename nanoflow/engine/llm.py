@@ -131,7 +131,10 @@ class LLM:
 
 
 def _metrics(seq: Any) -> dict[str, float]:
-    out = {"num_preemptions": float(seq.num_preemptions)}
+    out = {
+        "num_preemptions": float(seq.num_preemptions),
+        "num_cached_tokens": float(seq.num_cached_tokens),
+    }
     if seq.first_token_time is not None:
         out["ttft_s"] = seq.first_token_time - seq.arrival_time
     if seq.finish_time is not None:

@@ -128,6 +128,9 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            if seq.num_computed_tokens == 0:
+                seq.num_cached_tokens = self.blocks.reuse_prefix(seq)
+                seq.num_computed_tokens = seq.num_cached_tokens
             budget -= self._schedule_prefill(seq, budget, plan, scheduled)
         movable = [s for s in self.running if not s.finishing]
         if not plan and len(movable) > 1:
@@ -142,6 +145,9 @@ class Scheduler:
         """Record that the plan's tokens now have K/V in the cache."""
         for chunk in plan.chunks:
             chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+        for chunk in plan.prefills:
+            if chunk.start < len(chunk.seq.prompt_token_ids):
+                self.blocks.remember_prefix(chunk.seq)
 
     def _schedule_prefill(
         self, seq: Sequence, budget: int, plan: BatchPlan, scheduled: set[str]

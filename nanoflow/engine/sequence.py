@@ -38,6 +38,7 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     finishing: bool = False  # its last token is in flight; schedule it no more
     generator: torch.Generator | None = None
 

@@ -84,6 +84,7 @@ def _stats(engine: Any) -> dict[str, float]:
         "kv_usage": engine.blocks.usage,
         "free_blocks": engine.blocks.num_free_blocks,
         "num_blocks": engine.blocks.num_blocks,
+        "prefix_cached_tokens": engine.blocks.cached_tokens_served,
         "iteration_seconds": engine.last_step.seconds,
     }
 

@@ -30,6 +30,9 @@ class ServerMetrics:
         self.kv_usage = gauge("nanoflow_kv_cache_usage_perc", "Fraction of KV blocks in use")
         self.free_blocks = gauge("nanoflow_kv_cache_free_blocks", "Free KV-cache blocks")
         self.num_blocks = gauge("nanoflow_kv_cache_total_blocks", "KV-cache blocks in all")
+        self.prefix_cached = gauge(
+            "nanoflow_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache so far"
+        )
         self.prompt_tokens = Counter(
             "nanoflow_prompt_tokens", "Prompt tokens of accepted requests", labels, registry=reg
         )
@@ -84,6 +87,7 @@ class ServerMetrics:
         self.kv_usage.labels(m).set(stats["kv_usage"])
         self.free_blocks.labels(m).set(stats["free_blocks"])
         self.num_blocks.labels(m).set(stats["num_blocks"])
+        self.prefix_cached.labels(m).set(stats.get("prefix_cached_tokens", 0))
         for i, replica in enumerate(stats.get("replicas", [])):
             self.replica_requests.labels(m, str(i)).set(replica["requests"])
             self.replica_outstanding.labels(m, str(i)).set(replica["outstanding_tokens"])

@@ -89,7 +89,7 @@ class ReplicaPool:
         parts = await asyncio.gather(*(r.stats(timeout) for r in self.replicas))
         merged: dict[str, Any] = {
             key: sum(p[key] for p in parts)
-            for key in ("running", "waiting", "free_blocks", "num_blocks")
+            for key in ("running", "waiting", "free_blocks", "num_blocks", "prefix_cached_tokens")
         }
         merged["kv_usage"] = 1.0 - merged["free_blocks"] / merged["num_blocks"]
         merged["iteration_seconds"] = max(p["iteration_seconds"] for p in parts)
