@@ -144,20 +144,9 @@ def shared_sm_schedule(
     """GEMMs and the small memory-bound ops on the whole GPU; decode attention on a
     high-priority stream of its own, at most ``attention_fraction`` of the SMs' worth of CTAs,
     so it runs between another nano-batch's GEMM blocks instead of on SMs taken from them."""
-    shares = tuple([1.0 / num_nano_batches] * num_nano_batches)
     units = [UnitSpec("compute"), UnitSpec("attention", int(num_sms * attention_fraction), -1)]
     op_units = {r.value: "compute" for r in Resource} | {"decode_attention": "attention"}
-    if network_sms is not None:
-        units.append(UnitSpec("network", network_sms))
-        op_units["network"] = "network"
-    return PipelineSchedule(
-        decode_shares=shares,
-        prefill_shares=shares,
-        units=tuple(units),
-        op_units=op_units,
-        mechanism=Mechanism.CTA_LIMIT,
-        overlap=True,
-    )
+    return _overlapped(num_nano_batches, units, op_units, Mechanism.CTA_LIMIT, network_sms)
 
 
 def default_overlapped_schedule(
@@ -167,16 +156,27 @@ def default_overlapped_schedule(
     mechanism: Mechanism = Mechanism.CTA_LIMIT,
     network_sms: int | None = None,
 ) -> PipelineSchedule:
-    """A hand-written overlapped schedule: GEMMs on most of the SMs, memory-bound ops (decode
-    attention, norms, RoPE) on ``memory_fraction`` of them and, with tensor parallelism, the
-    collectives on a small unit of their own (without one, network ops share the compute unit)."""
+    """A partitioned overlapped schedule: GEMMs on most of the SMs, memory-bound ops (decode
+    attention, norms, RoPE) on ``memory_fraction`` of them."""
     memory_sms = max(8, int(num_sms * memory_fraction))
-    shares = tuple([1.0 / num_nano_batches] * num_nano_batches)
     units = [UnitSpec("compute", num_sms - memory_sms), UnitSpec("memory", memory_sms)]
     op_units = {"compute": "compute", "memory": "memory", "network": "compute"}
+    return _overlapped(num_nano_batches, units, op_units, mechanism, network_sms)
+
+
+def _overlapped(
+    num_nano_batches: int,
+    units: list[UnitSpec],
+    op_units: dict[str, str],
+    mechanism: Mechanism,
+    network_sms: int | None,
+) -> PipelineSchedule:
+    """Equal nano-batches over ``units``; with tensor parallelism the collectives get a small
+    unit of their own (without one, network ops share the compute unit)."""
+    shares = tuple([1.0 / num_nano_batches] * num_nano_batches)
     if network_sms is not None:
-        units.append(UnitSpec("network", network_sms))
-        op_units["network"] = "network"
+        units = [*units, UnitSpec("network", network_sms)]
+        op_units = op_units | {"network": "network"}
     return PipelineSchedule(
         decode_shares=shares,
         prefill_shares=shares,
