@@ -22,7 +22,14 @@ TIMEOUT = 60.0
 @pytest.fixture(scope="module")
 def server():
     with ServerProcess(
-        ["builtin", "--max-model-len", str(MAX_MODEL_LEN), "--api-key", API_KEY]
+        [
+            "builtin",
+            "--max-model-len",
+            str(MAX_MODEL_LEN),
+            "--api-key",
+            API_KEY,
+            "--enable-prefix-caching",
+        ]
     ) as srv:
         yield srv
 
@@ -88,6 +95,19 @@ def test_completion(client):
     assert out.usage.completion_tokens == 5
     assert out.usage.prompt_tokens > 0
     assert out.usage.total_tokens == out.usage.prompt_tokens + 5
+
+
+def test_usage_reports_prompt_tokens_from_the_prefix_cache(client, server):
+    prompt = "the quick brown fox jumps over the lazy dog and runs far away " * 4
+    outs = [
+        client.completions.create(model="builtin", prompt=prompt, max_tokens=2, temperature=0)
+        for _ in range(2)
+    ]
+    first, second = (o.usage.prompt_tokens_details.cached_tokens for o in outs)
+    assert first == 0 and second >= 16 and second % 16 == 0  # whole 16-token blocks
+    assert second < outs[1].usage.prompt_tokens
+    assert outs[0].choices[0].text == outs[1].choices[0].text
+    assert metrics(server)["nanoflow_prefix_cache_hit_tokens"] >= second
 
 
 def test_completion_stream_usage_and_logprobs(client):

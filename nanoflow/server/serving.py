@@ -217,7 +217,7 @@ class OpenAIServing:
                 streaming = True
                 return StreamingResponse(body, media_type="text/event-stream")
             return await _unless_disconnected(
-                self._collect(fmt, events, first, states, prompt_tokens), raw
+                self._collect(fmt, events, first, states, prompt_tokens, req.n), raw
             )
         finally:
             if not streaming:
@@ -237,6 +237,7 @@ class OpenAIServing:
         first: Event,
         states: list[ChoiceState],
         prompt_tokens: int,
+        n: int,
     ) -> Response:
         event: Event | None = first
         while event is not None:
@@ -244,8 +245,7 @@ class OpenAIServing:
                 raise error
             states[event.index].update(event.output)
             event = await anext(events, None)
-        completion_tokens = sum(len(s.token_ids) for s in states)
-        return JSONResponse(fmt.response(states, usage(prompt_tokens, completion_tokens)))
+        return JSONResponse(fmt.response(states, _usage(states, prompt_tokens, n)))
 
     async def _sse(
         self,
@@ -270,11 +270,18 @@ class OpenAIServing:
                 event = await anext(events, None)
             else:
                 if req.include_usage:
-                    completion_tokens = sum(len(s.token_ids) for s in states)
-                    yield _sse_data(fmt.usage_chunk(usage(prompt_tokens, completion_tokens)))
+                    yield _sse_data(fmt.usage_chunk(_usage(states, prompt_tokens, req.n)))
             yield "data: [DONE]\n\n"
         finally:
             self._finish(stream, states)
+
+
+def _usage(states: list[ChoiceState], prompt_tokens: int, n: int) -> dict[str, Any]:
+    """Usage of a request of ``n`` choices per prompt (states prompt-major): prompt tokens count
+    once per prompt, and so do those served from the prefix cache (its first choice's)."""
+    completion_tokens = sum(len(s.token_ids) for s in states)
+    cached = sum(s.cached_prompt_tokens for s in states[::n])
+    return usage(prompt_tokens, completion_tokens, cached)
 
 
 def _sse_data(body: dict[str, Any]) -> str:

@@ -81,6 +81,7 @@ class ChoiceState:
     first_token_time: float | None = None
     last_token_time: float | None = None
     inter_token_seconds: list[float] = field(default_factory=list)
+    cached_prompt_tokens: int = 0  # served from the prefix cache
 
     def __post_init__(self) -> None:
         self.decoder = IncrementalDecoder(self.decode)
@@ -103,6 +104,7 @@ class ChoiceState:
             self.last_token_time = now
         self.decoder.add(out.new_token_ids)
         self.logprobs += out.new_logprobs
+        self.cached_prompt_tokens = int(out.metrics.get("num_cached_tokens", 0))
         offset = len(self.emitted)
         if out.finished:
             self.finish_reason = out.finish_reason
