@@ -39,6 +39,8 @@ class EngineConfig:
     cuda_graphs: bool | None = None
     # reuse the K/V of full prompt blocks another request already computed
     enable_prefix_caching: bool = False
+    # GiB of host memory that keeps prefix blocks evicted from the GPU (0: none)
+    kv_offload_gib: float = 0.0
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -63,6 +65,12 @@ class EngineConfig:
             raise ConfigError("tensor_parallel_size must be positive")
         if self.cuda_graphs and self.tensor_parallel_size > 1:
             raise ConfigError("cuda_graphs is not supported with tensor parallelism yet")
+        if self.kv_offload_gib < 0:
+            raise ConfigError("kv_offload_gib must be >= 0")
+        if self.kv_offload_gib and not self.enable_prefix_caching:
+            raise ConfigError("kv_offload_gib keeps cached prefixes: enable_prefix_caching too")
+        if self.kv_offload_gib and self.tensor_parallel_size > 1:
+            raise ConfigError("kv_offload_gib is not supported with tensor parallelism yet")
         if self.cuda_graphs and self.offload_weights is not None:
             # the prefetch planner keeps host state across steps (which copy, into which slot)
             raise ConfigError("cuda_graphs is not supported with offload_weights yet")

@@ -73,3 +73,32 @@ def test_metrics_report_prefix_cache_hits():
              "prefix_cached_tokens": 16}  # fmt: skip
     text = ServerMetrics("m").render(stats).decode()
     assert 'nanoflow_prefix_cache_hit_tokens{model_name="m"} 16.0' in text
+
+
+def test_kv_offload_brings_evicted_prefixes_back_from_host(llama_checkpoint):
+    """A conversation's earlier round, pushed out of a small GPU cache by another one, comes
+    back from host memory: same tokens as recomputing, and counted as restored."""
+    folder, _ = llama_checkpoint
+    other = [60 + i for i in range(40)]
+    rounds = [SYSTEM + [11, 23, 5], other, SYSTEM + [11, 23, 5, 9, 9]]
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    def run(**kwargs):
+        llm = LLM(str(folder), dtype="float32", device="cpu", block_size=8, num_kv_blocks=7,
+                  **kwargs)  # fmt: skip
+        outs = [llm.generate([p], params, use_tqdm=False)[0] for p in rounds]
+        return llm.engine.blocks, [o.outputs[0].token_ids for o in outs], outs[-1]
+
+    _, plain, _ = run()
+    blocks, offloaded, last = run(enable_prefix_caching=True, kv_offload_gib=0.001)
+    assert offloaded == plain
+    # the other conversation evicted one of the two shared blocks: it comes back from host
+    assert blocks.host_tokens_restored == 8 and last.metrics["num_cached_tokens"] == 16
+    assert blocks.num_free_blocks == blocks.num_blocks
+
+
+def test_kv_offload_needs_prefix_caching():
+    from nanoflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="enable_prefix_caching"):
+        LLM("builtin", device="cpu", kv_offload_gib=1.0)

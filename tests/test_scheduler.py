@@ -26,6 +26,15 @@ def _step(scheduler: Scheduler, budget: int, kv: dict | None = None) -> list[Seq
     models the cache's content ((block, offset) -> token): every token a chunk attends to must
     hold the sequence's own token, and no block a chunk writes may be another's."""
     plan = scheduler.plan()
+    if kv is not None:  # the block copies to and from host slots, in order
+        for copy in plan.copies:
+            size = scheduler.blocks.block_size
+            if copy.to_host:
+                for i in range(size):
+                    kv[("host", copy.slot, i)] = kv.get((copy.block, i))
+            else:
+                for i in range(size):
+                    kv[(copy.block, i)] = kv.get(("host", copy.slot, i))
     assert plan.num_tokens <= budget
     ids = [c.seq.request_id for c in plan.chunks]
     assert len(ids) == len(set(ids)), "a sequence scheduled twice in one iteration"
@@ -69,11 +78,13 @@ def _prompt(length: int, variant: int) -> list[int]:
     block_size=st.sampled_from([2, 4, 8]),
     expected=st.sampled_from([None, 1, 4]),
     prefix_caching=st.booleans(),
+    host_slots=st.sampled_from([0, 1, 3, 16]),
 )
 def test_random_traffic_keeps_invariants(
-    actions, budget, num_blocks, block_size, expected, prefix_caching
+    actions, budget, num_blocks, block_size, expected, prefix_caching, host_slots
 ):
-    blocks = BlockManager(num_blocks, block_size, prefix_caching)
+    host_slots = host_slots if prefix_caching else 0
+    blocks = BlockManager(num_blocks, block_size, prefix_caching, host_slots)
     scheduler = Scheduler(blocks, budget, max_num_seqs=6, expected_output_len=expected)
     capacity = num_blocks * block_size
     all_seqs: list[Sequence] = []
@@ -191,3 +202,23 @@ def test_admission_by_predicted_usage_over_time_beats_summing_peaks():
     summed, _ = run(PeakSumScheduler)
     assert preempted == 0
     assert over_time < summed
+
+
+def test_prefixes_evicted_to_host_come_back_with_their_content():
+    """Conversations that outgrow a small GPU cache: earlier rounds' prefix blocks go to host
+    slots and are copied back (the fake cache checks every attended token's content)."""
+    import random
+
+    rng = random.Random(0)
+    blocks = BlockManager(num_blocks=10, block_size=2, prefix_caching=True, host_slots=12)
+    scheduler = Scheduler(blocks, max_num_batched_tokens=8, max_num_seqs=2)
+    conversations = [[100 * c + i for i in range(16)] for c in range(4)]
+    kv: dict = {}
+    for turn in range(40):
+        history = conversations[rng.randrange(4)]
+        seq = Sequence(f"t{turn}", history[: rng.randrange(5, 17)], SamplingParams(max_tokens=2))
+        scheduler.add(seq)
+        while scheduler.has_unfinished:
+            _step(scheduler, 8, kv)
+    assert blocks.host_tokens_restored > 0 and blocks.cached_tokens_served > 0
+    assert blocks.num_free_blocks == blocks.num_blocks

@@ -58,6 +58,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="reuse the K/V of full prompt blocks that an earlier request computed",
     )
     parser.add_argument(
+        "--kv-offload-gib",
+        type=float,
+        default=0.0,
+        help="host memory (GiB) that keeps prefix blocks evicted from the GPU, for the next "
+        "round of a conversation (needs --enable-prefix-caching)",
+    )
+    parser.add_argument(
         "--offload-weights",
         default=None,
         choices=["cpu"],
@@ -89,6 +96,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "cuda_graphs": args.cuda_graphs,
         "enable_prefix_caching": args.enable_prefix_caching,
+        "kv_offload_gib": args.kv_offload_gib,
         "offload_weights": args.offload_weights,
         "offload_fraction": args.offload_fraction,
     }

@@ -6,23 +6,41 @@ whole prefix (two prefixes would have to collide in a 64-bit hash and agree on t
 to be confused). A later request whose prompt
 starts with the same blocks takes them instead of recomputing them; a block counts its users and,
 once none is left, stays cached until the space is needed (least recently released first).
+
+With host slots as well (KV offload for multi-round conversations), a cached block that is
+evicted is first copied to a slot in host memory, and a later prompt that starts with it gets a
+fresh block copied back from there instead of recomputing it. The copies are only recorded here
+(``take_copies``); the runner queues them on the GPU ahead of the iteration that needs them.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from typing import NamedTuple
 
 from nanoflow.engine.sequence import Sequence
 
 BlockKey = tuple  # (hash of the previous block's key, or None; tokens of this block)
 
 
+class BlockCopy(NamedTuple):
+    """One block's K/V between the GPU cache and a host slot, in the direction given."""
+
+    to_host: bool
+    block: int
+    slot: int
+
+
 class BlockManager:
     """Hands out physical cache blocks; every block comes back when its sequence lets go."""
 
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, prefix_caching: bool = False, host_slots: int = 0
+    ) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("the KV cache needs at least one block of at least one token")
+        if host_slots and not prefix_caching:
+            raise ValueError("host slots keep cached prefixes: they need prefix caching")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.prefix_caching = prefix_caching
@@ -31,7 +49,11 @@ class BlockManager:
         self._key_of: dict[int, BlockKey] = {}
         self._block_of: dict[BlockKey, int] = {}
         self._idle: OrderedDict[int, None] = OrderedDict()  # cached blocks no sequence uses
+        self._host_free: deque[int] = deque(range(host_slots))
+        self._host_of: OrderedDict[BlockKey, int] = OrderedDict()  # least recently used first
+        self._copies: list[BlockCopy] = []
         self.cached_tokens_served = 0
+        self.host_tokens_restored = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -62,7 +84,9 @@ class BlockManager:
         seq.block_table.extend(self._take() for _ in range(needed))
 
     def free(self, seq: Sequence) -> None:
-        for block in seq.block_table:
+        # last block first: eviction then takes a prefix's tail before its head, which every
+        # longer match needs
+        for block in reversed(seq.block_table):
             self._users[block] -= 1
             if self._users[block] == 0:
                 if block in self._key_of:
@@ -79,12 +103,14 @@ class BlockManager:
         blocks = []
         for key in self._prompt_keys(seq, seq.num_tokens - 1):
             block = self._block_of.get(key)
-            if block is None:
+            if block is not None:
+                self._idle.pop(block, None)
+                self._users[block] += 1
+            elif key in self._host_of and self.num_free_blocks:
+                block = self._restore(key)
+            else:
                 break
             blocks.append(block)
-        for block in blocks:
-            self._idle.pop(block, None)
-            self._users[block] += 1
         seq.block_table = blocks
         cached = len(blocks) * self.block_size
         self.cached_tokens_served += cached
@@ -101,6 +127,38 @@ class BlockManager:
                 continue  # already known, or the same content cached in another block
             self._key_of[block] = key
             self._block_of[key] = block
+
+    def take_copies(self) -> list[BlockCopy]:
+        """The copies recorded since the last call, to run in this order before the next
+        iteration (the order matters: a slot may be read, then given to another block)."""
+        copies, self._copies = self._copies, []
+        return copies
+
+    def _restore(self, key: BlockKey) -> int:
+        """A fresh block for a prefix block kept in host memory, with the copy back recorded."""
+        slot = self._host_of.pop(key)  # out of reach of the eviction ``_take`` may do
+        block = self._take()
+        self._copies.append(BlockCopy(False, block, slot))
+        self._host_of[key] = slot  # still holds the content, now the most recently used
+        self._key_of[block] = key
+        self._block_of[key] = block
+        self.host_tokens_restored += self.block_size
+        return block
+
+    def _offload(self, block: int, key: BlockKey) -> None:
+        """Keep an evicted block's K/V in a host slot (the least recently used one if none is
+        free), unless a slot already holds that content."""
+        if key in self._host_of:
+            self._host_of.move_to_end(key)
+            return
+        if self._host_free:
+            slot = self._host_free.popleft()
+        elif self._host_of:
+            _, slot = self._host_of.popitem(last=False)
+        else:
+            return
+        self._host_of[key] = slot
+        self._copies.append(BlockCopy(True, block, slot))
 
     def _prompt_keys(self, seq: Sequence, limit: int) -> list[BlockKey]:
         """Keys of the full prompt blocks within the first ``limit`` tokens."""
@@ -119,6 +177,8 @@ class BlockManager:
             block = self._free.popleft()
         else:
             block, _ = self._idle.popitem(last=False)
-            del self._block_of[self._key_of.pop(block)]
+            key = self._key_of.pop(block)
+            del self._block_of[key]
+            self._offload(block, key)
         self._users[block] = 1
         return block

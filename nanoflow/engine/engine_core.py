@@ -99,7 +99,10 @@ class EngineCore:
             self.runner.on_plan = self.launcher.broadcast
             self.runner.on_schedule = self.launcher.broadcast_schedule
         self.blocks = BlockManager(
-            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+            self.runner.num_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            self.runner.host_kv.num_slots if self.runner.host_kv else 0,
         )
         capacity = self.runner.num_blocks * config.block_size
         self.max_model_len = min(
@@ -159,6 +162,8 @@ class EngineCore:
         host plans iteration i+1 while the GPU runs i; otherwise it is read back at once.
         """
         plan = self.scheduler.plan()
+        if plan.copies:
+            self.runner.copy_blocks(plan.copies)
         launched = None
         outputs: list[RequestOutput] = []
         if plan:

@@ -12,7 +12,9 @@ import torch
 from nanoflow.config import EngineConfig
 from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.engine.batch import PreparedStep, StepBuffers, prepare_step
+from nanoflow.engine.block_manager import BlockCopy
 from nanoflow.engine.cuda_graphs import PADDING_ROWS, Capture, StepGraphs, cuda_capture
+from nanoflow.engine.host_kv_cache import HostKVCache
 from nanoflow.engine.sampler import sample
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.upload import to_device
@@ -109,6 +111,13 @@ class ModelRunner:
         )
         if self.offload is not None:
             self.offload.attach(self.model)
+        self.host_kv: HostKVCache | None = None
+        if config.kv_offload_gib:
+            caches = [(layer.k_cache, layer.v_cache) for layer in self.model.layers]
+            slots = HostKVCache.slots_for(caches, config.kv_offload_gib)
+            if slots < 1:
+                raise ConfigError(f"kv_offload_gib={config.kv_offload_gib} holds no KV block")
+            self.host_kv = HostKVCache(caches, slots)
         self.set_schedule(schedule)
 
     def set_schedule(self, schedule: PipelineSchedule) -> None:
@@ -183,6 +192,13 @@ class ModelRunner:
             self.model.embed(step.input_ids, self.buffers)
             self.executor.run(self.model.layer_ops, self.buffers, step.nano_batches)
         return self.model.logits(self.buffers, step.sample_rows)
+
+    @torch.inference_mode()
+    def copy_blocks(self, copies: list[BlockCopy]) -> None:
+        """Queue block copies between the KV cache and host memory, ahead of the next step."""
+        if self.host_kv is None:
+            raise RuntimeError("block copies without a host KV cache")
+        self.host_kv.run(copies)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from nanoflow.engine.block_manager import BlockManager
+from nanoflow.engine.block_manager import BlockCopy, BlockManager
 from nanoflow.engine.sequence import Sequence, SequenceStatus
 
 
@@ -36,6 +36,8 @@ class BatchPlan:
     decodes: list[ScheduledChunk] = field(default_factory=list)
     prefills: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # block copies to and from host memory, to run before the iteration (even one of no tokens)
+    copies: list[BlockCopy] = field(default_factory=list)
 
     @property
     def chunks(self) -> list[ScheduledChunk]:
@@ -139,6 +141,7 @@ class Scheduler:
             retry = self.plan()
             retry.preempted[:0] = plan.preempted
             return retry
+        plan.copies = self.blocks.take_copies()
         return plan
 
     def commit(self, plan: BatchPlan) -> None:
