@@ -146,13 +146,16 @@ def latency_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _source(record: dict[str, Any]) -> str:
+    """Where a figure comes from: GPU, date and result file."""
+    return (
+        f"{record.get('gpu') or record['device']}, {record['date'][:10]} "
+        f"(`experiments/results/{record['_file']}`)"
+    )
+
+
 def _parity_line(parity: dict[str, Any], source: dict[str, Any] | None = None) -> str:
-    where = ""
-    if source is not None:
-        where = (
-            f" ({source.get('gpu') or source['device']}, {source['date'][:10]}, "
-            f"`experiments/results/{source['_file']}`)"
-        )
+    where = "" if source is None else f" on {_source(source)}"
     ties = [d for d in parity.get("divergences_vs_fp32", []) if "fp32_top2_margin" in d]
     tie_note = ""
     if ties:
@@ -186,8 +189,7 @@ def pipeline_table(records: list[dict[str, Any]]) -> str:
                 lines += [_parity_line(record["parity"], record), ""]
             continue
         lines += [
-            f"Pipeline, llama-3-8b, {record.get('gpu') or record['device']}, "
-            f"{record['date'][:10]} (`experiments/results/{record['_file']}`):",
+            f"Pipeline, llama-3-8b, {_source(record)}:",
             "",
             "| schedule | iteration GPU ms | host launch ms | same, eager launches: GPU / host ms "
             "| offline tokens/s | % of optimal | greedy tokens as sequential |",
@@ -222,8 +224,7 @@ def overlap_table(records: list[dict[str, Any]]) -> str:
         if not isinstance(rows_, list):
             continue
         lines += [
-            f"Overlap microbenchmark, {record.get('gpu') or record['device']}, "
-            f"{record['date'][:10]} (`experiments/results/{record['_file']}`): gate-up GEMM "
+            f"Overlap microbenchmark, {_source(record)}: gate-up GEMM "
             "(tokens x 4096 x 28672) beside decode attention (256 sequences x context).",
             "",
             "| tokens / context | mechanism | SMs compute / memory | GEMM / attention alone on "
@@ -252,8 +253,7 @@ def serve_table(records: list[dict[str, Any]]) -> str:
             continue
         lines += [
             f"Online serving, {record.get('model', '')} ({record.get('workload', '')} tokens, "
-            f"{record.get('num_prompts')} requests), {record.get('gpu') or record['device']}, "
-            f"{record['date'][:10]} (`experiments/results/{record['_file']}`):",
+            f"{record.get('num_prompts')} requests), {_source(record)}:",
             "",
             "| request rate | completed / failed | total tokens/s | TTFT median / p99 ms "
             "| TPOT median / p99 ms |",

@@ -161,15 +161,18 @@ class BlockManager:
         self._copies.append(BlockCopy(True, block, slot))
 
     def _prompt_keys(self, seq: Sequence, limit: int) -> list[BlockKey]:
-        """Keys of the full prompt blocks within the first ``limit`` tokens."""
+        """Keys of the full prompt blocks within the first ``limit`` tokens (worked out once
+        per sequence: they are asked for at every prompt chunk)."""
         size, prompt = self.block_size, seq.prompt_token_ids
-        keys: list[BlockKey] = []
-        parent = None
-        for start in range(0, min(limit, len(prompt)) - size + 1, size):
-            key = (parent, tuple(prompt[start : start + size]))
-            keys.append(key)
-            parent = hash(key)
-        return keys
+        if seq.prompt_block_keys is None:
+            keys: list[BlockKey] = []
+            parent = None
+            for start in range(0, len(prompt) - size + 1, size):
+                key = (parent, tuple(prompt[start : start + size]))
+                keys.append(key)
+                parent = hash(key)
+            seq.prompt_block_keys = keys
+        return seq.prompt_block_keys[: min(limit, len(prompt)) // size]
 
     def _take(self) -> int:
         """A free block, else the cached block released longest ago (forgetting its content)."""

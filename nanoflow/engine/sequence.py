@@ -39,6 +39,7 @@ class Sequence:
     finish_time: float | None = None
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    prompt_block_keys: list[tuple] | None = None  # prefix-cache keys of its full prompt blocks
     finishing: bool = False  # its last token is in flight; schedule it no more
     generator: torch.Generator | None = None
 
