@@ -52,7 +52,7 @@ from nanoflow.pipeline.schedule import (
     sequential_schedule,
 )
 from nanoflow.pipeline.schedule_select import architecture_schedule
-from nanoflow.pipeline.timeline import TimelineRecorder, as_dicts, draw_timeline
+from nanoflow.pipeline.timeline import TimelineRecorder, draw_timeline, save_timeline
 from nanoflow.pipeline.units import build_units
 from nanoflow.workloads import constant, random_prompts
 
@@ -481,7 +481,8 @@ def record_timeline(llm: LLM, plan: BatchPlan, out_dir: Path, name: str) -> str:
     how = "CUDA graph replay" if graphed else "eager launch"
     title = f"llama-3-8b, {name} ({how}), layers 0-3 of one 2048-token iteration"
     draw_timeline(records, png, title)
-    (out_dir / "timeline_overlapped.json").write_text(json.dumps(as_dicts(records)))
+    provenance = {**environment(DEVICE), "command": " ".join(sys.argv)}
+    save_timeline(records, out_dir / "timeline_overlapped.json", provenance)
     return png.name
 
 

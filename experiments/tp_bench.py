@@ -20,7 +20,7 @@ import torch
 from nanoflow import LLM, SamplingParams
 from nanoflow.measure import environment, gemm_ceiling_tflops, optimal_throughput
 from nanoflow.pipeline.schedule import Mechanism, PipelineSchedule, UnitSpec, sequential_schedule
-from nanoflow.pipeline.timeline import TimelineRecorder, as_dicts, draw_timeline
+from nanoflow.pipeline.timeline import TimelineRecorder, draw_timeline, save_timeline
 from nanoflow.workloads import load_workload, random_prompts
 
 
@@ -77,7 +77,8 @@ def timeline(llm: LLM, out_dir: Path, title: str) -> str:
     records = [r for r in recorder.records() if r.layer < 3]
     png = out_dir / "timeline_tp.png"
     draw_timeline(records, png, title)
-    (out_dir / "timeline_tp.json").write_text(json.dumps(as_dicts(records)))
+    provenance = {**environment(runner.device), "command": " ".join(sys.argv)}
+    save_timeline(records, out_dir / "timeline_tp.json", provenance)
     return png.name
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -16,7 +18,7 @@ from nanoflow.pipeline.schedule import (
     default_overlapped_schedule,
     split_counts,
 )
-from nanoflow.pipeline.timeline import TimelineRecord, draw_timeline
+from nanoflow.pipeline.timeline import TimelineRecord, draw_timeline, save_timeline
 
 
 @given(
@@ -80,3 +82,7 @@ def test_timeline_png(tmp_path):
     path = tmp_path / "t.png"
     draw_timeline(records, path, "test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    save_timeline(records, tmp_path / "t.json", {"device": "cpu", "command": "x"})
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["command"] == "x" and data["experiment"] == "timeline"
+    assert data["records"][1]["op"] == "decode_attention" and data["records"][1]["end_ms"] == 2.0

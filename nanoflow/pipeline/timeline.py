@@ -3,6 +3,7 @@ so the overlap (or its absence) can be seen."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -107,5 +108,7 @@ def draw_timeline(records: list[TimelineRecord], path: str | Path, title: str = 
     plt.close(fig)
 
 
-def as_dicts(records: list[TimelineRecord]) -> list[dict]:
-    return [asdict(r) for r in records]
+def save_timeline(records: list[TimelineRecord], path: str | Path, provenance: dict) -> None:
+    """The records as JSON beside ``provenance`` (device, versions, command, date)."""
+    data = {**provenance, "experiment": "timeline", "records": [asdict(r) for r in records]}
+    Path(path).write_text(json.dumps(data))
