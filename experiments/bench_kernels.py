@@ -26,7 +26,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -256,6 +256,30 @@ def flops_row(fn: Callable[[], Any], flops: float, **fields: Any) -> dict[str, A
     return {**fields, "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
 
 
+# (block_n, num_warps, num_stages, min_split_tiles, parallel_heads): one head per tile, then tiles
+# holding several KV heads at once (more independent work per program); 5 and 7 stages give the
+# K/V loads two and three buffers.
+DECODE_SWEEP = (
+    [
+        DecodeConfig(*values)
+        for values in (
+            (128, 4, 3, 4, 0),
+            (32, 8, 3, 4, 8),
+            (16, 8, 5, 4, 8),
+            (16, 4, 5, 4, 8),
+            (32, 8, 5, 4, 4),
+            (32, 4, 5, 4, 4),
+            (32, 8, 7, 4, 4),
+            (16, 8, 7, 4, 4),
+            (64, 8, 5, 4, 2),
+            (32, 8, 7, 4, 2),
+        )
+    ]
+    if GPU
+    else [DecodeConfig(16, 4, 1, 1, 2)]
+)
+
+
 def decode_attention() -> dict[str, Any]:
     s, scale, batch = SIZES, SIZES.head_dim**-0.5, SIZES.decode_batch
     k_cache, v_cache, order = paged([max(s.decode_ctx)] * batch)
@@ -273,12 +297,18 @@ def decode_attention() -> dict[str, Any]:
             if reference is not None and n in (budgets()[0], None):  # the big-batch work split
                 check(f"decode batch {batch} ctx {ctx} num_ctas={n}", fn(), reference)
     default = decode_config(s.head_dim, DTYPE, DEVICE)
-    shapes = ((64, 8, 4), (64, 4, 5), (128, 4, 3), (128, 8, 3), (32, 4, 8)) if GPU else ()
+    reference = paged_decode_attention_ref(*args)
     sweep = []
-    for config in [default, *(DecodeConfig(bn, w, st, 4) for bn, w, st in shapes)]:
+    for config in [default, *DECODE_SWEEP]:
         for n in (budgets()[0], None):
             fn = partial(_launch_decode, *args, n, out, config)
-            sweep.append(bandwidth_row(fn, kv_bytes, **asdict(config), context=ctx, num_ctas=n))
+            try:
+                row = bandwidth_row(fn, kv_bytes, **asdict(config), context=ctx, num_ctas=n)
+            except triton.runtime.errors.OutOfResources as err:  # too much shared memory
+                print(f"  skip {config}: {err}")
+                break
+            sweep.append(row)
+            check(f"decode sweep {astuple(config)} num_ctas={n}", fn(), reference)
     return {"rows": rows, "default_config": asdict(default), "config_sweep": sweep}
 
 

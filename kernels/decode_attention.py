@@ -63,16 +63,22 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     min_split_tiles: int
+    parallel_heads: int = (
+        0  # >0: that many KV heads per tile at once (more independent work per SM)
+    )
 
 
 def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
-    """~32 KiB of K (and as much V) per step, three steps deep, on the GPU (the best of the H100
-    sweep in experiments/bench_kernels.py: 0.99 of copy bandwidth on a full grid); tiny tiles on
-    CPU so the interpreter exercises every loop."""
+    """On the GPU: all of a sequence's KV heads (up to 8) in one tile of 32 tokens, 8 warps (the
+    best of the H100 sweep in experiments/bench_kernels.py on a quarter of the SMs: 0.46 of copy
+    bandwidth against 0.30 for one head at a time, and 1.00 on a full grid); tiny tiles on CPU so
+    the interpreter exercises every loop."""
     if device.type != "cuda":
         return DecodeConfig(block_n=16, num_warps=4, num_stages=1, min_split_tiles=1)
-    block_n = max(16, min(128, 32768 // (head_dim * dtype.itemsize)))
-    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=3, min_split_tiles=4)
+    block_n = max(16, min(64, 8192 // (head_dim * dtype.itemsize)))
+    return DecodeConfig(
+        block_n=block_n, num_warps=8, num_stages=3, min_split_tiles=4, parallel_heads=8
+    )
 
 
 def check_paged_inputs(
@@ -192,6 +198,71 @@ def _decode_kernel(
 
 
 @jit
+def _decode_heads_kernel(
+    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    scale_log2, num_seqs, num_heads, num_chunks, num_splits, split_len,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_tb, stride_ob, stride_oh,
+    HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    """Work item = (sequence, ``HEADS`` KV heads, context split), the heads side by side in one
+    3-D tile: one page lookup feeds every head's K/V load and the heads' dots are independent, so
+    a single program per SM keeps several heads' loads and math in flight at once."""
+    kv = tl.arange(0, HEADS)
+    rows = tl.arange(0, GROUP_PAD)
+    dims = tl.arange(0, HEAD_DIM)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = (rows < GROUP)[None, :, None]
+    for item in range(tl.program_id(0), num_seqs * num_chunks * num_splits, tl.num_programs(0)):
+        split = item % num_splits
+        chunk = item // num_splits % num_chunks
+        seq = item // num_splits // num_chunks
+        start = split * split_len
+        end = tl.minimum(start + split_len, tl.load(lens_ptr + seq))
+        kv_heads = chunk * HEADS + kv
+        heads = (kv_heads * GROUP)[:, None] + rows[None, :]  # [HEADS, GROUP_PAD]
+        q = tl.load(
+            q_ptr + seq * stride_qb + heads[:, :, None] * stride_qh + dims[None, None, :],
+            mask=row_mask,
+            other=0.0,
+        )
+        table = tables_ptr + seq.to(tl.int64) * stride_tb
+        k_heads = (kv_heads * stride_kh)[:, None, None] + dims[None, None, :]
+        v_heads = (kv_heads * stride_vh)[:, None, None] + dims[None, None, :]
+        m_i = tl.full([HEADS, GROUP_PAD], -1e30, tl.float32)
+        l_i = tl.zeros([HEADS, GROUP_PAD], tl.float32)
+        acc = tl.zeros([HEADS, GROUP_PAD, HEAD_DIM], tl.float32)
+        n_tiles = tl.cdiv(tl.maximum(end - start, 0), BLOCK_N)
+        for t in tl.range(0, n_tiles, num_stages=NUM_STAGES):
+            tokens = start + t * BLOCK_N + cols
+            valid = tokens < end
+            pages = tl.load(table + tokens // PAGE, mask=valid, other=0).to(tl.int64)
+            k_tokens = (pages * stride_kb + (tokens % PAGE) * stride_kt)[None, :, None]
+            v_tokens = (pages * stride_vb + (tokens % PAGE) * stride_vt)[None, :, None]
+            k = tl.load(k_ptr + k_tokens + k_heads, mask=valid[None, :, None], other=0.0)
+            v = tl.load(v_ptr + v_tokens + v_heads, mask=valid[None, :, None], other=0.0)
+            s = tl.dot(q, tl.permute(k, (0, 2, 1))) * scale_log2
+            s = tl.where(valid[None, None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 2))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, :, None])
+            l_i = l_i * alpha + tl.sum(p, 2)
+            acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        # An empty split stores zeros with a log-sum-exp of -inf: the reduce gives it no weight.
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, :, None]
+        if DIRECT:
+            o_ptrs = out_ptr + seq * stride_ob + heads[:, :, None] * stride_oh + dims[None, None, :]
+            tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_mask)
+        else:
+            part = (seq * num_heads + heads) * num_splits + split
+            o_ptrs = part_out_ptr + part[:, :, None] * HEAD_DIM + dims[None, None, :]
+            tl.store(o_ptrs, o, mask=row_mask)
+            tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=rows[None, :] < GROUP)
+
+
+@jit
 def _decode_reduce_kernel(
     part_out_ptr, part_lse_ptr, lens_ptr, out_ptr, num_seqs, num_heads, num_splits, split_len,
     stride_ob, stride_oh, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
@@ -217,11 +288,15 @@ def _decode_reduce_kernel(
 def _work_split(
     batch: int, num_kv_heads: int, max_ctx: int, programs: int, config: DecodeConfig
 ) -> tuple[int, int, int]:
-    """(heads_per_item, num_splits, split_len) giving about 3 work items per program: whole KV-head
-    groups first (no reduce needed), then context splits (combined by the reduce kernel)."""
+    """(heads_per_item, num_splits, split_len) giving about 3 work items per program. Sequential
+    heads: whole KV-head groups first (no reduce needed), then context splits (combined by the
+    reduce kernel). Parallel heads: the tile's head count is fixed, only the context splits."""
     target = 3 * programs
-    divisors = [d for d in range(num_kv_heads, 0, -1) if num_kv_heads % d == 0]
-    heads_per_item = next((d for d in divisors if batch * (num_kv_heads // d) >= target), 1)
+    if config.parallel_heads:
+        heads_per_item = math.gcd(num_kv_heads, next_pow2(config.parallel_heads))
+    else:
+        divisors = [d for d in range(num_kv_heads, 0, -1) if num_kv_heads % d == 0]
+        heads_per_item = next((d for d in divisors if batch * (num_kv_heads // d) >= target), 1)
     items = batch * (num_kv_heads // heads_per_item)
     tiles = cdiv(max(max_ctx, 1), config.block_n)
     max_splits = max(1, min(32, tiles // config.min_split_tiles))
@@ -254,15 +329,27 @@ def _launch_decode(
     else:
         part_out = part_lse = out
     group = num_heads // num_kv_heads
-    _decode_kernel[(min(items, num_ctas or items),)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
-        scale * LOG2E, batch, num_heads, heads_per_item, chunks, splits, split_len,
+    grid = (min(items, num_ctas or items),)
+    strides = (
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_tables.stride(0), out.stride(0), out.stride(1),
+    )  # fmt: skip
+    shape = dict(
         GROUP=group, GROUP_PAD=max(16, next_pow2(group)), HEAD_DIM=head_dim, PAGE=page,
         BLOCK_N=config.block_n, DIRECT=splits == 1, NUM_STAGES=config.num_stages,
         num_warps=config.num_warps,
     )  # fmt: skip
+    pointers = (q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse)
+    if config.parallel_heads:
+        _decode_heads_kernel[grid](
+            *pointers, scale * LOG2E, batch, num_heads, chunks, splits, split_len, *strides,
+            HEADS=heads_per_item, **shape,
+        )  # fmt: skip
+    else:
+        _decode_kernel[grid](
+            *pointers, scale * LOG2E, batch, num_heads, heads_per_item, chunks, splits,
+            split_len, *strides, **shape,
+        )  # fmt: skip
     if splits > 1:
         rows = batch * num_heads
         _decode_reduce_kernel[(min(rows, num_ctas or rows),)](

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from nanoflow.cli import bench_serve
 from nanoflow.cli.main import add_engine_args, engine_kwargs
 
@@ -71,6 +73,12 @@ def run_throughput(args: argparse.Namespace) -> int:
         result["cuda_graphs"] = graphs.stats.summary()
     device = engine.runner.device
     if device.type == "cuda":
+        # allocator retries free cached memory and synchronize the device: they stall the host
+        memory = torch.cuda.memory_stats(device)
+        result["cuda_allocator"] = {
+            key: memory.get(key, 0)
+            for key in ("num_alloc_retries", "num_sync_all_streams", "num_device_alloc")
+        }
         tflops = gemm_ceiling_tflops(device)
         optimal = optimal_throughput(engine.spec, tflops * 1e12) / args.tensor_parallel_size
         result.update(

@@ -12,7 +12,7 @@ from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.engine.block_manager import BlockManager
 from nanoflow.engine.model_runner import InFlight, ModelRunner
 from nanoflow.engine.sampling_params import SamplingParams
-from nanoflow.engine.scheduler import Scheduler
+from nanoflow.engine.scheduler import ScheduledChunk, Scheduler
 from nanoflow.engine.sequence import PLACEHOLDER, Sequence
 from nanoflow.errors import RequestError
 from nanoflow.models.loader import resolve_model
@@ -56,7 +56,12 @@ class RunStats:
     decode_only_iterations: int = 0
     tokens: int = 0
     decode_tokens: int = 0
-    launch_seconds: float = 0.0
+    plan_seconds: float = 0.0  # host: scheduling decisions
+    launch_seconds: float = 0.0  # host: inputs laid out and uploaded, kernels or graph queued
+    wait_seconds: float = 0.0  # host: waiting for an iteration's sampled tokens
+    resolve_seconds: float = 0.0  # host: applying them (stop rules, outputs)
+    gpu_busy_seconds: float = 0.0  # GPU: from an iteration's first upload to its tokens' copy
+    gpu_idle_seconds: float = 0.0  # GPU: between one iteration's end and the next's start
 
     def add(self, step: StepStats) -> None:
         self.iterations += 1
@@ -72,7 +77,12 @@ class RunStats:
             "tokens_per_iteration": self.tokens / n,
             "decodes_per_iteration": self.decode_tokens / n,
             "decode_only_fraction": self.decode_only_iterations / n,
+            "host_plan_ms_per_iteration": 1e3 * self.plan_seconds / n,
             "host_launch_ms_per_iteration": 1e3 * self.launch_seconds / n,
+            "host_wait_ms_per_iteration": 1e3 * self.wait_seconds / n,
+            "host_resolve_ms_per_iteration": 1e3 * self.resolve_seconds / n,
+            "gpu_busy_ms_per_iteration": 1e3 * self.gpu_busy_seconds / n,
+            "gpu_idle_ms_per_iteration": 1e3 * self.gpu_idle_seconds / n,
         }
 
 
@@ -118,6 +128,7 @@ class EngineCore:
         self.stats = RunStats()
         self.async_scheduling = config.use_async_scheduling()
         self.in_flight: InFlight | None = None
+        self.last_resolved: InFlight | None = None  # for the GPU's idle time between iterations
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -161,7 +172,9 @@ class EngineCore:
         With async scheduling the iteration just launched is read back on the next call, so the
         host plans iteration i+1 while the GPU runs i; otherwise it is read back at once.
         """
+        planning = time.perf_counter()
         plan = self.scheduler.plan()
+        self.stats.plan_seconds += time.perf_counter() - planning
         if plan.copies:
             self.runner.copy_blocks(plan.copies)
         launched = None
@@ -188,7 +201,13 @@ class EngineCore:
         if not self.async_scheduling and launched is not None:
             previous, self.in_flight = launched, None
         if previous is not None:
-            outputs += self._resolve(previous)
+            waiting = time.perf_counter()
+            tokens, logprobs = previous.results()
+            self._time_gpu(previous)
+            resolving = time.perf_counter()
+            outputs += self._resolve(previous.chunks, tokens, logprobs)
+            self.stats.wait_seconds += resolving - waiting
+            self.stats.resolve_seconds += time.perf_counter() - resolving
         return outputs
 
     def _append_placeholder(self, seq: Sequence) -> None:
@@ -199,10 +218,21 @@ class EngineCore:
         ):
             seq.finishing = True
 
-    def _resolve(self, flight: InFlight) -> list[RequestOutput]:
-        tokens, logprobs = flight.results()
+    def _time_gpu(self, flight: InFlight) -> None:
+        """Add a finished iteration's GPU span, and the gap since the one before, to the stats."""
+        if flight.started is None or flight.copied is None:
+            return
+        self.stats.gpu_busy_seconds += flight.started.elapsed_time(flight.copied) / 1e3
+        last = self.last_resolved
+        if last is not None and last.copied is not None:
+            self.stats.gpu_idle_seconds += max(0.0, last.copied.elapsed_time(flight.started)) / 1e3
+        self.last_resolved = flight
+
+    def _resolve(
+        self, chunks: list[ScheduledChunk], tokens: list[int], logprobs: list[float] | None
+    ) -> list[RequestOutput]:
         outputs = []
-        for i, chunk in enumerate(flight.chunks):
+        for i, chunk in enumerate(chunks):
             seq = chunk.seq
             if seq.is_finished:  # aborted or stopped while this token was in flight
                 continue

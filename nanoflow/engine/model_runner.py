@@ -44,11 +44,25 @@ class InFlight:
     row_of: dict[str, int]
     host_tokens: torch.Tensor
     host_logprobs: torch.Tensor | None
+    started: torch.cuda.Event | None  # recorded before the iteration's first upload
     copied: torch.cuda.Event | None
+
+    @staticmethod
+    def timing_event(device: torch.device) -> torch.cuda.Event | None:
+        """A timed event recorded on the current stream (None off the GPU)."""
+        if device.type != "cuda":
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     @classmethod
     def start(
-        cls, chunks: list[ScheduledChunk], tokens: torch.Tensor, logprobs: torch.Tensor | None
+        cls,
+        chunks: list[ScheduledChunk],
+        tokens: torch.Tensor,
+        logprobs: torch.Tensor | None,
+        started: torch.cuda.Event | None,
     ) -> InFlight:
         on_gpu = tokens.is_cuda
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=on_gpu)
@@ -57,12 +71,9 @@ class InFlight:
         if logprobs is not None:
             host_logprobs = torch.empty(logprobs.shape, pin_memory=on_gpu)
             host_logprobs.copy_(logprobs, non_blocking=on_gpu)
-        event = None
-        if on_gpu:
-            event = torch.cuda.Event()
-            event.record()
         row_of = {c.seq.request_id: i for i, c in enumerate(chunks)}
-        return cls(chunks, tokens, row_of, host, host_logprobs, event)
+        copied = cls.timing_event(tokens.device)
+        return cls(chunks, tokens, row_of, host, host_logprobs, started, copied)
 
     def results(self) -> tuple[list[int], list[float] | None]:
         """Wait for the copy (only this iteration, not later ones) and read the tokens."""
@@ -211,6 +222,7 @@ class ModelRunner:
         the GPU."""
         if self.on_plan is not None:
             self.on_plan(plan)
+        started = InFlight.timing_event(self.device)
         step = self.prepare(plan)
         if step.placeholder_rows:
             if previous is None:
@@ -222,4 +234,4 @@ class ModelRunner:
             ]
         logits = self.forward(step)
         result = sample(logits, [c.seq for c in step.sampling_chunks])
-        return InFlight.start(step.sampling_chunks, result.token_ids, result.logprobs)
+        return InFlight.start(step.sampling_chunks, result.token_ids, result.logprobs, started)
