@@ -60,6 +60,9 @@ from nanoflow.kernels.prefill_attention import (  # noqa: E402
 )
 from nanoflow.kernels.rms_norm import rms_norm_ref, rms_norm_triton  # noqa: E402
 from nanoflow.kernels.rotary import rope_kv_write_ref, rope_kv_write_triton  # noqa: E402
+from nanoflow.pipeline.ops import Resource  # noqa: E402
+from nanoflow.pipeline.schedule import Mechanism, PipelineSchedule, UnitSpec  # noqa: E402
+from nanoflow.pipeline.units import build_units  # noqa: E402
 
 DEVICE = torch.device("cuda" if GPU else "cpu")
 DTYPE = torch.bfloat16 if GPU else torch.float32
@@ -312,6 +315,55 @@ def decode_attention() -> dict[str, Any]:
     return {"rows": rows, "default_config": asdict(default), "config_sweep": sweep}
 
 
+# Configurations small enough in shared memory for several programs per SM (a green context
+# confines a full grid to its SMs, so those programs stay there).
+GREEN_SWEEP = (
+    [
+        DecodeConfig(*values)
+        for values in (
+            (16, 8, 3, 4, 8),
+            (32, 4, 3, 4, 4),
+            (16, 4, 3, 4, 4),
+            (16, 4, 3, 4, 2),
+            (32, 4, 3, 4, 2),
+            (64, 4, 3, 4, 1),
+            (128, 4, 3, 4, 0),
+        )
+    ]
+    if GPU
+    else [DecodeConfig(16, 4, 1, 1, 2)]
+)
+GREEN_SMS = 32
+
+
+def decode_green_context() -> dict[str, Any]:
+    """Decode attention on a quarter of the SMs enforced in hardware: a green context of 32 SMs
+    running a full grid, where shared-memory-light programs can share an SM."""
+    schedule = PipelineSchedule(
+        units=(UnitSpec("memory", GREEN_SMS), UnitSpec("rest")),
+        op_units={r.value: "memory" for r in Resource},
+        mechanism=Mechanism.GREEN_CONTEXT,
+    )
+    unit = build_units(schedule, DEVICE)["memory"]
+    s, scale, batch, ctx = SIZES, SIZES.head_dim**-0.5, SIZES.decode_batch, SIZES.decode_ctx[0]
+    k_cache, v_cache, tables = paged([ctx] * batch)
+    q = randn(batch, s.heads, s.head_dim)
+    out = torch.empty_like(q)
+    args = (q, k_cache, v_cache, tables, ints([ctx] * batch), scale)
+    kv_bytes = 2 * batch * ctx * s.kv_heads * s.head_dim * q.element_size()
+    reference = paged_decode_attention_ref(*args)
+    rows = []
+    default = decode_config(s.head_dim, DTYPE, DEVICE)
+    with torch.cuda.stream(unit.stream):
+        for config in [default, *GREEN_SWEEP]:
+            fn = partial(_launch_decode, *args, None, out, config)
+            rows.append(
+                bandwidth_row(fn, kv_bytes, **asdict(config), context=ctx, sms=unit.num_sms)
+            )
+            check(f"decode green {astuple(config)}", fn(), reference)
+    return {"sms": unit.num_sms, "rows": rows}
+
+
 def prefill_flops(q_len: int, ctx: int) -> float:
     """Causal FLOPs of one chunk: its query i sees ctx - q_len + i + 1 keys."""
     keys = q_len * (ctx - q_len) + q_len * (q_len + 1) / 2
@@ -519,6 +571,7 @@ def main() -> int:
         run_section(name, fn)
     for name, fn in (
         ("decode_attention", decode_attention),
+        *((("decode_green_context", decode_green_context),) if GPU else ()),
         ("prefill_attention", prefill_attention),
         ("memory_bound", memory_bound),
         ("linear", linear),

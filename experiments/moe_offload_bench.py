@@ -43,7 +43,8 @@ from nanoflow.measure import (
     time_cuda,
     token_agreement,
 )
-from nanoflow.pipeline.schedule import default_overlapped_schedule, sequential_schedule
+from nanoflow.pipeline.schedule import sequential_schedule
+from nanoflow.pipeline.schedule_select import architecture_schedule
 from nanoflow.workloads import constant, random_prompts
 
 DEVICE = torch.device("cuda:0")
@@ -134,13 +135,10 @@ def offline(llm: LLM, num_prompts: int, in_len: int, out_len: int) -> dict:
     }
 
 
-def schedules() -> dict:
-    sms = (
-        torch.cuda.get_device_properties(DEVICE).multi_processor_count
-        if DEVICE.type == "cuda"
-        else 132
-    )
-    return {"sequential": sequential_schedule(), "overlapped": default_overlapped_schedule(sms)}
+def schedules(llm: LLM) -> dict:
+    """The sequential executor and the overlapped schedule ``--executor overlapped`` uses."""
+    overlapped = architecture_schedule(llm.engine.config, DEVICE)
+    return {"sequential": sequential_schedule(), "overlapped": overlapped}
 
 
 def fused_moe_kernel(spec) -> list[dict]:
@@ -191,7 +189,7 @@ def moe_mode(args: argparse.Namespace, record: dict) -> None:
         schedules={},
     )
     reference = None
-    for name, schedule in schedules().items():
+    for name, schedule in schedules(llm).items():
         row: dict = {"schedule": schedule.to_dict()}
         try:
             llm.engine.runner.set_schedule(schedule)
@@ -256,7 +254,7 @@ def offload_mode(args: argparse.Namespace, record: dict) -> None:
     print("h2d", gbs, "GB/s;", len(plan.host_layers), "offloaded layers", flush=True)
     runs = {}
     reference = None
-    for name, schedule in schedules().items():
+    for name, schedule in schedules(llm).items():
         llm.engine.runner.set_schedule(schedule)
         tokens = greedy(llm, 4, 32)
         reference = reference or tokens

@@ -416,7 +416,9 @@ def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | Non
     if DEVICE.type != "cuda":  # green contexts need a GPU; the rest runs as a dry run
         schedules = {k: v for k, v in schedules.items() if "green" not in k}
     quarter = args.budget // 4
-    plan = fixed_plan(llm, decodes=quarter, ctx=args.context, prefill_chunks=3, chunk=quarter)
+    plan = fixed_plan(
+        llm, decodes=quarter, ctx=args.context, prefill_chunks=args.prefill_chunks, chunk=quarter
+    )
     prompts = random_prompts(constant(64, 1, 24), llm.engine.spec.vocab_size, seed=2)
     greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     result: dict = {"num_kv_blocks": llm.engine.runner.num_blocks, "schedules": {}}
@@ -494,6 +496,12 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--budget", type=int, default=2048, help="token budget per iteration")
     parser.add_argument("--context", type=int, default=1024, help="fixed batch: decode context")
+    parser.add_argument(
+        "--prefill-chunks",
+        type=int,
+        default=3,
+        help="fixed batch: prompt chunks of budget/4 tokens beside the decodes (0: decodes only)",
+    )
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=512)
     parser.add_argument("--num-kv-blocks", type=int, default=None)

@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -83,8 +84,7 @@ def rows(record: dict[str, Any]) -> list[dict[str, Any]]:
             base
             | {
                 "workload": result.get("workload", ""),
-                "system": "nanoflow "
-                + str(record.get("executor") or record.get("args", {}).get("executor", "")),
+                "system": f"nanoflow {_executor_label(record)}",
                 "num_prompts": result.get("num_prompts"),
                 "tokens_per_s": result["tokens_per_s"],
                 "fraction_of_optimal": result.get("fraction_of_optimal"),
@@ -107,6 +107,28 @@ def rows(record: dict[str, Any]) -> list[dict[str, Any]]:
             if isinstance(r, dict) and "tokens_per_s" in r
         ]
     return []
+
+
+def _executor_label(record: dict[str, Any]) -> str:
+    """The executor, marked ``-graphs`` when the run replayed CUDA graphs (older records carry
+    the mark in their label, later ones in the graph statistics of their result)."""
+    label = str(record.get("executor") or record.get("args", {}).get("executor", ""))
+    graphs = record.get("result", {}).get("cuda_graphs", {}).get("graph_steps", 0)
+    return f"{label}-graphs" if graphs and not label.endswith("-graphs") else label
+
+
+def _fixed_iteration(record: dict[str, Any]) -> str:
+    """The fixed iteration a pipeline run timed, from the options of its command."""
+    command = str(record.get("command", ""))
+
+    def option(name: str, default: int) -> int:
+        found = re.search(rf"--{name}[ =](\d+)", command)
+        return int(found.group(1)) if found else default
+
+    decodes = option("budget", 2048) // 4
+    chunks, context = option("prefill-chunks", 3), option("context", 1024)
+    prompts = f" and {chunks} prompt chunks of {decodes} tokens" if chunks else ", no prompt tokens"
+    return f"{decodes} decodes at context {context}{prompts}"
 
 
 def throughput_table(records: list[dict[str, Any]]) -> str:
@@ -177,8 +199,8 @@ def _parity_line(parity: dict[str, Any], source: dict[str, Any] | None = None) -
 
 
 def pipeline_table(records: list[dict[str, Any]]) -> str:
-    """One row per schedule of a pipeline run: one fixed 2048-token iteration (GPU time and the
-    host's launch time) and offline throughput."""
+    """One row per schedule of a pipeline run: one fixed iteration (GPU time and the host's
+    launch time) and offline throughput."""
     lines = []
     for record in records:
         if record.get("experiment") != "pipeline":
@@ -189,7 +211,8 @@ def pipeline_table(records: list[dict[str, Any]]) -> str:
                 lines += [_parity_line(record["parity"], record), ""]
             continue
         lines += [
-            f"Pipeline, llama-3-8b, {_source(record)}:",
+            f"Pipeline, llama-3-8b, {_source(record)}; fixed iteration: "
+            f"{_fixed_iteration(record)}:",
             "",
             "| schedule | iteration GPU ms | host launch ms | same, eager launches: GPU / host ms "
             "| offline tokens/s | % of optimal | greedy tokens as sequential |",

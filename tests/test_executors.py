@@ -94,8 +94,8 @@ def test_launch_orders_respect_dependencies(order):
 @pytest.mark.parametrize(
     "tp, expected",
     [
-        (1, {"compute": None, "attention": 99}),
-        (2, {"compute": None, "attention": 99, "network": 16}),
+        (1, {"compute": None, "attention": 66}),
+        (2, {"compute": None, "attention": 66, "network": 16}),
     ],
 )
 def test_hand_written_schedule_shares_the_sms(tp, expected):

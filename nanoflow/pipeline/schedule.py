@@ -137,7 +137,7 @@ def nano_batch_schedule(num_nano_batches: int = 2) -> PipelineSchedule:
 
 def shared_sm_schedule(
     num_sms: int,
-    attention_fraction: float = 0.75,
+    attention_fraction: float = 0.5,
     num_nano_batches: int = 2,
     network_sms: int | None = None,
 ) -> PipelineSchedule:

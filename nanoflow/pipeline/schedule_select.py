@@ -50,12 +50,15 @@ def select_schedule(
 def architecture_schedule(config: EngineConfig, device: torch.device) -> PipelineSchedule:
     """The overlapped schedule used without a profile.
 
-    The one that measured fastest of those tried on an H100 (llama-3-8b, a 2048-token iteration,
-    `experiments/results/pipeline_bench_attention_unit_h100.json`): GEMMs keep the whole GPU and
-    decode attention alone runs beside them on a high-priority stream with three quarters of the
-    SMs' worth of CTAs (62.5 ms, against 84 ms with a green-context split of 88/44 SMs; the
-    sequential executor took 53.5 ms in the same run). Tensor parallelism adds a small network
-    unit for the collectives.
+    The one that measured fastest of those tried on an H100 (llama-3-8b, CUDA graphs,
+    `experiments/results/pipeline_bench_schedules_h100.json` and `..._decode_only_h100.json`):
+    GEMMs keep the whole GPU and decode attention alone runs beside them on a high-priority
+    stream with half of the SMs' worth of CTAs: 55.9 ms for 512 decodes at context 640 plus
+    1536 prompt tokens (three quarters: 68.5 ms; a green-context split of 88/44 SMs: 84 ms), and
+    36.6 ms for 512 decodes at context 800 alone. The sequential executor took 53.6 and 29.5 ms
+    in the same runs: on this GPU and model no overlapped layout has beaten it yet (README,
+    "Why overlap does not pay here"). Tensor parallelism adds a small network unit for the
+    collectives.
     """
     sms = device_sm_count(device) if device.type == "cuda" else 132
     network_sms = 16 if config.tensor_parallel_size > 1 else None
