@@ -310,13 +310,28 @@ def kernel_table(records: list[dict[str, Any]]) -> str:
             f"GEMM {_fmt(ceil.get('gemm_bf16_tflops'), '.0f')} TFLOP/s). "
             "Decode attention, batch 256, fraction of copy bandwidth:",
             "",
-            "| context | 33 CTAs | 66 CTAs | 132 CTAs | full grid |",
-            "| ---: | ---: | ---: | ---: | ---: |",
+            "| context | 33 CTAs | 66 CTAs | 99 CTAs | 132 CTAs | full grid |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for ctx in sorted({r["context"] for r in decode}):
             by = {r["num_ctas"]: r["frac_copy_bw"] for r in decode if r["context"] == ctx}
-            cells = " | ".join(_fmt(by.get(n), ".2f") for n in (33, 66, 132, None))
+            cells = " | ".join(_fmt(by.get(n), ".2f") for n in (33, 66, 99, 132, None))
             lines.append(f"| {ctx} | {cells} |")
+        green = record.get("decode_green_context", {})
+        if green.get("rows"):
+            best = max(green["rows"], key=lambda r: r["frac_copy_bw"])
+            tile = (
+                f"{best['parallel_heads']} KV heads x {best['block_n']} tokens"
+                if best["parallel_heads"]
+                else f"1 KV head x {best['block_n']} tokens"
+            )
+            lines += [
+                "",
+                f"In a green context of {green['sms']} SMs (full grid, context "
+                f"{best['context']}), the best of {len(green['rows'])} launch configurations "
+                f"({tile} per tile, {best['num_warps']} warps) reads "
+                f"{best['frac_copy_bw']:.2f} of the copy bandwidth.",
+            ]
         lines.append("")
     return "\n".join(lines).strip()
 
