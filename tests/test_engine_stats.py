@@ -19,3 +19,18 @@ def test_run_stats_count_every_computed_token():
     assert summary["iterations"] == stats.iterations > 0
     assert 0 < summary["decode_only_fraction"] < 1
     assert summary["tokens_per_iteration"] <= 16
+
+
+def test_run_stats_split_the_host_time_of_an_iteration():
+    """Planning, launching, waiting and resolving are timed apart; off the GPU there are no
+    device events, so GPU busy and idle time stay zero."""
+    llm = LLM("builtin", max_num_batched_tokens=16)
+    params = SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.0)
+    llm.generate([[5] * 20, [6] * 3], params, use_tqdm=False)
+    stats = llm.engine.stats
+    assert stats.plan_seconds > 0 and stats.launch_seconds > 0 and stats.resolve_seconds > 0
+    assert stats.wait_seconds >= 0
+    summary = stats.summary()
+    assert summary["gpu_busy_ms_per_iteration"] == summary["gpu_idle_ms_per_iteration"] == 0
+    for phase in ("plan", "launch", "wait", "resolve"):
+        assert summary[f"host_{phase}_ms_per_iteration"] >= 0

@@ -148,6 +148,7 @@ def test_report_renders_pipeline_overlap_and_kernel_runs(tmp_path):
     stamp = {"device": "cuda", "gpu": "GPU-X", "versions": {}, "command": "c", "date": "2026-01-01"}
     pipeline = {
         **stamp,
+        "command": "experiments/pipeline_bench.py --context 800 --prefill-chunks 0",
         "experiment": "pipeline",
         "e2e": {
             "schedules": {
@@ -186,6 +187,27 @@ def test_report_renders_pipeline_overlap_and_kernel_runs(tmp_path):
                 {"context": 1024, "num_ctas": None, "frac_copy_bw": 0.9},
             ]
         },
+        "decode_green_context": {
+            "sms": 32,
+            "rows": [
+                {"context": 1024, "block_n": 32, "num_warps": 4, "parallel_heads": 4,
+                 "frac_copy_bw": 0.5},
+                {"context": 1024, "block_n": 128, "num_warps": 4, "parallel_heads": 0,
+                 "frac_copy_bw": 0.4},
+            ],
+        },
+    }  # fmt: skip
+    graph_run = {
+        **stamp,
+        "experiment": "throughput",
+        "executor": "sequential",
+        "model": "m",
+        "result": {
+            "workload": "512/512",
+            "num_prompts": 4,
+            "tokens_per_s": 100.0,
+            "cuda_graphs": {"graph_steps": 3},
+        },
     }
     serve = {
         **stamp,
@@ -209,10 +231,14 @@ def test_report_renders_pipeline_overlap_and_kernel_runs(tmp_path):
     (tmp_path / "pipe.json").write_text(json.dumps(pipeline))
     (tmp_path / "kern.json").write_text(json.dumps(kernels))
     (tmp_path / "serve.json").write_text(json.dumps(serve))
+    (tmp_path / "graphs.json").write_text(json.dumps(graph_run))
     text = report.render(tmp_path)
+    assert "fixed iteration: 512 decodes at context 800, no prompt tokens:" in text
+    assert "| m | 512/512 | nanoflow sequential-graphs | 4 | 100 |" in text
+    assert "best of 2 launch configurations (4 KV heads x 32 tokens per tile, 4 warps)" in text
     assert "| sequential | 50.0 | 20.0 |  | 12,345 | 25.0 |  |" in text
     assert "| overlapped | 60.0 | 1.0 | 61.0 / 40.0 |  |  |  |" in text
     assert "| 4 | 10 / 0 | 2,500 | 27 / 90 | 7.1 / 7.4 |" in text
     assert "| 2048 / 1024 | green_context | 88 / 44 | 0.90 / 0.80 | 0.95 | 0.95 |" in text
-    assert "| 1024 | 0.50 |  |  | 0.90 |" in text
+    assert "| 1024 | 0.50 |  |  |  | 0.90 |" in text
     assert "GEMM 780 TFLOP/s" in text
