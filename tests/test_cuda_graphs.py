@@ -129,3 +129,25 @@ def test_graphs_are_on_by_default_only_for_a_dense_model_on_one_gpu(llama_checkp
     assert runner._use_cuda_graphs()
     runner.spec = dataclasses.replace(runner.spec, num_experts=8, num_experts_per_token=2)
     assert not runner._use_cuda_graphs()  # MoE routing has not been captured on a GPU yet
+
+
+def test_decode_shapes_captured_up_front_serve_the_run(llama_checkpoint):
+    """Start-up capture covers every decode-only shape up to max_num_seqs: a run then captures
+    only the shapes with prompt tokens, and gives the same tokens as without graphs."""
+    folder, _ = llama_checkpoint
+    kwargs = {"executor": "sequential", "max_num_batched_tokens": 8, "max_num_seqs": 40}
+    plain, _ = _generate(folder, False, **kwargs)
+    llm = LLM(str(folder), dtype="float32", device="cpu", **kwargs)
+    runner = llm.engine.runner
+    runner.graphs = runner.step_graphs(_eager)
+    runner.capture_decode_graphs(40)
+    up_front = set(runner.graphs.graphs)
+    assert sorted(sum(decodes) for decodes, prefills, _ in up_front) == [16, 32, 48]
+    assert all(sum(prefills) == 0 for _, prefills, _ in up_front)
+    params = [SamplingParams(max_tokens=6 + i % 5, temperature=0.0, ignore_eos=True)
+              for i in range(len(PROMPTS))]  # fmt: skip
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == plain
+    later = set(runner.graphs.graphs) - up_front
+    assert later and all(sum(prefills) > 0 for _, prefills, _ in later)
+    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks

@@ -31,7 +31,9 @@ from nanoflow.engine.batch import (
     StepBuffers,
     lay_out,
 )
-from nanoflow.engine.scheduler import BatchPlan
+from nanoflow.engine.sampling_params import SamplingParams
+from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
+from nanoflow.engine.sequence import Sequence
 from nanoflow.engine.upload import copy_to, to_device
 from nanoflow.pipeline.schedule import PipelineSchedule, split_counts
 
@@ -79,6 +81,18 @@ class GraphStats:
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
+
+
+def _scratch_decodes(count: int, scratch_block: int) -> BatchPlan:
+    """``count`` stand-in decodes of one token each, their K/V and context in the scratch block."""
+    plan = BatchPlan()
+    for i in range(count):
+        seq = Sequence(f"graph-capture-{i}", [0], SamplingParams(max_tokens=2))
+        seq.output_token_ids = [0]
+        seq.num_computed_tokens = 1
+        seq.block_table = [scratch_block, scratch_block]  # position 1, whatever the block size
+        plan.decodes.append(ScheduledChunk(seq, 1, 1))
+    return plan
 
 
 class StepGraphs:
@@ -140,6 +154,19 @@ class StepGraphs:
             split_counts(decodes, self.schedule.decode_shares),
             split_counts(prefill, self.schedule.prefill_shares),
         )
+
+    def capture_decode_shapes(self, max_decodes: int) -> int:
+        """Capture every decode-only shape of up to ``max_decodes`` sequences now, so the first
+        iterations of a run, and a server's first requests, do not wait for a capture. Returns
+        how many shapes were captured."""
+        before = self.stats.shapes_captured
+        largest = min(_round_up(max_decodes, DECODE_ROUND), self.rows)
+        for count in range(DECODE_ROUND, largest + 1, DECODE_ROUND):
+            step = self._prepare(_scratch_decodes(count, self.scratch_block))
+            if step is None:  # at the graph cap
+                break
+            step.replay()
+        return self.stats.shapes_captured - before
 
     def prepare(self, plan: BatchPlan) -> PreparedStep | None:
         step = self._prepare(plan)

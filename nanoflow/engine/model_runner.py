@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,18 @@ class ModelRunner:
             return wanted
         dense_single_gpu = self.group.size == 1 and not self.spec.is_moe
         return self.device.type == "cuda" and dense_single_gpu and self.offload is None
+
+    @torch.inference_mode()
+    def capture_decode_graphs(self, max_decodes: int) -> None:
+        """With graphs on, capture the decode-only shapes up front (logged with their time)."""
+        if self.graphs is None:
+            return
+        started = time.perf_counter()
+        count = self.graphs.capture_decode_shapes(max_decodes)
+        self.synchronize()
+        logger.info(
+            "captured %d decode-only CUDA graphs in %.1f s", count, time.perf_counter() - started
+        )
 
     def step_graphs(self, capture: Capture) -> StepGraphs:
         """Graphs of whole iterations of this runner's model, schedule and executor."""
