@@ -259,28 +259,17 @@ def flops_row(fn: Callable[[], Any], flops: float, **fields: Any) -> dict[str, A
     return {**fields, "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
 
 
-# (block_n, num_warps, num_stages, min_split_tiles, parallel_heads): one head per tile, then tiles
-# holding several KV heads at once (more independent work per program); 5 and 7 stages give the
-# K/V loads two and three buffers.
-DECODE_SWEEP = (
-    [
-        DecodeConfig(*values)
-        for values in (
-            (128, 4, 3, 4, 0),
-            (32, 8, 3, 4, 8),
-            (16, 8, 5, 4, 8),
-            (16, 4, 5, 4, 8),
-            (32, 8, 5, 4, 4),
-            (32, 4, 5, 4, 4),
-            (32, 8, 7, 4, 4),
-            (16, 8, 7, 4, 4),
-            (64, 8, 5, 4, 2),
-            (32, 8, 7, 4, 2),
-        )
-    ]
-    if GPU
-    else [DecodeConfig(16, 4, 1, 1, 2)]
-)
+def sweep_configs(*rows: tuple[int, ...]) -> list[DecodeConfig]:
+    """Decode launch configurations (block_n, num_warps, num_stages, min_split_tiles,
+    parallel_heads) to time on the GPU; one small one for the CPU dry run."""
+    return [DecodeConfig(*r) for r in rows] if GPU else [DecodeConfig(16, 4, 1, 1, 2)]
+
+
+# 5 and 7 stages give the K/V loads two and three buffers
+DECODE_SWEEP = sweep_configs(
+    (32, 8, 3, 4, 8), (16, 8, 5, 4, 8), (16, 4, 5, 4, 8), (32, 8, 5, 4, 4), (32, 4, 5, 4, 4),
+    (32, 8, 7, 4, 4), (16, 8, 7, 4, 4), (64, 8, 5, 4, 2), (32, 8, 7, 4, 2),
+)  # fmt: skip
 
 
 def decode_attention() -> dict[str, Any]:
@@ -317,22 +306,10 @@ def decode_attention() -> dict[str, Any]:
 
 # Configurations small enough in shared memory for several programs per SM (a green context
 # confines a full grid to its SMs, so those programs stay there).
-GREEN_SWEEP = (
-    [
-        DecodeConfig(*values)
-        for values in (
-            (16, 8, 3, 4, 8),
-            (32, 4, 3, 4, 4),
-            (16, 4, 3, 4, 4),
-            (16, 4, 3, 4, 2),
-            (32, 4, 3, 4, 2),
-            (64, 4, 3, 4, 1),
-            (128, 4, 3, 4, 0),
-        )
-    ]
-    if GPU
-    else [DecodeConfig(16, 4, 1, 1, 2)]
-)
+GREEN_SWEEP = sweep_configs(
+    (16, 8, 3, 4, 8), (32, 4, 3, 4, 4), (16, 4, 3, 4, 4), (16, 4, 3, 4, 2), (32, 4, 3, 4, 2),
+    (64, 4, 3, 4, 1),
+)  # fmt: skip
 GREEN_SMS = 32
 
 

@@ -56,29 +56,26 @@ def paged_decode_attention_ref(
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Launch parameters; ``block_n`` tokens (several pages) of K and V are loaded per step and
-    ``num_stages`` steps are in flight, which is what lets a few SMs saturate HBM."""
+    """Launch parameters: a tile holds ``block_n`` tokens (several pages) of ``parallel_heads``
+    KV heads side by side (fewer where the model has fewer), and ``num_stages`` sets how far the
+    loads run ahead; independent heads in flight are what let a few SMs pull much of HBM."""
 
     block_n: int
     num_warps: int
     num_stages: int
     min_split_tiles: int
-    parallel_heads: int = (
-        0  # >0: that many KV heads per tile at once (more independent work per SM)
-    )
+    parallel_heads: int = 8
 
 
 def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
     """On the GPU: all of a sequence's KV heads (up to 8) in one tile of 32 tokens, 8 warps (the
     best of the H100 sweep in experiments/bench_kernels.py on a quarter of the SMs: 0.46 of copy
-    bandwidth against 0.30 for one head at a time, and 1.00 on a full grid); tiny tiles on CPU so
-    the interpreter exercises every loop."""
+    bandwidth against 0.30 for the former one-head-per-tile kernel, and 1.00 on a full grid);
+    tiny tiles on CPU so the interpreter exercises every loop."""
     if device.type != "cuda":
         return DecodeConfig(block_n=16, num_warps=4, num_stages=1, min_split_tiles=1)
     block_n = max(16, min(64, 8192 // (head_dim * dtype.itemsize)))
-    return DecodeConfig(
-        block_n=block_n, num_warps=8, num_stages=3, min_split_tiles=4, parallel_heads=8
-    )
+    return DecodeConfig(block_n=block_n, num_warps=8, num_stages=3, min_split_tiles=4)
 
 
 def check_paged_inputs(
@@ -127,74 +124,6 @@ def check_paged_inputs(
         raise ValueError("all tensors must be on the same device")
     if any(t.stride(-1) != 1 for t in tensors):
         raise ValueError("the last dimension of every tensor must be contiguous")
-
-
-@jit
-def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    scale_log2, num_seqs, num_heads, heads_per_item, num_chunks, num_splits, split_len,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    stride_tb, stride_ob, stride_oh,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, NUM_STAGES: tl.constexpr,
-):  # fmt: skip
-    """Work item = (sequence, chunk of KV heads, context split); programs stride over the items so
-    a launch stays within its CTA budget. The (head, tile) loop is flat so the load pipeline keeps
-    running across head boundaries instead of refilling per head."""
-    rows = tl.arange(0, GROUP_PAD)
-    dims = tl.arange(0, HEAD_DIM)
-    cols = tl.arange(0, BLOCK_N)
-    row_mask = rows < GROUP
-    for item in range(tl.program_id(0), num_seqs * num_chunks * num_splits, tl.num_programs(0)):
-        split = item % num_splits
-        chunk = item // num_splits % num_chunks
-        seq = item // num_splits // num_chunks
-        start = split * split_len
-        end = tl.minimum(start + split_len, tl.load(lens_ptr + seq))
-        # Split 0 always runs, so an empty context still writes (zeros, like the reference).
-        n_tiles = tl.cdiv(tl.maximum(end - start, 0), BLOCK_N)
-        n_tiles = tl.maximum(n_tiles, (split == 0).to(tl.int32))
-        table = tables_ptr + seq.to(tl.int64) * stride_tb
-        m_i = tl.full([GROUP_PAD], -1e30, tl.float32)
-        l_i = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        for t in tl.range(0, heads_per_item * n_tiles, num_stages=NUM_STAGES):
-            tile = t % n_tiles
-            kv_head = chunk * heads_per_item + t // n_tiles
-            m_i = tl.where(tile == 0, -1e30, m_i)
-            l_i = tl.where(tile == 0, 0.0, l_i)
-            acc = tl.where(tile == 0, 0.0, acc)
-            heads = kv_head * GROUP + rows
-            q = tl.load(
-                q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
-                mask=row_mask[:, None],
-                other=0.0,
-            )
-            tokens = start + tile * BLOCK_N + cols
-            valid = tokens < end
-            pages = tl.load(table + tokens // PAGE, mask=valid, other=0).to(tl.int64)
-            k_off = kv_head * stride_kh + (tokens % PAGE)[:, None] * stride_kt + dims[None, :]
-            v_off = kv_head * stride_vh + (tokens % PAGE)[:, None] * stride_vt + dims[None, :]
-            k = tl.load(k_ptr + pages[:, None] * stride_kb + k_off, mask=valid[:, None], other=0.0)
-            v = tl.load(v_ptr + pages[:, None] * stride_vb + v_off, mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale_log2
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-            if tile == n_tiles - 1:
-                o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-                if DIRECT:
-                    o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :]
-                    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
-                else:
-                    part = (seq * num_heads + heads) * num_splits + split
-                    o_ptrs = part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :]
-                    tl.store(o_ptrs, o, mask=row_mask[:, None])
-                    tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=row_mask)
 
 
 @jit
@@ -288,19 +217,13 @@ def _decode_reduce_kernel(
 def _work_split(
     batch: int, num_kv_heads: int, max_ctx: int, programs: int, config: DecodeConfig
 ) -> tuple[int, int, int]:
-    """(heads_per_item, num_splits, split_len) giving about 3 work items per program. Sequential
-    heads: whole KV-head groups first (no reduce needed), then context splits (combined by the
-    reduce kernel). Parallel heads: the tile's head count is fixed, only the context splits."""
-    target = 3 * programs
-    if config.parallel_heads:
-        heads_per_item = math.gcd(num_kv_heads, next_pow2(config.parallel_heads))
-    else:
-        divisors = [d for d in range(num_kv_heads, 0, -1) if num_kv_heads % d == 0]
-        heads_per_item = next((d for d in divisors if batch * (num_kv_heads // d) >= target), 1)
+    """(heads_per_item, num_splits, split_len): the tile's KV heads, then enough context splits
+    (combined by the reduce kernel) for about 3 work items per program."""
+    heads_per_item = math.gcd(num_kv_heads, next_pow2(config.parallel_heads))
     items = batch * (num_kv_heads // heads_per_item)
     tiles = cdiv(max(max_ctx, 1), config.block_n)
     max_splits = max(1, min(32, tiles // config.min_split_tiles))
-    splits = max(1, min(cdiv(target, items), max_splits))
+    splits = max(1, min(cdiv(3 * programs, items), max_splits))
     split_len = cdiv(tiles, splits) * config.block_n
     return heads_per_item, cdiv(max(max_ctx, 1), split_len), split_len
 
@@ -340,16 +263,10 @@ def _launch_decode(
         num_warps=config.num_warps,
     )  # fmt: skip
     pointers = (q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse)
-    if config.parallel_heads:
-        _decode_heads_kernel[grid](
-            *pointers, scale * LOG2E, batch, num_heads, chunks, splits, split_len, *strides,
-            HEADS=heads_per_item, **shape,
-        )  # fmt: skip
-    else:
-        _decode_kernel[grid](
-            *pointers, scale * LOG2E, batch, num_heads, heads_per_item, chunks, splits,
-            split_len, *strides, **shape,
-        )  # fmt: skip
+    _decode_heads_kernel[grid](
+        *pointers, scale * LOG2E, batch, num_heads, chunks, splits, split_len, *strides,
+        HEADS=heads_per_item, **shape,
+    )  # fmt: skip
     if splits > 1:
         rows = batch * num_heads
         _decode_reduce_kernel[(min(rows, num_ctas or rows),)](
@@ -369,9 +286,9 @@ def paged_decode_attention_triton(
     num_ctas: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Split-K flash-decoding over the paged cache, all query heads of a KV head per program so
-    K/V are read once; at most ``num_ctas`` programs (persistent) when given. Never reads the
-    context lengths on the host, so it can be captured in a CUDA graph."""
+    """Split-K flash-decoding over the paged cache, all query heads of a KV head in the same
+    program so K/V are read once; at most ``num_ctas`` programs (persistent) when given. Never
+    reads the context lengths on the host, so it can be captured in a CUDA graph."""
     check_paged_inputs(q, k_cache, v_cache, block_tables, context_lens, out)
     check_num_ctas(num_ctas)
     if out is None:

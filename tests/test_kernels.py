@@ -99,14 +99,13 @@ def test_decode_cta_budget_gives_same_result(num_ctas: int) -> None:
     torch.testing.assert_close(budget, full, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("parallel_heads", [0, 2, 8])
+@pytest.mark.parametrize("parallel_heads", [1, 2, 8])
 @pytest.mark.parametrize("num_ctas", [1, None])
 def test_decode_gpu_tiles(num_ctas: int | None, parallel_heads: int) -> None:
-    """GPU-sized launch configurations (tiles of 2-4 pages, splits of 4 tiles; one KV head per
+    """GPU-sized launch configurations (tiles of 2 pages, splits of 4 tiles; one KV head per
     tile or several side by side) in the interpreter."""
     q, k_cache, v_cache, tables, lens, scale = decode_inputs("long_and_short", torch.float16)
-    block_n = 32 if parallel_heads else 64
-    config = DecodeConfig(block_n, 4, 4, min_split_tiles=4, parallel_heads=parallel_heads)
+    config = DecodeConfig(32, 4, 4, min_split_tiles=4, parallel_heads=parallel_heads)
     out = _launch_decode(q, k_cache, v_cache, tables, lens, scale, num_ctas, poisoned(q), config)
     expected = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, scale)
     torch.testing.assert_close(out, expected, **tolerance(torch.float16))
@@ -120,20 +119,16 @@ def test_decode_other_block_sizes(page: int) -> None:
     torch.testing.assert_close(out, expected, **tolerance(torch.float32))
 
 
-@pytest.mark.parametrize("parallel_heads", [0, 8])
 @pytest.mark.parametrize(("batch", "num_ctas"), [(256, 33), (256, 132), (8, 33), (1, 132)])
-def test_decode_work_split(batch: int, num_ctas: int, parallel_heads: int) -> None:
-    """Enough work items per program to balance the budget: one head per tile splits heads before
-    contexts; tiles of several heads keep all of them and split only the context."""
-    config = DecodeConfig(64, 4, 4, min_split_tiles=4, parallel_heads=parallel_heads)
+def test_decode_work_split(batch: int, num_ctas: int) -> None:
+    """Enough work items per program to balance the budget: a tile keeps all 8 KV heads, so only
+    the context is split, and no shorter than allowed."""
+    config = DecodeConfig(64, 4, 4, min_split_tiles=4, parallel_heads=8)
     heads_per_item, splits, split_len = _work_split(batch, 8, 4096, num_ctas, config)
-    items = batch * (8 // heads_per_item) * splits
+    assert heads_per_item == 8
+    items = batch * splits
     assert items >= 2 * num_ctas or split_len == 4 * 64  # or the splits are as short as allowed
     assert split_len % 64 == 0 and splits * split_len >= 4096 > (splits - 1) * split_len
-    if parallel_heads:
-        assert heads_per_item == 8
-    else:
-        assert splits == 1 or heads_per_item == 1
 
 
 def test_decode_parallel_heads_divide_the_kv_heads() -> None:
