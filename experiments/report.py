@@ -88,6 +88,7 @@ def rows(record: dict[str, Any]) -> list[dict[str, Any]]:
                 "num_prompts": result.get("num_prompts"),
                 "tokens_per_s": result["tokens_per_s"],
                 "fraction_of_optimal": result.get("fraction_of_optimal"),
+                "fraction_of_roofline": result.get("fraction_of_roofline"),
                 "file": record["_file"],
             }
         ]
@@ -101,6 +102,7 @@ def rows(record: dict[str, Any]) -> list[dict[str, Any]]:
                 "num_prompts": r.get("num_prompts", record.get("num_prompts")),
                 "tokens_per_s": r["tokens_per_s"],
                 "fraction_of_optimal": None,
+                "fraction_of_roofline": None,
                 "file": record["_file"],
             }
             for mode, r in result.items()
@@ -136,16 +138,19 @@ def throughput_table(records: list[dict[str, Any]]) -> str:
     if not table:
         return "_No results yet: run `python experiments/run.py` on a GPU._"
     lines = [
-        "| model | workload | system | prompts | tokens/s (in+out) | % of optimal | GPU | date "
-        "| source |",
-        "| --- | --- | --- | ---: | ---: | ---: | --- | --- | --- |",
+        "| model | workload | system | prompts | tokens/s (in+out) | % of optimal "
+        "| % of roofline | GPU | date | source |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- |",
     ]
+
+    def percent(fraction: float | None) -> str:
+        return _fmt(None if fraction is None else 100 * fraction, ".1f")
+
     for r in table:
-        frac = r["fraction_of_optimal"]
         lines.append(
             f"| {r['model']} | {r['workload']} | {r['system']} | {r['num_prompts'] or ''}"
-            f" | {_fmt(r['tokens_per_s'], ',.0f')}"
-            f" | {_fmt(None if frac is None else 100 * frac, '.1f')} | {r['gpu']} | {r['date']}"
+            f" | {_fmt(r['tokens_per_s'], ',.0f')} | {percent(r['fraction_of_optimal'])}"
+            f" | {percent(r['fraction_of_roofline'])} | {r['gpu']} | {r['date']}"
             f" | `experiments/results/{r['file']}` |"
         )
     return "\n".join(lines)

@@ -34,3 +34,24 @@ def test_run_stats_split_the_host_time_of_an_iteration():
     assert summary["gpu_busy_ms_per_iteration"] == summary["gpu_idle_ms_per_iteration"] == 0
     for phase in ("plan", "launch", "wait", "resolve"):
         assert summary[f"host_{phase}_ms_per_iteration"] >= 0
+
+
+def test_run_stats_record_each_iteration_shape_for_the_roofline():
+    """One prompt of 5 tokens and 3 outputs: a prefill reading its 5 tokens, then two decodes
+    reading 6 and 7; the bound of each is the longer of its FLOPs and its bytes."""
+    from nanoflow.measure import iteration_bound_seconds
+
+    llm = LLM("builtin", max_num_batched_tokens=64)
+    params = SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.0)
+    llm.generate([[5, 6, 7, 8, 9]], params, use_tqdm=False)
+    stats, spec = llm.engine.stats, llm.engine.spec
+    assert stats.shapes == [(5, 5), (1, 6), (1, 7)]
+    weights = spec.num_parameters() - spec.vocab_size * spec.hidden_size
+    flops_per_token = 2 * spec.params_per_token()
+    # memory-bound: a slow copy rate makes the bytes decide
+    slow = iteration_bound_seconds(spec, 1, 6, flops_per_token * 1e9, 1.0)
+    assert slow == 2 * weights + (6 + 1) * spec.kv_bytes_per_token()
+    # compute-bound: a slow GEMM rate makes the FLOPs decide, split over two shards
+    assert iteration_bound_seconds(spec, 5, 5, float(flops_per_token), 1e30, shards=2) == 2.5
+    total = stats.bound_seconds(spec, float(flops_per_token), 1e30)
+    assert total == 5 + 1 + 1

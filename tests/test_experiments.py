@@ -31,6 +31,7 @@ def synthetic_results(folder: Path) -> None:
                 "num_prompts": 400,
                 "tokens_per_s": tps,
                 "fraction_of_optimal": 0.4,
+                "fraction_of_roofline": 0.75,
             },
         }
         report.write_result(folder / f"throughput-{executor}.json", record, "nanoflow bench ...")
@@ -68,8 +69,8 @@ def test_write_result_stamps_required_keys(tmp_path):
 def test_report_table_from_results_only(tmp_path):
     synthetic_results(tmp_path)
     text = report.render(tmp_path)
-    assert "| llama-3-8b | 512/512 | nanoflow overlapped | 400 | 9,900 | 40.0 |" in text
-    assert "transformers static (B=128) |  | 3,000 |" in text
+    assert "| llama-3-8b | 512/512 | nanoflow overlapped | 400 | 9,900 | 40.0 | 75.0 |" in text
+    assert "transformers static (B=128) |  | 3,000 |  |  |" in text
     assert "continuous" not in text  # a failed mode has no number to quote
     assert "1,000,000,000" not in text  # a file without device/versions/command/date is ignored
     assert "4 req/s" in text

@@ -8,8 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from nanoflow.cli import bench_serve
 from nanoflow.cli.main import add_engine_args, engine_kwargs
 
@@ -27,10 +25,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_throughput(args: argparse.Namespace) -> int:
+    import torch
+
     from nanoflow import LLM, SamplingParams
     from nanoflow.engine.cuda_graphs import GraphStats
     from nanoflow.engine.engine_core import RunStats
-    from nanoflow.measure import environment, gemm_ceiling_tflops, optimal_throughput
+    from nanoflow.measure import (
+        copy_bandwidth_gbs,
+        environment,
+        gemm_ceiling_tflops,
+        optimal_throughput,
+    )
     from nanoflow.workloads import load_workload, random_prompts
 
     llm = LLM(args.model, **engine_kwargs(args))
@@ -84,10 +89,17 @@ def run_throughput(args: argparse.Namespace) -> int:
         }
         tflops = gemm_ceiling_tflops(device)
         optimal = optimal_throughput(engine.spec, tflops * 1e12) / args.tensor_parallel_size
+        copy_gbs = copy_bandwidth_gbs(device)
+        bound = engine.stats.bound_seconds(
+            engine.spec, tflops * 1e12, copy_gbs * 1e9, args.tensor_parallel_size
+        )
         result.update(
             gemm_tflops=tflops,
             optimal_tokens_per_s=optimal,
             fraction_of_optimal=result["tokens_per_s"] / optimal,
+            copy_gbs=copy_gbs,
+            roofline_seconds=bound,
+            fraction_of_roofline=bound / elapsed,
         )
     record = {
         **environment(device),
@@ -108,6 +120,11 @@ def run_throughput(args: argparse.Namespace) -> int:
             f"Optimal (GEMM {result['gemm_tflops']:.0f} TFLOP/s): "
             f"{result['optimal_tokens_per_s']:.0f} tokens/s; reached "
             f"{100 * result['fraction_of_optimal']:.1f}%"
+        )
+        print(
+            f"Roofline of the iterations run (GEMM rate or copy {result['copy_gbs']:.0f} GB/s, "
+            f"whichever binds each): {result['roofline_seconds']:.1f} s; reached "
+            f"{100 * result['fraction_of_roofline']:.1f}%"
         )
     if "cuda_graphs" in result:
         g = result["cuda_graphs"]

@@ -15,7 +15,9 @@ from nanoflow.engine.sampling_params import SamplingParams
 from nanoflow.engine.scheduler import ScheduledChunk, Scheduler
 from nanoflow.engine.sequence import PLACEHOLDER, Sequence
 from nanoflow.errors import RequestError
+from nanoflow.measure import iteration_bound_seconds
 from nanoflow.models.loader import resolve_model
+from nanoflow.models.spec import ModelSpec
 from nanoflow.pipeline.schedule import PipelineSchedule
 from nanoflow.pipeline.schedule_select import select_schedule
 
@@ -45,6 +47,7 @@ class StepStats:
     num_tokens: int = 0
     num_decode: int = 0
     num_prefill_tokens: int = 0
+    kv_tokens: int = 0  # tokens of K/V the attention reads, its own new tokens included
     seconds: float = 0.0  # host time to plan and launch the iteration
 
 
@@ -62,6 +65,16 @@ class RunStats:
     resolve_seconds: float = 0.0  # host: applying them (stop rules, outputs)
     gpu_busy_seconds: float = 0.0  # GPU: from an iteration's first upload to its tokens' copy
     gpu_idle_seconds: float = 0.0  # GPU: between one iteration's end and the next's start
+    shapes: list[tuple[int, int]] = field(default_factory=list)  # (tokens, kv_tokens) each
+
+    def bound_seconds(
+        self, spec: ModelSpec, gemm_flops_per_s: float, bytes_per_s: float, shards: int = 1
+    ) -> float:
+        """The least time the iterations run could have taken (``iteration_bound_seconds``)."""
+        return sum(
+            iteration_bound_seconds(spec, tokens, kv, gemm_flops_per_s, bytes_per_s, shards)
+            for tokens, kv in self.shapes
+        )
 
     def add(self, step: StepStats) -> None:
         self.iterations += 1
@@ -69,6 +82,7 @@ class RunStats:
         self.tokens += step.num_tokens
         self.decode_tokens += step.num_decode
         self.launch_seconds += step.seconds
+        self.shapes.append((step.num_tokens, step.kv_tokens))
 
     def summary(self) -> dict[str, float]:
         n = max(1, self.iterations)
@@ -195,6 +209,7 @@ class EngineCore:
                 plan.num_tokens,
                 len(plan.decodes),
                 plan.num_prefill_tokens,
+                sum(c.start + c.num_tokens for c in plan.chunks),
                 time.perf_counter() - started,
             )
             self.stats.add(self.last_step)
