@@ -89,7 +89,8 @@ def run_throughput(args: argparse.Namespace) -> int:
         }
         tflops = gemm_ceiling_tflops(device)
         optimal = optimal_throughput(engine.spec, tflops * 1e12) / args.tensor_parallel_size
-        copy_gbs = copy_bandwidth_gbs(device)
+        torch.cuda.empty_cache()  # the KV cache holds most of the memory: measure in what is left
+        copy_gbs = copy_bandwidth_gbs(device, gib=0.5)
         bound = engine.stats.bound_seconds(
             engine.spec, tflops * 1e12, copy_gbs * 1e9, args.tensor_parallel_size
         )
