@@ -89,19 +89,23 @@ def run_throughput(args: argparse.Namespace) -> int:
         }
         tflops = gemm_ceiling_tflops(device)
         optimal = optimal_throughput(engine.spec, tflops * 1e12) / args.tensor_parallel_size
-        torch.cuda.empty_cache()  # the KV cache holds most of the memory: measure in what is left
-        copy_gbs = copy_bandwidth_gbs(device, gib=0.5)
-        bound = engine.stats.bound_seconds(
-            engine.spec, tflops * 1e12, copy_gbs * 1e9, args.tensor_parallel_size
-        )
         result.update(
             gemm_tflops=tflops,
             optimal_tokens_per_s=optimal,
             fraction_of_optimal=result["tokens_per_s"] / optimal,
-            copy_gbs=copy_gbs,
-            roofline_seconds=bound,
-            fraction_of_roofline=bound / elapsed,
         )
+        torch.cuda.empty_cache()  # the KV cache holds most of the memory: measure in what is left
+        try:
+            copy_gbs = copy_bandwidth_gbs(device, gib=0.5)
+        except torch.OutOfMemoryError:
+            print("no GPU memory left to measure the copy rate: no roofline for this run")
+        else:
+            bound = engine.stats.bound_seconds(
+                engine.spec, tflops * 1e12, copy_gbs * 1e9, args.tensor_parallel_size
+            )
+            result.update(
+                copy_gbs=copy_gbs, roofline_seconds=bound, fraction_of_roofline=bound / elapsed
+            )
     record = {
         **environment(device),
         "experiment": "throughput",
@@ -122,6 +126,7 @@ def run_throughput(args: argparse.Namespace) -> int:
             f"{result['optimal_tokens_per_s']:.0f} tokens/s; reached "
             f"{100 * result['fraction_of_optimal']:.1f}%"
         )
+    if "fraction_of_roofline" in result:
         print(
             f"Roofline of the iterations run (GEMM rate or copy {result['copy_gbs']:.0f} GB/s, "
             f"whichever binds each): {result['roofline_seconds']:.1f} s; reached "
