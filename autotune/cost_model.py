@@ -14,10 +14,10 @@ from collections import deque
 from dataclasses import dataclass
 
 from nanoflow.autotune.steady_state import SteadyBatch
-from nanoflow.autotune.tables import OpTable, OpTables
+from nanoflow.autotune.tables import SHARED_SMS, OpTable, OpTables
 from nanoflow.pipeline.executors import launch_order
 from nanoflow.pipeline.ops import Resource, op_dependencies
-from nanoflow.pipeline.schedule import PipelineSchedule, split_counts
+from nanoflow.pipeline.schedule import Mechanism, PipelineSchedule, split_counts
 
 
 @dataclass(frozen=True)
@@ -192,6 +192,15 @@ def build_tasks(
     return tasks
 
 
+def interference_key(schedule: PipelineSchedule) -> str:
+    """Which measured interference applies: units on disjoint SMs slow each other through memory
+    and caches; a CTA-limited unit beside one that keeps the whole GPU also competes for SMs."""
+    shares = len(schedule.units) > 1 and any(u.num_sms is None for u in schedule.units)
+    if schedule.mechanism is Mechanism.CTA_LIMIT and shares:
+        return SHARED_SMS
+    return schedule.mechanism.value
+
+
 def predict(
     tables: OpTables,
     schedule: PipelineSchedule,
@@ -204,7 +213,7 @@ def predict(
     takes at least that long; not so for one replayed from a CUDA graph."""
     layers = num_layers or tables.num_layers
     tasks = build_tasks(tables, schedule, batch, layers)
-    mechanism = schedule.mechanism.value
+    mechanism = interference_key(schedule)
     classes = [r.value for r in Resource]
     interference = {(a, b): tables.factor(mechanism, a, b) for a in classes for b in classes}
     timeline = simulate(tasks, interference if schedule.overlap else None)

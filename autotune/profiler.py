@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
-from nanoflow.autotune.tables import OpTable, OpTables
+from nanoflow.autotune.tables import SHARED_SMS, OpTable, OpTables
 from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.engine.batch import AttentionChunks, NanoBatch, StepBuffers
 from nanoflow.measure import time_cuda
@@ -31,6 +31,7 @@ from nanoflow.pipeline.schedule import (
     PipelineSchedule,
     UnitSpec,
     default_overlapped_schedule,
+    shared_sm_schedule,
 )
 from nanoflow.pipeline.units import ExecutionUnit, build_units, device_sm_count
 
@@ -134,9 +135,7 @@ def _op_table(bench: LayerBench, op: Op, units: dict[int, ExecutionUnit], bar: t
 
 
 def _interference(bench: LayerBench, mechanism: Mechanism, total: int) -> float:
-    """Slowdown of a gate-up GEMM and a decode attention while they overlap on two units: with
-    both slowed by f while the shorter runs, together = f * shorter + (longer - shorter)."""
-    ops = {op.name: op for op in bench.ops}
+    """The pair's slowdown on two disjoint partitions of the SMs."""
     memory_sms = PAIR_SPLITS[mechanism]
     schedule = PipelineSchedule(
         units=(UnitSpec("compute", total - memory_sms), UnitSpec("memory", memory_sms)),
@@ -145,9 +144,22 @@ def _interference(bench: LayerBench, mechanism: Mechanism, total: int) -> float:
         overlap=True,
     )
     units = build_units(schedule, bench.device)
+    return _pair_slowdown(bench, units["compute"], units["memory"])
+
+
+def _shared_interference(bench: LayerBench, total: int) -> float:
+    """The pair's slowdown when the GEMM keeps the whole GPU and decode attention runs beside it,
+    CTA-limited on a high-priority stream (the hand-written overlapped layout)."""
+    units = build_units(shared_sm_schedule(total), bench.device)
+    return _pair_slowdown(bench, units["compute"], units["attention"])
+
+
+def _pair_slowdown(bench: LayerBench, cu: ExecutionUnit, mu: ExecutionUnit) -> float:
+    """Slowdown of a gate-up GEMM on ``cu`` and a decode attention on ``mu`` while they overlap:
+    with both slowed by f while the shorter runs, together = f * shorter + (longer - shorter)."""
+    ops = {op.name: op for op in bench.ops}
     gemm_nb = bench.nano_batch("all", 2048)
     attn_nb = bench.nano_batch("decode", 256, 1024)
-    cu, mu = units["compute"], units["memory"]
 
     def gemm(sms: int | None) -> None:
         ops["gate_up_proj"].fn(bench.buffers, gemm_nb, sms)
@@ -213,6 +225,11 @@ def profile_op_tables(
             logger.warning("no %s interference measured (%s); not searching it", mechanism, exc)
             continue
         interference[mechanism.value] = {"compute+memory": factor}
+    if Mechanism.CTA_LIMIT.value in interference:
+        try:
+            interference[SHARED_SMS] = {"compute+memory": _shared_interference(bench, total)}
+        except Exception as exc:  # as above: the layout is then left out of the search
+            logger.warning("no shared-SM interference measured (%s); not searching it", exc)
     props = torch.cuda.get_device_properties(device)
     return OpTables(
         model=model,

@@ -55,6 +55,7 @@ class SearchSpace:
     batch_step: int = 64
     has_network: bool = False
     cuda_graphs: bool = False  # iterations replayed from graphs: no host launch bound
+    shared: bool = False  # also try the shared-SM layout (its interference was measured)
 
 
 def batch_limit(
@@ -99,11 +100,30 @@ def _unit_sms(trial: optuna.Trial, space: SearchSpace, mechanism: Mechanism) -> 
     return units
 
 
+def _shared_layout(trial: optuna.Trial, space: SearchSpace, n: int) -> PipelineSchedule:
+    """GEMMs and the small memory-bound ops keep the whole GPU; decode attention runs beside
+    them, CTA-limited, on a high-priority stream (the layout of ``--executor overlapped``)."""
+    attention = trial.suggest_int("attention_sms", 8, space.sm_count)
+    return PipelineSchedule(
+        decode_shares=_shares(trial, "decode", n),
+        prefill_shares=_shares(trial, "prefill", n),
+        units=(UnitSpec("compute"), UnitSpec("attention", attention, priority=-1)),
+        op_units={r.value: "compute" for r in Resource} | {"decode_attention": "attention"},
+        launch_order=LaunchOrder(
+            trial.suggest_categorical("launch_order", [o.value for o in LaunchOrder])
+        ),
+        mechanism=Mechanism.CTA_LIMIT,
+        overlap=True,
+    )
+
+
 def schedule_of(trial: optuna.Trial, space: SearchSpace) -> PipelineSchedule:
     """The schedule a trial's parameters describe (define-by-run: 1 nano-batch asks no more)."""
     n = trial.suggest_int("nano_batches", 1, MAX_NANO_BATCHES)
     if n == 1:
         return sequential_schedule()
+    if space.shared and trial.suggest_categorical("layout", ["partitioned", "shared"]) == "shared":
+        return _shared_layout(trial, space, n)
     mechanism = Mechanism(trial.suggest_categorical("mechanism", list(space.mechanisms)))
     units = _unit_sms(trial, space, mechanism)
     op_units = {
@@ -146,7 +166,8 @@ def make_objective(tables: OpTables, shape: WorkloadShape, space: SearchSpace):
 
 
 def _baselines(space: SearchSpace) -> list[dict]:
-    """The hand-written schedules, tried first so the search never ends up worse than them."""
+    """The hand-written schedules, tried first so the search never ends up worse than them
+    (by prediction; the tuner's validation then measures the best candidates)."""
     default = default_overlapped_schedule(space.sm_count)
     units = {u.name: u.num_sms for u in default.units}
     overlapped = {
@@ -165,7 +186,17 @@ def _baselines(space: SearchSpace) -> list[dict]:
     sequential = {"dense_batch_size": space.max_batch, "nano_batches": 1}
     if Mechanism.CTA_LIMIT.value not in space.mechanisms or space.has_network:
         return [sequential]
-    return [sequential, overlapped]
+    if not space.shared:
+        return [sequential, overlapped]
+    equal = {f"{kind}_w{i}": 1.0 for kind in ("decode", "prefill") for i in range(2)}
+    shared = {
+        "dense_batch_size": space.max_batch,
+        "nano_batches": 2,
+        "layout": "shared",
+        "attention_sms": space.sm_count // 2,  # as in shared_sm_schedule
+        "launch_order": LaunchOrder.OP_MAJOR.value,
+    } | equal
+    return [sequential, overlapped | {"layout": "partitioned"}, shared]
 
 
 def run_search(

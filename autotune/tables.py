@@ -85,14 +85,20 @@ def _weights(
     return [(i, 1.0 - w), (i + 1, w)]
 
 
+# interference key of the shared-SM layout: one unit keeps the whole GPU, a CTA-limited one
+# runs beside it on the same SMs
+SHARED_SMS = "cta_limit_shared"
+
+
 @dataclass(frozen=True)
 class OpTables:
     """Everything the cost model knows about one model on one GPU.
 
     ``ops`` are a layer's ops in model order; ``lm_head`` is timed by sampled rows on the whole
     GPU; ``interference[mechanism]["compute+memory"]`` is how much slower two ops of those classes
-    run while they overlap than alone on their units; ``launch_seconds`` is the host time to
-    launch one op, which bounds how finely an iteration may be cut.
+    run while they overlap than alone on their units (under ``SHARED_SMS``: a whole-GPU unit
+    beside a CTA-limited one, sharing SMs rather than splitting them); ``launch_seconds`` is the
+    host time to launch one op, which bounds how finely an iteration may be cut.
     """
 
     model: str
@@ -111,7 +117,13 @@ class OpTables:
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
-        return tuple(self.interference)
+        """Partitioning mechanisms measured on the GPU (the search tries each)."""
+        return tuple(m for m in self.interference if m != SHARED_SMS)
+
+    @property
+    def shares_sms(self) -> bool:
+        """Whether the shared-SM layout's interference was measured (the search then tries it)."""
+        return SHARED_SMS in self.interference
 
     def factor(self, mechanism: str, a: str, b: str) -> float:
         """Slowdown of an op of class ``a`` while one of class ``b`` runs on another unit."""

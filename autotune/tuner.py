@@ -104,7 +104,10 @@ def _space(
         )
     has_network = any(op.resource == Resource.NETWORK.value for op in tables.ops)
     mechanisms = tables.mechanisms or ("cta_limit",)
-    return SearchSpace(tables.sm_count, mechanisms, step, limit, step, has_network, cuda_graphs)
+    shared = tables.shares_sms and not has_network
+    return SearchSpace(
+        tables.sm_count, mechanisms, step, limit, step, has_network, cuda_graphs, shared
+    )
 
 
 def tune(opts: TuneOptions) -> TuneResult:

@@ -258,3 +258,62 @@ def test_committed_profiles_load_for_their_models():
     for path in paths:
         profile = load_profile(path, resolve_model(path.parent.name)[0], torch.device("cpu"))
         assert profile.model == path.parent.name and profile.dense_batch_size > 0
+
+
+def _shared(attention_sms: int = 32) -> PipelineSchedule:
+    return PipelineSchedule(
+        decode_shares=(0.5, 0.5),
+        prefill_shares=(0.5, 0.5),
+        units=(UnitSpec("compute"), UnitSpec("attention", attention_sms, priority=-1)),
+        op_units={
+            "compute": "compute",
+            "memory": "compute",
+            "network": "compute",
+            "decode_attention": "attention",
+        },  # fmt: skip
+        overlap=True,
+    )
+
+
+@pytest.mark.parametrize(("shared_factor", "makespan_ms"), [(None, 10.0), (1.5, 11.0)])
+def test_cost_model_times_the_shared_sm_layout_with_its_own_interference(
+    shared_factor, makespan_ms
+):
+    """gemm (2 ms/token) on the whole GPU, decode_attention (1 ms/token) beside it; two
+    nano-batches of 2 tokens. Unslowed: gemm0 0-4, gemm1 4-8 beside attn0 4-6, attn1 8-10.
+    Slowed 1.5x while both run: attn0 4-7 while gemm1 does 2 of its 4 ms, gemm1 then ends at 9,
+    attn1 9-11. The partitioned layouts' factor (3x here) does not apply to this layout."""
+    ops = [
+        _linear_op("gemm", "compute", 2e-3),
+        _linear_op("decode_attention", "memory", 1e-3),
+    ]
+    interference = {"cta_limit": {"compute+memory": 3.0}}
+    if shared_factor:
+        interference["cta_limit_shared"] = {"compute+memory": shared_factor}
+    tables = _tables(ops, 1, interference)
+    batch = SteadyBatch(decodes=4, prefill_tokens=0, decode_context=0, prompt_len=1)
+    prediction = predict(tables, _shared(), batch)
+    assert prediction.iteration_s == pytest.approx(makespan_ms / 1e3)
+    assert set(prediction.busy()) == {"compute", "attention"}
+    assert tables.mechanisms == ("cta_limit",)
+    assert tables.shares_sms == (shared_factor is not None)
+
+
+def test_search_finds_the_shared_sm_layout_when_it_is_best():
+    """Splitting the SMs slows both ops 3x while they overlap; sharing them costs nothing, the
+    GEMM keeps all 128 SMs and attention reaches full speed on 32 CTAs: the search must pick the
+    shared layout with at least 32 CTAs of attention, over the sequential executor."""
+    ops = [
+        _linear_op("gemm", "compute", 3e-6, saturating_sms=128),
+        _linear_op("decode_attention", "memory", 2e-6, saturating_sms=32),
+    ]
+    interference = {"cta_limit": {"compute+memory": 3.0}, "cta_limit_shared": {}}
+    tables = _tables(ops, 8, interference)
+    shape = WorkloadShape(input_len=1, output_len=1000)
+    space = SearchSpace(128, tables.mechanisms, 2048, 2048, 64, shared=tables.shares_sms)
+    study = run_search(tables, shape, space, trials=60, seed=1, progress=False)
+    best = top_candidates(study, 1)[0]
+    units = {u.name: u.num_sms for u in best.schedule.units}
+    assert units["compute"] is None and units["attention"] >= 32
+    sequential = predict(tables, sequential_schedule(), steady_batch(2048, shape))
+    assert best.predicted_iteration_s < 0.75 * sequential.iteration_s
