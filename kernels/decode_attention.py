@@ -104,8 +104,11 @@ def check_paged_inputs(
     for name, value in (("head_dim", head_dim), ("block_size", page)):
         if value < 1 or value & (value - 1) or (name == "head_dim" and value < 16):
             raise ValueError(f"{name} must be a power of two (head_dim >= 16), got {value}")
-    if not q.dtype == k_cache.dtype == v_cache.dtype:
-        raise ValueError(f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, ...")
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (q.dtype, torch.float8_e4m3fn):
+        raise ValueError(
+            f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype} "
+            "(the caches share one dtype: q's, or float8_e4m3fn)"
+        )
     index_dtypes = (torch.int32, torch.int64)
     if block_tables.dim() != 2 or block_tables.dtype not in index_dtypes:
         raise ValueError("block_tables must be a 2-D int32 tensor [batch, max_blocks]")
@@ -169,15 +172,17 @@ def _decode_heads_kernel(
             pages = tl.load(table + tokens // PAGE, mask=valid, other=0).to(tl.int64)
             k_tokens = (pages * stride_kb + (tokens % PAGE) * stride_kt)[None, :, None]
             v_tokens = (pages * stride_vb + (tokens % PAGE) * stride_vt)[None, :, None]
+            # an fp8 cache is widened to the queries' type here, after the narrow load
             k = tl.load(k_ptr + k_tokens + k_heads, mask=valid[None, :, None], other=0.0)
             v = tl.load(v_ptr + v_tokens + v_heads, mask=valid[None, :, None], other=0.0)
+            k, v = k.to(q.dtype), v.to(q.dtype)
             s = tl.dot(q, tl.permute(k, (0, 2, 1))) * scale_log2
             s = tl.where(valid[None, None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 2))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, :, None])
             l_i = l_i * alpha + tl.sum(p, 2)
-            acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, :, None] + tl.dot(p.to(q.dtype), v)
             m_i = m_new
         # An empty split stores zeros with a log-sum-exp of -inf: the reduce gives it no weight.
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, :, None]

@@ -89,6 +89,7 @@ def _attend(
         v_off = kv_head * stride_vh + (keys % PAGE)[:, None] * stride_vt + dims[None, :]
         k = tl.load(k_ptr + pages[:, None] * stride_kb + k_off, mask=valid[:, None], other=0.0)
         v = tl.load(v_ptr + pages[:, None] * stride_vb + v_off, mask=valid[:, None], other=0.0)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # an fp8 cache, widened after the narrow load
         s = tl.dot(q, tl.trans(k)) * scale_log2
         if CAUSAL:
             s = tl.where(valid[None, :] & (keys[None, :] <= positions[:, None]), s, float("-inf"))
@@ -96,7 +97,7 @@ def _attend(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
         m_i = m_new
     return acc, m_i, l_i
 

@@ -9,6 +9,9 @@ import torch
 from nanoflow.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# the KV cache's element type: the model's, or 8-bit floats (e4m3, unscaled), which halve what
+# decode attention reads and double the sequences the cache holds
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn}
 EXECUTORS = ("auto", "sequential", "nanobatch", "overlapped")
 
 
@@ -41,6 +44,7 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     # GiB of host memory that keeps prefix blocks evicted from the GPU (0: none)
     kv_offload_gib: float = 0.0
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8: float8 e4m3
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -80,6 +84,11 @@ class EngineConfig:
             )
         if self.offload_fraction is not None and not 0.0 <= self.offload_fraction <= 1.0:
             raise ConfigError("offload_fraction must be between 0 and 1")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(
+                f"kv_cache_dtype must be auto or {', '.join(KV_CACHE_DTYPES)}, "
+                f"not {self.kv_cache_dtype!r}"
+            )
 
     def torch_device(self) -> torch.device:
         """The device with an explicit index on CUDA (``cuda`` means the current GPU)."""
@@ -100,3 +109,8 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         return DTYPES[self.dtype]
+
+    def torch_kv_dtype(self, device: torch.device) -> torch.dtype:
+        if self.kv_cache_dtype == "auto":
+            return self.torch_dtype(device)
+        return KV_CACHE_DTYPES[self.kv_cache_dtype]

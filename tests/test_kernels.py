@@ -309,3 +309,49 @@ def test_forced_triton_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(4, 2 * 32)
     torch.testing.assert_close(kernels.silu_and_mul(x), silu_and_mul_ref(x))
     assert kernels.backend_for(x) == "triton"
+
+
+# ---- fp8 KV cache -----------------------------------------------------------------------------
+
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", ["ragged_gqa4_d128", "long_and_short"])
+def test_decode_reads_an_fp8_cache(case: str, dtype: torch.dtype) -> None:
+    """Queries in the model's type against K/V stored as float8 e4m3: the kernel widens the
+    cache after loading it, as the reference does, so only the usual rounding differs."""
+    q, k_cache, v_cache, tables, lens, scale = decode_inputs(case, dtype)
+    k8, v8 = k_cache.to(FP8), v_cache.to(FP8)
+    out = paged_decode_attention_triton(q, k8, v8, tables, lens, scale, 3, poisoned(q))
+    expected = paged_decode_attention_ref(q, k8, v8, tables, lens, scale)
+    torch.testing.assert_close(out, expected, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_prefill_reads_an_fp8_cache(dtype: torch.dtype) -> None:
+    q, k_cache, v_cache, tables, cu, lens, max_q, scale = prefill_inputs("long_prefix", dtype)
+    k8, v8 = k_cache.to(FP8), v_cache.to(FP8)
+    args = (q, k8, v8, tables, cu, lens, max_q, scale)
+    out = paged_prefill_attention_triton(*args, None, poisoned(q))
+    torch.testing.assert_close(out, paged_prefill_attention_ref(*args), **tolerance(dtype))
+
+
+def test_rope_kv_write_stores_into_an_fp8_cache() -> None:
+    """The fused RoPE + KV write fills an fp8 cache where the reference does. The values are
+    fp8-representable and the rotation the identity, so no rounding is involved: the Triton
+    interpreter's float-to-fp8 conversion drops the carry when a value rounds up into the next
+    power of two (-1.99 becomes -1.0), which the GPU's conversion does not."""
+    tokens, heads, kv_heads, dim, blocks = 5, 4, 2, 64, 3
+    q = torch.randn(tokens, heads, dim)
+    k = torch.randn(tokens, kv_heads, dim).to(FP8).float()
+    v = torch.randn(tokens, kv_heads, dim).to(FP8).float()
+    positions = torch.tensor([0, 1, 2, 7, 9], dtype=torch.int32)
+    slots = torch.tensor([0, 1, 2, 17, 33], dtype=torch.int32)
+    cos_sin = torch.cat([torch.ones(16, dim // 2), torch.zeros(16, dim // 2)], dim=1)
+    caches = [torch.zeros(blocks, kv_heads, PAGE, dim, dtype=FP8) for _ in range(4)]
+    rope_kv_write_ref(q.clone(), k, v, positions, cos_sin, caches[0], caches[1], slots)
+    rope_kv_write_triton(q.clone(), k, v, positions, cos_sin, caches[2], caches[3], slots)
+    assert torch.equal(caches[2].float(), caches[0].float())
+    assert torch.equal(caches[3].float(), caches[1].float())
+    assert torch.equal(caches[1].float()[2, :, 1], v[4])  # slot 33 = block 2, offset 1

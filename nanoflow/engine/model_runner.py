@@ -102,6 +102,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.dtype = config.torch_dtype(self.device)
+        self.kv_dtype = config.torch_kv_dtype(self.device)
         self.group = group
         self.on_plan: Callable[[BatchPlan], None] | None = None
         self.on_schedule: Callable[[PipelineSchedule], None] | None = None
@@ -119,8 +120,9 @@ class ModelRunner:
         # one block more than the block manager hands out: the scratch block CUDA-graph padding
         # rows write to
         self.model = build_model(
-            spec, weights, self.num_blocks + 1, config.block_size, self.device, self.dtype, group
-        )
+            spec, weights, self.num_blocks + 1, config.block_size, self.device, self.dtype, group,
+            self.kv_dtype,
+        )  # fmt: skip
         if self.offload is not None:
             self.offload.attach(self.model)
         self.host_kv: HostKVCache | None = None
@@ -175,7 +177,9 @@ class ModelRunner:
     def _num_kv_blocks(self, weights: dict[str, torch.Tensor]) -> int:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
-        block_bytes = kv_block_bytes(self.spec, self.config.block_size, self.dtype, self.group.size)
+        block_bytes = kv_block_bytes(
+            self.spec, self.config.block_size, self.kv_dtype, self.group.size
+        )
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # what the allocator caches is free for the KV cache
             free, total = torch.cuda.mem_get_info(self.device)

@@ -189,6 +189,7 @@ class LlamaModel:
         device: torch.device,
         dtype: torch.dtype,
         group: ParallelGroup,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.spec = spec
         self.device = device
@@ -205,8 +206,8 @@ class LlamaModel:
             DecoderLayer(
                 spec,
                 shard[i],
-                torch.zeros(cache_shape, device=device, dtype=dtype),
-                torch.zeros(cache_shape, device=device, dtype=dtype),
+                torch.zeros(cache_shape, device=device, dtype=kv_dtype or dtype),
+                torch.zeros(cache_shape, device=device, dtype=kv_dtype or dtype),
                 self.cos_sin,
                 group,
             )

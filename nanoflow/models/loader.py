@@ -65,7 +65,9 @@ def build_model(
     device: torch.device,
     dtype: torch.dtype,
     group: ParallelGroup,
+    kv_dtype: torch.dtype | None = None,
 ) -> LlamaModel:
-    if spec.is_moe:
-        return MixtralModel(spec, weights, num_blocks, block_size, device, dtype, group)
-    return LlamaModel(spec, weights, num_blocks, block_size, device, dtype, group)
+    """The model over ``weights`` with KV caches of ``num_blocks`` blocks (of ``kv_dtype``,
+    by default the model's dtype)."""
+    model = MixtralModel if spec.is_moe else LlamaModel
+    return model(spec, weights, num_blocks, block_size, device, dtype, group, kv_dtype)

@@ -112,8 +112,9 @@ class MixtralModel(LlamaModel):
         device: torch.device,
         dtype: torch.dtype,
         group: ParallelGroup,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(spec, weights, num_blocks, block_size, device, dtype, group)
+        super().__init__(spec, weights, num_blocks, block_size, device, dtype, group, kv_dtype)
         self.routing = Routing(spec.num_experts_per_token, device)
         self.layers = [
             MixtralDecoderLayer(
