@@ -99,14 +99,16 @@ def iteration_bound_seconds(
     bytes_per_s: float,
     shards: int = 1,
     dtype_bytes: int = 2,
+    kv_dtype_bytes: int | None = None,
 ) -> float:
     """The least time one iteration can take on a GPU: its GEMM FLOPs at the GEMM rate, or the
     bytes it must move (every weight once, the K/V of the ``kv_tokens`` it attends to, the K/V it
     writes) at the copy rate, whichever is longer; split over ``shards`` tensor-parallel GPUs.
     Where NanoFlow's optimal figure assumes a batch large enough to be compute-bound, this holds
-    for the batch actually run. Attention FLOPs are left out (a few percent at these contexts)."""
+    for the batch actually run. Attention FLOPs are left out (a few percent at these contexts).
+    ``kv_dtype_bytes`` is the KV cache's element size (the weights' by default)."""
     flops = 2 * spec.params_per_token() * num_tokens
     lookup_only = 0 if spec.tie_word_embeddings else spec.vocab_size * spec.hidden_size
     weight_bytes = (spec.num_parameters() - lookup_only) * dtype_bytes
-    kv_bytes = (kv_tokens + num_tokens) * spec.kv_bytes_per_token(dtype_bytes)
+    kv_bytes = (kv_tokens + num_tokens) * spec.kv_bytes_per_token(kv_dtype_bytes or dtype_bytes)
     return max(flops / gemm_flops_per_s, (weight_bytes + kv_bytes) / bytes_per_s) / shards

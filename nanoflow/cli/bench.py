@@ -101,8 +101,9 @@ def run_throughput(args: argparse.Namespace) -> int:
             print("no GPU memory left to measure the copy rate: no roofline for this run")
         else:
             bound = engine.stats.bound_seconds(
-                engine.spec, tflops * 1e12, copy_gbs * 1e9, args.tensor_parallel_size
-            )
+                engine.spec, tflops * 1e12, copy_gbs * 1e9, args.tensor_parallel_size,
+                engine.runner.kv_dtype.itemsize,
+            )  # fmt: skip
             result.update(
                 copy_gbs=copy_gbs, roofline_seconds=bound, fraction_of_roofline=bound / elapsed
             )

@@ -68,11 +68,24 @@ class RunStats:
     shapes: list[tuple[int, int]] = field(default_factory=list)  # (tokens, kv_tokens) each
 
     def bound_seconds(
-        self, spec: ModelSpec, gemm_flops_per_s: float, bytes_per_s: float, shards: int = 1
+        self,
+        spec: ModelSpec,
+        gemm_flops_per_s: float,
+        bytes_per_s: float,
+        shards: int = 1,
+        kv_dtype_bytes: int = 2,
     ) -> float:
         """The least time the iterations run could have taken (``iteration_bound_seconds``)."""
         return sum(
-            iteration_bound_seconds(spec, tokens, kv, gemm_flops_per_s, bytes_per_s, shards)
+            iteration_bound_seconds(
+                spec,
+                tokens,
+                kv,
+                gemm_flops_per_s,
+                bytes_per_s,
+                shards,
+                kv_dtype_bytes=kv_dtype_bytes,
+            )  # fmt: skip
             for tokens, kv in self.shapes
         )
 
