@@ -386,6 +386,7 @@ def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | Non
         max_num_batched_tokens=args.budget,
         num_kv_blocks=args.num_kv_blocks,
         cuda_graphs=args.cuda_graphs,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     schedules = {
         "sequential": sequential_schedule(),
@@ -512,6 +513,7 @@ def main() -> int:
         "--skip", action="append", default=[], help="parity|overlap|e2e|throughput (of e2e)"
     )
     parser.add_argument("--schedules", default=None, help="comma list of e2e schedule names")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)

@@ -130,7 +130,8 @@ def _fixed_iteration(record: dict[str, Any]) -> str:
     decodes = option("budget", 2048) // 4
     chunks, context = option("prefill-chunks", 3), option("context", 1024)
     prompts = f" and {chunks} prompt chunks of {decodes} tokens" if chunks else ", no prompt tokens"
-    return f"{decodes} decodes at context {context}{prompts}"
+    cache = ", fp8 KV cache" if re.search(r"--kv-cache-dtype[ =]fp8", command) else ""
+    return f"{decodes} decodes at context {context}{prompts}{cache}"
 
 
 def throughput_table(records: list[dict[str, Any]]) -> str:

@@ -87,11 +87,13 @@ def nanoflow_exe() -> str:
 
 def throughput(runner: Runner, args: argparse.Namespace, workload: str, executor: str) -> None:
     label = ("tuned" if executor == "auto" else executor) + ("-graphs" if args.cuda_graphs else "")
+    label += "-fp8kv" if args.kv_cache_dtype == "fp8" else ""
     out = runner.results / f"throughput-{args.model}-{slug(workload)}-{label}.json"
     cmd = [nanoflow_exe(), "bench", "throughput", args.model, "--load-format", "dummy"]
     cmd += ["--executor", executor, "--workload", workload, "--num-prompts", str(args.num_prompts)]
     cmd += ["--device", args.device, "--output-json", str(out)]
     cmd += ["--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs"]
+    cmd += ["--kv-cache-dtype", args.kv_cache_dtype]
     if executor == "auto":
         cmd += ["--profile", args.profile]
     runner.run(
@@ -146,6 +148,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="nanoflow replays CUDA graphs (default: on a GPU, as the engine does)",
+    )
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8"],
+        help="nanoflow's KV cache element type (fp8 runs are labelled -fp8kv)",
     )
     p.add_argument("--online", action="store_true", help="also run online latency")
     p.add_argument("--online-workload", default="sharegpt")

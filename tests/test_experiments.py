@@ -149,7 +149,7 @@ def test_report_renders_pipeline_overlap_and_kernel_runs(tmp_path):
     stamp = {"device": "cuda", "gpu": "GPU-X", "versions": {}, "command": "c", "date": "2026-01-01"}
     pipeline = {
         **stamp,
-        "command": "experiments/pipeline_bench.py --context 800 --prefill-chunks 0",
+        "command": "pipeline_bench.py --context 800 --prefill-chunks 0 --kv-cache-dtype fp8",
         "experiment": "pipeline",
         "e2e": {
             "schedules": {
@@ -234,7 +234,7 @@ def test_report_renders_pipeline_overlap_and_kernel_runs(tmp_path):
     (tmp_path / "serve.json").write_text(json.dumps(serve))
     (tmp_path / "graphs.json").write_text(json.dumps(graph_run))
     text = report.render(tmp_path)
-    assert "fixed iteration: 512 decodes at context 800, no prompt tokens:" in text
+    assert "fixed iteration: 512 decodes at context 800, no prompt tokens, fp8 KV cache:" in text
     assert "| m | 512/512 | nanoflow sequential-graphs | 4 | 100 |" in text
     assert "best of 2 launch configurations (4 KV heads x 32 tokens per tile, 4 warps)" in text
     assert "| sequential | 50.0 | 20.0 |  | 12,345 | 25.0 |  |" in text
