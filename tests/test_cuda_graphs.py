@@ -151,3 +151,24 @@ def test_decode_shapes_captured_up_front_serve_the_run(llama_checkpoint):
     later = set(runner.graphs.graphs) - up_front
     assert later and all(sum(prefills) > 0 for _, prefills, _ in later)
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+
+
+def test_start_up_capture_stops_at_the_graph_cap(llama_checkpoint, monkeypatch):
+    """With room for two graphs, start-up capture takes the two smallest decode shapes and
+    stops; the run's other shapes then go eagerly and the tokens stay the same."""
+    from nanoflow.engine import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 2)
+    folder, _ = llama_checkpoint
+    kwargs = {"executor": "sequential", "max_num_batched_tokens": 8, "max_num_seqs": 64}
+    plain, _ = _generate(folder, False, **kwargs)
+    llm = LLM(str(folder), dtype="float32", device="cpu", **kwargs)
+    runner = llm.engine.runner
+    runner.graphs = runner.step_graphs(_eager)
+    assert runner.graphs.capture_decode_shapes(64) == 2
+    assert sorted(sum(d) for d, _, _ in runner.graphs.graphs) == [16, 32]
+    params = [SamplingParams(max_tokens=6 + i % 5, temperature=0.0, ignore_eos=True)
+              for i in range(len(PROMPTS))]  # fmt: skip
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == plain
+    assert len(runner.graphs.graphs) == 2 and runner.graphs.stats.eager_steps > 0
