@@ -131,24 +131,36 @@ def test_graphs_are_on_by_default_only_for_a_dense_model_on_one_gpu(llama_checkp
     assert not runner._use_cuda_graphs()  # MoE routing has not been captured on a GPU yet
 
 
+def _capture_up_front(folder, max_decodes: int, **kwargs):
+    """The tokens without graphs, and an engine on the graph path whose decode-only shapes up to
+    ``max_decodes`` were captured before any request (with the number captured)."""
+    plain, _ = _generate(folder, False, **kwargs)
+    llm = LLM(str(folder), dtype="float32", device="cpu", **kwargs)
+    runner = llm.engine.runner
+    runner.graphs = runner.step_graphs(_eager)
+    runner.capture_decode_graphs(max_decodes)
+    return plain, llm, runner.graphs.stats.shapes_captured
+
+
+def _greedy(llm) -> list[list[int]]:
+    params = [SamplingParams(max_tokens=6 + i % 5, temperature=0.0, ignore_eos=True)
+              for i in range(len(PROMPTS))]  # fmt: skip
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+
+
 def test_decode_shapes_captured_up_front_serve_the_run(llama_checkpoint):
     """Start-up capture covers every decode-only shape up to max_num_seqs: a run then captures
     only the shapes with prompt tokens, and gives the same tokens as without graphs."""
     folder, _ = llama_checkpoint
     kwargs = {"executor": "sequential", "max_num_batched_tokens": 8, "max_num_seqs": 40}
-    plain, _ = _generate(folder, False, **kwargs)
-    llm = LLM(str(folder), dtype="float32", device="cpu", **kwargs)
-    runner = llm.engine.runner
-    runner.graphs = runner.step_graphs(_eager)
-    runner.capture_decode_graphs(40)
-    up_front = set(runner.graphs.graphs)
+    plain, llm, captured = _capture_up_front(folder, 40, **kwargs)
+    graphs = llm.engine.runner.graphs
+    up_front = set(graphs.graphs)
+    assert captured == 3
     assert sorted(sum(decodes) for decodes, prefills, _ in up_front) == [16, 32, 48]
     assert all(sum(prefills) == 0 for _, prefills, _ in up_front)
-    params = [SamplingParams(max_tokens=6 + i % 5, temperature=0.0, ignore_eos=True)
-              for i in range(len(PROMPTS))]  # fmt: skip
-    outs = llm.generate(PROMPTS, params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == plain
-    later = set(runner.graphs.graphs) - up_front
+    assert _greedy(llm) == plain
+    later = set(graphs.graphs) - up_front
     assert later and all(sum(prefills) > 0 for _, prefills, _ in later)
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
 
@@ -161,14 +173,9 @@ def test_start_up_capture_stops_at_the_graph_cap(llama_checkpoint, monkeypatch):
     monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 2)
     folder, _ = llama_checkpoint
     kwargs = {"executor": "sequential", "max_num_batched_tokens": 8, "max_num_seqs": 64}
-    plain, _ = _generate(folder, False, **kwargs)
-    llm = LLM(str(folder), dtype="float32", device="cpu", **kwargs)
-    runner = llm.engine.runner
-    runner.graphs = runner.step_graphs(_eager)
-    assert runner.graphs.capture_decode_shapes(64) == 2
-    assert sorted(sum(d) for d, _, _ in runner.graphs.graphs) == [16, 32]
-    params = [SamplingParams(max_tokens=6 + i % 5, temperature=0.0, ignore_eos=True)
-              for i in range(len(PROMPTS))]  # fmt: skip
-    outs = llm.generate(PROMPTS, params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == plain
-    assert len(runner.graphs.graphs) == 2 and runner.graphs.stats.eager_steps > 0
+    plain, llm, captured = _capture_up_front(folder, 64, **kwargs)
+    graphs = llm.engine.runner.graphs
+    assert captured == 2
+    assert sorted(sum(d) for d, _, _ in graphs.graphs) == [16, 32]
+    assert _greedy(llm) == plain
+    assert len(graphs.graphs) == 2 and graphs.stats.eager_steps > 0
