@@ -304,6 +304,40 @@ def decode_attention() -> dict[str, Any]:
     return {"rows": rows, "default_config": asdict(default), "config_sweep": sweep}
 
 
+FP8_SWEEP = sweep_configs((64, 8, 3, 4, 8), (64, 8, 2, 4, 8), (32, 8, 5, 4, 8), (64, 4, 3, 4, 4))
+
+
+def decode_attention_fp8() -> dict[str, Any]:
+    """Decode attention over an fp8 (e4m3) cache: a token's K/V are half the bytes of bf16, so
+    each tile of a given token count carries half the bytes in flight. Fraction of copy bandwidth
+    per launch configuration, at a quarter and half of the SMs and on the full grid."""
+    s, scale, batch = SIZES, SIZES.head_dim**-0.5, SIZES.decode_batch
+    k_wide, v_wide, order = paged([max(s.decode_ctx)] * batch)
+    k_cache, v_cache = k_wide.to(torch.float8_e4m3fn), v_wide.to(torch.float8_e4m3fn)
+    del k_wide, v_wide
+    q = randn(batch, s.heads, s.head_dim)
+    out = torch.empty_like(q)
+    default = decode_config(s.head_dim, DTYPE, DEVICE)
+    rows = []
+    for ctx in s.decode_ctx:
+        tables = order.flatten()[: batch * -(-ctx // s.page)].view(batch, -1)
+        args = (q, k_cache, v_cache, tables, ints([ctx] * batch), scale)
+        kv_bytes = 2 * batch * ctx * s.kv_heads * s.head_dim * k_cache.element_size()
+        reference = paged_decode_attention_ref(*args) if ctx == s.decode_ctx[0] else None
+        for config in [default, *FP8_SWEEP]:
+            for n in (*budgets()[:2], None):
+                fn = partial(_launch_decode, *args, n, out, config)
+                try:
+                    row = bandwidth_row(fn, kv_bytes, **asdict(config), context=ctx, num_ctas=n)
+                except triton.runtime.errors.OutOfResources as err:
+                    print(f"  skip {config}: {err}")
+                    break
+                rows.append(row)
+                if reference is not None:
+                    check(f"decode fp8 {astuple(config)} num_ctas={n}", fn(), reference)
+    return {"default_config": asdict(default), "rows": rows}
+
+
 # Configurations small enough in shared memory for several programs per SM (a green context
 # confines a full grid to its SMs, so those programs stay there).
 GREEN_SWEEP = sweep_configs(
@@ -491,6 +525,13 @@ def print_table() -> None:
     for r in RESULTS.get("decode_attention", {}).get("rows", []):
         where = f"ctx {r['context']:>5} num_ctas {r['num_ctas']!s:>4}"
         print(f"  {where}: {r['gbs']:8.0f} ({r['frac_copy_bw']})")
+    fp8 = RESULTS.get("decode_attention_fp8", {}).get("rows", [])
+    if fp8:
+        print("decode attention over an fp8 cache (block_n, warps, stages, heads):")
+    for r in fp8:
+        config = f"{r['block_n']}/{r['num_warps']}/{r['num_stages']}/{r['parallel_heads']}"
+        where = f"ctx {r['context']:>5} num_ctas {r['num_ctas']!s:>4} {config:<10}"
+        print(f"  {where}: {r['gbs']:8.0f} ({r['frac_copy_bw']})")
     print("prefill attention, TFLOP/s:")
     for r in RESULTS.get("prefill_attention", {}).get("rows", []):
         where = f"{r['shape']:<18} {r['impl']:<10} num_ctas {r['num_ctas']!s:>4}"
@@ -523,6 +564,9 @@ def output_path(out_dir: str | None) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="folder for kernels.json (default: $OUT or results/)")
+    parser.add_argument(
+        "--sections", default=None, help="comma list of timed sections to run (default: all)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     RESULTS.update(
@@ -540,20 +584,23 @@ def main() -> int:
     )
     start = time.perf_counter()
     run_section("ceilings", ceilings)
-    for name, fn in (
-        ("check_attention", check_attention),
-        ("check_pointwise", check_pointwise),
-        ("check_linear", check_linear),
-    ):
-        run_section(name, fn)
-    for name, fn in (
-        ("decode_attention", decode_attention),
-        *((("decode_green_context", decode_green_context),) if GPU else ()),
-        ("prefill_attention", prefill_attention),
-        ("memory_bound", memory_bound),
-        ("linear", linear),
-    ):
-        run_section(name, fn)
+    sections = {
+        "check_attention": check_attention,
+        "check_pointwise": check_pointwise,
+        "check_linear": check_linear,
+        "decode_attention": decode_attention,
+        "decode_attention_fp8": decode_attention_fp8,
+        **({"decode_green_context": decode_green_context} if GPU else {}),
+        "prefill_attention": prefill_attention,
+        "memory_bound": memory_bound,
+        "linear": linear,
+    }
+    chosen = args.sections.split(",") if args.sections else list(sections)
+    unknown = set(chosen) - set(sections)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {list(sections)}")
+    for name in chosen:
+        run_section(name, sections[name])
     RESULTS["total_seconds"] = round(time.perf_counter() - start, 1)
     print_table()
     path = output_path(args.out)

@@ -50,10 +50,11 @@ from nanoflow.pipeline.schedule import (
     UnitSpec,
     nano_batch_schedule,
     sequential_schedule,
+    shared_sm_schedule,
 )
 from nanoflow.pipeline.schedule_select import architecture_schedule
 from nanoflow.pipeline.timeline import TimelineRecorder, draw_timeline, save_timeline
-from nanoflow.pipeline.units import build_units
+from nanoflow.pipeline.units import build_units, device_sm_count
 from nanoflow.workloads import constant, random_prompts
 
 DEVICE = torch.device("cuda")
@@ -404,6 +405,9 @@ def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | Non
     )
     hand_written = architecture_schedule(llm.engine.config, DEVICE)
     schedules["hand-written"] = hand_written
+    schedules["hand-written-4-nano-batches"] = shared_sm_schedule(
+        device_sm_count(DEVICE) if DEVICE.type == "cuda" else 132, num_nano_batches=4
+    )
     # the same with each nano-batch's ops launched a step behind the previous one's: the streams
     # then interleave the nano-batches instead of running them in lock step
     schedules["hand-written-wavefront"] = dataclasses.replace(
@@ -482,7 +486,8 @@ def record_timeline(llm: LLM, plan: BatchPlan, out_dir: Path, name: str) -> str:
     records = [r for r in recorder.records() if r.layer < 4]
     png = out_dir / "timeline_overlapped.png"
     how = "CUDA graph replay" if graphed else "eager launch"
-    title = f"llama-3-8b, {name} ({how}), layers 0-3 of one 2048-token iteration"
+    title = f"{llm.engine.config.model}, {name} ({how}), layers 0-3 of one "
+    title += f"{plan.num_tokens}-token iteration ({len(plan.decodes)} decodes)"
     draw_timeline(records, png, title)
     provenance = {**environment(DEVICE), "command": " ".join(sys.argv)}
     save_timeline(records, out_dir / "timeline_overlapped.json", provenance)

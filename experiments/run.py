@@ -88,12 +88,17 @@ def nanoflow_exe() -> str:
 def throughput(runner: Runner, args: argparse.Namespace, workload: str, executor: str) -> None:
     label = ("tuned" if executor == "auto" else executor) + ("-graphs" if args.cuda_graphs else "")
     label += "-fp8kv" if args.kv_cache_dtype == "fp8" else ""
+    label += f"-seqs{args.max_num_seqs}" if args.max_num_seqs else ""
     out = runner.results / f"throughput-{args.model}-{slug(workload)}-{label}.json"
     cmd = [nanoflow_exe(), "bench", "throughput", args.model, "--load-format", "dummy"]
     cmd += ["--executor", executor, "--workload", workload, "--num-prompts", str(args.num_prompts)]
     cmd += ["--device", args.device, "--output-json", str(out)]
     cmd += ["--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs"]
     cmd += ["--kv-cache-dtype", args.kv_cache_dtype]
+    if args.max_num_seqs:
+        cmd += ["--max-num-seqs", str(args.max_num_seqs)]
+    if args.max_num_batched_tokens:
+        cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if executor == "auto":
         cmd += ["--profile", args.profile]
     runner.run(
@@ -155,6 +160,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["auto", "fp8"],
         help="nanoflow's KV cache element type (fp8 runs are labelled -fp8kv)",
     )
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="nanoflow's running-sequence limit (runs are labelled -seqsN; default: the engine's)",
+    )
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget")
     p.add_argument("--online", action="store_true", help="also run online latency")
     p.add_argument("--online-workload", default="sharegpt")
     p.add_argument("--out", type=Path, default=None, help="folder for results/ and figures/")

@@ -104,3 +104,15 @@ def test_bench_kernels_dry_run(tmp_path):
     assert not record["errors"]
     for key in ("date", "versions", "command", "device"):
         assert record[key]
+    fp8_rows = record["decode_attention_fp8"]["rows"]
+    assert {row["num_ctas"] for row in fp8_rows} >= {None}
+    assert any(check["name"].startswith("decode fp8") for check in record["checks"])
+
+
+def test_bench_kernels_runs_the_chosen_sections_and_rejects_unknown_ones(tmp_path):
+    record = _run("bench_kernels.py", ["--sections", "check_pointwise"], tmp_path)
+    assert "ceilings" in record["section_seconds"]
+    assert set(record["section_seconds"]) == {"ceilings", "check_pointwise"}
+    cmd = [sys.executable, str(EXPERIMENTS / "bench_kernels.py"), "--sections", "nope"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "unknown sections ['nope']" in proc.stderr
