@@ -130,6 +130,35 @@ def check_paged_inputs(
 
 
 @jit
+def _kv_tile(
+    k_rows, v_rows, table, tokens, end, stride_kb, stride_kt, stride_vb, stride_vt,
+    PAGE: tl.constexpr,
+):  # fmt: skip
+    """K and V of ``tokens`` (zeros from ``end`` on) and the mask of the valid ones; ``k_rows``
+    and ``v_rows`` point at the tile's heads and dims."""
+    valid = tokens < end
+    pages = tl.load(table + tokens // PAGE, mask=valid, other=0).to(tl.int64)
+    k_tokens = (pages * stride_kb + (tokens % PAGE) * stride_kt)[None, :, None]
+    v_tokens = (pages * stride_vb + (tokens % PAGE) * stride_vt)[None, :, None]
+    k = tl.load(k_rows + k_tokens, mask=valid[None, :, None], other=0.0)
+    v = tl.load(v_rows + v_tokens, mask=valid[None, :, None], other=0.0)
+    return k, v, valid
+
+
+@jit
+def _attend_tile(q, k, v, valid, m_i, l_i, acc, scale_log2):
+    """One online-softmax step of every head in the tile over one K/V tile."""
+    s = tl.dot(q, tl.permute(k, (0, 2, 1))) * scale_log2
+    s = tl.where(valid[None, None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 2))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, :, None])
+    l_i = l_i * alpha + tl.sum(p, 2)
+    acc = acc * alpha[:, :, None] + tl.dot(p.to(q.dtype), v)
+    return m_new, l_i, acc
+
+
+@jit
 def _decode_heads_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     scale_log2, num_seqs, num_heads, num_chunks, num_splits, split_len,
@@ -137,10 +166,16 @@ def _decode_heads_kernel(
     stride_tb, stride_ob, stride_oh,
     HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, NUM_STAGES: tl.constexpr,
+    WIDEN: tl.constexpr, WIDE_TYPE: tl.constexpr,
 ):  # fmt: skip
     """Work item = (sequence, ``HEADS`` KV heads, context split), the heads side by side in one
     3-D tile: one page lookup feeds every head's K/V load and the heads' dots are independent, so
-    a single program per SM keeps several heads' loads and math in flight at once."""
+    a single program per SM keeps several heads' loads and math in flight at once.
+
+    ``WIDEN`` (an fp8 cache): the next tile is loaded into registers while this one is widened
+    there to ``WIDE_TYPE`` (fp16 for 16-bit queries) and attended. Left to the pipeliner, the
+    narrow tiles would be staged in shared memory and read back a byte at a time to build the
+    dot operands."""
     kv = tl.arange(0, HEADS)
     rows = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, HEAD_DIM)
@@ -166,24 +201,28 @@ def _decode_heads_kernel(
         l_i = tl.zeros([HEADS, GROUP_PAD], tl.float32)
         acc = tl.zeros([HEADS, GROUP_PAD, HEAD_DIM], tl.float32)
         n_tiles = tl.cdiv(tl.maximum(end - start, 0), BLOCK_N)
-        for t in tl.range(0, n_tiles, num_stages=NUM_STAGES):
-            tokens = start + t * BLOCK_N + cols
-            valid = tokens < end
-            pages = tl.load(table + tokens // PAGE, mask=valid, other=0).to(tl.int64)
-            k_tokens = (pages * stride_kb + (tokens % PAGE) * stride_kt)[None, :, None]
-            v_tokens = (pages * stride_vb + (tokens % PAGE) * stride_vt)[None, :, None]
-            # an fp8 cache is widened to the queries' type here, after the narrow load
-            k = tl.load(k_ptr + k_tokens + k_heads, mask=valid[None, :, None], other=0.0)
-            v = tl.load(v_ptr + v_tokens + v_heads, mask=valid[None, :, None], other=0.0)
-            k, v = k.to(q.dtype), v.to(q.dtype)
-            s = tl.dot(q, tl.permute(k, (0, 2, 1))) * scale_log2
-            s = tl.where(valid[None, None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 2))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, :, None])
-            l_i = l_i * alpha + tl.sum(p, 2)
-            acc = acc * alpha[:, :, None] + tl.dot(p.to(q.dtype), v)
-            m_i = m_new
+        k_rows, v_rows = k_ptr + k_heads, v_ptr + v_heads
+        if WIDEN:
+            q = q.to(WIDE_TYPE)
+            k_next, v_next, valid_next = _kv_tile(
+                k_rows, v_rows, table, start + cols, end,
+                stride_kb, stride_kt, stride_vb, stride_vt, PAGE,
+            )  # fmt: skip
+            for t in range(0, n_tiles):
+                k, v, valid = k_next, v_next, valid_next
+                k_next, v_next, valid_next = _kv_tile(
+                    k_rows, v_rows, table, start + (t + 1) * BLOCK_N + cols, end,
+                    stride_kb, stride_kt, stride_vb, stride_vt, PAGE,
+                )  # fmt: skip
+                k, v = k.to(WIDE_TYPE), v.to(WIDE_TYPE)
+                m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, scale_log2)
+        else:
+            for t in tl.range(0, n_tiles, num_stages=NUM_STAGES):
+                k, v, valid = _kv_tile(
+                    k_rows, v_rows, table, start + t * BLOCK_N + cols, end,
+                    stride_kb, stride_kt, stride_vb, stride_vt, PAGE,
+                )  # fmt: skip
+                m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, scale_log2)
         # An empty split stores zeros with a log-sum-exp of -inf: the reduce gives it no weight.
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, :, None]
         if DIRECT:
@@ -265,7 +304,8 @@ def _launch_decode(
     shape = dict(
         GROUP=group, GROUP_PAD=max(16, next_pow2(group)), HEAD_DIM=head_dim, PAGE=page,
         BLOCK_N=config.block_n, DIRECT=splits == 1, NUM_STAGES=config.num_stages,
-        num_warps=config.num_warps,
+        WIDEN=k_cache.dtype != q.dtype, num_warps=config.num_warps,
+        WIDE_TYPE=tl.float16 if q.element_size() == 2 else tl.float32,
     )  # fmt: skip
     pointers = (q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse)
     _decode_heads_kernel[grid](
