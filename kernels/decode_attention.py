@@ -67,13 +67,21 @@ class DecodeConfig:
     parallel_heads: int = 8
 
 
-def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
+def decode_config(
+    head_dim: int, dtype: torch.dtype, device: torch.device, narrow_cache: bool = False
+) -> DecodeConfig:
     """On the GPU: all of a sequence's KV heads (up to 8) in one tile of 32 tokens, 8 warps (the
     best of the H100 sweep in experiments/bench_kernels.py on a quarter of the SMs: 0.46 of copy
-    bandwidth against 0.30 for the former one-head-per-tile kernel, and 1.00 on a full grid);
-    tiny tiles on CPU so the interpreter exercises every loop."""
+    bandwidth against 0.30 for the former one-head-per-tile kernel, and 1.00 on a full grid).
+    A ``narrow_cache`` (fp8) holds its tile in registers: 16 tokens of 4 heads, 4 warps, which
+    measured 0.72-0.77 of copy bandwidth on the full grid where the bf16 tile spilled (0.02).
+    Tiny tiles on CPU so the interpreter exercises every loop."""
     if device.type != "cuda":
         return DecodeConfig(block_n=16, num_warps=4, num_stages=1, min_split_tiles=1)
+    if narrow_cache:
+        return DecodeConfig(
+            block_n=16, num_warps=4, num_stages=1, min_split_tiles=4, parallel_heads=4
+        )
     block_n = max(16, min(64, 8192 // (head_dim * dtype.itemsize)))
     return DecodeConfig(block_n=block_n, num_warps=8, num_stages=3, min_split_tiles=4)
 
@@ -340,7 +348,7 @@ def paged_decode_attention_triton(
         out = torch.empty_like(q)
     if q.shape[0] == 0:
         return out
-    config = decode_config(q.shape[2], q.dtype, q.device)
+    config = decode_config(q.shape[2], q.dtype, q.device, k_cache.dtype != q.dtype)
     return _launch_decode(
         q, k_cache, v_cache, block_tables, context_lens, scale, num_ctas, out, config
     )
