@@ -103,15 +103,16 @@ def ablation_bars(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def latency_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """Normalized latency and TTFT p99 against request rate, one line per (model, workload)."""
+    """Normalized latency and TTFT p99 against request rate, one line per server run."""
     runs = [r for r in records if r.get("experiment") == "online_latency"]
     if not runs:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for record in runs:
         points = record["result"]["points"]
-        label = f"{record.get('model', '')} {record.get('workload', '')}"
         rates = [p["request_rate"] for p in points]
+        label = f"{record.get('model', '')} {record.get('workload', '')}, {min(rates):g}-"
+        label += f"{max(rates):g} req/s"
         left.plot(rates, [p["normalized_latency_s"] for p in points], marker="o", label=label)
         right.plot(rates, [p["ttft_p99_s"] for p in points], marker="o", label=label)
         slo = record["result"].get("slo_s_per_token")

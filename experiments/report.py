@@ -116,7 +116,7 @@ def _executor_label(record: dict[str, Any]) -> str:
     the mark in their label, later ones in the graph statistics of their result)."""
     label = str(record.get("executor") or record.get("args", {}).get("executor", ""))
     graphs = record.get("result", {}).get("cuda_graphs", {}).get("graph_steps", 0)
-    return f"{label}-graphs" if graphs and not label.endswith("-graphs") else label
+    return f"{label}-graphs" if graphs and "graphs" not in label.split("-") else label
 
 
 def _fixed_iteration(record: dict[str, Any]) -> str:
@@ -158,20 +158,36 @@ def throughput_table(records: list[dict[str, Any]]) -> str:
 
 
 def latency_table(records: list[dict[str, Any]]) -> str:
+    """Per server run: every request rate's normalized latency, TTFT p99 and output rate, and the
+    highest rate that met the SLO."""
     lines = []
     for record in records:
         if record.get("experiment") != "online_latency":
             continue
         res = record.get("result", {})
         best = res.get("max_rate_under_slo")
-        lines.append(
-            f"- {record.get('model', '')} on {record.get('workload', '')} "
-            f"({record.get('gpu') or record['device']}): highest request rate with normalized "
+        lines += [
+            f"- {record.get('model', '')} on {record.get('workload', '')}, "
+            f"{record.get('gpu') or record['device']}, {record['date'][:10]} "
+            f"(`experiments/results/{record['_file']}`): highest request rate with normalized "
             f"latency ≤ {res.get('slo_s_per_token')} s/token: "
-            f"{'none measured' if best is None else f'{best:g} req/s'} "
-            f"(`experiments/results/{record['_file']}`)"
-        )
-    return "\n".join(lines)
+            f"{'none measured' if best is None else f'{best:g} req/s'}",
+            "",
+            "  | req/s | completed / failed | normalized latency (ms/token) | TTFT p99 (s) "
+            "| output tokens/s |",
+            "  | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for point in res.get("points", []):
+            normalized = point.get("normalized_latency_s")
+            per_token_ms = None if normalized is None else 1e3 * normalized
+            lines.append(
+                f"  | {point['request_rate']:g} | {point.get('completed')} / "
+                f"{point.get('failed')} | {_fmt(per_token_ms, '.1f')}"
+                f" | {_fmt(point.get('ttft_p99_s'), '.2f')}"
+                f" | {_fmt(point.get('output_tokens_per_s'), ',.0f')} |"
+            )
+        lines.append("")
+    return "\n".join(lines).strip()
 
 
 def _source(record: dict[str, Any]) -> str:
@@ -301,6 +317,11 @@ def serve_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines).strip()
 
 
+def _tile(config: dict[str, Any]) -> str:
+    heads = config.get("parallel_heads") or 1
+    return f"{heads} KV heads x {config['block_n']} tokens per tile, {config['num_warps']} warps"
+
+
 def kernel_table(records: list[dict[str, Any]]) -> str:
     """Decode attention against the copy-bandwidth ceiling measured in the same run."""
     lines = []
@@ -309,34 +330,38 @@ def kernel_table(records: list[dict[str, Any]]) -> str:
             continue
         ceil = record.get("ceilings", {})
         decode = record.get("decode_attention", {}).get("rows", [])
+        fp8 = record.get("decode_attention_fp8", {})
+        default = fp8.get("default_config", {})
+        fp8_rows = [
+            r for r in fp8.get("rows", []) if all(r.get(k) == v for k, v in default.items())
+        ]
+        what = "Decode attention, batch 256" if decode else "Decode attention over an fp8 cache"
+        if fp8_rows:
+            what += f" (default launch: {_tile(default)})"
         lines += [
             f"Kernels, {record['device']}, {record['date'][:10]} "
             f"(`experiments/results/{record['_file']}`; ceilings in the same run: copy "
             f"{_fmt(ceil.get('copy_gbs'), ',.0f')} GB/s, "
             f"GEMM {_fmt(ceil.get('gemm_bf16_tflops'), '.0f')} TFLOP/s). "
-            "Decode attention, batch 256, fraction of copy bandwidth:",
+            f"{what}, fraction of copy bandwidth:",
             "",
             "| context | 33 CTAs | 66 CTAs | 99 CTAs | 132 CTAs | full grid |",
             "| ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
-        for ctx in sorted({r["context"] for r in decode}):
-            by = {r["num_ctas"]: r["frac_copy_bw"] for r in decode if r["context"] == ctx}
+        for ctx in sorted({r["context"] for r in decode or fp8_rows}):
+            by = {
+                r["num_ctas"]: r["frac_copy_bw"] for r in decode or fp8_rows if r["context"] == ctx
+            }
             cells = " | ".join(_fmt(by.get(n), ".2f") for n in (33, 66, 99, 132, None))
             lines.append(f"| {ctx} | {cells} |")
         green = record.get("decode_green_context", {})
         if green.get("rows"):
             best = max(green["rows"], key=lambda r: r["frac_copy_bw"])
-            tile = (
-                f"{best['parallel_heads']} KV heads x {best['block_n']} tokens"
-                if best["parallel_heads"]
-                else f"1 KV head x {best['block_n']} tokens"
-            )
             lines += [
                 "",
                 f"In a green context of {green['sms']} SMs (full grid, context "
                 f"{best['context']}), the best of {len(green['rows'])} launch configurations "
-                f"({tile} per tile, {best['num_warps']} warps) reads "
-                f"{best['frac_copy_bw']:.2f} of the copy bandwidth.",
+                f"({_tile(best)}) reads {best['frac_copy_bw']:.2f} of the copy bandwidth.",
             ]
         lines.append("")
     return "\n".join(lines).strip()

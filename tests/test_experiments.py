@@ -49,6 +49,7 @@ def synthetic_results(folder: Path) -> None:
         {"request_rate": r, "normalized_latency_s": 0.05 * r, "ttft_p99_s": 0.1 * r}
         for r in (1, 2, 4, 8)
     ]
+    points[2] |= {"completed": 40, "failed": 0, "output_tokens_per_s": 1234.5}
     latency = ENV | {
         "experiment": "online_latency",
         "model": "llama-3-8b",
@@ -74,6 +75,34 @@ def test_report_table_from_results_only(tmp_path):
     assert "continuous" not in text  # a failed mode has no number to quote
     assert "1,000,000,000" not in text  # a file without device/versions/command/date is ignored
     assert "4 req/s" in text
+    assert "  | 4 | 40 / 0 | 200.0 | 0.40 | 1,234 |" in text  # every rate's point, in ms/token
+
+
+def test_report_labels_graph_runs_once_and_tables_an_fp8_kernel_run(tmp_path):
+    run = ENV | {
+        "experiment": "throughput",
+        "model": "llama-3-8b",
+        "executor": "sequential-graphs-fp8kv-seqs1024",
+        "result": {"workload": "512/512", "tokens_per_s": 1.0, "cuda_graphs": {"graph_steps": 9}},
+    }
+    report.write_result(tmp_path / "throughput.json", run, "nanoflow bench ...")
+    config = {"block_n": 16, "num_warps": 4, "num_stages": 1, "parallel_heads": 4}
+    fp8_rows = [
+        config | {"context": 1024, "num_ctas": n, "frac_copy_bw": f}
+        for n, f in ((33, 0.14), (66, 0.28), (None, 0.71))
+    ]
+    other = config | {"num_warps": 8, "context": 1024, "num_ctas": None, "frac_copy_bw": 0.5}
+    kernels = ENV | {
+        "experiment": "kernels",
+        "device": "NVIDIA H100 80GB HBM3",
+        "ceilings": {"copy_gbs": 3000.0, "gemm_bf16_tflops": 750.0},
+        "decode_attention_fp8": {"default_config": config, "rows": [*fp8_rows, other]},
+    }
+    report.write_result(tmp_path / "kernels.json", kernels, "python bench_kernels.py")
+    text = report.render(tmp_path)
+    assert "| nanoflow sequential-graphs-fp8kv-seqs1024 |" in text
+    assert "fp8 cache (default launch: 4 KV heads x 16 tokens per tile, 4 warps)" in text
+    assert "| 1024 | 0.14 | 0.28 |  |  | 0.71 |" in text  # the default launch's rows only
 
 
 def test_write_readme_between_markers(tmp_path):
