@@ -17,10 +17,10 @@ def weight_bytes(spec: ModelSpec, dtype_bytes: int = 2) -> int:
     return spec.num_parameters() * dtype_bytes
 
 
-def kv_bytes_needed(spec: ModelSpec, batch: SteadyBatch, dtype_bytes: int = 2) -> float:
+def kv_bytes_needed(spec: ModelSpec, batch: SteadyBatch, kv_dtype_bytes: int = 2) -> float:
     """K/V of every running decode at its average context, plus this iteration's prompt tokens."""
     tokens = batch.decodes * batch.decode_context + batch.prefill_tokens
-    return tokens * spec.kv_bytes_per_token(dtype_bytes)
+    return tokens * spec.kv_bytes_per_token(kv_dtype_bytes)
 
 
 def kv_bytes_available(
@@ -36,7 +36,10 @@ def kv_fits(
     dense_batch_size: int,
     utilization: float = 0.9,
     dtype_bytes: int = 2,
+    kv_dtype_bytes: int | None = None,
 ) -> bool:
+    """``dtype_bytes`` is the weights' element size, ``kv_dtype_bytes`` the cache's (default the
+    same): an fp8 cache holds twice the tokens."""
     batch = steady_batch(dense_batch_size, shape)
-    needed = kv_bytes_needed(spec, batch, dtype_bytes)
+    needed = kv_bytes_needed(spec, batch, kv_dtype_bytes or dtype_bytes)
     return needed <= kv_bytes_available(spec, gpu_memory_bytes, utilization, dtype_bytes)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from nanoflow.config import KV_CACHE_DTYPES
 from nanoflow.errors import ProfileError, ScheduleError
 from nanoflow.models.spec import ModelSpec
 from nanoflow.pipeline.schedule import Mechanism, PipelineSchedule
@@ -33,6 +34,7 @@ class Profile:
     torch_version: str = torch.__version__
     triton_version: str | None = None
     workload: str = ""
+    kv_cache_dtype: str = "auto"  # the KV cache it was tuned with; the engine must run the same
     predicted_iteration_s: float | None = None
     measured_iteration_s: float | None = None
     measured_tokens_per_s: float | None = None
@@ -59,6 +61,7 @@ class Profile:
             "dense_batch_size": self.dense_batch_size,
             "schedule": self.schedule.to_dict(),
             "workload": self.workload,
+            "kv_cache_dtype": self.kv_cache_dtype,
             "predicted_iteration_s": self.predicted_iteration_s,
             "measured_iteration_s": self.measured_iteration_s,
             "measured_tokens_per_s": self.measured_tokens_per_s,
@@ -77,6 +80,9 @@ class Profile:
         dense = int(data["dense_batch_size"])
         if dense < 1:
             raise ValueError(f"dense_batch_size must be positive, got {dense}")
+        kv_cache_dtype = str(data.get("kv_cache_dtype", "auto"))
+        if kv_cache_dtype != "auto" and kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}")
         sm_count = data.get("sm_count")
         wanted = max((u.num_sms or 0) for u in schedule.units)
         if sm_count is not None and wanted > int(sm_count):
@@ -91,6 +97,7 @@ class Profile:
             torch_version=str(data.get("torch_version", "")),
             triton_version=data.get("triton_version"),
             workload=str(data.get("workload", "")),
+            kv_cache_dtype=kv_cache_dtype,
             predicted_iteration_s=_optional_float(data.get("predicted_iteration_s")),
             measured_iteration_s=_optional_float(data.get("measured_iteration_s")),
             measured_tokens_per_s=_optional_float(data.get("measured_tokens_per_s")),

@@ -50,13 +50,26 @@ PAIR_SPLITS = {Mechanism.CTA_LIMIT: 32, Mechanism.GREEN_CONTEXT: 32}  # memory u
 class LayerBench:
     """One layer of the model with buffers and a KV cache big enough for the largest grid point."""
 
-    def __init__(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        device: torch.device,
+        dtype: torch.dtype,
+        kv_dtype: torch.dtype | None = None,
+    ) -> None:
         self.device = device
         self.spec = dataclasses.replace(spec, num_layers=1)
         weights = dummy_weights(self.spec, device, dtype, seed=0)
         self.num_blocks = max(DECODES) * max(CONTEXTS) // BLOCK_SIZE
         self.model = build_model(
-            self.spec, weights, self.num_blocks, BLOCK_SIZE, device, dtype, ParallelGroup()
+            self.spec,
+            weights,
+            self.num_blocks,
+            BLOCK_SIZE,
+            device,
+            dtype,
+            ParallelGroup(),
+            kv_dtype,
         )
         self.ops: list[Op] = self.model.layer_ops[0]
         rows = max(TOKENS + DECODES + PREFILL_TOKENS)
@@ -200,11 +213,16 @@ def _launch_seconds(bench: LayerBench) -> float:
 
 @torch.inference_mode()
 def profile_op_tables(
-    spec: ModelSpec, model: str, device: torch.device, dtype: torch.dtype = torch.bfloat16
+    spec: ModelSpec,
+    model: str,
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    kv_dtype: torch.dtype | None = None,
 ) -> OpTables:
-    """Measure everything the cost model needs on ``device`` (a CUDA GPU)."""
+    """Measure everything the cost model needs on ``device`` (a CUDA GPU), attention over a KV
+    cache of ``kv_dtype`` (default: the model's)."""
     total = device_sm_count(device)
-    bench = LayerBench(spec, device, dtype)
+    bench = LayerBench(spec, device, dtype, kv_dtype)
     units = {s: _unit(device, None if s == total else s) for s in _sm_grid(total)}
     points = sum(
         {"all": len(TOKENS), "decode": len(DECODES) * len(CONTEXTS)}.get(
@@ -243,5 +261,6 @@ def profile_op_tables(
         lm_head=lm_head,
         interference=interference,
         launch_seconds=_launch_seconds(bench),
+        kv_dtype_bytes=None if kv_dtype is None else kv_dtype.itemsize,
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )

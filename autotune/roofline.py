@@ -38,8 +38,9 @@ def _memory_time(nbytes: float, frac: float, hw: dict) -> float:
     return LATENCY_S + nbytes / (hw["bytes"] * min(1.0, frac / SATURATING_SM_FRACTION))
 
 
-def _layer_ops(spec: ModelSpec, b: int) -> list[tuple[str, str, str, Callable]]:
-    """(name, resource, rows, seconds(tokens, context, sm fraction, hw)) in model order."""
+def _layer_ops(spec: ModelSpec, b: int, kv_b: int) -> list[tuple[str, str, str, Callable]]:
+    """(name, resource, rows, seconds(tokens, context, sm fraction, hw)) in model order; ``b``
+    and ``kv_b`` are the weights' and the KV cache's element sizes."""
     h, q, kv, i = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
 
     def gemm(n_in: int, n_out: int) -> Callable:
@@ -53,9 +54,9 @@ def _layer_ops(spec: ModelSpec, b: int) -> list[tuple[str, str, str, Callable]]:
         ("qkv_proj", "compute", "all", gemm(h, q + 2 * kv)),
         ("rope_kv_write", "memory", "all", stream(2 * (q + 2 * kv) * b)),
         ("decode_attention", "memory", "decode", lambda t, c, f, hw: _memory_time(
-            t * c * 2 * kv * b, f, hw)),
+            t * c * 2 * kv * kv_b, f, hw)),
         ("prefill_attention", "compute", "prefill", lambda t, c, f, hw: _compute_time(
-            2 * t * c * q, t * c * 2 * kv * b / max(1, c), t, f, hw)),
+            2 * t * c * q, t * c * 2 * kv * kv_b / max(1, c), t, f, hw)),
         ("o_proj", "compute", "all", gemm(q, h)),
         ("post_attn_norm", "memory", "all", stream(4 * h * b)),
         ("gate_up_proj", "compute", "all", gemm(h, 2 * i)),
@@ -73,6 +74,7 @@ def roofline_tables(
     tbps: float = 3.0,
     dtype_bytes: int = 2,
     launch_seconds: float = 10e-6,
+    kv_dtype_bytes: int | None = None,
 ) -> OpTables:
     if spec.is_moe:
         raise ConfigError("roofline tables cover dense Llama-family models; profile MoE on a GPU")
@@ -105,7 +107,9 @@ def roofline_tables(
         gpu_memory_bytes=gpu_memory_bytes,
         num_layers=spec.num_layers,
         dtype_bytes=dtype_bytes,
-        ops=tuple(table(*op) for op in _layer_ops(spec, dtype_bytes)),
+        ops=tuple(
+            table(*op) for op in _layer_ops(spec, dtype_bytes, kv_dtype_bytes or dtype_bytes)
+        ),
         lm_head=table(*lm_head),
         interference={
             "cta_limit": {"compute+memory": 1.15, "compute+network": 1.05},
@@ -113,4 +117,5 @@ def roofline_tables(
         },
         launch_seconds=launch_seconds,
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        kv_dtype_bytes=kv_dtype_bytes,
     )

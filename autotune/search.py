@@ -72,7 +72,14 @@ def batch_limit(
     for size in range(step, limit + 1, step):
         batch = steady_batch(size, shape)
         running = batch.decodes + math.ceil(batch.prefill_tokens / max(1.0, shape.input_len))
-        fits = kv_fits(spec, tables.gpu_memory_bytes, shape, size, dtype_bytes=tables.dtype_bytes)
+        fits = kv_fits(
+            spec,
+            tables.gpu_memory_bytes,
+            shape,
+            size,
+            dtype_bytes=tables.dtype_bytes,
+            kv_dtype_bytes=tables.kv_element_bytes,
+        )
         if running > max_num_seqs or not fits:
             break
         best = size

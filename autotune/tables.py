@@ -114,6 +114,11 @@ class OpTables:
     launch_seconds: float = 0.0
     date: str = ""
     schema_version: int = TABLES_SCHEMA_VERSION
+    kv_dtype_bytes: int | None = None  # the KV cache's element size; None: the model's
+
+    @property
+    def kv_element_bytes(self) -> int:
+        return self.kv_dtype_bytes or self.dtype_bytes
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -169,6 +174,9 @@ class OpTables:
             launch_seconds=float(data.get("launch_seconds", 0.0)),
             date=data.get("date", ""),
             schema_version=int(data.get("schema_version", TABLES_SCHEMA_VERSION)),
+            kv_dtype_bytes=None
+            if data.get("kv_dtype_bytes") is None
+            else int(data["kv_dtype_bytes"]),
         )
 
 

@@ -24,7 +24,7 @@ from nanoflow.autotune.search import (
 from nanoflow.autotune.steady_state import WorkloadShape, steady_batch
 from nanoflow.autotune.tables import OpTables, load_tables, save_tables
 from nanoflow.autotune.validate import Measured, validate
-from nanoflow.config import EngineConfig
+from nanoflow.config import KV_CACHE_DTYPES, EngineConfig
 from nanoflow.engine.engine_core import EngineCore
 from nanoflow.errors import ConfigError, ProfileError
 from nanoflow.measure import environment
@@ -54,7 +54,12 @@ class TuneOptions:
     max_batch: int = 16384
     batch_step: int = 64
     num_kv_blocks: int | None = None
+    kv_cache_dtype: str = "auto"  # the cache the profile is tuned for (and the engine must run)
     command: str = ""
+
+    def kv_dtype(self) -> torch.dtype | None:
+        """The cache's element type; None for the model's own."""
+        return None if self.kv_cache_dtype == "auto" else KV_CACHE_DTYPES[self.kv_cache_dtype]
 
 
 @dataclass
@@ -68,14 +73,22 @@ class TuneResult:
 
 
 def _tables(opts: TuneOptions, spec: ModelSpec, device: torch.device) -> OpTables:
+    kv_dtype = opts.kv_dtype()
+    kv_bytes = None if kv_dtype is None else kv_dtype.itemsize
     if opts.tables_in == ROOFLINE:
-        return roofline_tables(spec, opts.model)
+        return roofline_tables(spec, opts.model, kv_dtype_bytes=kv_bytes)
     if opts.tables_in:
         tables = load_tables(opts.tables_in)
         if tables.architecture_hash != spec.architecture_hash():
             raise ProfileError(
                 f"op tables {opts.tables_in} were measured for model {tables.model!r}, not "
                 f"{opts.model!r}; profile this model"
+            )
+        if tables.kv_element_bytes != (kv_bytes or tables.dtype_bytes):
+            raise ProfileError(
+                f"op tables {opts.tables_in} were measured with a {tables.kv_element_bytes}-byte "
+                f"KV cache, not the {opts.kv_cache_dtype!r} cache asked for; profile again with "
+                "that cache"
             )
         return tables
     if device.type != "cuda":
@@ -85,7 +98,7 @@ def _tables(opts: TuneOptions, spec: ModelSpec, device: torch.device) -> OpTable
         )
     from nanoflow.autotune.profiler import profile_op_tables
 
-    return profile_op_tables(spec, opts.model, device)
+    return profile_op_tables(spec, opts.model, device, kv_dtype=kv_dtype)
 
 
 def _space(
@@ -134,6 +147,8 @@ def tune(opts: TuneOptions) -> TuneResult:
                 max_num_batched_tokens=max(c.dense_batch_size for c in candidates),
                 num_kv_blocks=opts.num_kv_blocks,
                 executor="sequential",
+                max_num_seqs=opts.max_num_seqs,
+                kv_cache_dtype=opts.kv_cache_dtype,
             )
         )
         measured = validate(engine, candidates, shape)
@@ -164,6 +179,7 @@ def _profile(
         torch_version=env["torch"],
         triton_version=env["triton"],
         workload=opts.workload,
+        kv_cache_dtype=opts.kv_cache_dtype,
         predicted_iteration_s=best.predicted_iteration_s,
         measured_iteration_s=measured[0].iteration_s if measured else None,
         measured_tokens_per_s=measured[0].tokens_per_s if measured else None,

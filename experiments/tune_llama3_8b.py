@@ -58,6 +58,8 @@ def compare(args: argparse.Namespace, profile_file: Path, device: torch.device) 
         device=str(device),
         max_num_batched_tokens=max(DEFAULT_TOKEN_BUDGET, tuned.dense_batch_size),
         num_kv_blocks=args.num_kv_blocks,
+        max_num_seqs=args.max_num_seqs,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     runs = {
         "sequential": (sequential_schedule(), DEFAULT_TOKEN_BUDGET),
@@ -97,6 +99,8 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=16384)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-num-seqs", type=int, default=512)
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     args = parser.parse_args()
     device = torch.device(args.device)
     out_dir = Path(args.out)
@@ -116,6 +120,8 @@ def main() -> int:
             validate=True,
             max_batch=args.max_batch,
             num_kv_blocks=args.num_kv_blocks,
+            max_num_seqs=args.max_num_seqs,
+            kv_cache_dtype=args.kv_cache_dtype,
             command=" ".join([sys.executable, *sys.argv]),
         )
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -317,3 +318,45 @@ def test_search_finds_the_shared_sm_layout_when_it_is_best():
     assert units["compute"] is None and units["attention"] >= 32
     sequential = predict(tables, sequential_schedule(), steady_batch(2048, shape))
     assert best.predicted_iteration_s < 0.75 * sequential.iteration_s
+
+
+def test_an_fp8_cache_lets_the_search_propose_larger_batches():
+    """The memory constraint counts the cache's own element size: at one byte per element twice
+    the contexts fit, so the largest dense batch grows; the attention tables read half the bytes."""
+    from nanoflow.autotune.roofline import roofline_tables
+    from nanoflow.autotune.search import batch_limit
+    from nanoflow.models.registry import get_known_model
+
+    spec = get_known_model("llama-3-8b")
+    shape = WorkloadShape.from_workload("2048/2048")
+    wide = roofline_tables(spec, "llama-3-8b")
+    narrow = roofline_tables(spec, "llama-3-8b", kv_dtype_bytes=1)
+    assert (wide.kv_element_bytes, narrow.kv_element_bytes) == (2, 1)
+    wide_limit = batch_limit(spec, wide, shape, max_num_seqs=4096)
+    narrow_limit = batch_limit(spec, narrow, shape, max_num_seqs=4096)
+    assert 0 < wide_limit < narrow_limit
+    attention = {t.name: t for t in wide.ops}["decode_attention"]
+    narrow_attention = {t.name: t for t in narrow.ops}["decode_attention"]
+    assert narrow_attention.time(256, 2048, 132) < 0.6 * attention.time(256, 2048, 132)
+
+
+def test_tables_keep_the_cache_element_size(tmp_path):
+    tables = _tables([_linear_op("gemm", "compute", 1e-6)], 2, {"cta_limit": {}})
+    path = tmp_path / "tables.json"
+    save_tables(tables, path)
+    assert load_tables(path).kv_element_bytes == 2  # older tables: the model's element size
+    save_tables(dataclasses.replace(tables, kv_dtype_bytes=1), path)
+    assert load_tables(path).kv_element_bytes == 1
+
+
+def test_a_profile_runs_only_with_the_cache_it_was_tuned_for(tmp_path):
+    path = tmp_path / "profile.json"
+    save_profile(_builtin_profile(kv_cache_dtype="fp8"), path)
+    assert load_profile(path, BUILTIN_SPEC, CPU).kv_cache_dtype == "fp8"
+    with pytest.raises(ProfileError, match="tuned for the 'fp8' KV cache.*--kv-cache-dtype fp8"):
+        LLM("builtin", device="cpu", dtype="float32", profile=str(path))
+    llm = LLM("builtin", device="cpu", dtype="float32", profile=str(path), kv_cache_dtype="fp8")
+    assert llm.engine.scheduler.max_num_batched_tokens == 24
+    data = _builtin_profile().to_dict() | {"kv_cache_dtype": "int4"}
+    with pytest.raises(ProfileError, match="malformed.*int4"):
+        load_profile(_write(path, data), BUILTIN_SPEC, CPU)

@@ -59,3 +59,16 @@ def test_tuning_script_dry_run(tmp_path):
     assert set(record["throughput"]) == {"sequential", "default_overlapped", "tuned_profile"}
     for key in ("date", "torch", "command", "device"):
         assert record[key]
+
+
+def test_tune_cli_tunes_for_an_fp8_cache_and_refuses_tables_of_another(tmp_path, capsys):
+    import torch
+
+    out, tables = tmp_path / "fp8.json", tmp_path / "tables.json"
+    argv = ["tune", "--model", "builtin", "--out", str(out), "--trials", "5", "--device", "cpu",
+            "--max-batch", "128", "--kv-cache-dtype", "fp8"]  # fmt: skip
+    assert main([*argv, "--tables-in", "roofline", "--tables-out", str(tables)]) == 0
+    assert load_profile(out, BUILTIN_SPEC, torch.device("cpu")).kv_cache_dtype == "fp8"
+    assert load_tables(tables).kv_element_bytes == 1
+    assert main([*argv[:-1], "auto", "--tables-in", str(tables)]) == 2
+    assert "measured with a 1-byte KV cache, not the 'auto' cache" in capsys.readouterr().err

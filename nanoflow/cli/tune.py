@@ -31,6 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--num-kv-blocks", type=int, default=None, help="KV blocks of the validation engine"
     )
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8"],
+        help="the KV cache to tune for (an engine loading the profile must use the same)",
+    )
     p.set_defaults(func=run)
 
 
@@ -69,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
             max_num_seqs=args.max_num_seqs,
             max_batch=args.max_batch,
             num_kv_blocks=args.num_kv_blocks,
+            kv_cache_dtype=args.kv_cache_dtype,
             command=" ".join(["nanoflow", *sys.argv[1:]]),
         )
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from nanoflow.config import EngineConfig
+from nanoflow.errors import ProfileError
 from nanoflow.models.spec import ModelSpec
 from nanoflow.pipeline.schedule import (
     PipelineSchedule,
@@ -28,6 +29,12 @@ def select_schedule(
         from nanoflow.autotune.profile import load_profile
 
         profile = load_profile(config.profile, spec, device)
+        if profile.kv_cache_dtype != config.kv_cache_dtype:
+            raise ProfileError(
+                f"profile {config.profile} was tuned for the {profile.kv_cache_dtype!r} KV cache, "
+                f"the engine is set to {config.kv_cache_dtype!r}: pass --kv-cache-dtype "
+                f"{profile.kv_cache_dtype} or tune with --kv-cache-dtype {config.kv_cache_dtype}"
+            )
         budget = config.max_num_batched_tokens or profile.dense_batch_size
         schedule = profile.schedule
         if executor == "sequential":
