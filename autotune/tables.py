@@ -174,9 +174,7 @@ class OpTables:
             launch_seconds=float(data.get("launch_seconds", 0.0)),
             date=data.get("date", ""),
             schema_version=int(data.get("schema_version", TABLES_SCHEMA_VERSION)),
-            kv_dtype_bytes=None
-            if data.get("kv_dtype_bytes") is None
-            else int(data["kv_dtype_bytes"]),
+            kv_dtype_bytes=int(data["kv_dtype_bytes"]) if data.get("kv_dtype_bytes") else None,
         )
 
 

@@ -74,7 +74,8 @@ def decode_config(
     best of the H100 sweep in experiments/bench_kernels.py on a quarter of the SMs: 0.46 of copy
     bandwidth against 0.30 for the former one-head-per-tile kernel, and 1.00 on a full grid).
     A ``narrow_cache`` (fp8) holds its tile in registers: 16 tokens of 4 heads, 4 warps, which
-    measured 0.72-0.77 of copy bandwidth on the full grid where the bf16 tile spilled (0.02).
+    measured 0.71-0.77 of copy bandwidth on the full grid (kernels_decode_fp8_h100.json), where
+    8 heads of 32 tokens spill registers (0.01-0.02, results/earlier/).
     Tiny tiles on CPU so the interpreter exercises every loop."""
     if device.type != "cuda":
         return DecodeConfig(block_n=16, num_warps=4, num_stages=1, min_split_tiles=1)
