@@ -4,10 +4,11 @@ Poisson request rates on a dataset-shaped workload, and report per rate the norm
 (mean over requests of end-to-end latency / output tokens, the metric NanoFlow's README defines)
 and TTFT p99, plus the highest rate whose normalized latency meets the SLO (--slo, s/token).
 
-From ``nanoflow bench serve --output-json``: when ``result.requests`` lists one object per request
-(``latency_s``, ``ttft_s``, ``output_tokens``) the normalized latency is the mean of per-request
-ratios, as the paper defines it; otherwise the ratio of the summary's means (mean_e2el_ms over
-mean output tokens), and each point says which it is.
+Each rate runs ``nanoflow bench serve --save-detailed``, whose JSON lists every request
+(``latency_s``, ``ttft_s``, ``output_tokens``), so the normalized latency is the mean of
+per-request ratios, as the paper defines it. A result without that list (runs made before the
+option existed) gives the ratio of the summary's means (mean_e2el_ms over mean output tokens);
+each point says which it is.
 
 Usage: python experiments/online_latency.py [--model llama-3-8b] [--workload sharegpt]
            [--rates 2,4,8,16,32] [--duration-s 30] [--slo 0.2] [--output-json PATH]
@@ -56,12 +57,14 @@ def summarize(bench: dict[str, Any], rate: float) -> dict[str, Any]:
     """One point of the curve from a ``bench serve`` result: the mean of per-request ratios when
     the result lists requests, else the ratio of the means its summary gives (labelled so)."""
     result = bench["result"]
-    reqs = [r for r in result.get("requests", []) if r.get("output_tokens", 0) > 0]
+    reqs = [r for r in result.get("requests", []) if r.get("ok", True) and r["output_tokens"] > 0]
     if reqs:
         normalized = [r["latency_s"] / r["output_tokens"] for r in reqs]
         return {
             "request_rate": rate,
             "completed": len(reqs),
+            "failed": result.get("failed", 0),
+            "output_tokens_per_s": result.get("output_throughput"),
             "normalized_latency_s": sum(normalized) / len(normalized),
             "normalized_latency_method": "mean of per-request e2e latency / output tokens",
             "ttft_p99_s": percentile([r["ttft_s"] for r in reqs], 99),
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 bench = [nanoflow_exe(), "bench", "serve", "--base-url", url, "--workload"]
                 bench += [args.workload, "--num-prompts", str(n), "--request-rate", str(rate)]
                 # bench serve exits 1 when some requests failed; its JSON says how many
-                subprocess.run([*bench, "--output-json", str(raw)], check=False)
+                subprocess.run([*bench, "--save-detailed", "--output-json", str(raw)], check=False)
                 points.append(summarize(json.loads(raw.read_text()), rate))
                 print(json.dumps(points[-1]))
                 if points[-1]["normalized_latency_s"] > args.slo:

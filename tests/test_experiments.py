@@ -137,6 +137,28 @@ def test_online_latency_summary():
     assert online_latency.max_rate_under_slo(points, 0.2) == 1
 
 
+def test_detailed_bench_serve_results_give_the_papers_normalized_latency():
+    """bench serve --save-detailed lists every request; the latency curve then averages each
+    request's latency per output token instead of dividing the means (which weighs long requests
+    more)."""
+    from nanoflow.cli.bench_serve import RequestResult, _summarize
+
+    results = [
+        RequestResult(ok=True, prompt_len=8, output_tokens=10, ttft=0.1, latency=1.0),
+        RequestResult(ok=True, prompt_len=8, output_tokens=100, ttft=0.2, latency=2.0),
+        RequestResult(ok=False, prompt_len=8, error="HTTP 500: boom"),
+    ]
+    assert "requests" not in _summarize(results, 4.0)
+    detailed = _summarize(results, 4.0, detailed=True)
+    assert [r["ok"] for r in detailed["requests"]] == [True, True, False]
+    point = online_latency.summarize({"result": detailed}, 2.0)
+    assert point["normalized_latency_method"] == "mean of per-request e2e latency / output tokens"
+    assert point["normalized_latency_s"] == pytest.approx((1.0 / 10 + 2.0 / 100) / 2)
+    assert point["completed"] == 2 and point["failed"] == 1
+    assert point["output_tokens_per_s"] == pytest.approx(110 / 4.0)
+    assert point["ttft_p99_s"] == pytest.approx(0.2)
+
+
 def test_peer_transformers_dry_run(tmp_path):
     import peer_transformers
 

@@ -116,3 +116,27 @@ def test_bench_kernels_runs_the_chosen_sections_and_rejects_unknown_ones(tmp_pat
     cmd = [sys.executable, str(EXPERIMENTS / "bench_kernels.py"), "--sections", "nope"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "unknown sections ['nope']" in proc.stderr
+
+
+@pytest.mark.timeout(300)
+def test_online_latency_dry_run(tmp_path):
+    """The latency script starts `nanoflow serve`, drives it with `bench serve --save-detailed`
+    at each rate and averages per-request ratios."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "online.json"
+    args = ["--model", "builtin", "--workload", "16/4", "--rates", "2,4", "--duration-s", "1",
+            "--min-prompts", "3", "--port", str(port), "--output-json", str(out)]  # fmt: skip
+    cmd = [sys.executable, str(EXPERIMENTS / "online_latency.py"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    points = record["result"]["points"]
+    assert [p["request_rate"] for p in points] == [2.0, 4.0]
+    for point in points:
+        assert point["completed"] >= 3 and point["failed"] == 0
+        assert point["normalized_latency_method"].startswith("mean of per-request")
+    assert record["result"]["max_rate_under_slo"] == 4.0

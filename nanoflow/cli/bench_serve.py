@@ -30,6 +30,11 @@ def register(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", default=None)
+    p.add_argument(
+        "--save-detailed",
+        action="store_true",
+        help="also write each request's lengths, TTFT and latency to the JSON",
+    )
     p.set_defaults(func=run)
 
 
@@ -140,7 +145,7 @@ async def _benchmark(args: argparse.Namespace) -> dict[str, Any]:
             tasks.append(asyncio.create_task(one(prompt, request.output_len)))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - started
-    return _summarize(results, duration)
+    return _summarize(results, duration, args.save_detailed)
 
 
 def _stats_ms(values: list[float], name: str) -> dict[str, float]:
@@ -155,7 +160,11 @@ def _stats_ms(values: list[float], name: str) -> dict[str, float]:
     }
 
 
-def _summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
+def _summarize(
+    results: list[RequestResult], duration: float, detailed: bool = False
+) -> dict[str, Any]:
+    """vllm-style summary; ``detailed`` adds every request, for metrics that are means of
+    per-request ratios (NanoFlow's normalized latency)."""
     done = [r for r in results if r.ok]
     input_tokens = sum(r.prompt_len for r in done)
     output_tokens = sum(r.output_tokens for r in done)
@@ -175,6 +184,18 @@ def _summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
     summary.update(_stats_ms(tpots, "tpot"))
     summary.update(_stats_ms([gap for r in done for gap in r.itl], "itl"))
     summary.update(_stats_ms([r.latency for r in done], "e2el"))
+    if detailed:
+        summary["requests"] = [
+            {
+                "ok": r.ok,
+                "prompt_len": r.prompt_len,
+                "output_tokens": r.output_tokens,
+                "ttft_s": r.ttft,
+                "latency_s": r.latency,
+                "error": r.error,
+            }
+            for r in results
+        ]
     return summary
 
 
