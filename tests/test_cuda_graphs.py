@@ -132,13 +132,13 @@ def test_graphs_are_on_by_default_only_for_a_dense_model_on_one_gpu(llama_checkp
 
 
 def _capture_up_front(folder, max_decodes: int, **kwargs):
-    """The tokens without graphs, and an engine on the graph path whose decode-only shapes up to
-    ``max_decodes`` were captured before any request (with the number captured)."""
+    """The tokens without graphs, and an engine on the graph path whose start-up shapes (decode
+    counts up to ``max_decodes``) were captured before any request (with the number captured)."""
     plain, _ = _generate(folder, False, **kwargs)
     llm = LLM(str(folder), dtype="float32", device="cpu", **kwargs)
     runner = llm.engine.runner
     runner.graphs = runner.step_graphs(_eager)
-    runner.capture_decode_graphs(max_decodes)
+    runner.capture_startup_graphs(max_decodes, llm.engine.scheduler.max_num_batched_tokens)
     return plain, llm, runner.graphs.stats.shapes_captured
 
 
@@ -148,20 +148,19 @@ def _greedy(llm) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
 
 
-def test_decode_shapes_captured_up_front_serve_the_run(llama_checkpoint):
-    """Start-up capture covers every decode-only shape up to max_num_seqs: a run then captures
-    only the shapes with prompt tokens, and gives the same tokens as without graphs."""
+def test_shapes_captured_up_front_serve_the_run(llama_checkpoint):
+    """Start-up capture takes every decode-only shape up to the sequence limit and every decode
+    count beside prompt tokens filling the budget: a run that keeps its budget full then
+    captures nothing, and gives the same tokens as without graphs."""
     folder, _ = llama_checkpoint
     kwargs = {"executor": "sequential", "max_num_batched_tokens": 8, "max_num_seqs": 40}
     plain, llm, captured = _capture_up_front(folder, 40, **kwargs)
     graphs = llm.engine.runner.graphs
-    up_front = set(graphs.graphs)
-    assert captured == 3
-    assert sorted(sum(decodes) for decodes, prefills, _ in up_front) == [16, 32, 48]
-    assert all(sum(prefills) == 0 for _, prefills, _ in up_front)
+    shapes = sorted((sum(decodes), sum(prefills)) for decodes, prefills, _ in graphs.graphs)
+    # 8 tokens at most: 1-7 decodes beside 1-7 prompt tokens round up to 16 and 64 rows
+    assert shapes == [(0, 64), (16, 0), (16, 64), (32, 0), (48, 0)] and captured == 5
     assert _greedy(llm) == plain
-    later = set(graphs.graphs) - up_front
-    assert later and all(sum(prefills) > 0 for _, prefills, _ in later)
+    assert graphs.stats.shapes_captured == captured and graphs.stats.graph_steps > 0
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
 
 

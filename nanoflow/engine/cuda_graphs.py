@@ -83,15 +83,20 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _scratch_decodes(count: int, scratch_block: int) -> BatchPlan:
-    """``count`` stand-in decodes of one token each, their K/V and context in the scratch block."""
+def _scratch_plan(decodes: int, prefill: int, scratch_block: int, block_size: int) -> BatchPlan:
+    """``decodes`` stand-in decodes of one token each and one stand-in prompt chunk of
+    ``prefill`` tokens, every K/V and context of them in the scratch block."""
     plan = BatchPlan()
-    for i in range(count):
+    for i in range(decodes):
         seq = Sequence(f"graph-capture-{i}", [0], SamplingParams(max_tokens=2))
         seq.output_token_ids = [0]
         seq.num_computed_tokens = 1
         seq.block_table = [scratch_block, scratch_block]  # position 1, whatever the block size
         plan.decodes.append(ScheduledChunk(seq, 1, 1))
+    if prefill:
+        seq = Sequence("graph-capture-prompt", [0] * prefill, SamplingParams(max_tokens=1))
+        seq.block_table = [scratch_block] * -(-prefill // block_size)
+        plan.prefills.append(ScheduledChunk(seq, 0, prefill))
     return plan
 
 
@@ -155,17 +160,31 @@ class StepGraphs:
             split_counts(prefill, self.schedule.prefill_shares),
         )
 
-    def capture_decode_shapes(self, max_decodes: int) -> int:
-        """Capture every decode-only shape of up to ``max_decodes`` sequences now, so the first
-        iterations of a run, and a server's first requests, do not wait for a capture. Returns
-        how many shapes were captured."""
+    def capture_startup_shapes(self, max_decodes: int, budget: int) -> int:
+        """Capture now the shapes most iterations take, so the first iterations of a run, and a
+        server's first requests, do not wait for a capture: every decode-only batch of up to
+        ``max_decodes`` sequences (smallest first), then every decode count beside the prompt
+        tokens that fill the rest of the ``budget`` (a decode count rounded up to its shape
+        leaves one of two prompt-token roundings). Stops at the graph cap; returns how many
+        shapes were captured."""
         before = self.stats.shapes_captured
         largest = min(_round_up(max_decodes, DECODE_ROUND), self.rows)
-        for count in range(DECODE_ROUND, largest + 1, DECODE_ROUND):
-            step = self._prepare(_scratch_decodes(count, self.scratch_block))
-            if step is None:  # at the graph cap
+        counts = range(DECODE_ROUND, largest + 1, DECODE_ROUND)
+        plans = [(d, 0) for d in counts]
+        for d in (0, *counts):
+            plans += [(d, p) for p in (budget - d, budget - d + DECODE_ROUND - 1) if p > 0]
+        seen = set()
+        for decodes, prefill in plans:
+            plan = _scratch_plan(decodes, prefill, self.scratch_block, self.block_size)
+            shape = self.shape_of(plan)
+            if shape is None or (key := tuple(map(tuple, shape))) in seen:
+                continue
+            seen.add(key)
+            if len(self.graphs) >= MAX_GRAPHS:
                 break
-            step.replay()
+            step = self._prepare(plan)
+            if step is not None:  # None: the stand-in prompt's block table is too long
+                step.replay()
         return self.stats.shapes_captured - before
 
     def prepare(self, plan: BatchPlan) -> PreparedStep | None:

@@ -132,7 +132,7 @@ class EngineCore:
         logger.info("pipeline schedule: %s", source)
         self.schedule_source = source
         self.runner = ModelRunner(config, self.spec, checkpoint, schedule, budget, group)
-        self.runner.capture_decode_graphs(min(config.max_num_seqs, budget))
+        self.runner.capture_startup_graphs(min(config.max_num_seqs, budget), budget)
         if self.launcher is not None:
             self.runner.on_plan = self.launcher.broadcast
             self.runner.on_schedule = self.launcher.broadcast_schedule

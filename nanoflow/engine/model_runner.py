@@ -153,16 +153,15 @@ class ModelRunner:
         return self.device.type == "cuda" and dense_single_gpu and self.offload is None
 
     @torch.inference_mode()
-    def capture_decode_graphs(self, max_decodes: int) -> None:
-        """With graphs on, capture the decode-only shapes up front (logged with their time)."""
+    def capture_startup_graphs(self, max_decodes: int, budget: int) -> None:
+        """With graphs on, capture the decode-only and full-budget shapes up front (logged with
+        their time)."""
         if self.graphs is None:
             return
         started = time.perf_counter()
-        count = self.graphs.capture_decode_shapes(max_decodes)
+        count = self.graphs.capture_startup_shapes(max_decodes, budget)
         self.synchronize()
-        logger.info(
-            "captured %d decode-only CUDA graphs in %.1f s", count, time.perf_counter() - started
-        )
+        logger.info("captured %d CUDA graphs in %.1f s", count, time.perf_counter() - started)
 
     def step_graphs(self, capture: Capture) -> StepGraphs:
         """Graphs of whole iterations of this runner's model, schedule and executor."""
