@@ -261,8 +261,12 @@ def flops_row(fn: Callable[[], Any], flops: float, **fields: Any) -> dict[str, A
 
 def sweep_configs(*rows: tuple[int, ...]) -> list[DecodeConfig]:
     """Decode launch configurations (block_n, num_warps, num_stages, min_split_tiles,
-    parallel_heads) to time on the GPU; one small one for the CPU dry run."""
-    return [DecodeConfig(*r) for r in rows] if GPU else [DecodeConfig(16, 4, 1, 1, 2)]
+    parallel_heads[, tma]) to time on the GPU; one small one of the same kind for the CPU dry
+    run."""
+    if GPU:
+        return [DecodeConfig(*r) for r in rows]
+    tma = any(len(r) > 5 and r[5] for r in rows)
+    return [DecodeConfig(16, 4, 2 if tma else 1, 1, 2, tma)]
 
 
 # 5 and 7 stages give the K/V loads two and three buffers
@@ -309,24 +313,24 @@ def decode_attention() -> dict[str, Any]:
 FP8_SWEEP = sweep_configs((16, 8, 1, 4, 4), (16, 4, 1, 4, 2), (16, 4, 1, 8, 4), (16, 8, 1, 4, 2))
 
 
-def decode_attention_fp8() -> dict[str, Any]:
-    """Decode attention over an fp8 (e4m3) cache: a token's K/V are half the bytes of bf16, so
-    each tile of a given token count carries half the bytes in flight. Fraction of copy bandwidth
-    per launch configuration, at a quarter and half of the SMs and on the full grid."""
+def _decode_sweep(
+    name: str, cache_dtype: torch.dtype, default: DecodeConfig, configs: list[DecodeConfig]
+) -> dict[str, Any]:
+    """Fraction of copy bandwidth of each launch configuration, batch 256 at every context, on a
+    quarter and half of the SMs and the full grid; each checked against the reference."""
     s, scale, batch = SIZES, SIZES.head_dim**-0.5, SIZES.decode_batch
     k_wide, v_wide, order = paged([max(s.decode_ctx)] * batch)
-    k_cache, v_cache = k_wide.to(torch.float8_e4m3fn), v_wide.to(torch.float8_e4m3fn)
+    k_cache, v_cache = k_wide.to(cache_dtype), v_wide.to(cache_dtype)
     del k_wide, v_wide
     q = randn(batch, s.heads, s.head_dim)
     out = torch.empty_like(q)
-    default = decode_config(s.head_dim, DTYPE, DEVICE, narrow_cache=True)
     rows = []
     for ctx in s.decode_ctx:
         tables = order.flatten()[: batch * -(-ctx // s.page)].view(batch, -1)
         args = (q, k_cache, v_cache, tables, ints([ctx] * batch), scale)
         kv_bytes = 2 * batch * ctx * s.kv_heads * s.head_dim * k_cache.element_size()
         reference = paged_decode_attention_ref(*args) if ctx == s.decode_ctx[0] else None
-        for config in [default, *FP8_SWEEP]:
+        for config in [default, *configs]:
             for n in (*budgets()[:2], None):
                 fn = partial(_launch_decode, *args, n, out, config)
                 try:
@@ -336,8 +340,30 @@ def decode_attention_fp8() -> dict[str, Any]:
                     break
                 rows.append(row)
                 if reference is not None:
-                    check(f"decode fp8 {astuple(config)} num_ctas={n}", fn(), reference)
+                    check(f"decode {name} {astuple(config)} num_ctas={n}", fn(), reference)
     return {"default_config": asdict(default), "rows": rows}
+
+
+def decode_attention_fp8() -> dict[str, Any]:
+    """Decode attention over an fp8 (e4m3) cache: a token's K/V are half the bytes of bf16, so
+    each tile of a given token count carries half the bytes in flight."""
+    default = decode_config(SIZES.head_dim, DTYPE, DEVICE, narrow_cache=True)
+    return _decode_sweep("fp8", torch.float8_e4m3fn, default, FP8_SWEEP)
+
+
+# TMA-fed tiles of one page (16 tokens): 8 or 4 heads per copy, stages past the page-table load
+# become buffers (5 stages: 2 buffers of 8 heads; 8/10/12 stages: 3/4/5 buffers of 4 heads)
+TMA_SWEEP = sweep_configs(
+    (16, 8, 5, 4, 8, True), (16, 4, 8, 4, 4, True), (16, 4, 10, 4, 4, True),
+    (16, 4, 12, 4, 4, True), (16, 8, 12, 4, 4, True),
+)  # fmt: skip
+
+
+def decode_attention_tma() -> dict[str, Any]:
+    """The TMA-fed decode kernel beside the default one, on the cache of the model's dtype: a
+    candidate for the quarter of the SMs the pipeline leaves decode attention."""
+    default = decode_config(SIZES.head_dim, DTYPE, DEVICE)
+    return _decode_sweep("tma", DTYPE, default, TMA_SWEEP)
 
 
 # Configurations small enough in shared memory for several programs per SM (a green context
@@ -527,13 +553,15 @@ def print_table() -> None:
     for r in RESULTS.get("decode_attention", {}).get("rows", []):
         where = f"ctx {r['context']:>5} num_ctas {r['num_ctas']!s:>4}"
         print(f"  {where}: {r['gbs']:8.0f} ({r['frac_copy_bw']})")
-    fp8 = RESULTS.get("decode_attention_fp8", {}).get("rows", [])
-    if fp8:
-        print("decode attention over an fp8 cache (block_n, warps, stages, heads):")
-    for r in fp8:
-        config = f"{r['block_n']}/{r['num_warps']}/{r['num_stages']}/{r['parallel_heads']}"
-        where = f"ctx {r['context']:>5} num_ctas {r['num_ctas']!s:>4} {config:<10}"
-        print(f"  {where}: {r['gbs']:8.0f} ({r['frac_copy_bw']})")
+    for section in ("decode_attention_fp8", "decode_attention_tma"):
+        rows = RESULTS.get(section, {}).get("rows", [])
+        if rows:
+            print(f"{section} (block_n / warps / stages / heads, tma):")
+        for r in rows:
+            config = f"{r['block_n']}/{r['num_warps']}/{r['num_stages']}/{r['parallel_heads']}"
+            config += " tma" if r.get("tma") else ""
+            where = f"ctx {r['context']:>5} num_ctas {r['num_ctas']!s:>4} {config:<14}"
+            print(f"  {where}: {r['gbs']:8.0f} ({r['frac_copy_bw']})")
     print("prefill attention, TFLOP/s:")
     for r in RESULTS.get("prefill_attention", {}).get("rows", []):
         where = f"{r['shape']:<18} {r['impl']:<10} num_ctas {r['num_ctas']!s:>4}"
@@ -592,6 +620,7 @@ def main() -> int:
         "check_linear": check_linear,
         "decode_attention": decode_attention,
         "decode_attention_fp8": decode_attention_fp8,
+        "decode_attention_tma": decode_attention_tma,
         **({"decode_green_context": decode_green_context} if GPU else {}),
         "prefill_attention": prefill_attention,
         "memory_bound": memory_bound,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoflow.kernels._compat import cdiv, check_num_ctas, jit, next_pow2, sm_count, tl
+from nanoflow.kernels.decode_attention_tma import launch_decode_tma
 
 LOG2E = math.log2(math.e)
 
@@ -58,13 +59,16 @@ def paged_decode_attention_ref(
 class DecodeConfig:
     """Launch parameters: a tile holds ``block_n`` tokens (several pages) of ``parallel_heads``
     KV heads side by side (fewer where the model has fewer), and ``num_stages`` sets how far the
-    loads run ahead; independent heads in flight are what let a few SMs pull much of HBM."""
+    loads run ahead; independent heads in flight are what let a few SMs pull much of HBM. ``tma``
+    fetches each page of the tile's heads with one TMA copy (decode_attention_tma.py; a tile is
+    then one page, so ``block_n`` must be the cache's block size)."""
 
     block_n: int
     num_warps: int
     num_stages: int
     min_split_tiles: int
     parallel_heads: int = 8
+    tma: bool = False
 
 
 def decode_config(
@@ -299,29 +303,39 @@ def _launch_decode(
     heads_per_item, splits, split_len = _work_split(batch, num_kv_heads, max_ctx, programs, config)
     chunks = num_kv_heads // heads_per_item
     items = batch * chunks * splits
-    if splits > 1:
+    partials = splits > 1 or config.tma
+    if partials:
         part_out = torch.empty(batch, num_heads, splits, head_dim, device=q.device)
         part_lse = torch.empty(batch, num_heads, splits, device=q.device)
     else:
         part_out = part_lse = out
-    group = num_heads // num_kv_heads
     grid = (min(items, num_ctas or items),)
-    strides = (
-        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        block_tables.stride(0), out.stride(0), out.stride(1),
-    )  # fmt: skip
-    shape = dict(
-        GROUP=group, GROUP_PAD=max(16, next_pow2(group)), HEAD_DIM=head_dim, PAGE=page,
-        BLOCK_N=config.block_n, DIRECT=splits == 1, NUM_STAGES=config.num_stages,
-        WIDEN=k_cache.dtype != q.dtype, num_warps=config.num_warps,
-        WIDE_TYPE=tl.float16 if q.element_size() == 2 else tl.float32,
-    )  # fmt: skip
-    pointers = (q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse)
-    _decode_heads_kernel[grid](
-        *pointers, scale * LOG2E, batch, num_heads, chunks, splits, split_len, *strides,
-        HEADS=heads_per_item, **shape,
-    )  # fmt: skip
-    if splits > 1:
+    if config.tma:
+        if config.block_n != page:
+            raise ValueError(f"a TMA tile is one page: block_n must be {page}")
+        launch_decode_tma(
+            q, k_cache, v_cache, block_tables, context_lens, scale * LOG2E, grid[0],
+            heads_per_item, splits, split_len, part_out, part_lse, config.num_warps,
+            config.num_stages,
+        )  # fmt: skip
+    else:
+        group = num_heads // num_kv_heads
+        strides = (
+            q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+            block_tables.stride(0), out.stride(0), out.stride(1),
+        )  # fmt: skip
+        shape = dict(
+            GROUP=group, GROUP_PAD=max(16, next_pow2(group)), HEAD_DIM=head_dim, PAGE=page,
+            BLOCK_N=config.block_n, DIRECT=not partials, NUM_STAGES=config.num_stages,
+            WIDEN=k_cache.dtype != q.dtype, num_warps=config.num_warps,
+            WIDE_TYPE=tl.float16 if q.element_size() == 2 else tl.float32,
+        )  # fmt: skip
+        pointers = (q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse)
+        _decode_heads_kernel[grid](
+            *pointers, scale * LOG2E, batch, num_heads, chunks, splits, split_len, *strides,
+            HEADS=heads_per_item, **shape,
+        )  # fmt: skip
+    if partials:
         rows = batch * num_heads
         _decode_reduce_kernel[(min(rows, num_ctas or rows),)](
             part_out, part_lse, context_lens, out, batch, num_heads, splits, split_len,

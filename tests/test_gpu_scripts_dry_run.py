@@ -104,9 +104,11 @@ def test_bench_kernels_dry_run(tmp_path):
     assert not record["errors"]
     for key in ("date", "versions", "command", "device"):
         assert record[key]
-    fp8_rows = record["decode_attention_fp8"]["rows"]
-    assert {row["num_ctas"] for row in fp8_rows} >= {None}
-    assert any(check["name"].startswith("decode fp8") for check in record["checks"])
+    for kind in ("fp8", "tma"):
+        rows = record[f"decode_attention_{kind}"]["rows"]
+        assert {row["num_ctas"] for row in rows} >= {None}
+        assert any(check["name"].startswith(f"decode {kind}") for check in record["checks"])
+    assert any(row["tma"] for row in record["decode_attention_tma"]["rows"])
 
 
 def test_bench_kernels_runs_the_chosen_sections_and_rejects_unknown_ones(tmp_path):

@@ -111,6 +111,31 @@ def test_decode_gpu_tiles(num_ctas: int | None, parallel_heads: int) -> None:
     torch.testing.assert_close(out, expected, **tolerance(torch.float16))
 
 
+@pytest.mark.parametrize("case", ["ragged_gqa4_d128", "gqa8_d64", "long_and_short", "ctx1"])
+@pytest.mark.parametrize(("parallel_heads", "num_ctas"), [(8, None), (1, 3), (2, 1)])
+def test_decode_tma_tiles(case: str, parallel_heads: int, num_ctas: int | None) -> None:
+    """The TMA-fed launch (one page of the tile's heads per copy, several stages) in the
+    interpreter: context splits, an empty split (length 1), every head count per tile."""
+    q, k_cache, v_cache, tables, lens, scale = decode_inputs(case, torch.float16)
+    config = DecodeConfig(PAGE, 4, 3, min_split_tiles=2, parallel_heads=parallel_heads, tma=True)
+    out = _launch_decode(q, k_cache, v_cache, tables, lens, scale, num_ctas, poisoned(q), config)
+    expected = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, scale)
+    torch.testing.assert_close(out, expected, **tolerance(torch.float16))
+
+
+def test_decode_tma_says_what_it_cannot_read() -> None:
+    q, k_cache, v_cache, tables, lens, scale = decode_inputs("mha", torch.float16)
+    config = DecodeConfig(PAGE, 4, 3, min_split_tiles=2, tma=True)
+    args = (q, k_cache, v_cache, tables, lens, scale, None, torch.empty_like(q))
+    with pytest.raises(ValueError, match="block_n must be"):
+        _launch_decode(*args, DecodeConfig(2 * PAGE, 4, 3, min_split_tiles=2, tma=True))
+    with pytest.raises(ValueError, match="queries' dtype only"):
+        _launch_decode(q, k_cache.to(FP8), v_cache.to(FP8), *args[3:], config)
+    with pytest.raises(ValueError, match="contiguous"):
+        strided = k_cache.transpose(1, 2).contiguous().transpose(1, 2)
+        _launch_decode(q, strided, v_cache, *args[3:], config)
+
+
 @pytest.mark.parametrize("page", [8, 32])
 def test_decode_other_block_sizes(page: int) -> None:
     q, k_cache, v_cache, tables, lens, scale = decode_inputs("long_and_short", torch.float32, page)
