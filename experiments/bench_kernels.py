@@ -310,7 +310,11 @@ def decode_attention() -> dict[str, Any]:
 
 # an fp8 cache's tiles are prefetched one ahead in registers (num_stages does not apply): larger
 # tiles than 16 tokens of 4 heads (at 4 warps) spill registers on sm_90
-FP8_SWEEP = sweep_configs((16, 8, 1, 4, 4), (16, 4, 1, 4, 2), (16, 4, 1, 8, 4), (16, 8, 1, 4, 2))
+# and TMA-fed pages (decode_attention_tma.py), staged 3-5 deep in shared memory
+FP8_SWEEP = sweep_configs(
+    (16, 8, 1, 4, 4), (16, 4, 1, 4, 2), (16, 4, 1, 8, 4), (16, 8, 1, 4, 2),
+    (16, 4, 8, 4, 4, True), (16, 4, 12, 4, 4, True), (16, 8, 8, 4, 8, True),
+)  # fmt: skip
 
 
 def _decode_sweep(

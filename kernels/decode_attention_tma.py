@@ -3,9 +3,11 @@
 All KV heads of one cache page lie next to each other (``[page, kv_heads, block_size,
 head_dim]``), so the heads a work item reads from one page are one box of the cache seen as rows
 of ``head_dim``: one TMA copy fetches it, where the default kernel issues a load per thread and
-computes every address. With fewer instructions per byte, the few SMs the pipeline leaves decode
-attention may pull more of HBM. A launch configuration (``DecodeConfig(tma=True)``) that the
-kernel benchmark times beside the default one; the engine does not choose it.
+computes every address, and stages several pages ahead in shared memory. With fewer
+instructions per byte and more bytes in flight, the few SMs the pipeline leaves decode attention
+may pull more of HBM; an fp8 cache, whose default kernel holds one tile in registers, gains the
+staging most. A launch configuration (``DecodeConfig(tma=True)``) that the kernel benchmark times
+beside the default one; the engine does not choose it.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ def _decode_tma_kernel(
     scale_log2, num_seqs, num_heads, num_kv_heads, num_chunks, num_splits, split_pages,
     stride_qb, stride_qh, stride_tb,
     HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PAGE: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PAGE: tl.constexpr, NUM_STAGES: tl.constexpr, WIDEN: tl.constexpr, WIDE_TYPE: tl.constexpr,
 ):  # fmt: skip
     """Work item = (sequence, ``HEADS`` KV heads, context split); a tile is one page. Every item
-    writes its partial output and log-sum-exp (base 2) for the reduce kernel."""
+    writes its partial output and log-sum-exp (base 2) for the reduce kernel. ``WIDEN`` (an fp8
+    cache): the staged pages and the queries are widened to ``WIDE_TYPE`` for the dots."""
     kv = tl.arange(0, HEADS)
     rows = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, HEAD_DIM)
@@ -45,6 +48,8 @@ def _decode_tma_kernel(
             mask=row_mask,
             other=0.0,
         )
+        if WIDEN:
+            q = q.to(WIDE_TYPE)
         table = tables_ptr + seq.to(tl.int64) * stride_tb
         m_i = tl.full([HEADS, GROUP_PAD], -1e30, tl.float32)
         l_i = tl.zeros([HEADS, GROUP_PAD], tl.float32)
@@ -53,6 +58,8 @@ def _decode_tma_kernel(
             box = (tl.load(table + t) * num_kv_heads + chunk * HEADS) * PAGE
             k = tl.reshape(k_desc.load([box, 0]), [HEADS, PAGE, HEAD_DIM])
             v = tl.reshape(v_desc.load([box, 0]), [HEADS, PAGE, HEAD_DIM])
+            if WIDEN:
+                k, v = k.to(WIDE_TYPE), v.to(WIDE_TYPE)
             valid = t * PAGE + cols < length
             s = tl.dot(q, tl.permute(k, (0, 2, 1))) * scale_log2
             s = tl.where(valid[None, None, :], s, float("-inf"))
@@ -72,8 +79,6 @@ def _decode_tma_kernel(
 def check_tma_inputs(q: torch.Tensor, k_cache: torch.Tensor, heads_per_item: int) -> None:
     """What a TMA box over the cache needs, said plainly when it is missing."""
     page = k_cache.shape[2]
-    if k_cache.dtype != q.dtype:
-        raise ValueError("the TMA decode path reads caches of the queries' dtype only")
     if not k_cache.is_contiguous():
         raise ValueError("the TMA decode path needs contiguous caches (boxes of whole pages)")
     if heads_per_item * page > MAX_BOX_ROWS:
@@ -116,4 +121,6 @@ def launch_decode_tma(
         q.stride(0), q.stride(1), block_tables.stride(0),
         HEADS=heads_per_item, GROUP=group, GROUP_PAD=max(16, next_pow2(group)),
         HEAD_DIM=head_dim, PAGE=page, NUM_STAGES=num_stages, num_warps=num_warps,
+        WIDEN=k_cache.dtype != q.dtype,
+        WIDE_TYPE=tl.float16 if q.element_size() == 2 else tl.float32,
     )  # fmt: skip

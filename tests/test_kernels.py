@@ -123,14 +123,21 @@ def test_decode_tma_tiles(case: str, parallel_heads: int, num_ctas: int | None) 
     torch.testing.assert_close(out, expected, **tolerance(torch.float16))
 
 
+def test_decode_tma_reads_an_fp8_cache() -> None:
+    q, k_cache, v_cache, tables, lens, scale = decode_inputs("ragged_gqa4_d128", torch.float16)
+    k8, v8 = k_cache.to(FP8), v_cache.to(FP8)
+    config = DecodeConfig(PAGE, 4, 3, min_split_tiles=2, parallel_heads=2, tma=True)
+    out = _launch_decode(q, k8, v8, tables, lens, scale, 3, poisoned(q), config)
+    expected = paged_decode_attention_ref(q, k8, v8, tables, lens, scale)
+    torch.testing.assert_close(out, expected, **tolerance(torch.float16))
+
+
 def test_decode_tma_says_what_it_cannot_read() -> None:
     q, k_cache, v_cache, tables, lens, scale = decode_inputs("mha", torch.float16)
     config = DecodeConfig(PAGE, 4, 3, min_split_tiles=2, tma=True)
     args = (q, k_cache, v_cache, tables, lens, scale, None, torch.empty_like(q))
     with pytest.raises(ValueError, match="block_n must be"):
         _launch_decode(*args, DecodeConfig(2 * PAGE, 4, 3, min_split_tiles=2, tma=True))
-    with pytest.raises(ValueError, match="queries' dtype only"):
-        _launch_decode(q, k_cache.to(FP8), v_cache.to(FP8), *args[3:], config)
     with pytest.raises(ValueError, match="contiguous"):
         strided = k_cache.transpose(1, 2).contiguous().transpose(1, 2)
         _launch_decode(q, strided, v_cache, *args[3:], config)
