@@ -164,6 +164,19 @@ def test_shapes_captured_up_front_serve_the_run(llama_checkpoint):
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
 
 
+def test_shapes_captured_up_front_serve_nano_batches(llama_checkpoint):
+    """With two nano-batches the stand-in prompt is split between them, as a real one is: the
+    run replays the start-up graphs and gives the same tokens as without graphs."""
+    folder, _ = llama_checkpoint
+    kwargs = {"executor": "nanobatch", "max_num_batched_tokens": 24, "max_num_seqs": 16}
+    plain, llm, captured = _capture_up_front(folder, 16, **kwargs)
+    assert captured > 1
+    assert _greedy(llm) == plain
+    graphs = llm.engine.runner.graphs
+    assert graphs.stats.graph_steps > 0 and graphs.stats.eager_steps == 0
+    assert graphs.stats.shapes_captured == captured  # nothing captured during the run
+
+
 def test_start_up_capture_stops_at_the_graph_cap(llama_checkpoint, monkeypatch):
     """With room for two graphs, start-up capture takes the two smallest decode shapes and
     stops; the run's other shapes then go eagerly and the tokens stay the same."""
