@@ -14,6 +14,7 @@ import torch
 
 from nanoflow.kernels._compat import cdiv, check_num_ctas, jit, next_pow2, sm_count, tl
 from nanoflow.kernels.decode_attention_tma import launch_decode_tma
+from nanoflow.kernels.decode_tiles import attend_tile, store_partial
 
 LOG2E = math.log2(math.e)
 
@@ -159,19 +160,6 @@ def _kv_tile(
 
 
 @jit
-def _attend_tile(q, k, v, valid, m_i, l_i, acc, scale_log2):
-    """One online-softmax step of every head in the tile over one K/V tile."""
-    s = tl.dot(q, tl.permute(k, (0, 2, 1))) * scale_log2
-    s = tl.where(valid[None, None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 2))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, :, None])
-    l_i = l_i * alpha + tl.sum(p, 2)
-    acc = acc * alpha[:, :, None] + tl.dot(p.to(q.dtype), v)
-    return m_new, l_i, acc
-
-
-@jit
 def _decode_heads_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     scale_log2, num_seqs, num_heads, num_chunks, num_splits, split_len,
@@ -228,24 +216,23 @@ def _decode_heads_kernel(
                     stride_kb, stride_kt, stride_vb, stride_vt, PAGE,
                 )  # fmt: skip
                 k, v = k.to(WIDE_TYPE), v.to(WIDE_TYPE)
-                m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, scale_log2)
+                m_i, l_i, acc = attend_tile(q, k, v, valid, m_i, l_i, acc, scale_log2)
         else:
             for t in tl.range(0, n_tiles, num_stages=NUM_STAGES):
                 k, v, valid = _kv_tile(
                     k_rows, v_rows, table, start + t * BLOCK_N + cols, end,
                     stride_kb, stride_kt, stride_vb, stride_vt, PAGE,
                 )  # fmt: skip
-                m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, scale_log2)
-        # An empty split stores zeros with a log-sum-exp of -inf: the reduce gives it no weight.
+                m_i, l_i, acc = attend_tile(q, k, v, valid, m_i, l_i, acc, scale_log2)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, :, None]
         if DIRECT:
             o_ptrs = out_ptr + seq * stride_ob + heads[:, :, None] * stride_oh + dims[None, None, :]
             tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_mask)
         else:
-            part = (seq * num_heads + heads) * num_splits + split
-            o_ptrs = part_out_ptr + part[:, :, None] * HEAD_DIM + dims[None, None, :]
-            tl.store(o_ptrs, o, mask=row_mask)
-            tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=rows[None, :] < GROUP)
+            store_partial(
+                part_out_ptr, part_lse_ptr, o, m_i, l_i, seq, heads, split, num_heads, num_splits,
+                HEAD_DIM, GROUP,
+            )  # fmt: skip
 
 
 @jit

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from nanoflow.kernels._compat import jit, next_pow2, tl
+from nanoflow.kernels.decode_tiles import attend_tile, store_partial
 
 MAX_BOX_ROWS = 256  # the TMA limit on a box dimension
 
@@ -61,19 +62,12 @@ def _decode_tma_kernel(
             if WIDEN:
                 k, v = k.to(WIDE_TYPE), v.to(WIDE_TYPE)
             valid = t * PAGE + cols < length
-            s = tl.dot(q, tl.permute(k, (0, 2, 1))) * scale_log2
-            s = tl.where(valid[None, None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 2))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, :, None])
-            l_i = l_i * alpha + tl.sum(p, 2)
-            acc = acc * alpha[:, :, None] + tl.dot(p.to(q.dtype), v)
-            m_i = m_new
-        # An empty split stores zeros with a log-sum-exp of -inf: the reduce gives it no weight.
+            m_i, l_i, acc = attend_tile(q, k, v, valid, m_i, l_i, acc, scale_log2)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, :, None]
-        part = (seq * num_heads + heads) * num_splits + split
-        tl.store(part_out_ptr + part[:, :, None] * HEAD_DIM + dims[None, None, :], o, mask=row_mask)
-        tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=rows[None, :] < GROUP)
+        store_partial(
+            part_out_ptr, part_lse_ptr, o, m_i, l_i, seq, heads, split, num_heads, num_splits,
+            HEAD_DIM, GROUP,
+        )  # fmt: skip
 
 
 def check_tma_inputs(q: torch.Tensor, k_cache: torch.Tensor, heads_per_item: int) -> None:
