@@ -45,6 +45,7 @@ import triton.testing  # noqa: E402
 from nanoflow.kernels._compat import sm_count  # noqa: E402
 from nanoflow.kernels.activation import silu_and_mul_ref, silu_and_mul_triton  # noqa: E402
 from nanoflow.kernels.decode_attention import (  # noqa: E402
+    CONFIG_ENV,
     DecodeConfig,
     _launch_decode,
     decode_config,
@@ -615,6 +616,7 @@ def main() -> int:
         date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         dtype=str(DTYPE),
         sizes=asdict(SIZES),
+        decode_config_override=os.environ.get(CONFIG_ENV),
     )
     start = time.perf_counter()
     run_section("ceilings", ceilings)

@@ -32,6 +32,8 @@ from typing import Any
 import plots
 from report import ROOT, render, write_result
 
+from nanoflow.kernels.decode_attention import CONFIG_ENV
+
 EXECUTORS = ("sequential", "nanobatch", "overlapped")
 QUICK_WORKLOADS = ("512/512",)
 ALL_WORKLOADS = ("512/512", "1024/512", "512/1024", "splitwise", "lmsys", "sharegpt")
@@ -89,6 +91,8 @@ def throughput(runner: Runner, args: argparse.Namespace, workload: str, executor
     label = ("tuned" if executor == "auto" else executor) + ("-graphs" if args.cuda_graphs else "")
     label += "-fp8kv" if args.kv_cache_dtype == "fp8" else ""
     label += f"-seqs{args.max_num_seqs}" if args.max_num_seqs else ""
+    forced = os.environ.get(CONFIG_ENV)  # a decode launch configuration under test
+    label += "-decode" + re.sub(r"\W+", "_", forced) if forced else ""
     out = runner.results / f"throughput-{args.model}-{slug(workload)}-{label}.json"
     cmd = [nanoflow_exe(), "bench", "throughput", args.model, "--load-format", "dummy"]
     cmd += ["--executor", executor, "--workload", workload, "--num-prompts", str(args.num_prompts)]

@@ -7,7 +7,9 @@ holding tokens ``i*block_size ... (i+1)*block_size - 1`` of sequence ``b``.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +74,31 @@ class DecodeConfig:
     tma: bool = False
 
 
+# "block_n,num_warps,num_stages,min_split_tiles,parallel_heads[,tma]": replaces the choice below
+# in every launch, so one GPU run can time a configuration from the kernel sweep end to end
+# (throughput runs and result files record it)
+CONFIG_ENV = "NANOFLOW_DECODE_CONFIG"
+
+
+@functools.lru_cache(maxsize=8)
+def parse_config(text: str) -> DecodeConfig:
+    """A DecodeConfig from ``CONFIG_ENV``'s format; a ValueError names what is wrong."""
+    fields = [f.strip() for f in text.split(",")]
+    tma = len(fields) == 6 and fields[5] == "tma"
+    if len(fields) not in (5, 6) or (len(fields) == 6 and not tma):
+        raise ValueError(
+            f"{CONFIG_ENV}={text!r}: expected block_n,num_warps,num_stages,min_split_tiles,"
+            "parallel_heads and optionally ',tma'"
+        )
+    try:
+        numbers = [int(f) for f in fields[:5]]
+    except ValueError:
+        raise ValueError(f"{CONFIG_ENV}={text!r}: the first five fields are integers") from None
+    if any(n < 1 for n in numbers):
+        raise ValueError(f"{CONFIG_ENV}={text!r}: every field must be positive")
+    return DecodeConfig(*numbers, tma=tma)
+
+
 def decode_config(
     head_dim: int, dtype: torch.dtype, device: torch.device, narrow_cache: bool = False
 ) -> DecodeConfig:
@@ -81,7 +108,9 @@ def decode_config(
     A ``narrow_cache`` (fp8) holds its tile in registers: 16 tokens of 4 heads, 4 warps, which
     measured 0.71-0.77 of copy bandwidth on the full grid (kernels_decode_fp8_h100.json), where
     8 heads of 32 tokens spill registers (0.01-0.02, results/earlier/).
-    Tiny tiles on CPU so the interpreter exercises every loop."""
+    Tiny tiles on CPU so the interpreter exercises every loop. ``CONFIG_ENV`` overrides all."""
+    if os.environ.get(CONFIG_ENV):
+        return parse_config(os.environ[CONFIG_ENV])
     if device.type != "cuda":
         return DecodeConfig(block_n=16, num_warps=4, num_stages=1, min_split_tiles=1)
     if narrow_cache:

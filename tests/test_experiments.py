@@ -159,6 +159,27 @@ def test_detailed_bench_serve_results_give_the_papers_normalized_latency():
     assert point["ttft_p99_s"] == pytest.approx(0.2)
 
 
+def test_runner_labels_a_forced_decode_config(tmp_path, monkeypatch):
+    """A throughput run under a forced decode launch configuration gets its own label and
+    file, so it never overwrites the default kernel's run."""
+    import run
+
+    from nanoflow.kernels.decode_attention import CONFIG_ENV
+
+    class Recorder:
+        results = tmp_path
+
+        def run(self, name, cmd, out, stamp):
+            self.out, self.stamp = out, stamp
+
+    argv = ["--model", "builtin", "--device", "cpu", "--workloads", "16/4"]
+    recorder = Recorder()
+    monkeypatch.setenv(CONFIG_ENV, "16,4,10,4,4,tma")
+    run.throughput(recorder, run.parse_args(argv), "16/4", "sequential")
+    assert recorder.stamp["executor"] == "sequential-decode16_4_10_4_4_tma"
+    assert recorder.out.name == "throughput-builtin-16_4-sequential-decode16_4_10_4_4_tma.json"
+
+
 def test_peer_transformers_dry_run(tmp_path):
     import peer_transformers
 

@@ -143,6 +143,31 @@ def test_decode_tma_says_what_it_cannot_read() -> None:
         _launch_decode(q, strided, v_cache, *args[3:], config)
 
 
+def test_decode_config_can_be_forced_for_an_experiment(monkeypatch) -> None:
+    """NANOFLOW_DECODE_CONFIG replaces the built-in choice in every launch (and says plainly
+    what is wrong with a malformed value); the result files record it."""
+    from nanoflow.kernels.decode_attention import CONFIG_ENV, decode_config
+    from nanoflow.measure import environment
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(CONFIG_ENV, "16, 4, 2, 1, 2, tma")
+    forced = decode_config(64, torch.float16, cpu)
+    assert forced == DecodeConfig(16, 4, 2, 1, 2, tma=True)
+    assert environment(cpu)["decode_config_override"] == "16, 4, 2, 1, 2, tma"
+    q, k_cache, v_cache, tables, lens, scale = decode_inputs("long_and_short", torch.float16)
+    out = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, scale, 3, poisoned(q))
+    expected = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, scale)
+    torch.testing.assert_close(out, expected, **tolerance(torch.float16))
+    for bad, message in (("16,4,2", "expected block_n"), ("16,4,x,1,2", "integers"),
+                         ("16,4,0,1,2", "positive"), ("16,4,2,1,2,fast", "expected")):  # fmt: skip
+        monkeypatch.setenv(CONFIG_ENV, bad)
+        with pytest.raises(ValueError, match=message):
+            decode_config(64, torch.float16, cpu)
+    monkeypatch.delenv(CONFIG_ENV)
+    assert not decode_config(64, torch.float16, cpu).tma
+    assert "decode_config_override" not in environment(cpu)
+
+
 @pytest.mark.parametrize("page", [8, 32])
 def test_decode_other_block_sizes(page: int) -> None:
     q, k_cache, v_cache, tables, lens, scale = decode_inputs("long_and_short", torch.float32, page)
