@@ -382,7 +382,8 @@ GREEN_SMS = 32
 
 def decode_green_context() -> dict[str, Any]:
     """Decode attention on a quarter of the SMs enforced in hardware: a green context of 32 SMs
-    running a full grid, where shared-memory-light programs can share an SM."""
+    running a full grid, where shared-memory-light programs can share an SM; beside it, a plain
+    device copy in the same partition, the bandwidth those SMs can pull at all."""
     schedule = PipelineSchedule(
         units=(UnitSpec("memory", GREEN_SMS), UnitSpec("rest")),
         op_units={r.value: "memory" for r in Resource},
@@ -399,13 +400,17 @@ def decode_green_context() -> dict[str, Any]:
     rows = []
     default = decode_config(s.head_dim, DTYPE, DEVICE)
     with torch.cuda.stream(unit.stream):
+        src = randn(SIZES.copy_elems // 4, dtype=torch.bfloat16)
+        copy = partial(torch.Tensor.copy_, torch.empty_like(src), src)
+        copy_row = bandwidth_row(copy, 2 * src.numel() * src.element_size(), sms=unit.num_sms)
+        del src
         for config in [default, *GREEN_SWEEP]:
             fn = partial(_launch_decode, *args, None, out, config)
             rows.append(
                 bandwidth_row(fn, kv_bytes, **asdict(config), context=ctx, sms=unit.num_sms)
             )
             check(f"decode green {astuple(config)}", fn(), reference)
-    return {"sms": unit.num_sms, "rows": rows}
+    return {"sms": unit.num_sms, "copy": copy_row, "rows": rows}
 
 
 def prefill_flops(q_len: int, ctx: int) -> float:
@@ -567,6 +572,16 @@ def print_table() -> None:
             config += " tma" if r.get("tma") else ""
             where = f"ctx {r['context']:>5} num_ctas {r['num_ctas']!s:>4} {config:<14}"
             print(f"  {where}: {r['gbs']:8.0f} ({r['frac_copy_bw']})")
+    green = RESULTS.get("decode_green_context", {})
+    if green:
+        copy = green["copy"]
+        print(
+            f"green context of {green['sms']} SMs: copy {copy['gbs']:.0f} GB/s "
+            f"({copy['frac_copy_bw']}); decode attention (block_n / warps / stages / heads):"
+        )
+    for r in green.get("rows", []):
+        config = f"{r['block_n']}/{r['num_warps']}/{r['num_stages']}/{r['parallel_heads']}"
+        print(f"  ctx {r['context']:>5} {config:<14}: {r['gbs']:8.0f} ({r['frac_copy_bw']})")
     print("prefill attention, TFLOP/s:")
     for r in RESULTS.get("prefill_attention", {}).get("rows", []):
         where = f"{r['shape']:<18} {r['impl']:<10} num_ctas {r['num_ctas']!s:>4}"

@@ -100,19 +100,36 @@ def parse_config(text: str) -> DecodeConfig:
 
 
 def decode_config(
-    head_dim: int, dtype: torch.dtype, device: torch.device, narrow_cache: bool = False
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    narrow_cache: bool = False,
+    page: int = 16,
+    budgeted: bool = False,
+    tma: bool = True,
 ) -> DecodeConfig:
-    """On the GPU: all of a sequence's KV heads (up to 8) in one tile of 32 tokens, 8 warps (the
-    best of the H100 sweep in experiments/bench_kernels.py on a quarter of the SMs: 0.46 of copy
-    bandwidth against 0.30 for the former one-head-per-tile kernel, and 1.00 on a full grid).
-    A ``narrow_cache`` (fp8) holds its tile in registers: 16 tokens of 4 heads, 4 warps, which
-    measured 0.71-0.77 of copy bandwidth on the full grid (kernels_decode_fp8_h100.json), where
-    8 heads of 32 tokens spill registers (0.01-0.02, results/earlier/).
+    """On Hopper and later: TMA-fed pages (decode_attention_tma.py). On the H200 sweep of
+    experiments/bench_kernels.py (kernels_decode_tma_h200.json), 8 heads per 16-token page, two
+    buffers read 0.44-0.53 of copy bandwidth on a quarter of the SMs, 0.75-0.91 on half and
+    0.92-1.02 on the full grid, against 0.31-0.32, 0.57-0.60 and 0.71-0.80 for the register-fed
+    kernel below; a budgeted grid was where it mattered, as a plain copy confined to 32 SMs
+    reaches only 0.53. An fp8 (``narrow_cache``) cache widens each staged page: 4 heads, 12
+    stages on a full grid (0.73-0.85 against 0.52-0.55), 8 heads, 8 stages on a budgeted one
+    (0.17-0.19 on a quarter of the SMs against 0.10).
+    Boxes hold 128 rows of a page's heads, so larger pages take fewer heads.
+    Before Hopper, or without ``tma`` (caches that are not whole contiguous pages): all of a
+    sequence's KV heads (up to 8) in one register-fed tile of 32 tokens, 8 warps; an fp8 cache
+    there takes 16 tokens of 4 heads, 4 warps (more spills registers).
     Tiny tiles on CPU so the interpreter exercises every loop. ``CONFIG_ENV`` overrides all."""
     if os.environ.get(CONFIG_ENV):
         return parse_config(os.environ[CONFIG_ENV])
     if device.type != "cuda":
         return DecodeConfig(block_n=16, num_warps=4, num_stages=1, min_split_tiles=1)
+    if tma and torch.cuda.get_device_capability(device)[0] >= 9:
+        heads = max(1, min(8, 128 // page))
+        if narrow_cache and not budgeted:
+            return DecodeConfig(page, 4, 12, 4, max(1, heads // 2), tma=True)
+        return DecodeConfig(page, 8, 8 if narrow_cache else 5, 4, heads, tma=True)
     if narrow_cache:
         return DecodeConfig(
             block_n=16, num_warps=4, num_stages=1, min_split_tiles=4, parallel_heads=4
@@ -379,7 +396,11 @@ def paged_decode_attention_triton(
         out = torch.empty_like(q)
     if q.shape[0] == 0:
         return out
-    config = decode_config(q.shape[2], q.dtype, q.device, k_cache.dtype != q.dtype)
+    whole_pages = k_cache.is_contiguous() and v_cache.is_contiguous()  # what a TMA box needs
+    config = decode_config(
+        q.shape[2], q.dtype, q.device, k_cache.dtype != q.dtype, k_cache.shape[2],
+        budgeted=num_ctas is not None, tma=whole_pages,
+    )  # fmt: skip
     return _launch_decode(
         q, k_cache, v_cache, block_tables, context_lens, scale, num_ctas, out, config
     )

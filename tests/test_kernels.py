@@ -143,6 +143,25 @@ def test_decode_tma_says_what_it_cannot_read() -> None:
         _launch_decode(q, strided, v_cache, *args[3:], config)
 
 
+def test_decode_config_feeds_hopper_by_tma(monkeypatch) -> None:
+    """On sm_90 and later the engine's decode launches are TMA-fed, with boxes of 128 rows
+    (fewer heads for larger pages), a budgeted fp8 grid taking the wider tile; older GPUs and
+    caches that are not whole contiguous pages keep the register-fed kernel."""
+    from nanoflow.kernels.decode_attention import decode_config
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert decode_config(128, torch.bfloat16, gpu) == DecodeConfig(16, 8, 5, 4, 8, tma=True)
+    assert decode_config(128, torch.bfloat16, gpu, page=64).parallel_heads == 2
+    fp8_full = decode_config(128, torch.bfloat16, gpu, narrow_cache=True)
+    assert fp8_full == DecodeConfig(16, 4, 12, 4, 4, tma=True)
+    fp8_budgeted = decode_config(128, torch.bfloat16, gpu, narrow_cache=True, budgeted=True)
+    assert fp8_budgeted == DecodeConfig(16, 8, 8, 4, 8, tma=True)
+    assert not decode_config(128, torch.bfloat16, gpu, tma=False).tma
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not decode_config(128, torch.bfloat16, gpu).tma
+
+
 def test_decode_config_can_be_forced_for_an_experiment(monkeypatch) -> None:
     """NANOFLOW_DECODE_CONFIG replaces the built-in choice in every launch (and says plainly
     what is wrong with a malformed value); the result files record it."""
