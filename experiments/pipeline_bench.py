@@ -400,9 +400,13 @@ def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | Non
         schedules[f"overlap-attn-all/{memory}-high"] = overlapped(
             None, memory, Mechanism.CTA_LIMIT, priority=-1, attention_only=True
         )
-    schedules["overlap-attn-green-100/32"] = overlapped(
-        100, 32, Mechanism.GREEN_CONTEXT, attention_only=True
-    )
+    for compute, memory in ((100, 32), (88, 44)):  # GEMMs confined too: hardware, or cuBLASLt
+        schedules[f"overlap-attn-green-{compute}/{memory}"] = overlapped(
+            compute, memory, Mechanism.GREEN_CONTEXT, attention_only=True
+        )
+        schedules[f"overlap-attn-cta-{compute}/{memory}"] = overlapped(
+            compute, memory, Mechanism.CTA_LIMIT, attention_only=True
+        )
     hand_written = architecture_schedule(llm.engine.config, DEVICE)
     schedules["hand-written"] = hand_written
     schedules["hand-written-4-nano-batches"] = shared_sm_schedule(
