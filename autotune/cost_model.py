@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from nanoflow.autotune.steady_state import SteadyBatch
 from nanoflow.autotune.tables import SHARED_SMS, OpTable, OpTables
-from nanoflow.pipeline.executors import launch_order
+from nanoflow.pipeline.executors import iteration_order
 from nanoflow.pipeline.ops import Resource, op_dependencies
 from nanoflow.pipeline.schedule import Mechanism, PipelineSchedule, split_counts
 
@@ -147,10 +147,17 @@ def _op_seconds(op: OpTable, nb: NanoBatchShape, batch: SteadyBatch, sms: int) -
     return op.time(nb.tokens, 0, sms)
 
 
-def _layer_order(schedule: PipelineSchedule, num_ops: int, num_nb: int) -> list[tuple[int, int]]:
-    if schedule.overlap:
-        return launch_order(num_ops, num_nb, schedule.launch_order)
-    return [(k, j) for j in range(num_nb) for k in range(num_ops)]
+def _iteration_order(
+    schedule: PipelineSchedule, ops: tuple[OpTable, ...], num_nb: int, num_layers: int
+) -> list[tuple[int, int, int]]:
+    """(layer, op, nano-batch) in the order the executor launches them."""
+    if not schedule.overlap:
+        return [
+            (L, k, j) for L in range(num_layers) for j in range(num_nb) for k in range(len(ops))
+        ]
+    names = [op.name for op in ops]
+    head = names.index("decode_attention") + 1 if "decode_attention" in names else len(ops)
+    return iteration_order(((len(ops), head),) * num_layers, num_nb, schedule.launch_order)
 
 
 def build_tasks(
@@ -171,24 +178,19 @@ def build_tasks(
         (j - 1,) if j and shapes[j].prefill_tokens and shapes[j - 1].prefill_tokens else ()
         for j in range(len(shapes))
     ]
-    order = _layer_order(schedule, len(tables.ops), len(shapes))
     op_deps = op_dependencies([op.name for op in tables.ops], [op.after for op in tables.ops])
+    last = len(tables.ops) - 1
     tasks: list[Task] = []
-    entry: list[int | None] = [None] * len(shapes)
-    for layer in range(num_layers):
-        index: dict[tuple[int, int], int] = {}
-        for k, j in order:
-            op = tables.ops[k]
-            deps = [index[(d, j)] for d in op_deps[k]]
-            if not op_deps[k] and entry[j] is not None:
-                deps.append(entry[j])
-            if op.reads_other_kv and kv_op is not None:
-                deps += [index[(kv_op, i)] for i in kv_deps[j]]
-            index[(k, j)] = len(tasks)
-            tasks.append(
-                Task(units[k], op.resource, seconds[k][j], tuple(deps), (layer, op.name, j))
-            )
-        entry = [index[(len(tables.ops) - 1, j)] for j in range(len(shapes))]
+    index: dict[tuple[int, int, int], int] = {}
+    for layer, k, j in _iteration_order(schedule, tuple(tables.ops), len(shapes), num_layers):
+        op = tables.ops[k]
+        deps = [index[(layer, d, j)] for d in op_deps[k]]
+        if not op_deps[k] and layer:
+            deps.append(index[(layer - 1, last, j)])
+        if op.reads_other_kv and kv_op is not None:
+            deps += [index[(layer, kv_op, i)] for i in kv_deps[j]]
+        index[(layer, k, j)] = len(tasks)
+        tasks.append(Task(units[k], op.resource, seconds[k][j], tuple(deps), (layer, op.name, j)))
     return tasks
 
 

@@ -386,6 +386,7 @@ def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | Non
         device=str(DEVICE),
         max_num_batched_tokens=args.budget,
         num_kv_blocks=args.num_kv_blocks,
+        max_num_seqs=args.max_num_seqs,
         cuda_graphs=args.cuda_graphs,
         kv_cache_dtype=args.kv_cache_dtype,
     )
@@ -420,6 +421,15 @@ def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | Non
     schedules["overlap-green-88/44-wavefront"] = dataclasses.replace(
         schedules["overlap-green-88/44"], launch_order=LaunchOrder.WAVEFRONT
     )
+    schedules["overlap-attn-green-96/36"] = overlapped(
+        96, 36, Mechanism.GREEN_CONTEXT, attention_only=True
+    )
+    # each nano-batch's stretch between two decode attentions queued whole: one nano-batch's
+    # GEMMs run while another's attention does
+    for name in [n for n, s in schedules.items() if s.overlap and "wavefront" not in n]:
+        schedules[f"{name}-alternating"] = dataclasses.replace(
+            schedules[name], launch_order=LaunchOrder.ALTERNATING
+        )
     if args.schedules:
         schedules = {k: v for k, v in schedules.items() if k in args.schedules.split(",")}
     if DEVICE.type != "cuda":  # green contexts need a GPU; the rest runs as a dry run
@@ -447,6 +457,8 @@ def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | Non
             if llm.engine.runner.graphs is not None:
                 row["iteration_eager"] = time_iteration(llm, plan, eager=True)
                 row["graph_check"] = graph_check(llm, plan)
+            if name == args.timeline and DEVICE.type == "cuda":
+                result["timeline"] = record_timeline(llm, plan, out_dir, name)
             if "throughput" in args.skip:
                 result["schedules"][name] = row
                 print(name, json.dumps({k: v for k, v in row.items() if k != "schedule"}))
@@ -523,6 +535,8 @@ def main() -> int:
     )
     parser.add_argument("--schedules", default=None, help="comma list of e2e schedule names")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    parser.add_argument("--max-num-seqs", type=int, default=512)
+    parser.add_argument("--timeline", default=None, help="schedule whose timeline to draw")
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)

@@ -9,7 +9,7 @@ from nanoflow import LLM, SamplingParams
 from nanoflow.engine.batch import prepare_step
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.sequence import Sequence
-from nanoflow.pipeline.executors import launch_order
+from nanoflow.pipeline.executors import iteration_order, launch_order
 from nanoflow.pipeline.ops import Resource
 from nanoflow.pipeline.schedule import (
     LaunchOrder,
@@ -37,7 +37,8 @@ def test_executors_agree(hf_checkpoint, budget):
     assert _generate(folder, "overlapped", max_num_batched_tokens=budget) == reference
 
 
-def test_uneven_three_way_wavefront_schedule_agrees(llama_checkpoint):
+@pytest.mark.parametrize("order", [LaunchOrder.WAVEFRONT, LaunchOrder.ALTERNATING])
+def test_uneven_three_way_schedule_agrees(llama_checkpoint, order):
     folder, _ = llama_checkpoint
     reference = _generate(folder, "sequential")
     llm = LLM(str(folder), dtype="float32", device="cpu", executor="sequential")
@@ -47,7 +48,7 @@ def test_uneven_three_way_wavefront_schedule_agrees(llama_checkpoint):
             prefill_shares=(0.2, 0.5, 0.3),
             units=(UnitSpec("compute", 100), UnitSpec("memory", 32)),
             op_units={"compute": "compute", "memory": "memory", "network": "compute"},
-            launch_order=LaunchOrder.WAVEFRONT,
+            launch_order=order,
             overlap=True,
         )
     )
@@ -89,6 +90,29 @@ def test_launch_orders_respect_dependencies(order):
     for k, j in pairs:
         assert k == 0 or (k - 1, j) in seen
         seen.add((k, j))
+
+
+@pytest.mark.parametrize("order", list(LaunchOrder))
+def test_iteration_orders_launch_every_op_once_after_what_precedes_it(order):
+    layers = ((11, 4), (11, 4), (11, 4))
+    launches = iteration_order(layers, 3, order)
+    assert sorted(launches) == [(L, k, j) for L in range(3) for k in range(11) for j in range(3)]
+    seen = set()
+    for layer, k, j in launches:
+        before = (layer, k - 1, j) if k else (layer - 1, 10, j)
+        assert before[0] < 0 or before in seen
+        seen.add((layer, k, j))
+
+
+def test_alternating_order_queues_a_nano_batch_stretch_between_attentions_whole():
+    """Nano-batch 0's post-attention ops and its next layer's head (up to and including decode
+    attention) are all launched before nano-batch 1's post-attention ops of the same layer."""
+    launches = iteration_order(((6, 3), (6, 3)), 2, LaunchOrder.ALTERNATING)
+    position = {launch: i for i, launch in enumerate(launches)}
+    first_of_nb1_tail = position[(0, 3, 1)]
+    assert all(position[(0, k, 0)] < first_of_nb1_tail for k in range(3, 6))
+    assert all(position[(1, k, 0)] < first_of_nb1_tail for k in range(3))
+    assert launches[:6] == [(0, 0, 0), (0, 1, 0), (0, 2, 0), (0, 0, 1), (0, 1, 1), (0, 2, 1)]
 
 
 @pytest.mark.parametrize(

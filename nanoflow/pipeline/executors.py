@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,12 +26,38 @@ LaunchHook = Callable[[int, Op, NanoBatch, str, bool], None]
 
 def launch_order(num_ops: int, num_nano_batches: int, order: LaunchOrder) -> list[tuple[int, int]]:
     """(op index, nano-batch index) pairs of one layer, in the order they are launched."""
-    if order is LaunchOrder.OP_MAJOR:
-        return [(k, j) for k in range(num_ops) for j in range(num_nano_batches)]
-    waves = num_ops + num_nano_batches - 1
-    return [
-        (w - j, j) for w in range(waves) for j in range(num_nano_batches) if 0 <= w - j < num_ops
-    ]
+    if order is LaunchOrder.WAVEFRONT:
+        waves = num_ops + num_nano_batches - 1
+        return [
+            (w - j, j)
+            for w in range(waves)
+            for j in range(num_nano_batches)
+            if 0 <= w - j < num_ops
+        ]
+    return [(k, j) for k in range(num_ops) for j in range(num_nano_batches)]
+
+
+@functools.lru_cache(maxsize=16)
+def iteration_order(
+    layers: tuple[tuple[int, int], ...], num_nano_batches: int, order: LaunchOrder
+) -> list[tuple[int, int, int]]:
+    """(layer, op index, nano-batch index) of a whole iteration in launch order; ``layers``
+    gives each layer's op count and where its head ends (just after decode attention)."""
+    if order is not LaunchOrder.ALTERNATING:
+        return [
+            (layer, k, j)
+            for layer, (num_ops, _) in enumerate(layers)
+            for k, j in launch_order(num_ops, num_nano_batches, order)
+        ]
+    launches = []
+    for layer in range(len(layers) + 1):
+        for j in range(num_nano_batches):
+            if layer:
+                num_ops, head = layers[layer - 1]
+                launches += [(layer - 1, k, j) for k in range(head, num_ops)]
+            if layer < len(layers):
+                launches += [(layer, k, j) for k in range(layers[layer][1])]
+    return launches
 
 
 @dataclass
@@ -38,7 +65,7 @@ class _LayerPlan:
     units: list[ExecutionUnit]
     deps: list[tuple[int, ...]]
     kv_op: int | None
-    order: list[tuple[int, int]]
+    head: int  # ops before this index end at decode attention
 
 
 class SequentialExecutor:
@@ -77,13 +104,15 @@ class OverlappedExecutor:
         self.device = device
         self.units: dict[str, ExecutionUnit] = build_units(schedule, device)
         self.hook: LaunchHook | None = None
-        self._events: dict[tuple[int, int], torch.cuda.Event] = {}
-        self._plans: dict[tuple[tuple[str, ...], int], _LayerPlan] = {}
+        self._events: dict[tuple[int, int, int], torch.cuda.Event] = {}
+        self._plans: dict[tuple[str, ...], _LayerPlan] = {}
 
-    def _event(self, op_index: int, nano_batch: int) -> torch.cuda.Event:
-        """One reusable event per (op, nano-batch): its waiters are all enqueued before the
-        next layer records it again, so reuse never loses a dependency."""
-        key = (op_index, nano_batch)
+    def _event(self, op_index: int, nano_batch: int, layer: int = 0) -> torch.cuda.Event:
+        """One reusable event per (op, nano-batch, layer parity): its waiters are all enqueued
+        before it is recorded again two layers on (the alternating order launches a layer's
+        tail after the next layer's head of earlier nano-batches), so reuse never loses a
+        dependency."""
+        key = (op_index, nano_batch, layer % 2)
         if key not in self._events:
             self._events[key] = torch.cuda.Event()
         return self._events[key]
@@ -91,25 +120,51 @@ class OverlappedExecutor:
     def _unit_per_op(self, ops: list[Op]) -> list[ExecutionUnit]:
         return [self.units[self.schedule.unit_of(op.name, op.resource).name] for op in ops]
 
-    def _layer_plan(self, ops: list[Op], num_nano_batches: int) -> _LayerPlan:
-        """Units, dependencies and launch order of a layer: the same for every layer of a
+    def _layer_plan(self, ops: list[Op]) -> _LayerPlan:
+        """Units, dependencies and the head's end of a layer: the same for every layer of a
         model, so worked out once and kept off the per-launch path."""
-        key = (tuple(op.name for op in ops), num_nano_batches)
+        key = tuple(op.name for op in ops)
         if key not in self._plans:
-            units = self._unit_per_op(ops)
+            names = [op.name for op in ops]
             self._plans[key] = _LayerPlan(
-                units=units,
-                deps=op_dependencies([op.name for op in ops], [op.after for op in ops]),
+                units=self._unit_per_op(ops),
+                deps=op_dependencies(names, [op.after for op in ops]),
                 kv_op=next((k for k, op in enumerate(ops) if op.writes_kv), None),
-                order=launch_order(len(ops), num_nano_batches, self.schedule.launch_order),
+                head=names.index("decode_attention") + 1
+                if "decode_attention" in names
+                else len(ops),
             )
         return self._plans[key]
+
+    def _waits(
+        self, plans: list[_LayerPlan], layer: int, k: int, nb: NanoBatch, reads_other_kv: bool
+    ) -> list[tuple[torch.cuda.Event, Any]]:
+        """What op ``k`` of ``nb`` in ``layer`` waits for: its own ops before it, else the
+        previous layer's last op (every stream already waits for the iteration's start), and
+        the KV writes of the earlier nano-batches whose keys it reads."""
+        plan, j = plans[layer], nb.index
+        needs = [(self._event(d, j, layer), plan.units[d].stream) for d in plan.deps[k]]
+        if not needs and layer:
+            previous = plans[layer - 1]
+            tail = len(previous.units) - 1
+            needs = [(self._event(tail, j, layer - 1), previous.units[tail].stream)]
+        if reads_other_kv and plan.kv_op is not None:
+            kv_stream = plan.units[plan.kv_op].stream
+            needs += [(self._event(plan.kv_op, i, layer), kv_stream) for i in nb.kv_deps]
+        return needs
 
     def run(
         self, layer_ops: list[list[Op]], buffers: StepBuffers, nano_batches: list[NanoBatch]
     ) -> None:
-        if self.device.type != "cuda":
-            self._run_inline(layer_ops, buffers, nano_batches)
+        plans = [self._layer_plan(ops) for ops in layer_ops]
+        order = iteration_order(
+            tuple((len(p.units), p.head) for p in plans),
+            len(nano_batches),
+            self.schedule.launch_order,
+        )
+        if self.device.type != "cuda":  # nothing to overlap: run the launch order itself
+            for layer, k, j in order:
+                layer_ops[layer][k].fn(buffers, nano_batches[j], plans[layer].units[k].num_sms)
             return
         main = torch.cuda.current_stream(self.device)
         start = self._event(-1, 0)
@@ -117,40 +172,25 @@ class OverlappedExecutor:
         for unit in self.units.values():
             unit.stream.wait_event(start)
         current, carveout = main, 0
-        # the event (and its stream) that op 0 of each nano-batch waits for: the previous layer
-        entry: list[tuple[torch.cuda.Event, Any]] = [(start, main)] * len(nano_batches)
         try:
-            for layer, ops in enumerate(layer_ops):
-                plan = self._layer_plan(ops, len(nano_batches))
-                units = plan.units
-                for k, j in plan.order:
-                    op, unit, nb = ops[k], units[k], nano_batches[j]
-                    stream = unit.stream
-                    needs = [(self._event(d, j), units[d].stream) for d in plan.deps[k]]
-                    if not needs:
-                        needs = [entry[j]]
-                    if op.reads_other_kv and plan.kv_op is not None:
-                        kv_stream = units[plan.kv_op].stream
-                        needs += [(self._event(plan.kv_op, i), kv_stream) for i in nb.kv_deps]
-                    for event, owner in needs:
-                        if owner is not stream:
-                            stream.wait_event(event)
-                    if stream is not current:
-                        torch.cuda.set_stream(stream)
-                        current = stream
-                    if unit.sm_carveout != carveout:
-                        carveout = unit.sm_carveout
-                        torch._C._set_sm_carveout_experimental(carveout or None)
-                    if self.hook:
-                        self.hook(layer, op, nb, unit.spec.name, True)
-                    op.fn(buffers, nb, unit.cta_budget)
-                    if self.hook:
-                        self.hook(layer, op, nb, unit.spec.name, False)
-                    self._event(k, j).record(stream)
-                tail = len(ops) - 1
-                entry = [
-                    (self._event(tail, j), units[tail].stream) for j in range(len(nano_batches))
-                ]
+            for layer, k, j in order:
+                op, unit, nb = layer_ops[layer][k], plans[layer].units[k], nano_batches[j]
+                stream = unit.stream
+                for event, owner in self._waits(plans, layer, k, nb, op.reads_other_kv):
+                    if owner is not stream:
+                        stream.wait_event(event)
+                if stream is not current:
+                    torch.cuda.set_stream(stream)
+                    current = stream
+                if unit.sm_carveout != carveout:
+                    carveout = unit.sm_carveout
+                    torch._C._set_sm_carveout_experimental(carveout or None)
+                if self.hook:
+                    self.hook(layer, op, nb, unit.spec.name, True)
+                op.fn(buffers, nb, unit.cta_budget)
+                if self.hook:
+                    self.hook(layer, op, nb, unit.spec.name, False)
+                self._event(k, j, layer).record(stream)
         finally:
             torch.cuda.set_stream(main)
             if carveout:
@@ -161,16 +201,6 @@ class OverlappedExecutor:
             done = self._event(-2, i)
             done.record(unit.stream)
             main.wait_event(done)
-
-    def _run_inline(
-        self, layer_ops: list[list[Op]], buffers: StepBuffers, nano_batches: list[NanoBatch]
-    ) -> None:
-        """On CPU there is nothing to overlap: run the launch order itself, which must respect
-        every dependency the events would enforce on a GPU."""
-        for ops in layer_ops:
-            units = self._unit_per_op(ops)
-            for k, j in launch_order(len(ops), len(nano_batches), self.schedule.launch_order):
-                ops[k].fn(buffers, nano_batches[j], units[k].num_sms)
 
 
 Executor = SequentialExecutor | NanoBatchExecutor | OverlappedExecutor

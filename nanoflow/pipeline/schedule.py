@@ -19,8 +19,17 @@ class Mechanism(enum.StrEnum):
 
 
 class LaunchOrder(enum.StrEnum):
+    """How one stream's ops of several nano-batches are interleaved. A stream runs in order, so
+    an op waiting for another unit holds back everything queued behind it: ``op_major`` and
+    ``wavefront`` (op k of one nano-batch beside op k-1 of the next) queue a nano-batch's
+    post-attention GEMMs behind the other's, so the GEMMs wait for every nano-batch's attention.
+    ``alternating`` queues each nano-batch's whole stretch between two decode attentions (the
+    layer's tail, then the next layer's head) before the next nano-batch's, so one nano-batch's
+    GEMMs run while another's attention does (NanoFlow's pipeline)."""
+
     OP_MAJOR = "op_major"
     WAVEFRONT = "wavefront"
+    ALTERNATING = "alternating"
 
 
 @dataclass(frozen=True)
