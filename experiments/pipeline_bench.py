@@ -421,8 +421,12 @@ def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | Non
     schedules["overlap-green-88/44-wavefront"] = dataclasses.replace(
         schedules["overlap-green-88/44"], launch_order=LaunchOrder.WAVEFRONT
     )
-    schedules["overlap-attn-green-96/36"] = overlapped(
-        96, 36, Mechanism.GREEN_CONTEXT, attention_only=True
+    for compute, memory in ((96, 36), (104, 28), (112, 20)):  # where the two units balance
+        schedules[f"overlap-attn-green-{compute}/{memory}"] = overlapped(
+            compute, memory, Mechanism.GREEN_CONTEXT, attention_only=True
+        )
+    schedules["overlap-attn-green-100/32-4nb"] = overlapped(
+        100, 32, Mechanism.GREEN_CONTEXT, nano=4, attention_only=True
     )
     # each nano-batch's stretch between two decode attentions queued whole: one nano-batch's
     # GEMMs run while another's attention does
