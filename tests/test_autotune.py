@@ -100,6 +100,34 @@ def test_cost_model_reproduces_a_hand_computed_timeline(factor, makespan_ms):
     assert sequential.iteration_s == pytest.approx(16e-3)
 
 
+@pytest.mark.parametrize(
+    ("order", "makespan_ms"), [(LaunchOrder.OP_MAJOR, 12.0), (LaunchOrder.ALTERNATING, 10.0)]
+)
+def test_cost_model_follows_the_alternating_order_across_layers(order, makespan_ms):
+    """qkv (compute, 1 ms) -> decode_attention (memory, 2 ms) -> mlp (compute, 1 ms), two
+    layers, two nano-batches of one token. Op-major queues both mlps of a layer before the next
+    layer's qkvs, so the second layer's attention starts only at 7: qkv0' 6-7, attn0' 7-9,
+    attn1' 9-11, mlp1' 11-12. Alternating queues mlp0, qkv0' before mlp1: qkv0' 4-5, attn0'
+    5-7 right after attn1 (3-5), attn1' 7-9, mlp1' 9-10."""
+    ops = [
+        _linear_op("qkv", "compute", 1e-3),
+        _linear_op("decode_attention", "memory", 2e-3),
+        _linear_op("mlp", "compute", 1e-3),
+    ]
+    tables = _tables(ops, 2, {"cta_limit": {"compute+memory": 1.0}})
+    batch = SteadyBatch(decodes=2, prefill_tokens=0, decode_context=0, prompt_len=1)
+    schedule = dataclasses.replace(_two_unit((0.5, 0.5)), launch_order=order)
+    prediction = predict(tables, schedule, batch)
+    assert prediction.iteration_s == pytest.approx(makespan_ms / 1e3)
+    spans = {
+        (iv.layer, iv.op, iv.nano_batch): (iv.start * 1e3, iv.end * 1e3)
+        for iv in prediction.timeline
+    }
+    first_attention_of_layer_1 = (7, 9) if order is LaunchOrder.OP_MAJOR else (5, 7)
+    assert spans[(1, "decode_attention", 0)] == pytest.approx(first_attention_of_layer_1)
+    assert predict(tables, sequential_schedule(), batch).iteration_s == pytest.approx(16e-3)
+
+
 def test_launch_bound_applies_only_without_graphs():
     """A slow host bounds an eagerly launched iteration, not one replayed from a graph."""
     import dataclasses

@@ -152,10 +152,13 @@ def shared_sm_schedule(
 ) -> PipelineSchedule:
     """GEMMs and the small memory-bound ops on the whole GPU; decode attention on a
     high-priority stream of its own, at most ``attention_fraction`` of the SMs' worth of CTAs,
-    so it runs between another nano-batch's GEMM blocks instead of on SMs taken from them."""
+    so it runs between another nano-batch's GEMM blocks instead of on SMs taken from them. The
+    nano-batches alternate (``LaunchOrder.ALTERNATING``), so those GEMM blocks are there."""
     units = [UnitSpec("compute"), UnitSpec("attention", int(num_sms * attention_fraction), -1)]
     op_units = {r.value: "compute" for r in Resource} | {"decode_attention": "attention"}
-    return _overlapped(num_nano_batches, units, op_units, Mechanism.CTA_LIMIT, network_sms)
+    return _overlapped(
+        num_nano_batches, units, op_units, Mechanism.CTA_LIMIT, network_sms, LaunchOrder.ALTERNATING
+    )
 
 
 def default_overlapped_schedule(
@@ -179,6 +182,7 @@ def _overlapped(
     op_units: dict[str, str],
     mechanism: Mechanism,
     network_sms: int | None,
+    launch_order: LaunchOrder = LaunchOrder.OP_MAJOR,
 ) -> PipelineSchedule:
     """Equal nano-batches over ``units``; with tensor parallelism the collectives get a small
     unit of their own (without one, network ops share the compute unit)."""
@@ -191,6 +195,7 @@ def _overlapped(
         prefill_shares=shares,
         units=tuple(units),
         op_units=op_units,
+        launch_order=launch_order,
         mechanism=mechanism,
         overlap=True,
     )
