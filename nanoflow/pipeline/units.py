@@ -134,7 +134,10 @@ def _green_context_units(
         )
         stream = torch.cuda.ExternalStream(int(raw), device=device)
         unit_spec = UnitSpec(spec.name, num_sms, spec.priority)
-        units[spec.name] = ExecutionUnit(unit_spec, stream, 0, (green, raw))
+        # cuBLASLt sizes its persistent grids from the device's SM count, which a green
+        # context does not change: the carve-out makes one wave fit the partition
+        carveout = total - num_sms
+        units[spec.name] = ExecutionUnit(unit_spec, stream, carveout, (green, raw))
         logger.info(
             "green context %s: %d SMs, own workqueue: %s", spec.name, num_sms, workqueue is not None
         )
