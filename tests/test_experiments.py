@@ -16,6 +16,7 @@ sys.path.insert(0, str(EXPERIMENTS))
 import online_latency  # noqa: E402
 import plots  # noqa: E402
 import report  # noqa: E402
+import schedule_replay  # noqa: E402
 
 ENV = {"device": "cuda:0", "gpu": "NVIDIA H100 80GB HBM3", "date": "2026-11-23T10:00:00+00:00"}
 
@@ -315,3 +316,25 @@ def test_report_renders_pipeline_overlap_and_kernel_runs(tmp_path):
     assert "| 2048 / 1024 | green_context | 88 / 44 | 0.90 / 0.80 | 0.95 | 0.95 |" in text
     assert "| 1024 | 0.50 |  |  |  | 0.90 |" in text
     assert "GEMM 780 TFLOP/s" in text
+
+
+def test_schedule_replay_counts_every_token_once():
+    """Each sequence computes its prompt and every output token but the last."""
+    lengths = [(30, 5), (7, 12), (50, 1), (3, 3)]
+    mix = schedule_replay.replay(lengths, budget=16, max_num_seqs=2, num_blocks=64, block=4)
+    computed = mix["tokens_per_iteration"] * mix["iterations"]
+    assert computed == pytest.approx(sum(i + o - 1 for i, o in lengths))
+    assert 0 < mix["budget_filled"] <= 1 and 0 <= mix["decode_only_fraction"] < 1
+
+
+def test_schedule_replay_reproduces_a_measured_run(tmp_path):
+    """The scheduler alone decides the iteration mix: replayed with a GPU run's settings, it
+    gives that run's iteration count and tokens per iteration."""
+    result = EXPERIMENTS / "results" / "throughput-llama-3-8b-sharegpt-sequential-graphs.json"
+    out = tmp_path / "replay.json"
+    assert schedule_replay.main(["--result", str(result), "--output-json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    replayed, measured = record["replays"][0], record["measured"]
+    assert replayed["iterations"] == measured["iterations"]
+    assert replayed["tokens_per_iteration"] == pytest.approx(measured["tokens_per_iteration"])
+    assert {"command", "date", "versions"} <= set(record)
