@@ -319,7 +319,10 @@ def serve_table(records: list[dict[str, Any]]) -> str:
 
 def _tile(config: dict[str, Any]) -> str:
     heads = config.get("parallel_heads") or 1
-    return f"{heads} KV heads x {config['block_n']} tokens per tile, {config['num_warps']} warps"
+    fed = " fed by TMA" if config.get("tma") else ""
+    return (
+        f"{heads} KV heads x {config['block_n']} tokens per tile{fed}, {config['num_warps']} warps"
+    )
 
 
 def kernel_table(records: list[dict[str, Any]]) -> str:
@@ -329,15 +332,18 @@ def kernel_table(records: list[dict[str, Any]]) -> str:
         if record.get("experiment") != "kernels":
             continue
         ceil = record.get("ceilings", {})
-        decode = record.get("decode_attention", {}).get("rows", [])
-        fp8 = record.get("decode_attention_fp8", {})
-        default = fp8.get("default_config", {})
-        fp8_rows = [
-            r for r in fp8.get("rows", []) if all(r.get(k) == v for k, v in default.items())
-        ]
-        what = "Decode attention, batch 256" if decode else "Decode attention over an fp8 cache"
-        if fp8_rows:
-            what += f" (default launch: {_tile(default)})"
+        section = record.get("decode_attention", {})
+        decode = section.get("rows", [])
+        what = "Decode attention, batch 256"
+        if not decode:  # an fp8-only run: its default launch's rows
+            section = record.get("decode_attention_fp8", {})
+            launch = section.get("default_config", {})
+            decode = [
+                r for r in section.get("rows", []) if all(r.get(k) == v for k, v in launch.items())
+            ]
+            what = "Decode attention over an fp8 cache"
+        if section.get("default_config"):
+            what += f" (default launch: {_tile(section['default_config'])})"
         lines += [
             f"Kernels, {record['device']}, {record['date'][:10]} "
             f"(`experiments/results/{record['_file']}`; ceilings in the same run: copy "
@@ -348,10 +354,8 @@ def kernel_table(records: list[dict[str, Any]]) -> str:
             "| context | 33 CTAs | 66 CTAs | 99 CTAs | 132 CTAs | full grid |",
             "| ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
-        for ctx in sorted({r["context"] for r in decode or fp8_rows}):
-            by = {
-                r["num_ctas"]: r["frac_copy_bw"] for r in decode or fp8_rows if r["context"] == ctx
-            }
+        for ctx in sorted({r["context"] for r in decode}):
+            by = {r["num_ctas"]: r["frac_copy_bw"] for r in decode if r["context"] == ctx}
             cells = " | ".join(_fmt(by.get(n), ".2f") for n in (33, 66, 99, 132, None))
             lines.append(f"| {ctx} | {cells} |")
         green = record.get("decode_green_context", {})
@@ -361,7 +365,12 @@ def kernel_table(records: list[dict[str, Any]]) -> str:
                 "",
                 f"In a green context of {green['sms']} SMs (full grid, context "
                 f"{best['context']}), the best of {len(green['rows'])} launch configurations "
-                f"({_tile(best)}) reads {best['frac_copy_bw']:.2f} of the copy bandwidth.",
+                f"({_tile(best)}) reads {best['frac_copy_bw']:.2f} of the copy bandwidth"
+                + (
+                    f"; a plain copy in it moves {green['copy']['frac_copy_bw']:.2f}."
+                    if "copy" in green
+                    else "."
+                ),
             ]
         lines.append("")
     return "\n".join(lines).strip()
