@@ -96,8 +96,14 @@ def _generate(folder, **kwargs) -> tuple[list[list[int]], LLM]:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"offload_fraction": 0.5}, {"executor": "nanobatch"}, {"max_num_batched_tokens": 8}],
-    ids=["all-layers", "half", "two-nano-batches", "chunked-prefill"],
+    [
+        {},
+        {"offload_fraction": 0.5},
+        {"executor": "nanobatch"},
+        {"executor": "overlapped"},
+        {"max_num_batched_tokens": 8},
+    ],
+    ids=["all-layers", "half", "two-nano-batches", "alternating-pipeline", "chunked-prefill"],
 )
 def test_offload_gives_the_same_greedy_tokens(llama_checkpoint, kwargs):
     folder, _ = llama_checkpoint
@@ -168,3 +174,31 @@ def test_split_dummy_weights_equal_dummy_weights():
     split = load_split_weights(spec, None, "dummy", cpu, torch.float32, 3, host_layers=(1,))
     for name, t in dummy_weights(spec, cpu, torch.float32, 3).items():
         assert torch.equal(split[name], t), name
+
+
+def test_alternating_pipeline_reuses_a_slot_only_after_every_nano_batch_released_it(
+    tmp_path, monkeypatch
+):
+    """Four offloaded layers in two slots under the alternating launch order, which starts a
+    layer's first nano-batch before the last one has launched the layer before: each copy
+    waits for all of its slot's releases (tokens as without offload). One slot cannot serve
+    that order, and says so."""
+    import transformers
+    from conftest import _config
+
+    config = _config("llama3")
+    config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    model.save_pretrained(tmp_path)
+    want, _ = _generate(tmp_path)
+    got, llm = _generate(tmp_path, offload_weights="cpu", executor="overlapped")
+    assert len(llm.engine.runner.offload.host_layers) == 4
+    assert llm.engine.runner.executor.schedule.launch_order == "alternating"
+    assert got == want
+    monkeypatch.setattr(OffloadPlan, "num_slots", 1)
+    with pytest.raises(RuntimeError, match="two slots"):
+        _generate(tmp_path, offload_weights="cpu", executor="overlapped")

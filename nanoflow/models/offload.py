@@ -297,6 +297,8 @@ class OffloadPlan:
         slot_views = [views(s, layout) for s in self.slots]
         self.ready: list[Any] = [None] * self.num_slots
         self.released: list[list[Any]] = [[] for _ in range(self.num_slots)]
+        self.acquired: list[set[int]] = [set() for _ in range(self.num_slots)]
+        self.pending: dict[int, int] = {}  # slot -> layer whose copy waits for its releases
         self._seen: set[int] = set()
         self._active: int | None = None
         nbytes = layout_bytes(layout)
@@ -320,23 +322,46 @@ class OffloadPlan:
 
     def _acquire_fn(self, j: int):
         def weights_in(b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
+            slot = self.planner.slot_of(j)
             if self._active != j or nb.index in self._seen:  # the first nano-batch of a use
                 self._active, self._seen = j, set()
                 for use in self.planner.begin(j):
-                    self._issue(use % len(self.host_layers))
+                    self._issue_when_free(use % len(self.host_layers))
+            if self.pending.get(slot) == j:
+                raise RuntimeError(
+                    "an offloaded layer is launched before every nano-batch has launched the "
+                    "layer that holds its slot: this launch order needs two slots or more"
+                )
             self._seen.add(nb.index)
-            self.copier.wait(self.ready[self.planner.slot_of(j)])
+            self.acquired[slot].add(nb.index)
+            self.copier.wait(self.ready[slot])
 
         return weights_in
 
     def _release_fn(self, j: int):
         def weights_out(b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
-            self.released[self.planner.slot_of(j)].append(self.copier.record())
+            slot = self.planner.slot_of(j)
+            self.released[slot].append(self.copier.record())
+            if slot in self.pending and self._slot_free(slot):
+                self._issue(self.pending.pop(slot))
 
         return weights_out
 
+    def _slot_free(self, slot: int) -> bool:
+        """Every nano-batch that took the slot's layer has launched its release. An
+        alternating launch order starts a layer's first nano-batch before the last one has
+        finished launching the layer before."""
+        return len(self.released[slot]) == len(self.acquired[slot])
+
+    def _issue_when_free(self, j: int) -> None:
+        slot = self.planner.slot_of(j)
+        if self._slot_free(slot):
+            self._issue(j)
+        else:
+            self.pending[slot] = j
+
     def _issue(self, j: int) -> None:
         slot = self.planner.slot_of(j)
-        after, self.released[slot] = self.released[slot], []
+        after, self.released[slot], self.acquired[slot] = self.released[slot], [], set()
         src = self.host[j]
         self.ready[slot] = self.copier.copy(self.slots[slot][: src.numel()], src, after)
