@@ -201,7 +201,7 @@ def _baselines(space: SearchSpace) -> list[dict]:
         "nano_batches": 2,
         "layout": "shared",
         "attention_sms": space.sm_count // 2,  # as in shared_sm_schedule
-        "launch_order": LaunchOrder.OP_MAJOR.value,
+        "launch_order": LaunchOrder.ALTERNATING.value,
     } | equal
     return [sequential, overlapped | {"layout": "partitioned"}, shared]
 

@@ -2,7 +2,8 @@
 
 1. bf16 parity of the engine with transformers on a tiny random checkpoint.
 2. Overlap microbenchmark: a Llama-3-8B gate-up GEMM beside paged decode attention, each on its own
-   execution unit, for several SM splits and both mechanisms (CTA limits, green contexts).
+   execution unit, for several SM splits and both mechanisms (CTA limits, green contexts), with
+   the GEMM's own time beside attention and beside a plain copy of the same bytes.
 3. End to end on llama-3-8b dummy weights: one fixed 2048-token iteration (512 decodes at
    ``--context`` + 1536 prefill tokens) timed per schedule (GPU time and CPU launch time; with
    ``--cuda-graphs`` also launched eagerly, and the replayed logits compared with the eager ones),
@@ -225,6 +226,12 @@ def overlap_microbench(num_sms: int) -> list[dict]:
         def attn(sms, q=q, k=k_cache, v=v_cache, t=tables, n=lens, o=out):
             return kernels.paged_decode_attention(q, k, v, t, n, 0.088, sms, o)
 
+        src = torch.empty(2 * k_cache.numel(), device=DEVICE, dtype=torch.bfloat16)
+        dst = torch.empty_like(src)
+
+        def copy(sms, src=src, dst=dst):  # attention's K/V bytes as a plain stream
+            return dst.copy_(src)
+
         full_gemm = time_cuda(lambda: gemm(None))
         full_attn = time_cuda(lambda: attn(None))
         for mechanism in Mechanism:
@@ -239,7 +246,8 @@ def overlap_microbench(num_sms: int) -> list[dict]:
                     "attn_full_ms": full_attn * 1e3,
                 }
                 try:
-                    row.update(_corun(overlapped(compute, memory, mechanism), gemm, attn))
+                    schedule = overlapped(compute, memory, mechanism)
+                    row.update(_corun(schedule, gemm, attn, copy))
                 except Exception as exc:  # record and go on: one mechanism may be unavailable
                     row["error"] = f"{type(exc).__name__}: {exc}"
                 results.append(row)
@@ -247,7 +255,32 @@ def overlap_microbench(num_sms: int) -> list[dict]:
     return results
 
 
-def _corun(schedule: PipelineSchedule, gemm, attn) -> dict:
+def _gemm_span_beside(cu, mu, gemm, other, reps: int = 10) -> float:
+    """Median seconds the GEMM takes on its unit while ``other`` runs on the memory unit
+    (launched first): what co-running costs the GEMM itself."""
+    spans = []
+    for _ in range(reps + 2):
+        main = torch.cuda.current_stream()
+        cu.stream.wait_stream(main)
+        mu.stream.wait_stream(main)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with mu.active():
+            other(mu.cta_budget)
+        with cu.active():
+            start.record()
+            gemm(cu.cta_budget)
+            end.record()
+        main.wait_stream(cu.stream)
+        main.wait_stream(mu.stream)
+        torch.cuda.synchronize()
+        spans.append(start.elapsed_time(end) / 1e3)
+    return sorted(spans[2:])[reps // 2]
+
+
+def _corun(schedule: PipelineSchedule, gemm, attn, copy) -> dict:
+    """Each alone on its unit, both at once, and the GEMM's own time beside decode attention
+    and beside a plain copy of the same bytes: a GEMM that slows as much beside the copy is
+    losing to the memory traffic, not to attention's kernel."""
     units = build_units(schedule, DEVICE)
     cu, mu = units["compute"], units["memory"]
 
@@ -275,8 +308,11 @@ def _corun(schedule: PipelineSchedule, gemm, attn) -> dict:
     return {
         "gemm_part_ms": g * 1e3,
         "attn_part_ms": a * 1e3,
+        "copy_part_ms": time_cuda(lambda: on(mu, copy)) * 1e3,
         "corun_ms": c * 1e3,
         "corun_over_max_part": c / max(g, a),
+        "gemm_beside_attn_ms": _gemm_span_beside(cu, mu, gemm, attn) * 1e3,
+        "gemm_beside_copy_ms": _gemm_span_beside(cu, mu, gemm, copy) * 1e3,
         "unit_sms": {n: u.num_sms for n, u in units.items()},
     }
 
