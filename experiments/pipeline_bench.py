@@ -29,6 +29,8 @@ import traceback
 from pathlib import Path
 
 import torch
+from bench_schedules import candidate_schedules
+from overlap_bench import overlap_microbench
 
 from nanoflow import LLM, SamplingParams
 from nanoflow.engine.batch import PreparedStep, prepare_step
@@ -44,18 +46,7 @@ from nanoflow.measure import (
     time_cuda,
     token_agreement,
 )
-from nanoflow.pipeline.schedule import (
-    LaunchOrder,
-    Mechanism,
-    PipelineSchedule,
-    UnitSpec,
-    nano_batch_schedule,
-    sequential_schedule,
-    shared_sm_schedule,
-)
-from nanoflow.pipeline.schedule_select import architecture_schedule
 from nanoflow.pipeline.timeline import TimelineRecorder, draw_timeline, save_timeline
-from nanoflow.pipeline.units import build_units, device_sm_count
 from nanoflow.workloads import constant, random_prompts
 
 DEVICE = torch.device("cuda")
@@ -76,31 +67,6 @@ def time_any(fn, iters: int = 10) -> float:
 def sync() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
-
-
-def overlapped(
-    compute: int | None,
-    memory: int,
-    mechanism: Mechanism,
-    nano: int = 2,
-    priority: int = 0,
-    attention_only: bool = False,
-) -> PipelineSchedule:
-    """Two units; ``compute=None`` leaves GEMMs the whole GPU, the memory unit's kernels then
-    share SMs with them under a CTA limit (and ``priority`` for its stream). ``attention_only``
-    puts only decode attention on the memory unit (norms, RoPE and SiLU stay with the GEMMs)."""
-    shares = tuple([1.0 / nano] * nano)
-    op_units = {"compute": "compute", "memory": "memory", "network": "compute"}
-    if attention_only:
-        op_units |= {"memory": "compute", "decode_attention": "memory"}
-    return PipelineSchedule(
-        decode_shares=shares,
-        prefill_shares=shares,
-        units=(UnitSpec("compute", compute), UnitSpec("memory", memory, priority)),
-        op_units=op_units,
-        mechanism=mechanism,
-        overlap=True,
-    )
 
 
 def parity_bf16() -> dict:
@@ -198,123 +164,6 @@ def _engine_logits(llm: LLM, ids: list[int], first: int) -> torch.Tensor:
         engine.scheduler.finish(seq, "abort")
         rows.append(logits[0])
     return torch.stack(rows)
-
-
-def overlap_microbench(num_sms: int) -> list[dict]:
-    from nanoflow import kernels
-
-    results = []
-    for tokens, ctx in ((2048, 1024), (1024, 2048)):
-        x = torch.randn(tokens, 4096, device=DEVICE, dtype=torch.bfloat16)
-        w = torch.randn(2 * 14336, 4096, device=DEVICE, dtype=torch.bfloat16) * 0.02
-        y = torch.empty(tokens, 2 * 14336, device=DEVICE, dtype=torch.bfloat16)
-        batch, bs = 256, 16
-        blocks_per_seq = ctx // bs
-        k_cache = torch.randn(
-            batch * blocks_per_seq, 8, bs, 128, device=DEVICE, dtype=torch.bfloat16
-        )
-        v_cache = torch.randn_like(k_cache)
-        tables = torch.randperm(batch * blocks_per_seq, device=DEVICE, dtype=torch.int32)
-        tables = tables.view(batch, blocks_per_seq)
-        lens = torch.full((batch,), ctx, device=DEVICE, dtype=torch.int32)
-        q = torch.randn(batch, 32, 128, device=DEVICE, dtype=torch.bfloat16)
-        out = torch.empty_like(q)
-
-        def gemm(sms, x=x, w=w, y=y):
-            return kernels.linear(x, w, None, sms, y)
-
-        def attn(sms, q=q, k=k_cache, v=v_cache, t=tables, n=lens, o=out):
-            return kernels.paged_decode_attention(q, k, v, t, n, 0.088, sms, o)
-
-        src = torch.empty(2 * k_cache.numel(), device=DEVICE, dtype=torch.bfloat16)
-        dst = torch.empty_like(src)
-
-        def copy(sms, src=src, dst=dst):  # attention's K/V bytes as a plain stream
-            return dst.copy_(src)
-
-        full_gemm = time_cuda(lambda: gemm(None))
-        full_attn = time_cuda(lambda: attn(None))
-        for mechanism in Mechanism:
-            for compute, memory in ((100, 32), (96, 36), (88, 44), (64, 68)):
-                row = {
-                    "tokens": tokens,
-                    "context": ctx,
-                    "mechanism": mechanism.value,
-                    "compute_sms": compute,
-                    "memory_sms": memory,
-                    "gemm_full_ms": full_gemm * 1e3,
-                    "attn_full_ms": full_attn * 1e3,
-                }
-                try:
-                    schedule = overlapped(compute, memory, mechanism)
-                    row.update(_corun(schedule, gemm, attn, copy))
-                except Exception as exc:  # record and go on: one mechanism may be unavailable
-                    row["error"] = f"{type(exc).__name__}: {exc}"
-                results.append(row)
-                print(json.dumps(row), flush=True)
-    return results
-
-
-def _gemm_span_beside(cu, mu, gemm, other, reps: int = 10) -> float:
-    """Median seconds the GEMM takes on its unit while ``other`` runs on the memory unit
-    (launched first): what co-running costs the GEMM itself."""
-    spans = []
-    for _ in range(reps + 2):
-        main = torch.cuda.current_stream()
-        cu.stream.wait_stream(main)
-        mu.stream.wait_stream(main)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with mu.active():
-            other(mu.cta_budget)
-        with cu.active():
-            start.record()
-            gemm(cu.cta_budget)
-            end.record()
-        main.wait_stream(cu.stream)
-        main.wait_stream(mu.stream)
-        torch.cuda.synchronize()
-        spans.append(start.elapsed_time(end) / 1e3)
-    return sorted(spans[2:])[reps // 2]
-
-
-def _corun(schedule: PipelineSchedule, gemm, attn, copy) -> dict:
-    """Each alone on its unit, both at once, and the GEMM's own time beside decode attention
-    and beside a plain copy of the same bytes: a GEMM that slows as much beside the copy is
-    losing to the memory traffic, not to attention's kernel."""
-    units = build_units(schedule, DEVICE)
-    cu, mu = units["compute"], units["memory"]
-
-    def on(unit, fn):
-        main = torch.cuda.current_stream()
-        unit.stream.wait_stream(main)
-        with unit.active():
-            fn(unit.cta_budget)
-        main.wait_stream(unit.stream)
-
-    def both():
-        main = torch.cuda.current_stream()
-        cu.stream.wait_stream(main)
-        mu.stream.wait_stream(main)
-        with cu.active():
-            gemm(cu.cta_budget)
-        with mu.active():
-            attn(mu.cta_budget)
-        main.wait_stream(cu.stream)
-        main.wait_stream(mu.stream)
-
-    g = time_cuda(lambda: on(cu, gemm))
-    a = time_cuda(lambda: on(mu, attn))
-    c = time_cuda(both)
-    return {
-        "gemm_part_ms": g * 1e3,
-        "attn_part_ms": a * 1e3,
-        "copy_part_ms": time_cuda(lambda: on(mu, copy)) * 1e3,
-        "corun_ms": c * 1e3,
-        "corun_over_max_part": c / max(g, a),
-        "gemm_beside_attn_ms": _gemm_span_beside(cu, mu, gemm, attn) * 1e3,
-        "gemm_beside_copy_ms": _gemm_span_beside(cu, mu, gemm, copy) * 1e3,
-        "unit_sms": {n: u.num_sms for n, u in units.items()},
-    }
 
 
 def fixed_plan(llm: LLM, decodes: int, ctx: int, prefill_chunks: int, chunk: int) -> BatchPlan:
@@ -426,54 +275,9 @@ def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | Non
         cuda_graphs=args.cuda_graphs,
         kv_cache_dtype=args.kv_cache_dtype,
     )
-    schedules = {
-        "sequential": sequential_schedule(),
-        "nanobatch-2": nano_batch_schedule(2),
-        "overlap-green-88/44": overlapped(88, 44, Mechanism.GREEN_CONTEXT),
-        "overlap-shared-all/32-high": overlapped(None, 32, Mechanism.CTA_LIMIT, priority=-1),
-        "overlap-shared-all/66-high": overlapped(None, 66, Mechanism.CTA_LIMIT, priority=-1),
-    }
-    for memory in (32, 66, 100):
-        schedules[f"overlap-attn-all/{memory}-high"] = overlapped(
-            None, memory, Mechanism.CTA_LIMIT, priority=-1, attention_only=True
-        )
-    for compute, memory in ((100, 32), (88, 44)):  # GEMMs confined too: hardware, or cuBLASLt
-        schedules[f"overlap-attn-green-{compute}/{memory}"] = overlapped(
-            compute, memory, Mechanism.GREEN_CONTEXT, attention_only=True
-        )
-        schedules[f"overlap-attn-cta-{compute}/{memory}"] = overlapped(
-            compute, memory, Mechanism.CTA_LIMIT, attention_only=True
-        )
-    hand_written = architecture_schedule(llm.engine.config, DEVICE)
-    schedules["hand-written"] = hand_written
-    schedules["hand-written-4-nano-batches"] = shared_sm_schedule(
-        device_sm_count(DEVICE) if DEVICE.type == "cuda" else 132, num_nano_batches=4
-    )
-    # the same with each nano-batch's ops launched a step behind the previous one's: the streams
-    # then interleave the nano-batches instead of running them in lock step
-    schedules["hand-written-wavefront"] = dataclasses.replace(
-        hand_written, launch_order=LaunchOrder.WAVEFRONT
-    )
-    schedules["overlap-green-88/44-wavefront"] = dataclasses.replace(
-        schedules["overlap-green-88/44"], launch_order=LaunchOrder.WAVEFRONT
-    )
-    for compute, memory in ((96, 36), (104, 28), (112, 20)):  # where the two units balance
-        schedules[f"overlap-attn-green-{compute}/{memory}"] = overlapped(
-            compute, memory, Mechanism.GREEN_CONTEXT, attention_only=True
-        )
-    schedules["overlap-attn-green-100/32-4nb"] = overlapped(
-        100, 32, Mechanism.GREEN_CONTEXT, nano=4, attention_only=True
-    )
-    # each nano-batch's stretch between two decode attentions queued whole: one nano-batch's
-    # GEMMs run while another's attention does
-    for name in [n for n, s in schedules.items() if s.overlap and "wavefront" not in n]:
-        schedules[f"{name}-alternating"] = dataclasses.replace(
-            schedules[name], launch_order=LaunchOrder.ALTERNATING
-        )
+    schedules = candidate_schedules(llm.engine.config, DEVICE)
     if args.schedules:
         schedules = {k: v for k, v in schedules.items() if k in args.schedules.split(",")}
-    if DEVICE.type != "cuda":  # green contexts need a GPU; the rest runs as a dry run
-        schedules = {k: v for k, v in schedules.items() if "green" not in k}
     quarter = args.budget // 4
     plan = fixed_plan(
         llm, decodes=quarter, ctx=args.context, prefill_chunks=args.prefill_chunks, chunk=quarter
@@ -592,7 +396,7 @@ def main() -> int:
         args.skip.append("overlap")
     sections = {
         "parity": parity_bf16,
-        "overlap": lambda: overlap_microbench(record["sm_count"]),
+        "overlap": lambda: overlap_microbench(DEVICE),
         "e2e": lambda: end_to_end(out_dir, args, gemm),
     }
     for name, fn in sections.items():
