@@ -121,6 +121,14 @@ def run_throughput(args: argparse.Namespace) -> int:
         f"{result['tokens_per_s']:.1f} total tokens/s, "
         f"{result['output_tokens_per_s']:.1f} output tokens/s"
     )
+    mix = result["iterations"]
+    if mix.get("iterations"):
+        print(
+            f"Iterations: {mix['iterations']}, {mix['tokens_per_iteration']:.0f} tokens each "
+            f"({mix['tokens_per_iteration'] / result['token_budget']:.0%} of the "
+            f"{result['token_budget']}-token budget), {mix['decode_only_fraction']:.0%} without "
+            "prompt tokens"
+        )
     if "fraction_of_optimal" in result:
         print(
             f"Optimal (GEMM {result['gemm_tflops']:.0f} TFLOP/s): "
