@@ -44,20 +44,27 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 # about a millisecond of spinning on an H100: longer than launching one op from Python
 _QUEUE_AHEAD_CYCLES = 2_000_000
+_L2_FLUSH_BYTES = 256 << 20  # several times the L2 of an H100 or H200 (50-60 MB)
 
 
-def time_cuda(fn, iters: int = 20, warmup: int = 3, queue_ahead: bool = False) -> float:
+def time_cuda(
+    fn, iters: int = 20, warmup: int = 3, queue_ahead: bool = False, flush_l2: bool = False
+) -> float:
     """Median seconds of ``fn`` on the current stream, timed with CUDA events.
 
     ``queue_ahead`` holds the stream with a spin kernel while ``fn`` is launched, so the events
     time the GPU's work alone; without it a kernel shorter than its own host launch is timed as
     the launch, which is right for eager execution and wrong for a replayed CUDA graph.
+    ``flush_l2`` overwrites more than the L2 cache before each run, so ``fn`` reads from HBM.
     """
     for _ in range(warmup):
         fn()
+    scratch = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda") if flush_l2 else None
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if scratch is not None:
+            scratch.zero_()
         if queue_ahead:
             torch.cuda._sleep(_QUEUE_AHEAD_CYCLES)
         start.record()
