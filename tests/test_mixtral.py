@@ -91,8 +91,8 @@ def test_prefill_and_decode_logits_match_transformers(mixtral_checkpoint):
 
 @pytest.mark.parametrize(
     "engine_kwargs",
-    [{}, {"max_num_batched_tokens": 8}, {"executor": "nanobatch"}],
-    ids=["packed", "chunked-prefill", "two-nano-batches"],
+    [{}, {"max_num_batched_tokens": 8}, {"executor": "nanobatch"}, {"executor": "overlapped"}],
+    ids=["packed", "chunked-prefill", "two-nano-batches", "alternating-pipeline"],
 )
 def test_greedy_generation_matches_transformers(mixtral_checkpoint, engine_kwargs):
     folder, model = mixtral_checkpoint
