@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from nanoflow.autotune.steady_state import SteadyBatch
 from nanoflow.autotune.tables import SHARED_SMS, OpTable, OpTables
 from nanoflow.pipeline.executors import iteration_order
-from nanoflow.pipeline.ops import Resource, op_dependencies
+from nanoflow.pipeline.ops import Resource, head_length, op_dependencies
 from nanoflow.pipeline.schedule import Mechanism, PipelineSchedule, split_counts
 
 
@@ -155,8 +155,7 @@ def _iteration_order(
         return [
             (L, k, j) for L in range(num_layers) for j in range(num_nb) for k in range(len(ops))
         ]
-    names = [op.name for op in ops]
-    head = names.index("decode_attention") + 1 if "decode_attention" in names else len(ops)
+    head = head_length([op.name for op in ops])
     return iteration_order(((len(ops), head),) * num_layers, num_nb, schedule.launch_order)
 
 

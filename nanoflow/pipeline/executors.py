@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from nanoflow.engine.batch import NanoBatch, StepBuffers
-from nanoflow.pipeline.ops import Op, op_dependencies
+from nanoflow.pipeline.ops import Op, head_length, op_dependencies
 from nanoflow.pipeline.schedule import LaunchOrder, PipelineSchedule
 from nanoflow.pipeline.units import ExecutionUnit, build_units
 
@@ -130,9 +130,7 @@ class OverlappedExecutor:
                 units=self._unit_per_op(ops),
                 deps=op_dependencies(names, [op.after for op in ops]),
                 kv_op=next((k for k, op in enumerate(ops) if op.writes_kv), None),
-                head=names.index("decode_attention") + 1
-                if "decode_attention" in names
-                else len(ops),
+                head=head_length(names),
             )
         return self._plans[key]
 

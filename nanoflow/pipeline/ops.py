@@ -54,3 +54,10 @@ def op_dependencies(names: list[str], after: list[tuple[str, ...] | None]) -> li
             raise ValueError(f"op {names[k]!r} waits for {missing}, which do not come before it")
         deps.append(tuple(names.index(w) for w in wanted))
     return deps
+
+
+def head_length(names: list[str]) -> int:
+    """How many of a layer's ops come up to and including decode attention: the stretch the
+    alternating launch order queues before another nano-batch's tail (all of them without
+    decode attention)."""
+    return names.index("decode_attention") + 1 if "decode_attention" in names else len(names)
