@@ -3,12 +3,13 @@ checked on CPU with a capture that replays the step eagerly: same tokens as the 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from nanoflow import LLM, SamplingParams
 from nanoflow.engine.batch import lay_out
-from nanoflow.engine.cuda_graphs import CHUNK_SLOTS, DECODE_ROUND, PREFILL_ROUND
+from nanoflow.engine.cuda_graphs import CHUNK_SLOTS, DECODE_ROUND, PREFILL_ROUND, _write_tables
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.sequence import Sequence
 from nanoflow.engine.upload import copy_to, to_device
@@ -191,3 +192,24 @@ def test_start_up_capture_stops_at_the_graph_cap(llama_checkpoint, monkeypatch):
     assert sorted(sum(d) for d, _, _ in graphs.graphs) == [16, 32]
     assert _greedy(llm) == plain
     assert len(graphs.graphs) == 2 and graphs.stats.eager_steps > 0
+
+
+def test_block_tables_are_scattered_row_by_row_and_leave_other_rows_alone():
+    """The numpy scatter of ragged block tables: each row gets its sequence's table and context
+    length; rows outside the chunks, and columns past each table, keep what they held."""
+    rng = np.random.default_rng(0)
+    tables = np.full((6, 5), -7, dtype=np.int32)
+    lens = np.full(6, -7, dtype=np.int32)
+    chunks = []
+    for i, width in enumerate((3, 1, 5)):
+        seq = Sequence(f"s{i}", [1] * 4, SamplingParams(max_tokens=2))
+        seq.block_table = rng.integers(0, 100, size=width).tolist()
+        chunks.append(ScheduledChunk(seq, start=10 * i, num_tokens=1 + i))
+    _write_tables(tables, lens, 2, chunks)
+    for row, chunk in enumerate(chunks, start=2):
+        table = chunk.seq.block_table
+        assert tables[row, : len(table)].tolist() == table
+        assert (tables[row, len(table) :] == -7).all()
+        assert lens[row] == chunk.start + chunk.num_tokens
+    assert (tables[:2] == -7).all() and (tables[5] == -7).all()
+    assert lens[[0, 1, 5]].tolist() == [-7, -7, -7]

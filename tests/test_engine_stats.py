@@ -3,7 +3,10 @@ computed exactly once when nothing is preempted."""
 
 from __future__ import annotations
 
+import gc
+
 from nanoflow import LLM, SamplingParams
+from nanoflow.engine.engine_core import GC_FIRST_GENERATION_THRESHOLD
 
 
 def test_run_stats_count_every_computed_token():
@@ -55,3 +58,17 @@ def test_run_stats_record_each_iteration_shape_for_the_roofline():
     assert iteration_bound_seconds(spec, 5, 5, float(flops_per_token), 1e30, shards=2) == 2.5
     total = stats.bound_seconds(spec, float(flops_per_token), 1e30)
     assert total == 5 + 1 + 1
+
+
+def test_engine_keeps_the_cyclic_collector_out_of_its_loop():
+    """Building an engine freezes what exists and raises the young-generation threshold, so
+    an iteration's burst of short-lived objects sets off no collection."""
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, *before[1:])
+        LLM("builtin")
+        assert gc.get_threshold()[0] == GC_FIRST_GENERATION_THRESHOLD
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()

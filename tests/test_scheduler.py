@@ -157,11 +157,12 @@ def test_preempted_request_is_recomputed_not_dropped():
 class PeakSumScheduler(Scheduler):
     """Admission as if every request reached its peak at the same moment."""
 
-    def _admits(self, seq: Sequence) -> bool:
+    def _admits(self, lives: list[tuple[int, int]]) -> bool:
         def peak(s: Sequence) -> int:
             return self.blocks.blocks_for(self._expected_length(s))
 
-        return sum(peak(s) for s in self.running) + peak(seq) <= self.blocks.num_blocks
+        candidate = self.waiting[0]  # the plan admits from the queue's head
+        return sum(peak(s) for s in self.running) + peak(candidate) <= self.blocks.num_blocks
 
 
 def _drain(scheduler: Scheduler) -> tuple[int, int]:

@@ -164,7 +164,31 @@ def lay_out(
     last_row: dict[str, int] = {}
     seen_in: dict[str, set[int]] = {}
 
-    def place(chunks: list[ScheduledChunk], rows: int, deps: set[int]) -> None:
+    def pad(rows: int) -> None:
+        layout.input_ids.extend([0] * rows)
+        layout.positions.extend([0] * rows)
+        layout.slots.extend([pad_slot] * rows)
+
+    def place_decodes(chunks: list[ScheduledChunk], rows: int) -> None:
+        """One token each, at its sequence's end: the common case, kept to plain appends (a
+        sequence decodes once per plan, so it adds no dependency)."""
+        ids, positions, slots = layout.input_ids, layout.positions, layout.slots
+        index = len(layout.nano_batches)
+        for chunk in chunks:
+            seq, p = chunk.seq, chunk.start
+            prompt = seq.prompt_token_ids
+            token = prompt[p] if p < len(prompt) else seq.output_token_ids[p - len(prompt)]
+            if token == PLACEHOLDER:
+                layout.placeholder_rows.append((len(ids), seq.request_id))
+                token = 0
+            last_row[seq.request_id] = len(ids)
+            seen_in[seq.request_id] = {index}
+            ids.append(token)
+            positions.append(p)
+            slots.append(seq.block_table[p // block_size] * block_size + p % block_size)
+        pad(rows - len(chunks))
+
+    def place_pieces(chunks: list[ScheduledChunk], rows: int, deps: set[int]) -> None:
         for chunk in chunks:
             seq, end = chunk.seq, chunk.start + chunk.num_tokens
             table = seq.block_table
@@ -181,10 +205,7 @@ def lay_out(
             owners = seen_in.setdefault(seq.request_id, set())
             deps |= owners
             owners.add(len(layout.nano_batches))
-        pad = rows - sum(c.num_tokens for c in chunks)
-        layout.input_ids.extend([0] * pad)
-        layout.positions.extend([0] * pad)
-        layout.slots.extend([pad_slot] * pad)
+        pad(rows - sum(c.num_tokens for c in chunks))
 
     pieces_of = _pieces(plan.prefills, prefill_rows)
     groups = zip(decode_rows, prefill_rows, decode_groups, pieces_of, strict=True)
@@ -192,8 +213,8 @@ def lay_out(
         if n_dec + n_pre == 0:
             continue
         start, deps = len(layout.input_ids), set()
-        place(decodes, n_dec, deps)
-        place(pieces, n_pre, deps)
+        place_decodes(decodes, n_dec)
+        place_pieces(pieces, n_pre, deps)
         layout.nano_batches.append(
             NanoBatchRows(start, n_dec, n_pre, decodes, pieces, tuple(sorted(deps)))
         )

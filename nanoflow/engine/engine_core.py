@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -113,6 +114,26 @@ class RunStats:
         }
 
 
+GC_FIRST_GENERATION_THRESHOLD = 100_000
+
+
+def quiet_garbage_collector() -> None:
+    """Keep Python's cyclic collector out of the engine loop.
+
+    An iteration of ~800 decodes allocates thousands of short-lived objects (chunks, outputs),
+    and at the default threshold of 700 each burst set off young-generation collections that
+    escalated into full ones walking every request's token lists: about 2 ms of collection per
+    iteration on average, in pauses of tens of ms. Objects alive once the engine is built
+    (model, tokenizer, libraries) are frozen out of the collector's view, and a young
+    collection waits for 100,000 net new objects. Reference counting still frees everything
+    that is not in a cycle.
+    """
+    gc.freeze()
+    threshold = gc.get_threshold()
+    if threshold[0] < GC_FIRST_GENERATION_THRESHOLD:
+        gc.set_threshold(GC_FIRST_GENERATION_THRESHOLD, *threshold[1:])
+
+
 class EngineCore:
     """Requests in, tokens out: owns the scheduler, the block manager and rank 0's runner."""
 
@@ -157,6 +178,7 @@ class EngineCore:
         self.async_scheduling = config.use_async_scheduling()
         self.in_flight: InFlight | None = None
         self.last_resolved: InFlight | None = None  # for the GPU's idle time between iterations
+        quiet_garbage_collector()
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -261,13 +283,14 @@ class EngineCore:
         self, chunks: list[ScheduledChunk], tokens: list[int], logprobs: list[float] | None
     ) -> list[RequestOutput]:
         outputs = []
+        now = time.perf_counter()  # one clock read for the iteration's tokens
         for i, chunk in enumerate(chunks):
             seq = chunk.seq
             if seq.is_finished:  # aborted or stopped while this token was in flight
                 continue
             logprob = logprobs[i] if logprobs is not None else None
             try:
-                outputs.append(self._append_token(seq, tokens[i], logprob))
+                outputs.append(self._append_token(seq, tokens[i], logprob, now))
             except Exception as exc:
                 logger.exception("post-processing %s failed", seq.request_id)
                 outputs.append(self._fail(seq, exc))
@@ -280,8 +303,9 @@ class EngineCore:
         out.error = f"{type(exc).__name__}: {exc}"
         return out
 
-    def _append_token(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
-        now = time.perf_counter()
+    def _append_token(
+        self, seq: Sequence, token: int, logprob: float | None, now: float
+    ) -> RequestOutput:
         resolved = seq.num_resolved_outputs
         seq.output_token_ids[resolved] = token
         if logprob is not None:

@@ -8,6 +8,7 @@ newest requests are preempted and later recomputed, never dropped.
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -121,10 +122,16 @@ class Scheduler:
             ):
                 continue
             budget -= self._schedule_prefill(seq, budget, plan, scheduled)
+        forecast: list[tuple[int, int]] | None = None  # built at the first admission
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if self.running and not self._admits(seq):
+            if forecast is None:
+                forecast = sorted(self._life(s, s.num_tokens) for s in self.running)
+            with_seq = list(forecast)
+            bisect.insort(with_seq, self._life(seq, len(seq.prompt_token_ids)))
+            if self.running and not self._admits(with_seq):
                 break
+            forecast = with_seq
             if self._fitting_tokens(seq, budget) == 0:
                 break
             self.waiting.popleft()
@@ -173,30 +180,31 @@ class Scheduler:
             expected = min(expected, self.expected_output_len)
         return len(seq.prompt_token_ids) + max(expected, len(seq.output_token_ids) + 1)
 
-    def _admits(self, seq: Sequence) -> bool:
-        """Whether the cache holds the running requests and ``seq`` at every future step.
+    def _life(self, seq: Sequence, num_tokens: int) -> tuple[int, int]:
+        """``seq``'s (remaining steps, tokens now) negated, so that an ascending sort puts the
+        longest-lived first."""
+        return -max(0, self._expected_length(seq) - num_tokens), -num_tokens
+
+    def _admits(self, lives: list[tuple[int, int]]) -> bool:
+        """Whether the cache holds every request of ``lives`` (``_life`` of each, sorted) at
+        every future step.
 
         Each request grows one token per step until its expected end, then frees everything, so
         requests at different stages peak at different times: the predicted usage is highest at
         one of those ends. At the end of the k-th longest-remaining request the k longest are
         still alive, each at (tokens now + steps) tokens; prefix sums over the requests sorted
         by remaining steps give every such total in one pass. (Counting each request's own peak
-        as if all came at once would keep the batch far smaller than the cache allows.)
+        as if all came at once would keep the batch far smaller than the cache allows.) The
+        plan sorts the running requests once and inserts each candidate, so admitting many in
+        one iteration costs no sort per candidate.
         """
-        lives = [
-            (max(0, self._expected_length(s) - s.num_tokens), s.num_tokens) for s in self.running
-        ]
-        lives.append((self._expected_length(seq) - len(seq.prompt_token_ids),
-                      len(seq.prompt_token_ids)))  # fmt: skip
-        lives.sort(reverse=True)
+        size, limit = self.blocks.block_size, self.blocks.num_blocks
         alive_tokens = 0
         for count, (remaining, now) in enumerate(lives, start=1):
-            alive_tokens += now
+            alive_tokens -= now
             # at step ``remaining`` the ``count`` longest-lived requests hold at most these
             # blocks (each request's last block rounded up)
-            size = self.blocks.block_size
-            blocks = (alive_tokens + count * (remaining + size - 1)) // size
-            if blocks > self.blocks.num_blocks:
+            if (alive_tokens + count * (size - 1 - remaining)) // size > limit:
                 return False
         return True
 
@@ -205,6 +213,8 @@ class Scheduler:
     ) -> bool:
         """Preempt the newest unscheduled requests until ``seq`` fits; False if ``seq`` itself
         had to go."""
+        if num_tokens <= len(seq.block_table) * self.blocks.block_size:
+            return True  # most decodes: the last block has room
         while not self.blocks.can_grow(seq, num_tokens):
             victims = [
                 s

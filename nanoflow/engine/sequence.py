@@ -19,10 +19,13 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     """A request's tokens and progress. ``num_computed_tokens`` counts tokens whose K/V are in the
-    cache; after a preemption it drops to 0 and prompt + outputs are recomputed."""
+    cache; after a preemption it drops to 0 and prompt + outputs are recomputed.
+
+    Equality is identity: the scheduler finds a request in its queues by object, and comparing
+    every field (token lists included) made each lookup cost a pass over all of them."""
 
     request_id: str
     prompt_token_ids: list[int]

@@ -50,11 +50,11 @@ class _FaultInjector:
         self.prefix, self.detokenize, self.doomed = prefix, detokenize, set()
         original = engine._append_token
 
-        def append_token(seq: Any, token: int, logprob: float | None) -> Any:
+        def append_token(seq: Any, token: int, logprob: float | None, now: float) -> Any:
             if seq.request_id in self.doomed:
                 self.doomed.discard(seq.request_id)
                 raise RuntimeError(f"injected fault ({FAULT_ENV})")
-            return original(seq, token, logprob)
+            return original(seq, token, logprob, now)
 
         engine._append_token = append_token
 
