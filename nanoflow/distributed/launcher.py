@@ -42,6 +42,9 @@ class WireSequence:
     def token_slice(self, start: int, end: int) -> list[int]:
         return self.tokens[start - self.start : end - self.start]
 
+    def token_at(self, position: int) -> int:
+        return self.tokens[position - self.start]
+
 
 def to_wire(plan: BatchPlan) -> BatchPlan:
     def chunk(c: ScheduledChunk) -> ScheduledChunk:

@@ -176,8 +176,7 @@ def lay_out(
         index = len(layout.nano_batches)
         for chunk in chunks:
             seq, p = chunk.seq, chunk.start
-            prompt = seq.prompt_token_ids
-            token = prompt[p] if p < len(prompt) else seq.output_token_ids[p - len(prompt)]
+            token = seq.token_at(p)
             if token == PLACEHOLDER:
                 layout.placeholder_rows.append((len(ids), seq.request_id))
                 token = 0

@@ -66,6 +66,13 @@ class Sequence:
             return self.prompt_token_ids[start:end]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
 
+    def token_at(self, position: int) -> int:
+        """Token ``position`` of prompt + output (a decode's input), without slicing."""
+        prompt = self.prompt_token_ids
+        if position < len(prompt):
+            return prompt[position]
+        return self.output_token_ids[position - len(prompt)]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
