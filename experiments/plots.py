@@ -2,7 +2,8 @@
 the share of NanoFlow's optimal bound, the ablation (sequential / nano-batches without overlap /
 overlapped), latency against request rate, and pipeline timelines.
 
-Usage: python experiments/plots.py [--results DIR] [--figures DIR]
+Usage: python experiments/plots.py [--results DIR] [--figures DIR] [--gpu NAME]
+(``--gpu "NVIDIA H200"`` keeps that GPU's results and names the figures ``*_h200.png``)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ ABLATION = {
 def _save(fig: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend sits outside the axes
     plt.close(fig)
     return path
 
@@ -37,11 +38,18 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 def throughput_bars(records: list[dict[str, Any]], path: Path) -> Path | None:
     """One group of bars per workload, one bar per system, labelled with % of optimal."""
     by_workload: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for record in records:
-        for row in rows(record):
-            if row["num_prompts"]:  # runs of different sizes are different bars
-                row = row | {"system": f"{row['system']}, {row['num_prompts']} prompts"}
-            by_workload[row["workload"]].append(row)
+    table = [row for record in records for row in rows(record)]
+    several_models = len({row["model"] for row in table}) > 1
+    labels = []
+    for row in table:
+        system = f"{row['model']} {row['system']}" if several_models else row["system"]
+        if row["num_prompts"]:  # runs of different sizes are different bars
+            system += f", {row['num_prompts']} prompts"
+        labels.append((row["workload"], system))
+    for row, (workload, system) in zip(table, labels, strict=True):
+        if labels.count((workload, system)) > 1:  # runs alike but for the build: name the file
+            system += f" ({Path(row['file']).stem.removeprefix('throughput-')})"
+        by_workload[workload].append(row | {"system": system})
     if not by_workload:
         return None
     systems = sorted({r["system"] for rs in by_workload.values() for r in rs})
@@ -124,12 +132,17 @@ def latency_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def make_all(results: Path, figures: Path) -> list[Path]:
+def make_all(results: Path, figures: Path, gpu: str | None = None) -> list[Path]:
+    """Every figure the results allow; with ``gpu``, from that GPU's results alone."""
     records = load_results(results)
+    suffix = ""
+    if gpu is not None:
+        records = [r for r in records if (r.get("gpu") or r["device"]) == gpu]
+        suffix = "_" + gpu.lower().removeprefix("nvidia ").replace(" ", "-")
     made = [
-        throughput_bars(records, figures / "throughput.png"),
-        ablation_bars(records, figures / "ablation.png"),
-        latency_curves(records, figures / "latency.png"),
+        throughput_bars(records, figures / f"throughput{suffix}.png"),
+        ablation_bars(records, figures / f"ablation{suffix}.png"),
+        latency_curves(records, figures / f"latency{suffix}.png"),
     ]
     return [p for p in made if p is not None]
 
@@ -138,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=ROOT / "experiments" / "results")
     parser.add_argument("--figures", type=Path, default=ROOT / "experiments" / "figures")
+    parser.add_argument("--gpu", default=None, help="only this GPU's results (its name)")
     args = parser.parse_args(argv)
-    for path in make_all(args.results, args.figures):
+    for path in make_all(args.results, args.figures, args.gpu):
         print(path)
     return 0
 

@@ -273,18 +273,26 @@ def overlap_table(records: list[dict[str, Any]]) -> str:
             "(tokens x 4096 x 28672) beside decode attention (256 sequences x context).",
             "",
             "| tokens / context | mechanism | SMs compute / memory | GEMM / attention alone on "
-            "their SMs, ms | together, ms | together / sum of full-GPU times |",
-            "| --- | --- | --- | --- | ---: | ---: |",
+            "their SMs, ms | together, ms | together / larger alone | together / sum of "
+            "full-GPU times | GEMM's span beside attention / beside a copy, ms |",
+            "| --- | --- | --- | --- | ---: | ---: | ---: | --- |",
         ]
         for r in rows_:
             if "corun_ms" not in r:
                 continue
             sms = r.get("unit_sms", {})
             full = r["gemm_full_ms"] + r["attn_full_ms"]
+            larger = max(r["gemm_part_ms"], r["attn_part_ms"])
+            beside = (
+                f"{r['gemm_beside_attn_ms']:.2f} / {r['gemm_beside_copy_ms']:.2f}"
+                if "gemm_beside_copy_ms" in r
+                else ""
+            )
             lines.append(
                 f"| {r['tokens']} / {r['context']} | {r['mechanism']} | "
                 f"{sms.get('compute')} / {sms.get('memory')} | {r['gemm_part_ms']:.2f} / "
-                f"{r['attn_part_ms']:.2f} | {r['corun_ms']:.2f} | {r['corun_ms'] / full:.2f} |"
+                f"{r['attn_part_ms']:.2f} | {r['corun_ms']:.2f} | {r['corun_ms'] / larger:.2f} | "
+                f"{r['corun_ms'] / full:.2f} | {beside} |"
             )
         lines.append("")
     return "\n".join(lines).strip()
@@ -325,54 +333,91 @@ def _tile(config: dict[str, Any]) -> str:
     )
 
 
+def _decode_lines(record: dict[str, Any]) -> list[str]:
+    """Decode attention of one kernels run against the copy rate measured in it (none if the
+    run timed no decode attention)."""
+    section = record.get("decode_attention", {})
+    decode = section.get("rows", [])
+    what = "Decode attention, batch 256"
+    if not decode:  # an fp8-only run: its default launch's rows
+        section = record.get("decode_attention_fp8", {})
+        launch = section.get("default_config", {})
+        decode = [
+            r for r in section.get("rows", []) if all(r.get(k) == v for k, v in launch.items())
+        ]
+        what = "Decode attention over an fp8 cache"
+    if not decode:
+        return []
+    if section.get("default_config"):
+        what += f" (default launch: {_tile(section['default_config'])})"
+    lines = [
+        f"Kernels, {_kernels_source(record)}. {what}, fraction of copy bandwidth:",
+        "",
+        "| context | 33 CTAs | 66 CTAs | 99 CTAs | 132 CTAs | full grid |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for ctx in sorted({r["context"] for r in decode}):
+        by = {r["num_ctas"]: r["frac_copy_bw"] for r in decode if r["context"] == ctx}
+        cells = " | ".join(_fmt(by.get(n), ".2f") for n in (33, 66, 99, 132, None))
+        lines.append(f"| {ctx} | {cells} |")
+    green = record.get("decode_green_context", {})
+    if green.get("rows"):
+        best = max(green["rows"], key=lambda r: r["frac_copy_bw"])
+        lines += [
+            "",
+            f"In a green context of {green['sms']} SMs (full grid, context "
+            f"{best['context']}), the best of {len(green['rows'])} launch configurations "
+            f"({_tile(best)}) reads {best['frac_copy_bw']:.2f} of the copy bandwidth"
+            + (
+                f"; a plain copy in it moves {green['copy']['frac_copy_bw']:.2f}."
+                if "copy" in green
+                else "."
+            ),
+        ]
+    return lines
+
+
+def _memory_bound_lines(record: dict[str, Any]) -> list[str]:
+    """The small memory-bound kernels (norm, RoPE, SiLU) of one kernels run."""
+    rows_ = record.get("memory_bound") or []
+    if not rows_:
+        return []
+    lines = [
+        f"Kernels, {_kernels_source(record)}. Memory-bound kernels, bf16:",
+        "",
+        "| kernel | tokens | ms | fraction of copy bandwidth | torch eager ms |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows_:
+        lines.append(
+            f"| {r['kernel']} | {r['tokens']} | {r['ms']:.4f} | {r['frac_copy_bw']:.2f} | "
+            f"{r['torch_eager_ms']:.4f} |"
+        )
+    return lines
+
+
+def _kernels_source(record: dict[str, Any]) -> str:
+    ceil = record.get("ceilings", {})
+    return (
+        f"{record['device']}, {record['date'][:10]} "
+        f"(`experiments/results/{record['_file']}`; ceilings in the same run: copy "
+        f"{_fmt(ceil.get('copy_gbs'), ',.0f')} GB/s, "
+        f"GEMM {_fmt(ceil.get('gemm_bf16_tflops'), '.0f')} TFLOP/s)"
+    )
+
+
 def kernel_table(records: list[dict[str, Any]]) -> str:
-    """Decode attention against the copy-bandwidth ceiling measured in the same run."""
+    """Decode attention against the copy-bandwidth ceiling measured in the same run, and the
+    memory-bound kernels where a run timed them on their own."""
     lines = []
     for record in records:
         if record.get("experiment") != "kernels":
             continue
-        ceil = record.get("ceilings", {})
-        section = record.get("decode_attention", {})
-        decode = section.get("rows", [])
-        what = "Decode attention, batch 256"
-        if not decode:  # an fp8-only run: its default launch's rows
-            section = record.get("decode_attention_fp8", {})
-            launch = section.get("default_config", {})
-            decode = [
-                r for r in section.get("rows", []) if all(r.get(k) == v for k, v in launch.items())
-            ]
-            what = "Decode attention over an fp8 cache"
-        if section.get("default_config"):
-            what += f" (default launch: {_tile(section['default_config'])})"
-        lines += [
-            f"Kernels, {record['device']}, {record['date'][:10]} "
-            f"(`experiments/results/{record['_file']}`; ceilings in the same run: copy "
-            f"{_fmt(ceil.get('copy_gbs'), ',.0f')} GB/s, "
-            f"GEMM {_fmt(ceil.get('gemm_bf16_tflops'), '.0f')} TFLOP/s). "
-            f"{what}, fraction of copy bandwidth:",
-            "",
-            "| context | 33 CTAs | 66 CTAs | 99 CTAs | 132 CTAs | full grid |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for ctx in sorted({r["context"] for r in decode}):
-            by = {r["num_ctas"]: r["frac_copy_bw"] for r in decode if r["context"] == ctx}
-            cells = " | ".join(_fmt(by.get(n), ".2f") for n in (33, 66, 99, 132, None))
-            lines.append(f"| {ctx} | {cells} |")
-        green = record.get("decode_green_context", {})
-        if green.get("rows"):
-            best = max(green["rows"], key=lambda r: r["frac_copy_bw"])
-            lines += [
-                "",
-                f"In a green context of {green['sms']} SMs (full grid, context "
-                f"{best['context']}), the best of {len(green['rows'])} launch configurations "
-                f"({_tile(best)}) reads {best['frac_copy_bw']:.2f} of the copy bandwidth"
-                + (
-                    f"; a plain copy in it moves {green['copy']['frac_copy_bw']:.2f}."
-                    if "copy" in green
-                    else "."
-                ),
-            ]
-        lines.append("")
+        decode = _decode_lines(record)
+        # full runs also hold the small kernels; they are shown for a run that timed only them
+        part = decode or _memory_bound_lines(record)
+        if part:
+            lines += [*part, ""]
     return "\n".join(lines).strip()
 
 

@@ -61,14 +61,12 @@ def test_run_stats_record_each_iteration_shape_for_the_roofline():
 
 
 def test_engine_keeps_the_cyclic_collector_out_of_its_loop():
-    """Building an engine freezes what exists and raises the young-generation threshold, so
-    an iteration's burst of short-lived objects sets off no collection."""
+    """Building an engine raises the young-generation threshold, so an iteration's burst of
+    short-lived objects sets off no collection."""
     before = gc.get_threshold()
     try:
         gc.set_threshold(700, *before[1:])
         LLM("builtin")
         assert gc.get_threshold()[0] == GC_FIRST_GENERATION_THRESHOLD
-        assert gc.get_freeze_count() > 0
     finally:
         gc.set_threshold(*before)
-        gc.unfreeze()

@@ -119,6 +119,9 @@ def test_plots_from_results(tmp_path):
     assert sorted(p.name for p in made) == ["ablation.png", "latency.png", "throughput.png"]
     for p in made:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    one_gpu = plots.make_all(tmp_path / "results", tmp_path / "gpu", "NVIDIA H100 80GB HBM3")
+    assert "throughput_h100-80gb-hbm3.png" in {p.name for p in one_gpu}
+    assert plots.make_all(tmp_path / "results", tmp_path / "none", "NVIDIA H200") == []
 
 
 def test_online_latency_summary():
@@ -248,6 +251,8 @@ def test_report_renders_pipeline_overlap_and_kernel_runs(tmp_path):
                 "gemm_part_ms": 0.9,
                 "attn_part_ms": 0.8,
                 "corun_ms": 0.95,
+                "gemm_beside_attn_ms": 0.91,
+                "gemm_beside_copy_ms": 0.93,
             }
         ],
     }
@@ -303,7 +308,17 @@ def test_report_renders_pipeline_overlap_and_kernel_runs(tmp_path):
         ],
     }
     (tmp_path / "pipe.json").write_text(json.dumps(pipeline))
+    small_kernels = {  # a run of the memory-bound section alone
+        **stamp,
+        "experiment": "kernels",
+        "ceilings": {"copy_gbs": 3000.0, "gemm_bf16_tflops": 780.0},
+        "memory_bound": [
+            {"kernel": "rms_norm+residual", "tokens": 2048, "ms": 0.0215, "frac_copy_bw": 0.733,
+             "torch_eager_ms": 0.1592},
+        ],
+    }  # fmt: skip
     (tmp_path / "kern.json").write_text(json.dumps(kernels))
+    (tmp_path / "kern_small.json").write_text(json.dumps(small_kernels))
     (tmp_path / "serve.json").write_text(json.dumps(serve))
     (tmp_path / "graphs.json").write_text(json.dumps(graph_run))
     text = report.render(tmp_path)
@@ -313,7 +328,10 @@ def test_report_renders_pipeline_overlap_and_kernel_runs(tmp_path):
     assert "| sequential | 50.0 | 20.0 |  | 12,345 | 25.0 |  |" in text
     assert "| overlapped | 60.0 | 1.0 | 61.0 / 40.0 |  |  |  |" in text
     assert "| 4 | 10 / 0 | 2,500 | 27 / 90 | 7.1 / 7.4 |" in text
-    assert "| 2048 / 1024 | green_context | 88 / 44 | 0.90 / 0.80 | 0.95 | 0.95 |" in text
+    row = "| 2048 / 1024 | green_context | 88 / 44 | 0.90 / 0.80 | 0.95 | 1.06 | 0.95 |"
+    assert row + " 0.91 / 0.93 |" in text
+    assert "| rms_norm+residual | 2048 | 0.0215 | 0.73 | 0.1592 |" in text
+    assert "over an fp8 cache" not in text  # no empty decode table for the small-kernel run
     assert "| 1024 | 0.50 |  |  |  | 0.90 |" in text
     assert "GEMM 780 TFLOP/s" in text
 
