@@ -302,7 +302,7 @@ def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | Non
                 row["iteration_eager"] = time_iteration(llm, plan, eager=True)
                 row["graph_check"] = graph_check(llm, plan)
             if name == args.timeline and DEVICE.type == "cuda":
-                result["timeline"] = record_timeline(llm, plan, out_dir, name)
+                result["timeline"] = record_timeline(llm, plan, out_dir, name, row["iteration"])
             if "throughput" in args.skip:
                 result["schedules"][name] = row
                 print(name, json.dumps({k: v for k, v in row.items() if k != "schedule"}))
@@ -314,7 +314,7 @@ def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | Non
             if optimal:
                 row["fraction_of_optimal"] = row["throughput"]["tokens_per_s"] / optimal
             if schedule.overlap and "timeline" not in result and DEVICE.type == "cuda":
-                result["timeline"] = record_timeline(llm, plan, out_dir, name)
+                result["timeline"] = record_timeline(llm, plan, out_dir, name, row["iteration"])
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
@@ -323,9 +323,13 @@ def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | Non
     return result
 
 
-def record_timeline(llm: LLM, plan: BatchPlan, out_dir: Path, name: str) -> str:
+def record_timeline(llm: LLM, plan: BatchPlan, out_dir: Path, name: str, untimed: dict) -> dict:
     """One iteration's timeline: launched eagerly, or with graphs on, captured with its timing
-    events inside the graph and replayed (so the host's launch gaps are not in it)."""
+    events inside the graph and replayed (so the host's launch gaps are not in it).
+
+    The events can perturb what they time, so the record keeps the whole timed iteration's span
+    beside ``untimed`` (the same iteration's timing without events): a timeline whose span is
+    well above it does not show the schedule as it runs."""
     runner = llm.engine.runner
     graphed = runner.graphs is not None
     recorder = TimelineRecorder(in_graph=graphed)
@@ -343,15 +347,19 @@ def record_timeline(llm: LLM, plan: BatchPlan, out_dir: Path, name: str) -> str:
             recorder.attach(runner.executor)
             runner.forward(step)
         runner.executor.hook = None
-    records = [r for r in recorder.records() if r.layer < 4]
+    every = recorder.records()
+    span_ms = max(r.end_ms for r in every) - min(r.start_ms for r in every)
+    records = [r for r in every if r.layer < 4]
     png = out_dir / "timeline_overlapped.png"
     how = "CUDA graph replay" if graphed else "eager launch"
     title = f"{llm.engine.config.model}, {name} ({how}), layers 0-3 of one "
     title += f"{plan.num_tokens}-token iteration ({len(plan.decodes)} decodes)"
     draw_timeline(records, png, title)
-    provenance = {**environment(DEVICE), "command": " ".join(sys.argv)}
+    check = {"timed_span_ms": span_ms, "untimed_gpu_ms": untimed.get("gpu_ms")}
+    provenance = {**environment(DEVICE), "command": " ".join(sys.argv), **check}
     save_timeline(records, out_dir / "timeline_overlapped.json", provenance)
-    return png.name
+    print(f"timeline of {name}: timed span {span_ms:.1f} ms, untimed {check['untimed_gpu_ms']} ms")
+    return {"png": png.name, **check}
 
 
 def main() -> int:
