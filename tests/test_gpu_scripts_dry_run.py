@@ -142,3 +142,17 @@ def test_online_latency_dry_run(tmp_path):
         assert point["completed"] >= 3 and point["failed"] == 0
         assert point["normalized_latency_method"].startswith("mean of per-request")
     assert record["result"]["max_rate_under_slo"] == 4.0
+
+
+@pytest.mark.timeout(200)
+def test_host_overhead_times_every_phase_of_a_full_batch(tmp_path):
+    """The host-only loop: every phase timed, the batch held at its sequence limit, and no
+    collection at the engine's threshold."""
+    args = ["--num-prompts", "60", "--max-num-seqs", "32", "--budget", "256"]
+    record = _run("host_overhead.py", [*args, "--warmup-steps", "40", "--steps", "10"], tmp_path)
+    result = record["result"]
+    assert result["decodes_per_iteration"] > 16
+    assert set(result["phase_ms_per_iteration"]) >= {"plan", "upload", "sample", "resolve"}
+    assert all(ms > 0 for ms in result["phase_ms_per_iteration"].values())
+    assert result["gc_collections_by_generation"] == [0, 0, 0]
+    assert record["experiment"] == "host_overhead" and "command" in record

@@ -1,0 +1,166 @@
+"""The engine loop's host work per iteration, with the model's forward stubbed out (CPU).
+
+A full GPU iteration leaves the host only the work around the forward: planning, laying out and
+uploading the step, sampling and resolving tokens. This script runs the engine's real scheduler,
+row layout, graph-buffer uploads (the path a CUDA-graph replay takes, with a capture that runs
+nothing) and token resolution on the builtin model's shapes, returns zero logits in place of the
+forward, and times each phase and the cyclic garbage collector. It says how much host time an
+iteration costs at a given batch, so it can be compared with the GPU time of the same iteration
+(`nanoflow bench throughput` reports both on a GPU).
+
+Usage: python experiments/host_overhead.py [--num-prompts N] [--gc-threshold N] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from report import write_result
+
+import nanoflow.engine.cuda_graphs as cuda_graphs
+import nanoflow.engine.model_runner as model_runner
+from nanoflow import LLM, SamplingParams
+from nanoflow.measure import environment
+from nanoflow.workloads import load_workload, random_prompts
+
+
+class PhaseTimer:
+    """Seconds spent in wrapped callables, by name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - started
+
+        return timed
+
+
+class CollectorTimer:
+    """Seconds the cyclic garbage collector ran, and how many collections of each generation."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.collections = [0, 0, 0]
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+            self.collections[info["generation"]] += 1
+
+
+def host_only_engine(args: argparse.Namespace, phases: PhaseTimer) -> LLM:
+    """A CPU engine on the graph path whose forward returns zero logits, its phases timed."""
+    llm = LLM(
+        "builtin",
+        device="cpu",
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.budget,
+        num_kv_blocks=args.num_kv_blocks,
+        max_model_len=2048,
+    )
+    runner = llm.engine.runner
+    runner.graphs = runner.step_graphs(lambda run: lambda: None)
+    vocab = llm.engine.spec.vocab_size
+    runner.forward = lambda step: torch.zeros(len(step.sample_rows), vocab)
+    cuda_graphs.lay_out = phases.wrap("layout", cuda_graphs.lay_out)
+    graphs = runner.graphs
+    graphs._upload = phases.wrap("upload", graphs._upload)
+    runner.prepare = phases.wrap("prepare (layout + upload)", runner.prepare)
+    model_runner.sample = phases.wrap("sample", model_runner.sample)
+    engine = llm.engine
+    engine.scheduler.plan = phases.wrap("plan", engine.scheduler.plan)
+    engine._resolve = phases.wrap("resolve", engine._resolve)
+    return llm
+
+
+def source_commit() -> str | None:
+    """The commit of the engine code that ran (the script may time an older checkout)."""
+    import nanoflow
+
+    folder = Path(nanoflow.__file__).parent
+    done = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip() or None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    parser.add_argument("--workload", default="512/512")
+    parser.add_argument("--num-prompts", type=int, default=3000)
+    parser.add_argument("--max-num-seqs", type=int, default=1024)
+    parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--num-kv-blocks", type=int, default=80000)
+    parser.add_argument("--warmup-steps", type=int, default=700, help="until the batch is full")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument(
+        "--gc-threshold", type=int, default=None, help="young-generation threshold to run with"
+    )
+    parser.add_argument("--name", default="host_overhead")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    phases = PhaseTimer()
+    llm = host_only_engine(args, phases)
+    if args.gc_threshold is not None:  # after the engine set its own
+        gc.set_threshold(args.gc_threshold, *gc.get_threshold()[1:])
+    engine = llm.engine
+    requests = load_workload(args.workload, args.num_prompts, 0)
+    prompts = random_prompts(requests, engine.spec.vocab_size, 0)
+    params = SamplingParams(max_tokens=requests[0].output_len, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    for _ in range(args.warmup_steps):
+        engine.step()
+    phases.seconds.clear()
+    collector = CollectorTimer()
+    gc.callbacks.append(collector)
+    decodes = 0
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step()
+        decodes += engine.last_step.num_decode
+    wall = time.perf_counter() - started
+    gc.callbacks.remove(collector)
+    per_step = {name: 1e3 * s / args.steps for name, s in phases.seconds.items()}
+    result = {
+        "workload": args.workload,
+        "steps": args.steps,
+        "decodes_per_iteration": decodes / args.steps,
+        "gc_threshold": gc.get_threshold(),
+        "host_ms_per_iteration": 1e3 * wall / args.steps,
+        "phase_ms_per_iteration": per_step,
+        "gc_ms_per_iteration": 1e3 * collector.seconds / args.steps,
+        "gc_collections_by_generation": collector.collections,
+    }
+    print(json.dumps(result, indent=1))
+    record = {
+        **environment(torch.device("cpu")),
+        "experiment": "host_overhead",
+        "engine_commit": source_commit(),
+        "result": result,
+    }
+    write_result(Path(args.out) / f"{args.name}.json", record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
