@@ -223,3 +223,53 @@ def test_prefixes_evicted_to_host_come_back_with_their_content():
             _step(scheduler, 8, kv)
     assert blocks.host_tokens_restored > 0 and blocks.cached_tokens_served > 0
     assert blocks.num_free_blocks == blocks.num_blocks
+
+
+class ResortingScheduler(Scheduler):
+    """The admission test as it was first written: every candidate re-sorts the running
+    requests' lives from scratch."""
+
+    def _admits(self, lives: list[tuple[int, int]]) -> bool:
+        seq = self.waiting[0]
+        fresh = [(max(0, self._expected_length(s) - s.num_tokens), s.num_tokens)
+                 for s in self.running]  # fmt: skip
+        fresh.append((self._expected_length(seq) - len(seq.prompt_token_ids),
+                      len(seq.prompt_token_ids)))  # fmt: skip
+        fresh.sort(reverse=True)
+        alive = 0
+        for count, (remaining, now) in enumerate(fresh, start=1):
+            alive += now
+            size = self.blocks.block_size
+            if (alive + count * (remaining + size - 1)) // size > self.blocks.num_blocks:
+                return False
+        return True
+
+
+def test_admission_forecast_sorted_once_decides_as_resorting_each_candidate():
+    """Inserting each candidate into one sorted forecast admits exactly the requests that
+    re-sorting everything for every candidate admits, iteration by iteration."""
+    import random
+
+    rng = random.Random(1)
+    lengths = [(rng.randint(2, 50), rng.randint(1, 70)) for _ in range(120)]
+
+    def admitted_per_iteration(kind: type[Scheduler]) -> list[int]:
+        scheduler = kind(BlockManager(150, 4), max_num_batched_tokens=96, max_num_seqs=40)
+        for i, (prompt, output) in enumerate(lengths):
+            scheduler.add(Sequence(f"r{i}", [3] * prompt, SamplingParams(max_tokens=output)))
+        counts = []
+        while scheduler.has_unfinished:
+            waiting = len(scheduler.waiting)
+            plan = scheduler.plan()
+            counts.append(waiting - len(scheduler.waiting))
+            scheduler.commit(plan)
+            for chunk in plan.chunks:
+                if chunk.samples:
+                    chunk.seq.output_token_ids.append(5)
+                    if len(chunk.seq.output_token_ids) == chunk.seq.params.max_tokens:
+                        scheduler.finish(chunk.seq, "length")
+        return counts
+
+    fast, reference = admitted_per_iteration(Scheduler), admitted_per_iteration(ResortingScheduler)
+    assert fast == reference
+    assert sum(fast) >= len(lengths) and max(fast) > 1  # several admitted in one plan
