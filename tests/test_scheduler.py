@@ -165,11 +165,15 @@ class PeakSumScheduler(Scheduler):
         return sum(peak(s) for s in self.running) + peak(candidate) <= self.blocks.num_blocks
 
 
-def _drain(scheduler: Scheduler) -> tuple[int, int]:
-    """Run every request to its max_tokens; (iterations, preemptions)."""
+def _drain(scheduler: Scheduler, admitted: list[int] | None = None) -> tuple[int, int]:
+    """Run every request to its max_tokens; (iterations, preemptions). ``admitted`` gets how
+    many requests each plan took from the queue."""
     iterations = preempted = 0
     while scheduler.has_unfinished:
+        waiting = len(scheduler.waiting)
         plan = scheduler.plan()
+        if admitted is not None:
+            admitted.append(waiting - len(scheduler.waiting))
         iterations += 1
         preempted += len(plan.preempted)
         scheduler.commit(plan)
@@ -257,17 +261,8 @@ def test_admission_forecast_sorted_once_decides_as_resorting_each_candidate():
         scheduler = kind(BlockManager(150, 4), max_num_batched_tokens=96, max_num_seqs=40)
         for i, (prompt, output) in enumerate(lengths):
             scheduler.add(Sequence(f"r{i}", [3] * prompt, SamplingParams(max_tokens=output)))
-        counts = []
-        while scheduler.has_unfinished:
-            waiting = len(scheduler.waiting)
-            plan = scheduler.plan()
-            counts.append(waiting - len(scheduler.waiting))
-            scheduler.commit(plan)
-            for chunk in plan.chunks:
-                if chunk.samples:
-                    chunk.seq.output_token_ids.append(5)
-                    if len(chunk.seq.output_token_ids) == chunk.seq.params.max_tokens:
-                        scheduler.finish(chunk.seq, "length")
+        counts: list[int] = []
+        _drain(scheduler, counts)
         return counts
 
     fast, reference = admitted_per_iteration(Scheduler), admitted_per_iteration(ResortingScheduler)
