@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 
 from nanoflow import LLM, SamplingParams
-from nanoflow.engine.engine_core import GC_FIRST_GENERATION_THRESHOLD
+from nanoflow.engine.host_gc import GC_FIRST_GENERATION_THRESHOLD
 
 
 def test_run_stats_count_every_computed_token():

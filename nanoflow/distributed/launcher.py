@@ -90,10 +90,12 @@ def init_group(rank: int, world: int, init_method: str, device: str) -> Parallel
 
 def worker_main(config: EngineConfig, rank: int, world: int, init_method: str) -> None:
     """A non-zero rank: build this rank's shard and run every iteration rank 0 broadcasts."""
+    from nanoflow.engine.host_gc import quiet_garbage_collector
     from nanoflow.engine.model_runner import ModelRunner
     from nanoflow.models.loader import resolve_model
     from nanoflow.pipeline.schedule_select import select_schedule
 
+    quiet_garbage_collector()  # each iteration unpickles a plan of per-request objects
     config = _rank_config(config, rank)
     group = init_group(rank, world, init_method, str(config.torch_device()))
     spec, checkpoint = resolve_model(config.model)

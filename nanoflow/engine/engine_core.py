@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Callable
@@ -11,6 +10,7 @@ from dataclasses import dataclass, field
 from nanoflow.config import EngineConfig
 from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.engine.block_manager import BlockManager
+from nanoflow.engine.host_gc import quiet_garbage_collector
 from nanoflow.engine.model_runner import InFlight, ModelRunner
 from nanoflow.engine.sampling_params import SamplingParams
 from nanoflow.engine.scheduler import ScheduledChunk, Scheduler
@@ -112,24 +112,6 @@ class RunStats:
             "gpu_busy_ms_per_iteration": 1e3 * self.gpu_busy_seconds / n,
             "gpu_idle_ms_per_iteration": 1e3 * self.gpu_idle_seconds / n,
         }
-
-
-GC_FIRST_GENERATION_THRESHOLD = 100_000
-
-
-def quiet_garbage_collector() -> None:
-    """Keep Python's cyclic collector out of the engine loop.
-
-    An iteration of ~800 decodes allocates thousands of short-lived objects (chunks, outputs),
-    and at the default threshold of 700 each burst set off young-generation collections that
-    escalated into full ones walking every request's token lists: about 2 ms of collection per
-    iteration on average, in pauses of tens of ms. A young collection now waits for 100,000 net
-    new objects, which an iteration's bursts do not reach. (Freezing the heap instead would
-    keep an engine that is dropped later, and sits in a reference cycle, alive for good.)
-    """
-    threshold = gc.get_threshold()
-    if threshold[0] < GC_FIRST_GENERATION_THRESHOLD:
-        gc.set_threshold(GC_FIRST_GENERATION_THRESHOLD, *threshold[1:])
 
 
 class EngineCore:
