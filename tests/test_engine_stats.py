@@ -33,9 +33,10 @@ def test_run_stats_split_the_host_time_of_an_iteration():
     stats = llm.engine.stats
     assert stats.plan_seconds > 0 and stats.launch_seconds > 0 and stats.resolve_seconds > 0
     assert stats.wait_seconds >= 0
+    assert 0 < stats.prepare_seconds < stats.launch_seconds  # the layout is part of the launch
     summary = stats.summary()
     assert summary["gpu_busy_ms_per_iteration"] == summary["gpu_idle_ms_per_iteration"] == 0
-    for phase in ("plan", "launch", "wait", "resolve"):
+    for phase in ("plan", "launch", "prepare", "wait", "resolve"):
         assert summary[f"host_{phase}_ms_per_iteration"] >= 0
 
 

@@ -62,6 +62,7 @@ class RunStats:
     decode_tokens: int = 0
     plan_seconds: float = 0.0  # host: scheduling decisions
     launch_seconds: float = 0.0  # host: inputs laid out and uploaded, kernels or graph queued
+    prepare_seconds: float = 0.0  # host, part of launching: rows laid out, metadata uploaded
     wait_seconds: float = 0.0  # host: waiting for an iteration's sampled tokens
     resolve_seconds: float = 0.0  # host: applying them (stop rules, outputs)
     gpu_busy_seconds: float = 0.0  # GPU: from an iteration's first upload to its tokens' copy
@@ -107,6 +108,7 @@ class RunStats:
             "decode_only_fraction": self.decode_only_iterations / n,
             "host_plan_ms_per_iteration": 1e3 * self.plan_seconds / n,
             "host_launch_ms_per_iteration": 1e3 * self.launch_seconds / n,
+            "host_prepare_ms_per_iteration": 1e3 * self.prepare_seconds / n,
             "host_wait_ms_per_iteration": 1e3 * self.wait_seconds / n,
             "host_resolve_ms_per_iteration": 1e3 * self.resolve_seconds / n,
             "gpu_busy_ms_per_iteration": 1e3 * self.gpu_busy_seconds / n,
@@ -213,6 +215,7 @@ class EngineCore:
             started = time.perf_counter()
             try:
                 launched = self.runner.launch(plan, self.in_flight)
+                self.stats.prepare_seconds += self.runner.last_prepare_seconds
             except Exception as exc:  # one bad batch must not take the engine down
                 logger.exception("iteration failed; failing its %d requests", len(plan.chunks))
                 outputs = [self._fail(c.seq, exc) for c in plan.chunks]

@@ -140,6 +140,7 @@ class ModelRunner:
         self.schedule = schedule
         self.executor: Executor = make_executor(schedule, self.device)
         self.graphs: StepGraphs | None = None
+        self.last_prepare_seconds = 0.0  # host time the last launch spent in prepare()
         if self._use_cuda_graphs():
             self.graphs = self.step_graphs(cuda_capture(torch.cuda.graph_pool_handle()))
 
@@ -239,7 +240,9 @@ class ModelRunner:
         if self.on_plan is not None:
             self.on_plan(plan)
         started = InFlight.timing_event(self.device)
+        preparing = time.perf_counter()
         step = self.prepare(plan)
+        self.last_prepare_seconds = time.perf_counter() - preparing
         if step.placeholder_rows:
             if previous is None:
                 raise RuntimeError("a sequence waits on a token from no iteration in flight")
