@@ -4,6 +4,7 @@ computed exactly once when nothing is preempted."""
 from __future__ import annotations
 
 import gc
+import json
 
 from nanoflow import LLM, SamplingParams
 from nanoflow.engine.host_gc import GC_FIRST_GENERATION_THRESHOLD
@@ -71,3 +72,17 @@ def test_engine_keeps_the_cyclic_collector_out_of_its_loop():
         assert gc.get_threshold()[0] == GC_FIRST_GENERATION_THRESHOLD
     finally:
         gc.set_threshold(*before)
+
+
+def test_bench_throughput_prints_where_an_iteration_spends_its_time(capsys, tmp_path):
+    """`nanoflow bench throughput` says how the host's time per iteration splits and how busy
+    the GPU was, the figures that show whether the host keeps up."""
+    from nanoflow.cli.main import main
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", "throughput", "builtin", "--workload", "16/8", "--num-prompts", "6"]
+    assert main([*argv, "--output-json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Per iteration, host: plan " in printed and "(of it prepare " in printed
+    iterations = json.loads(out.read_text())["result"]["iterations"]
+    assert iterations["host_prepare_ms_per_iteration"] <= iterations["host_launch_ms_per_iteration"]

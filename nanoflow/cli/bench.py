@@ -129,6 +129,14 @@ def run_throughput(args: argparse.Namespace) -> int:
             f"{result['token_budget']}-token budget), {mix['decode_only_fraction']:.0%} without "
             "prompt tokens"
         )
+        print(  # the host keeps up while its work stays under the GPU's busy time
+            f"Per iteration, host: plan {mix['host_plan_ms_per_iteration']:.1f} ms, launch "
+            f"{mix['host_launch_ms_per_iteration']:.1f} (of it prepare "
+            f"{mix['host_prepare_ms_per_iteration']:.1f}), resolve "
+            f"{mix['host_resolve_ms_per_iteration']:.1f}, waiting "
+            f"{mix['host_wait_ms_per_iteration']:.1f}; GPU busy "
+            f"{mix['gpu_busy_ms_per_iteration']:.1f}, idle {mix['gpu_idle_ms_per_iteration']:.1f}"
+        )
     if "fraction_of_optimal" in result:
         print(
             f"Optimal (GEMM {result['gemm_tflops']:.0f} TFLOP/s): "
