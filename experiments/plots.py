@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from report import ROOT, load_results, rows  # noqa: E402
+
+from nanoflow.autotune.profile import gpu_slug  # noqa: E402
 
 ABLATION = {
     "nanoflow sequential": "sequential",
@@ -46,8 +48,9 @@ def throughput_bars(records: list[dict[str, Any]], path: Path) -> Path | None:
         if row["num_prompts"]:  # runs of different sizes are different bars
             system += f", {row['num_prompts']} prompts"
         labels.append((row["workload"], system))
+    repeats = Counter(labels)
     for row, (workload, system) in zip(table, labels, strict=True):
-        if labels.count((workload, system)) > 1:  # runs alike but for the build: name the file
+        if repeats[workload, system] > 1:  # runs alike but for the build: name the file
             system += f" ({Path(row['file']).stem.removeprefix('throughput-')})"
         by_workload[workload].append(row | {"system": system})
     if not by_workload:
@@ -138,7 +141,7 @@ def make_all(results: Path, figures: Path, gpu: str | None = None) -> list[Path]
     suffix = ""
     if gpu is not None:
         records = [r for r in records if (r.get("gpu") or r["device"]) == gpu]
-        suffix = "_" + gpu.lower().removeprefix("nvidia ").replace(" ", "-")
+        suffix = "_" + gpu_slug(gpu).removeprefix("nvidia-")
     made = [
         throughput_bars(records, figures / f"throughput{suffix}.png"),
         ablation_bars(records, figures / f"ablation{suffix}.png"),

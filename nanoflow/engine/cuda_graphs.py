@@ -83,12 +83,12 @@ class GraphStats:
 
 def _write_tables(
     tables: np.ndarray, lens: np.ndarray, first_row: int, chunks: list[ScheduledChunk]
-) -> None:
+) -> int:
     """Each chunk's block table and context length into rows ``first_row`` on, in one numpy
-    scatter: a row-by-row copy from Python lists cost more host time than the GPU spends on
-    a decode step's attention."""
+    scatter (a row-by-row copy from Python lists cost more host time than the GPU spends on
+    a decode step's attention); returns the longest table's length (0 for no chunks)."""
     if not chunks:
-        return
+        return 0
     block_tables = [c.seq.block_table for c in chunks]
     counts = np.fromiter(map(len, block_tables), dtype=np.int64, count=len(chunks))
     flat = np.fromiter(itertools.chain.from_iterable(block_tables), dtype=tables.dtype)
@@ -97,6 +97,7 @@ def _write_tables(
     offsets -= np.cumsum(counts) - counts
     tables.reshape(-1)[np.repeat(offsets, counts) + np.arange(len(flat))] = flat
     lens[first_row : first_row + len(chunks)] = [c.start + c.num_tokens for c in chunks]
+    return int(counts.max())
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -254,23 +255,21 @@ class StepGraphs:
         tables, lens = self.host_decode_tables.numpy(), self.host_decode_lens.numpy()
         p_tables, p_lens = self.host_prefill_tables.numpy(), self.host_prefill_lens.numpy()
         p_cu = self.host_prefill_cu.numpy()
-        decode_rows = 0
+        decode_rows, width = 0, 1
         for i, rows in enumerate(layout.nano_batches):
             real = decode_rows + len(rows.decodes)
-            _write_tables(tables, lens, decode_rows, rows.decodes)
+            width = max(width, _write_tables(tables, lens, decode_rows, rows.decodes))
             tables[real : decode_rows + rows.decode_rows, 0] = self.scratch_block
             lens[real : decode_rows + rows.decode_rows] = 1
             decode_rows += rows.decode_rows
             first = i * CHUNK_SLOTS
             p_lens[first : first + CHUNK_SLOTS] = 0
-            _write_tables(p_tables, p_lens, first, rows.pieces)
+            width = max(width, _write_tables(p_tables, p_lens, first, rows.pieces))
             ends = np.cumsum([c.num_tokens for c in rows.pieces], dtype=np.int64)
             p_cu[i, 0] = 0
             p_cu[i, 1 : len(ends) + 1] = ends
             p_cu[i, len(ends) + 1 :] = ends[-1] if len(ends) else 0
         # only the columns some table reaches: a kernel never reads past a sequence's length
-        chunks = [c for rows in layout.nano_batches for c in rows.decodes + rows.pieces]
-        width = max((len(c.seq.block_table) for c in chunks), default=1)
         used = slice(0, decode_rows)
         copy_to(self.decode_tables[used, :width], self.host_decode_tables[used, :width])
         copy_to(self.decode_lens[used], self.host_decode_lens[used])

@@ -127,11 +127,10 @@ class Scheduler:
             seq = self.waiting[0]
             if forecast is None:
                 forecast = sorted(self._life(s, s.num_tokens) for s in self.running)
-            with_seq = list(forecast)
-            bisect.insort(with_seq, self._life(seq, len(seq.prompt_token_ids)))
-            if self.running and not self._admits(with_seq):
+            # in place: a candidate turned away ends the admissions of this plan
+            bisect.insort(forecast, self._life(seq, len(seq.prompt_token_ids)))
+            if self.running and not self._admits(forecast):
                 break
-            forecast = with_seq
             if self._fitting_tokens(seq, budget) == 0:
                 break
             self.waiting.popleft()
