@@ -12,6 +12,7 @@ each point says which it is.
 
 Usage: python experiments/online_latency.py [--model llama-3-8b] [--workload sharegpt]
            [--rates 2,4,8,16,32] [--duration-s 30] [--slo 0.2] [--output-json PATH]
+           [--kv-cache-dtype fp8] [--max-num-seqs N]                  (server settings)
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="llama-3-8b")
     p.add_argument("--workload", default="sharegpt")
     p.add_argument("--profile", default=None)
+    p.add_argument(
+        "--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="the server's KV cache"
+    )
+    p.add_argument("--max-num-seqs", type=int, default=None, help="the server's sequence limit")
     p.add_argument("--rates", default="2,4,8,16,32", help="request rates, ascending (req/s)")
     p.add_argument("--duration-s", type=float, default=30.0, help="arrivals per rate ≈ rate × this")
     p.add_argument("--min-prompts", type=int, default=20)
@@ -128,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.profile:
         serve += ["--profile", args.profile]
+    serve += ["--kv-cache-dtype", args.kv_cache_dtype]
+    if args.max_num_seqs:
+        serve += ["--max-num-seqs", str(args.max_num_seqs)]
     points: list[dict[str, Any]] = []
     with (work / "server.log").open("w") as log:
         server = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT)

@@ -135,6 +135,9 @@ def online(runner: Runner, args: argparse.Namespace) -> None:
     cmd += ["--workload", args.online_workload, "--output-json", str(out)]
     if args.profile:
         cmd += ["--profile", args.profile]
+    cmd += ["--kv-cache-dtype", args.kv_cache_dtype]
+    if args.max_num_seqs:
+        cmd += ["--max-num-seqs", str(args.max_num_seqs)]
     runner.run("online latency", cmd, out, {"experiment": "online_latency", "model": args.model})
 
 
