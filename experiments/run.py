@@ -149,7 +149,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="llama-3-8b")
     p.add_argument("--device", default="auto")
     p.add_argument("--workloads", default=None, help="comma list (default: by --quick)")
-    p.add_argument("--executors", default=",".join(EXECUTORS))
+    p.add_argument("--executors", default=",".join(EXECUTORS), help="comma list ('': tuned only)")
     p.add_argument("--profile", default=None, help="also run the tuned profile")
     p.add_argument("--num-prompts", type=int, default=None, help="default 400 quick, 1000 full")
     p.add_argument("--peer-workload", default="512/512", help="constant IN/OUT lengths")
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(tempfile.mkdtemp()) / "experiments" if bundle else ROOT / "experiments"
     )
     runner = Runner(root / "results", args.budget_s)
-    executors = args.executors.split(",") + (["auto"] if args.profile else [])
+    executors = [e for e in args.executors.split(",") if e] + (["auto"] if args.profile else [])
     for i, workload in enumerate(args.workloads.split(",")):
         for executor in executors:
             throughput(runner, args, workload, executor)
