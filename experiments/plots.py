@@ -26,6 +26,7 @@ ABLATION = {
     "nanoflow sequential": "sequential",
     "nanoflow nanobatch": "nano-batches,\nno overlap",
     "nanoflow overlapped": "overlapped",
+    "nanoflow tuned": "tuned profile",
 }
 
 
@@ -77,22 +78,39 @@ def throughput_bars(records: list[dict[str, Any]], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _ablation_key(row: dict[str, Any]) -> tuple[str, str] | None:
+    """(executor, the group it is compared in) for a nanoflow row, else None. A group is one GPU,
+    workload, prompt count and engine setting (launch mode, KV cache, sequence limit): an
+    executor is only compared with the sequential executor run under the same ones."""
+    executor, _, setting = row["system"].removeprefix("nanoflow ").partition("-")
+    if f"nanoflow {executor}" not in ABLATION:
+        return None
+    graphs = setting.startswith("graphs")
+    setting = setting.removeprefix("graphs").strip("-")
+    mode = "CUDA graphs" if graphs else "eager"
+    gpu = gpu_slug(row["gpu"]).removeprefix("nvidia-").split("-")[0].upper()
+    detail = f"{mode}, {setting}" if setting else mode
+    return executor, f"{row['workload']} ({row['num_prompts']})\n{gpu}, {detail}"
+
+
 def ablation_bars(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """Throughput of the three nanoflow executors relative to sequential, per workload and
-    launch mode (eager, or replayed from CUDA graphs: an executor is only compared with the
-    sequential executor of its own mode)."""
-    table: dict[str, dict[str, float]] = defaultdict(dict)
+    """Throughput of each nanoflow executor (and the tuned profile) relative to the sequential
+    executor run under the same GPU, workload, prompt count and engine setting."""
+    runs: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
         for row in rows(record):
-            system = row["system"].removesuffix("-graphs")
-            graphs = system != row["system"]
-            if system in ABLATION:
-                group = f"{row['workload']}\n{'CUDA graphs' if graphs else 'eager'}"
-                table[group][system] = row["tokens_per_s"]
-    table = {w: t for w, t in table.items() if "nanoflow sequential" in t}
+            if (key := _ablation_key(row)) is not None:
+                executor, group = key
+                runs[group][f"nanoflow {executor}"].append(row["tokens_per_s"])
+    # a group with two runs of one executor does not say which pair was measured together
+    table = {
+        g: {system: tps[0] for system, tps in t.items()}
+        for g, t in runs.items()
+        if "nanoflow sequential" in t and len(t) > 1 and all(len(v) == 1 for v in t.values())
+    }
     if not table:
         return None
-    fig, ax = plt.subplots(figsize=(max(5, 2.5 * len(table)), 3.5))
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(table)), 4))
     width = 0.8 / len(ABLATION)
     for i, (system, label) in enumerate(ABLATION.items()):
         labelled = False
@@ -103,13 +121,14 @@ def ablation_bars(records: list[dict[str, Any]], path: Path) -> Path | None:
                     x + i * width, speedup, width, color=f"C{i}", label=None if labelled else label
                 )
                 labelled = True
-                ax.bar_label(bar, [f"{speedup:.2f}×"], fontsize=7)
+                ax.bar_label(bar, [f"{speedup:.2f}×"], fontsize=6)
     ax.axhline(1.0, color="grey", linewidth=0.5)
     ax.margins(y=0.2)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(table))], list(table))
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(table))], list(table), fontsize=6)
+    ax.tick_params(axis="x", labelrotation=30)
     ax.set_ylabel("throughput / sequential")
-    ax.set_title("Ablation")
-    ax.legend(fontsize=7)
+    ax.set_title("Ablation (groups: workload (prompts), GPU, engine setting)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
 
 

@@ -124,6 +124,36 @@ def test_plots_from_results(tmp_path):
     assert plots.make_all(tmp_path / "results", tmp_path / "none", "NVIDIA H200") == []
 
 
+def test_ablation_compares_an_executor_only_under_the_same_setting():
+    def row(system, gpu="NVIDIA H200", workload="lmsys"):
+        return {"system": system, "gpu": gpu, "workload": workload, "num_prompts": 1000}
+
+    tuned = plots._ablation_key(row("nanoflow tuned-graphs-fp8kv-seqs1024"))
+    sequential = plots._ablation_key(row("nanoflow sequential-graphs-fp8kv-seqs1024"))
+    assert tuned == ("tuned", "lmsys (1000)\nH200, CUDA graphs, fp8kv-seqs1024")
+    assert sequential == ("sequential", tuned[1])
+    eager = plots._ablation_key(row("nanoflow sequential-fp8kv-seqs1024"))
+    other_gpu = plots._ablation_key(row("nanoflow sequential-graphs-fp8kv-seqs1024", "NVIDIA H100"))
+    assert eager[1] != tuned[1] and other_gpu[1] != tuned[1]
+    assert plots._ablation_key(row("transformers static (B=256)")) is None
+
+
+def test_ablation_skips_a_group_it_cannot_pair(tmp_path):
+    for i, (executor, tps) in enumerate(
+        (("sequential", 10.0), ("sequential", 12.0), ("nanobatch", 8.0))
+    ):
+        run = ENV | {
+            "experiment": "throughput",
+            "model": "llama-3-8b",
+            "executor": executor,
+            "result": {"workload": "512/512", "tokens_per_s": tps, "num_prompts": 4},
+        }
+        report.write_result(tmp_path / f"run{i}.json", run, "nanoflow bench ...")
+    records = report.load_results(tmp_path)
+    assert plots.ablation_bars(records, tmp_path / "ablation.png") is None  # two sequential runs
+    assert plots.ablation_bars(records[1:], tmp_path / "ablation.png") is not None
+
+
 def test_online_latency_summary():
     requests = [{"latency_s": 2.0, "ttft_s": 0.1 * i, "output_tokens": 100} for i in range(1, 101)]
     point = online_latency.summarize({"result": {"requests": requests}}, 4.0)
