@@ -79,6 +79,21 @@ def test_report_table_from_results_only(tmp_path):
     assert "  | 4 | 40 / 0 | 200.0 | 0.40 | 1,234 |" in text  # every rate's point, in ms/token
 
 
+def test_headline_takes_each_figure_from_the_best_run_of_its_kind(tmp_path):
+    synthetic_results(tmp_path)
+    iteration = {
+        name: {"iteration": {"gpu_ms": ms}}
+        for name, ms in (("sequential", 60.0), ("overlap-green-96/36", 50.0), ("nanobatch-2", 40.0))
+    }
+    pipeline = ENV | {"experiment": "pipeline", "e2e": {"schedules": iteration}}
+    report.write_result(tmp_path / "pipeline.json", pipeline, "python pipeline_bench.py")
+    text = report.headline_table(report.load_results(tmp_path))
+    # the fastest nanoflow run, 3.3x the peer's 3,000; nano-batches alone are no overlap
+    row = "| NVIDIA H100 80GB HBM3 | 9,900 (40.0%) | 3,000 | 3.3x | 1.20x (overlap-green-96/36) |"
+    assert row in text
+    assert report.headline_table([]) == ""
+
+
 def test_report_labels_graph_runs_once_and_tables_an_fp8_kernel_run(tmp_path):
     run = ENV | {
         "experiment": "throughput",
