@@ -115,6 +115,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def serve_command(args: argparse.Namespace) -> list[str]:
+    """``nanoflow serve`` with dummy weights and the engine settings asked for (a profile tuned
+    for the fp8 cache needs the server set to it)."""
+    serve = [nanoflow_exe(), "serve", args.model, "--load-format", "dummy"]
+    serve += ["--port", str(args.port), "--kv-cache-dtype", args.kv_cache_dtype]
+    if args.profile:
+        serve += ["--profile", args.profile]
+    if args.max_num_seqs:
+        serve += ["--max-num-seqs", str(args.max_num_seqs)]
+    return serve
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     name = f"online_latency-{args.model}-{args.workload.replace('/', '_')}.json"
@@ -122,20 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     work = path.parent / f"{path.stem}_raw"
     work.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{args.port}"
-    serve = [
-        nanoflow_exe(),
-        "serve",
-        args.model,
-        "--load-format",
-        "dummy",
-        "--port",
-        str(args.port),
-    ]
-    if args.profile:
-        serve += ["--profile", args.profile]
-    serve += ["--kv-cache-dtype", args.kv_cache_dtype]
-    if args.max_num_seqs:
-        serve += ["--max-num-seqs", str(args.max_num_seqs)]
+    serve = serve_command(args)
     points: list[dict[str, Any]] = []
     with (work / "server.log").open("w") as log:
         server = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT)

@@ -169,6 +169,18 @@ def test_ablation_skips_a_group_it_cannot_pair(tmp_path):
     assert plots.ablation_bars(records[1:], tmp_path / "ablation.png") is not None
 
 
+def test_online_latency_starts_the_server_with_the_engine_settings_asked_for():
+    args = online_latency.parse_args(["--profile", "p.json", "--kv-cache-dtype", "fp8"])
+    command = online_latency.serve_command(args)
+    assert command[1:3] == ["serve", "llama-3-8b"] and "--max-num-seqs" not in command
+    assert command[command.index("--profile") + 1] == "p.json"
+    assert command[command.index("--kv-cache-dtype") + 1] == "fp8"
+    args = online_latency.parse_args(["--max-num-seqs", "1024"])
+    command = online_latency.serve_command(args)
+    assert command[command.index("--max-num-seqs") + 1] == "1024"
+    assert command[command.index("--kv-cache-dtype") + 1] == "auto"
+
+
 def test_online_latency_summary():
     requests = [{"latency_s": 2.0, "ttft_s": 0.1 * i, "output_tokens": 100} for i in range(1, 101)]
     point = online_latency.summarize({"result": {"requests": requests}}, 4.0)
