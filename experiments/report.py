@@ -235,13 +235,22 @@ def latency_table(records: list[dict[str, Any]]) -> str:
         if record.get("experiment") != "online_latency":
             continue
         res = record.get("result", {})
-        best = res.get("max_rate_under_slo")
+        best, slo = res.get("max_rate_under_slo"), res.get("slo_s_per_token")
+        rates = [p["request_rate"] for p in res.get("points", [])]
+        if best is None:
+            verdict = "none measured"
+        elif slo is not None and all(
+            p.get("normalized_latency_s", 0) <= slo for p in res["points"]
+        ):  # the search never found the limit: say it is higher
+            verdict = f"at least {best:g} req/s (every rate tried met it)"
+        else:
+            verdict = f"{best:g} req/s"
         lines += [
             f"- {record.get('model', '')} on {record.get('workload', '')}, "
             f"{record.get('gpu') or record['device']}, {record['date'][:10]} "
             f"(`experiments/results/{record['_file']}`): highest request rate with normalized "
-            f"latency ≤ {res.get('slo_s_per_token')} s/token: "
-            f"{'none measured' if best is None else f'{best:g} req/s'}",
+            f"latency ≤ {slo} s/token, of {min(rates, default=0):g}-{max(rates, default=0):g} "
+            f"req/s: {verdict}",
             "",
             "  | req/s | completed / failed | normalized latency (ms/token) | TTFT p99 (s) "
             "| output tokens/s |",

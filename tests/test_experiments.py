@@ -79,6 +79,17 @@ def test_report_table_from_results_only(tmp_path):
     assert "  | 4 | 40 / 0 | 200.0 | 0.40 | 1,234 |" in text  # every rate's point, in ms/token
 
 
+def test_latency_table_says_when_no_rate_tried_missed_the_slo(tmp_path):
+    points = [{"request_rate": r, "normalized_latency_s": 0.01 * r} for r in (8, 16)]
+    latency = ENV | {
+        "experiment": "online_latency",
+        "result": {"slo_s_per_token": 0.2, "points": points, "max_rate_under_slo": 16},
+    }
+    report.write_result(tmp_path / "online.json", latency, "python online")
+    text = report.latency_table(report.load_results(tmp_path))
+    assert "of 8-16 req/s: at least 16 req/s (every rate tried met it)" in text
+
+
 def test_headline_takes_each_figure_from_the_best_run_of_its_kind(tmp_path):
     synthetic_results(tmp_path)
     iteration = {
