@@ -140,9 +140,12 @@ HEADLINE_MODEL, HEADLINE_WORKLOAD = "llama-3-8b", "512/512"
 
 def _best_overlap(record: dict[str, Any]) -> tuple[float, str] | None:
     """(sequential GPU ms / the fastest overlapped schedule's, its name) of one pipeline run."""
-    schedules = record.get("e2e", {}).get("schedules", {}) if record.get("experiment") else {}
-    timed = {n: r["iteration"]["gpu_ms"] for n, r in schedules.items() if "gpu_ms" in r.get(
-        "iteration", {})}  # fmt: skip
+    e2e = record.get("e2e")
+    schedules = e2e.get("schedules", {}) if isinstance(e2e, dict) else {}
+    timed = {}
+    for name, row in schedules.items():
+        if "gpu_ms" in row.get("iteration", {}):
+            timed[name] = row["iteration"]["gpu_ms"]
     overlapped = {n: ms for n, ms in timed.items() if n.startswith(("overlap", "hand-written"))}
     if "sequential" not in timed or not overlapped:
         return None
