@@ -91,6 +91,7 @@ def throughput(runner: Runner, args: argparse.Namespace, workload: str, executor
     label = ("tuned" if executor == "auto" else executor) + ("-graphs" if args.cuda_graphs else "")
     label += "-fp8kv" if args.kv_cache_dtype == "fp8" else ""
     label += f"-seqs{args.max_num_seqs}" if args.max_num_seqs else ""
+    label += f"-budget{args.max_num_batched_tokens}" if args.max_num_batched_tokens else ""
     forced = os.environ.get(CONFIG_ENV)  # a decode launch configuration under test
     label += "-decode" + re.sub(r"\W+", "_", forced) if forced else ""
     out = runner.results / f"throughput-{args.model}-{slug(workload)}-{label}.json"
@@ -173,7 +174,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="nanoflow's running-sequence limit (runs are labelled -seqsN; default: the engine's)",
     )
-    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="token budget, also for --profile (runs are labelled -budgetN; default: the "
+        "engine's, or the profile's)",
+    )
     p.add_argument("--online", action="store_true", help="also run online latency")
     p.add_argument("--online-workload", default="sharegpt")
     p.add_argument("--out", type=Path, default=None, help="folder for results/ and figures/")

@@ -252,6 +252,31 @@ def test_runner_labels_a_forced_decode_config(tmp_path, monkeypatch):
     assert recorder.out.name == "throughput-builtin-16_4-sequential-decode16_4_10_4_4_tma.json"
 
 
+def test_runner_labels_the_budget_and_runs_the_profile_alone(tmp_path, monkeypatch):
+    """A run at a given token budget is told apart from the default's; an empty executor list
+    with a profile runs the tuned profile only."""
+    import run
+
+    throughput, calls = run.throughput, []
+    monkeypatch.setattr(run, "throughput", lambda runner, args, w, e: calls.append((w, e)))
+    monkeypatch.setattr(run.plots, "make_all", lambda *a: [])
+    argv = ["--model", "builtin", "--device", "cpu", "--workloads", "16/4,8/2", "--no-peer"]
+    assert run.main([*argv, "--executors", "", "--profile", "p.json", "--out", str(tmp_path)]) == 0
+    assert calls == [("16/4", "auto"), ("8/2", "auto")]
+
+    class Recorder:
+        results = tmp_path
+
+        def run(self, name, cmd, out, stamp):
+            self.cmd, self.stamp = cmd, stamp
+
+    recorder = Recorder()
+    args = run.parse_args([*argv, "--max-num-batched-tokens", "1984", "--profile", "p.json"])
+    throughput(recorder, args, "16/4", "auto")
+    assert recorder.stamp["executor"] == "tuned-budget1984"
+    assert recorder.cmd[recorder.cmd.index("--max-num-batched-tokens") + 1] == "1984"
+
+
 def test_peer_transformers_dry_run(tmp_path):
     import peer_transformers
 
