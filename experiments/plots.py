@@ -78,6 +78,11 @@ def throughput_bars(records: list[dict[str, Any]], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _gpu_name(gpu: str) -> str:
+    """The GPU's slug without the vendor: ``h100-80gb-hbm3``, ``h200``."""
+    return gpu_slug(gpu).removeprefix("nvidia-")
+
+
 def _ablation_key(row: dict[str, Any]) -> tuple[str, str] | None:
     """(executor, the group it is compared in) for a nanoflow row, else None. A group is one GPU,
     workload, prompt count and engine setting (launch mode, KV cache, sequence limit): an
@@ -88,7 +93,7 @@ def _ablation_key(row: dict[str, Any]) -> tuple[str, str] | None:
     graphs = setting.startswith("graphs")
     setting = setting.removeprefix("graphs").strip("-")
     mode = "CUDA graphs" if graphs else "eager"
-    gpu = gpu_slug(row["gpu"]).removeprefix("nvidia-").split("-")[0].upper()
+    gpu = _gpu_name(row["gpu"]).split("-")[0].upper()
     detail = f"{mode}, {setting}" if setting else mode
     return executor, f"{row['workload']} ({row['num_prompts']})\n{gpu}, {detail}"
 
@@ -160,7 +165,7 @@ def make_all(results: Path, figures: Path, gpu: str | None = None) -> list[Path]
     suffix = ""
     if gpu is not None:
         records = [r for r in records if (r.get("gpu") or r["device"]) == gpu]
-        suffix = "_" + gpu_slug(gpu).removeprefix("nvidia-")
+        suffix = "_" + _gpu_name(gpu)
     made = [
         throughput_bars(records, figures / f"throughput{suffix}.png"),
         ablation_bars(records, figures / f"ablation{suffix}.png"),

@@ -132,6 +132,7 @@ class ModelRunner:
             if slots < 1:
                 raise ConfigError(f"kv_offload_gib={config.kv_offload_gib} holds no KV block")
             self.host_kv = HostKVCache(caches, slots)
+        self.last_prepare_seconds = 0.0  # host time the last launch spent in prepare()
         self.set_schedule(schedule)
 
     def set_schedule(self, schedule: PipelineSchedule) -> None:
@@ -140,7 +141,6 @@ class ModelRunner:
         self.schedule = schedule
         self.executor: Executor = make_executor(schedule, self.device)
         self.graphs: StepGraphs | None = None
-        self.last_prepare_seconds = 0.0  # host time the last launch spent in prepare()
         if self._use_cuda_graphs():
             self.graphs = self.step_graphs(cuda_capture(torch.cuda.graph_pool_handle()))
 
