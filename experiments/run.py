@@ -87,14 +87,20 @@ def nanoflow_exe() -> str:
     return exe
 
 
-def throughput(runner: Runner, args: argparse.Namespace, workload: str, executor: str) -> None:
+def throughput_label(args: argparse.Namespace, executor: str) -> str:
+    """The executor and each engine setting that changes the figure (sequential-graphs-fp8kv)."""
     label = ("tuned" if executor == "auto" else executor) + ("-graphs" if args.cuda_graphs else "")
     label += "-fp8kv" if args.kv_cache_dtype == "fp8" else ""
     label += f"-seqs{args.max_num_seqs}" if args.max_num_seqs else ""
     label += f"-budget{args.max_num_batched_tokens}" if args.max_num_batched_tokens else ""
     forced = os.environ.get(CONFIG_ENV)  # a decode launch configuration under test
-    label += "-decode" + re.sub(r"\W+", "_", forced) if forced else ""
-    out = runner.results / f"throughput-{args.model}-{slug(workload)}-{label}.json"
+    return label + ("-decode" + re.sub(r"\W+", "_", forced) if forced else "")
+
+
+def throughput_command(
+    args: argparse.Namespace, workload: str, executor: str, out: Path
+) -> list[str]:
+    """`nanoflow bench throughput` with the run's engine settings, writing ``out``."""
     cmd = [nanoflow_exe(), "bench", "throughput", args.model, "--load-format", "dummy"]
     cmd += ["--executor", executor, "--workload", workload, "--num-prompts", str(args.num_prompts)]
     cmd += ["--device", args.device, "--output-json", str(out)]
@@ -106,9 +112,15 @@ def throughput(runner: Runner, args: argparse.Namespace, workload: str, executor
         cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if executor == "auto":
         cmd += ["--profile", args.profile]
+    return cmd
+
+
+def throughput(runner: Runner, args: argparse.Namespace, workload: str, executor: str) -> None:
+    label = throughput_label(args, executor)
+    out = runner.results / f"throughput-{args.model}-{slug(workload)}-{label}.json"
     runner.run(
         f"throughput {workload} {label}",
-        cmd,
+        throughput_command(args, workload, executor, out),
         out,
         {
             "experiment": "throughput",

@@ -84,5 +84,8 @@ def test_bench_throughput_prints_where_an_iteration_spends_its_time(capsys, tmp_
     assert main([*argv, "--output-json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "Per iteration, host: plan " in printed and "(of it prepare " in printed
-    iterations = json.loads(out.read_text())["result"]["iterations"]
+    result = json.loads(out.read_text())["result"]
+    iterations = result["iterations"]
     assert iterations["host_prepare_ms_per_iteration"] <= iterations["host_launch_ms_per_iteration"]
+    # the PyTorch kernels compile nothing; the record says so rather than leaving it out
+    assert result["triton_compiles"]["compilations"] == 0

@@ -156,3 +156,19 @@ def test_host_overhead_times_every_phase_of_a_full_batch(tmp_path):
     assert all(ms > 0 for ms in result["phase_ms_per_iteration"].values())
     assert result["gc_collections_by_generation"] == [0, 0, 0]
     assert record["experiment"] == "host_overhead" and "command" in record
+
+
+@pytest.mark.timeout(300)
+def test_jit_in_run_dry_run(tmp_path):
+    """Two passes per executor, the first over an empty Triton cache, each with its compile log."""
+    args = ["--device", "cpu", "--model", "builtin", "--num-prompts", "4", "--workload", "16/4"]
+    cmd = [sys.executable, str(EXPERIMENTS / "jit_in_run.py"), *args, "--label", "dry"]
+    proc = subprocess.run([*cmd, "--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "results" / "jit_in_run-builtin-16_4-dry.json").read_text())
+    assert [r["triton_cache"] for r in record["runs"]] == ["empty cache", "warm cache"]
+    for run in record["runs"]:
+        assert run["tokens_per_s"] > 0 and run["iterations"] > 0
+        assert run["triton_compiles"]["compilations"] == 0  # the CPU path runs no Triton kernel
+    for key in ("date", "versions", "command", "device"):
+        assert record[key]

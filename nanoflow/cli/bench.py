@@ -30,6 +30,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     from nanoflow import LLM, SamplingParams
     from nanoflow.engine.cuda_graphs import GraphStats
     from nanoflow.engine.engine_core import RunStats
+    from nanoflow.jit_log import CompileLog
     from nanoflow.measure import (
         copy_bandwidth_gbs,
         environment,
@@ -54,10 +55,11 @@ def run_throughput(args: argparse.Namespace) -> int:
     if graphs is not None:  # decode-only shapes are captured at start-up, outside the timing
         startup_graphs = graphs.stats.summary()
         graphs.stats = GraphStats()
-    started = time.perf_counter()
-    outputs = llm.generate(prompts, params)
-    engine.runner.synchronize()
-    elapsed = time.perf_counter() - started
+    with CompileLog() as compiles:
+        started = time.perf_counter()
+        outputs = llm.generate(prompts, params)
+        engine.runner.synchronize()
+        elapsed = time.perf_counter() - started
     num_in = sum(len(p) for p in prompts)
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     result = {
@@ -75,6 +77,7 @@ def run_throughput(args: argparse.Namespace) -> int:
         "num_kv_blocks": engine.runner.num_blocks,
         "preemptions": sum(int(o.metrics["num_preemptions"]) for o in outputs),
         "iterations": engine.stats.summary(),
+        "triton_compiles": compiles.summary(),
     }
     if graphs is not None:
         result["cuda_graphs"] = graphs.stats.summary()
@@ -160,6 +163,12 @@ def run_throughput(args: argparse.Namespace) -> int:
         print(
             f"  and {before['shapes_captured']} captured before it (start-up and warm-up) in "
             f"{before['capture_seconds']:.1f} s"
+        )
+    jit = result["triton_compiles"]
+    if jit["compilations"]:
+        print(
+            f"Triton compiled {jit['compilations']} kernel specialisations inside the measured "
+            f"time ({jit['seconds']:.1f} s): {jit['per_kernel']}"
         )
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
