@@ -42,9 +42,18 @@ class _Unavailable:
         )
 
 
-def jit(fn: Callable[..., Any]) -> Any:
-    """``triton.jit`` when Triton is importable."""
-    return triton.jit(fn) if triton is not None else _Unavailable(fn)
+def jit(fn: Callable[..., Any] | None = None, *, do_not_specialize: tuple[str, ...] = ()) -> Any:
+    """``triton.jit`` when Triton is importable. ``do_not_specialize`` names the integer
+    arguments that change from step to step (row counts, splits, the block tables' width):
+    Triton would otherwise compile another binary whenever one of them turns 1 or a multiple
+    of 16, and a step shape first seen mid-run would pay that compilation there."""
+
+    def wrap(f: Callable[..., Any]) -> Any:
+        if triton is None:
+            return _Unavailable(f)
+        return triton.jit(f, do_not_specialize=do_not_specialize or None)
+
+    return wrap(fn) if fn is not None else wrap
 
 
 def cdiv(a: int, b: int) -> int:

@@ -205,7 +205,7 @@ def _kv_tile(
     return k, v, valid
 
 
-@jit
+@jit(do_not_specialize=("num_seqs", "num_splits", "split_len", "stride_tb"))
 def _decode_heads_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     scale_log2, num_seqs, num_heads, num_chunks, num_splits, split_len,
@@ -281,7 +281,7 @@ def _decode_heads_kernel(
             )  # fmt: skip
 
 
-@jit
+@jit(do_not_specialize=("num_seqs", "num_splits", "split_len"))
 def _decode_reduce_kernel(
     part_out_ptr, part_lse_ptr, lens_ptr, out_ptr, num_seqs, num_heads, num_splits, split_len,
     stride_ob, stride_oh, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,

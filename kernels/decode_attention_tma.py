@@ -20,7 +20,7 @@ from nanoflow.kernels.decode_tiles import attend_tile, store_partial
 MAX_BOX_ROWS = 256  # the TMA limit on a box dimension
 
 
-@jit
+@jit(do_not_specialize=("num_seqs", "num_splits", "split_pages", "stride_tb"))
 def _decode_tma_kernel(
     q_ptr, k_desc, v_desc, tables_ptr, lens_ptr, part_out_ptr, part_lse_ptr,
     scale_log2, num_seqs, num_heads, num_kv_heads, num_chunks, num_splits, split_pages,

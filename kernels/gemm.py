@@ -82,7 +82,7 @@ def gemm_config(m: int, n: int, device: torch.device, programs: int) -> GemmConf
     return min(_GPU_CONFIGS, key=cost)[0]
 
 
-@jit
+@jit(do_not_specialize=("M",))
 def _linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
     stride_ym, stride_yn,

@@ -102,7 +102,7 @@ def _attend(
     return acc, m_i, l_i
 
 
-@jit
+@jit(do_not_specialize=("num_chunks", "tiles_per_chunk", "stride_tb"))
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, cu_ptr, lens_ptr, out_ptr, scale_log2,
     num_chunks, num_kv_heads, tiles_per_chunk,

@@ -4,7 +4,7 @@ Triton compiles a kernel once per specialisation: besides its constexprs, an int
 equal to 1 or divisible by 16, and a pointer aligned to 16 bytes, each give another binary. A step
 shape first met inside a timed run (an eager step of a size no warm-up took) compiles there, and
 the seconds it takes land in the throughput figure. ``CompileLog`` hooks Triton's JIT cache to
-record every compilation (kernel, specialised signature, seconds) so a benchmark can show them.
+record every compilation (kernel, cache key, seconds) so a benchmark can show them.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ except ImportError:  # no Triton, or one older than its knobs: nothing to hook
 @dataclass
 class Compilation:
     kernel: str
-    signature: str
+    cache_key: str
     seconds: float
 
 
@@ -57,26 +57,27 @@ class CompileLog:
         no binary of in memory; a true return would skip the compilation, so chain the hook
         this one replaced and return what it says."""
         kernel = getattr(fn, "name", str(fn))
-        self._started[_hashable(key)] = (time.perf_counter(), kernel, repr)
+        # the cache key spells out each argument's specialisation (type, divisibility, value)
+        self._started[_hashable(key)] = (time.perf_counter(), kernel, str(key))
         previous = self._previous[0]
         return previous(key=key, repr=repr, fn=fn, **kwargs) if previous else None
 
     def after_compile(self, *, key: Any, **kwargs: Any) -> bool | None:
         started = self._started.pop(_hashable(key), None)
         if started is not None:
-            begun, kernel, signature = started
-            self.compilations.append(Compilation(kernel, signature, time.perf_counter() - begun))
+            begun, kernel, cache_key = started
+            self.compilations.append(Compilation(kernel, cache_key, time.perf_counter() - begun))
         previous = self._previous[1]
         return previous(key=key, **kwargs) if previous else None
 
     def summary(self) -> dict[str, Any]:
-        """Counts and seconds per kernel, and each compilation's specialised signature."""
+        """Counts and seconds per kernel, and each compilation's cache key."""
         return {
             "available": self.available,
             "compilations": len(self.compilations),
             "seconds": sum(c.seconds for c in self.compilations),
             "per_kernel": dict(Counter(c.kernel for c in self.compilations)),
-            "signatures": [c.signature for c in self.compilations],
+            "cache_keys": [c.cache_key for c in self.compilations],
         }
 
 

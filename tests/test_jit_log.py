@@ -33,7 +33,7 @@ def test_records_each_compilation_and_restores_the_hooks():
     summary = log.summary()
     assert summary["compilations"] == 3
     assert summary["per_kernel"] == {"decode": 2, "prefill": 1}
-    assert summary["signatures"][1] == "decode(num_seqs: 1)"
+    assert summary["cache_keys"][1] == str(("decode", ("constexpr",)))
     assert summary["seconds"] >= 0.0
 
 
