@@ -4,7 +4,8 @@ Triton compiles a kernel once per specialisation: besides its constexprs, an int
 equal to 1 or divisible by 16, and a pointer aligned to 16 bytes, each give another binary. A step
 shape first met inside a timed run (an eager step of a size no warm-up took) compiles there, and
 the seconds it takes land in the throughput figure. ``CompileLog`` hooks Triton's JIT cache to
-record every compilation (kernel, cache key, seconds) so a benchmark can show them.
+record every compilation (kernel, cache key, seconds) so a benchmark can show them. A binary
+Triton finds in its disk cache is recorded too, with the fraction of a second the load takes.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ class Compilation:
 class CompileLog:
     """Context manager; ``available`` is False when this Triton has no JIT hooks."""
 
-    compilations: list[Compilation] = field(default_factory=list)
-    _started: dict[Any, tuple[float, str, str]] = field(default_factory=dict)
-    _previous: tuple[Any, Any] = (None, None)
+    compilations: list[Compilation] = field(default_factory=list, init=False)
+    _started: dict[Any, tuple[float, str, str]] = field(default_factory=dict, init=False)
+    _previous: tuple[Any, Any] = field(default=(None, None), init=False)
 
     @property
     def available(self) -> bool:
