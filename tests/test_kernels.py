@@ -431,3 +431,93 @@ def test_rope_kv_write_stores_into_an_fp8_cache() -> None:
     assert torch.equal(caches[2].float(), caches[0].float())
     assert torch.equal(caches[3].float(), caches[1].float())
     assert torch.equal(caches[1].float()[2, :, 1], v[4])  # slot 33 = block 2, offset 1
+
+
+# ---- specialisation ---------------------------------------------------------------------------
+
+
+def _launch_args(kernel, run) -> list[dict]:
+    """Each launch of ``kernel`` during ``run()``: its runtime (non-constexpr) integer
+    arguments by name."""
+    launches = []
+
+    def record(*args, **constexprs) -> None:
+        named = dict(zip(kernel.arg_names, args, strict=False))  # constexprs come by keyword
+        launches.append({k: v for k, v in named.items() if type(v) is int})
+
+    kernel.add_pre_run_hook(record)
+    try:
+        run()
+    finally:
+        kernel.pre_run_hooks.remove(record)
+    return launches
+
+
+def _varying(kernel, *runs) -> set[str]:
+    """Integer arguments of ``kernel`` whose value differs between the launches of ``runs``."""
+    launches = [args for run in runs for args in _launch_args(kernel, run)]
+    assert len(launches) >= 2, f"{kernel.__name__} was not launched by every step"
+    return {name for name in launches[0] if len({args[name] for args in launches}) > 1}
+
+
+def _unspecialised(kernel) -> set[str]:
+    """The arguments ``kernel`` was declared with ``do_not_specialize`` (interpreted kernels keep
+    the decorator's keywords)."""
+    return set(kernel.kwargs.get("do_not_specialize") or ())
+
+
+def _decode_step(lens: list[int], config: DecodeConfig):
+    k_cache, v_cache, tables = paged_cache(lens, 2, 64, torch.float16)
+    q = torch.randn(len(lens), 8, 64, dtype=torch.float16)
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    return lambda: _launch_decode(
+        q, k_cache, v_cache, tables, lens_t, 0.125, None, poisoned(q), config
+    )
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["register-fed", "tma-fed"])
+def test_decode_step_sizes_are_not_specialised(tma: bool) -> None:
+    """Two decode steps of different batch, context and block-table width launch the kernels
+    with different sizes; Triton compiles a binary per value class (1, multiple of 16, other) of
+    an integer it specialises, so each size that differs must be one it does not."""
+    from nanoflow.kernels import decode_attention, decode_attention_tma
+
+    config = DecodeConfig(PAGE, 4, 2, min_split_tiles=1, parallel_heads=2, tma=tma)
+    steps = [_decode_step([5, 40, 17], config), _decode_step([1, 300, 33, 64, 90, 2, 7], config)]
+    main = decode_attention_tma._decode_tma_kernel if tma else decode_attention._decode_heads_kernel
+    for kernel in (main, decode_attention._decode_reduce_kernel):
+        varying = _varying(kernel, *steps)
+        assert {"num_seqs", "num_splits"} <= varying  # the two steps differ where a step can
+        assert varying <= _unspecialised(kernel), kernel.__name__
+
+
+def test_prefill_and_gemm_step_sizes_are_not_specialised() -> None:
+    """The same for prompt chunks (their count, the longest, the block-table width) and for a
+    GEMM's row count."""
+    from nanoflow.kernels import gemm, prefill_attention
+
+    def prefill_step(q_lens: list[int], ctx_lens: list[int]):
+        k_cache, v_cache, tables = paged_cache(ctx_lens, 2, 64, torch.float32)
+        cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+        q = torch.randn(sum(q_lens), 8, 64)
+        lens = torch.tensor(ctx_lens, dtype=torch.int32)
+        config = PrefillConfig(16, 16, 4, 2)
+        return lambda: _launch_prefill(
+            q, k_cache, v_cache, tables, cu, lens, max(q_lens), 0.125, None, poisoned(q), config
+        )
+
+    kernel = prefill_attention._prefill_kernel
+    varying = _varying(kernel, prefill_step([9], [9]), prefill_step([40, 3, 17], [40, 70, 200]))
+    assert {"num_chunks", "tiles_per_chunk", "stride_tb"} <= varying
+    assert varying <= _unspecialised(kernel)
+
+    weight = torch.randn(32, 64)
+    config = _GPU_CONFIGS[-1][0]
+
+    def gemm_step(rows: int):
+        x = torch.randn(rows, 64)
+        return lambda: _launch_linear(x, weight, None, 4, poisoned(x[:, :32]), config)
+
+    kernel = gemm._linear_kernel
+    varying = _varying(kernel, gemm_step(3), gemm_step(48))
+    assert varying == {"M"} and varying <= _unspecialised(kernel)
