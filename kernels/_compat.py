@@ -42,16 +42,28 @@ class _Unavailable:
         )
 
 
-def jit(fn: Callable[..., Any] | None = None, *, do_not_specialize: tuple[str, ...] = ()) -> Any:
+def jit(
+    fn: Callable[..., Any] | None = None,
+    *,
+    do_not_specialize: tuple[str, ...] = (),
+    do_not_specialize_on_alignment: tuple[str, ...] = (),
+) -> Any:
     """``triton.jit`` when Triton is importable. ``do_not_specialize`` names the integer
     arguments that change from step to step (row counts, splits, the block tables' width):
     Triton would otherwise compile another binary whenever one of them turns 1 or a multiple
-    of 16, and a step shape first seen mid-run would pay that compilation there."""
+    of 16, and a step shape first seen mid-run would pay that compilation there.
+    ``do_not_specialize_on_alignment`` names the pointers a step may pass at any row offset
+    (a nano-batch's slice of per-token metadata), read one scalar at a time, where knowing
+    16-byte alignment buys nothing."""
 
     def wrap(f: Callable[..., Any]) -> Any:
         if triton is None:
             return _Unavailable(f)
-        return triton.jit(f, do_not_specialize=do_not_specialize or None)
+        return triton.jit(
+            f,
+            do_not_specialize=do_not_specialize or None,
+            do_not_specialize_on_alignment=do_not_specialize_on_alignment or None,
+        )
 
     return wrap(fn) if fn is not None else wrap
 

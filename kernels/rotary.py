@@ -58,7 +58,7 @@ def _rotate(
     tl.store(dst + HALF, y2.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
-@jit
+@jit(do_not_specialize_on_alignment=("pos_ptr", "slot_ptr"))
 def _rope_kv_write_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, num_heads, num_kv_heads,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,

@@ -438,12 +438,15 @@ def test_rope_kv_write_stores_into_an_fp8_cache() -> None:
 
 def _launch_args(kernel, run) -> list[dict]:
     """Each launch of ``kernel`` during ``run()``: its runtime (non-constexpr) integer
-    arguments by name."""
+    arguments by name, and for each tensor whether its address is 16-byte aligned."""
     launches = []
 
     def record(*args, **constexprs) -> None:
         named = dict(zip(kernel.arg_names, args, strict=False))  # constexprs come by keyword
-        launches.append({k: v for k, v in named.items() if type(v) is int})
+        launches.append(
+            {k: v for k, v in named.items() if type(v) is int}
+            | {k: v.data_ptr() % 16 == 0 for k, v in named.items() if isinstance(v, torch.Tensor)}
+        )
 
     kernel.add_pre_run_hook(record)
     try:
@@ -454,16 +457,17 @@ def _launch_args(kernel, run) -> list[dict]:
 
 
 def _varying(kernel, *runs) -> set[str]:
-    """Integer arguments of ``kernel`` whose value differs between the launches of ``runs``."""
+    """Arguments of ``kernel`` whose value (an integer) or alignment (a tensor) differs between
+    the launches of ``runs``."""
     launches = [args for run in runs for args in _launch_args(kernel, run)]
     assert len(launches) >= 2, f"{kernel.__name__} was not launched by every step"
     return {name for name in launches[0] if len({args[name] for args in launches}) > 1}
 
 
-def _unspecialised(kernel) -> set[str]:
-    """The arguments ``kernel`` was declared with ``do_not_specialize`` (interpreted kernels keep
-    the decorator's keywords)."""
-    return set(kernel.kwargs.get("do_not_specialize") or ())
+def _unspecialised(kernel, what: str = "do_not_specialize") -> set[str]:
+    """The arguments ``kernel`` was declared with ``do_not_specialize`` (or ``what``):
+    interpreted kernels keep the decorator's keywords."""
+    return set(kernel.kwargs.get(what) or ())
 
 
 def _decode_step(lens: list[int], config: DecodeConfig):
@@ -521,3 +525,30 @@ def test_prefill_and_gemm_step_sizes_are_not_specialised() -> None:
     kernel = gemm._linear_kernel
     varying = _varying(kernel, gemm_step(3), gemm_step(48))
     assert varying == {"M"} and varying <= _unspecialised(kernel)
+
+
+def test_rope_kv_write_takes_any_row_offset_unspecialised() -> None:
+    """A nano-batch passes its rows of the step's positions and cache slots, which start at any
+    row: the kernel must not specialise on those pointers' alignment (int64 rows at an odd
+    offset are 8-byte aligned only). q, k and v rows stay aligned, and keep their specialisation."""
+    from nanoflow.kernels import rotary
+
+    tokens, heads, kv_heads, dim = 9, 4, 2, 64
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim)
+    q, k, v = (
+        t.unflatten(1, (-1, dim)) for t in qkv.split([heads * dim, *[kv_heads * dim] * 2], 1)
+    )
+    positions = torch.arange(tokens)
+    slots = torch.randperm(4 * PAGE)[:tokens]
+    cos_sin = torch.randn(32, dim)
+    caches = [torch.zeros(4, kv_heads, PAGE, dim) for _ in range(2)]
+
+    def step(rows: slice):
+        return lambda: rope_kv_write_triton(
+            q[rows], k[rows], v[rows], positions[rows], cos_sin, *caches, slots[rows]
+        )
+
+    kernel = rotary._rope_kv_write_kernel
+    varying = _varying(kernel, step(slice(0, 4)), step(slice(3, 9)))
+    assert varying == {"pos_ptr", "slot_ptr"}
+    assert varying <= _unspecialised(kernel, "do_not_specialize_on_alignment")
