@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -38,39 +38,62 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def throughput_bars(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """One group of bars per workload, one bar per system, labelled with % of optimal."""
-    by_workload: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    table = [row for record in records for row in rows(record)]
+def _family(system: str) -> str | None:
+    """The kind of system a table row measures: a nanoflow executor (or the tuned profile), or
+    the transformers peer; runs that differ only in build, prompt count or setting are one."""
+    executor = system.removeprefix("nanoflow ").partition("-")[0]
+    if f"nanoflow {executor}" in ABLATION:
+        return ABLATION[f"nanoflow {executor}"].replace("\n", " ")
+    return "transformers" if system.startswith("transformers") else None
+
+
+FAMILIES = (*(label.replace("\n", " ") for label in ABLATION.values()), "transformers")
+
+
+def best_runs(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{group: {family: row}}, the fastest run of each kind of system per group; a group is a
+    workload, with the model and the GPU named when the results hold several."""
+    table = [row for record in records for row in rows(record) if _family(row["system"])]
     several_models = len({row["model"] for row in table}) > 1
-    labels = []
-    for row in table:
-        system = f"{row['model']} {row['system']}" if several_models else row["system"]
-        if row["num_prompts"]:  # runs of different sizes are different bars
-            system += f", {row['num_prompts']} prompts"
-        labels.append((row["workload"], system))
-    repeats = Counter(labels)
-    for row, (workload, system) in zip(table, labels, strict=True):
-        if repeats[workload, system] > 1:  # runs alike but for the build: name the file
-            system += f" ({Path(row['file']).stem.removeprefix('throughput-')})"
-        by_workload[workload].append(row | {"system": system})
-    if not by_workload:
+    several_gpus = len({row["gpu"] for row in table}) > 1
+    best: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    # model by model; constant lengths (IN/OUT) before the dataset shapes
+    for row in sorted(table, key=lambda r: (r["model"], "/" not in r["workload"], r["workload"])):
+        group = row["workload"]
+        if several_models:
+            group = f"{row['model']}\n{group}"
+        if several_gpus:
+            group += f"\n{_gpu_name(row['gpu']).split('-')[0].upper()}"
+        family = _family(row["system"])
+        if family not in best[group] or row["tokens_per_s"] > best[group][family]["tokens_per_s"]:
+            best[group][family] = row
+    return best
+
+
+def throughput_bars(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """One group of bars per workload, one bar per kind of system (its fastest run; the README's
+    table lists every run), labelled with % of optimal."""
+    best = best_runs(records)
+    if not best:
         return None
-    systems = sorted({r["system"] for rs in by_workload.values() for r in rs})
-    width = 0.8 / len(systems)
-    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(by_workload) * max(1, len(systems) / 3)), 4))
-    for i, system in enumerate(systems):
-        for x, rs in enumerate(by_workload.values()):
-            for r in (r for r in rs if r["system"] == system):
-                bar = ax.bar(x + i * width, r["tokens_per_s"], width, color=f"C{i}")
-                if r["fraction_of_optimal"] is not None:
-                    ax.bar_label(bar, [f"{100 * r['fraction_of_optimal']:.0f}%"], fontsize=7)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(by_workload))], list(by_workload))
+    width = 0.8 / len(FAMILIES)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(best)), 4))
+    for x, runs in enumerate(best.values()):
+        present = [f for f in FAMILIES if f in runs]
+        start = x + 0.4 - width * len(present) / 2  # the group's bars side by side, centred
+        for j, family in enumerate(present):
+            row = runs[family]
+            colour = f"C{FAMILIES.index(family)}"
+            bar = ax.bar(start + (j + 0.5) * width, row["tokens_per_s"], width, color=colour)
+            if row["fraction_of_optimal"] is not None:
+                ax.bar_label(bar, [f"{100 * row['fraction_of_optimal']:.0f}%"], fontsize=6)
+    ax.set_xticks([x + 0.4 for x in range(len(best))], list(best), fontsize=7)
     ax.set_ylabel("tokens/s (input + output)")
-    ax.set_title("Offline throughput (labels: % of optimal)")
+    ax.set_title("Offline throughput, the fastest run of each system (labels: % of optimal)")
+    shown = [f for f in FAMILIES if any(f in runs for runs in best.values())]
     ax.legend(
-        [plt.Rectangle((0, 0), 1, 1, color=f"C{i}") for i in range(len(systems))],
-        systems,
+        [plt.Rectangle((0, 0), 1, 1, color=f"C{FAMILIES.index(f)}") for f in shown],
+        shown,
         fontsize=7,
         loc="upper left",
         bbox_to_anchor=(1.0, 1.0),

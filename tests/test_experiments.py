@@ -150,6 +150,31 @@ def test_plots_from_results(tmp_path):
     assert plots.make_all(tmp_path / "results", tmp_path / "none", "NVIDIA H200") == []
 
 
+def test_throughput_figure_keeps_the_fastest_run_of_each_system(tmp_path):
+    """One bar per kind of system and workload: a second, faster sequential run with another
+    setting replaces the slower one; the peer is its own kind; other GPUs get their own group."""
+    synthetic_results(tmp_path)
+    faster = ENV | {
+        "experiment": "throughput",
+        "model": "llama-3-8b",
+        "executor": "sequential-graphs-fp8kv",
+        "result": {"workload": "512/512", "num_prompts": 400, "tokens_per_s": 8800.0},
+    }
+    report.write_result(tmp_path / "throughput-sequential-fp8.json", faster, "nanoflow bench ...")
+    best = plots.best_runs(report.load_results(tmp_path))
+    assert list(best) == ["512/512"]
+    runs = best["512/512"]
+    assert set(runs) == {"sequential", "nano-batches, no overlap", "overlapped", "transformers"}
+    assert runs["sequential"]["tokens_per_s"] == 8800.0
+    assert runs["transformers"]["tokens_per_s"] == 3000.0
+
+    other_gpu = faster | {"gpu": "NVIDIA H200", "device": "NVIDIA H200"}
+    report.write_result(tmp_path / "throughput-h200.json", other_gpu, "nanoflow bench ...")
+    groups = plots.best_runs(report.load_results(tmp_path))
+    assert sorted(groups) == ["512/512\nH100", "512/512\nH200"]
+    assert set(groups["512/512\nH200"]) == {"sequential"}
+
+
 def test_ablation_compares_an_executor_only_under_the_same_setting():
     def row(system, gpu="NVIDIA H200", workload="lmsys"):
         return {"system": system, "gpu": gpu, "workload": workload, "num_prompts": 1000}
