@@ -73,14 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     if "auto" in executors and not args.profile:
         p.error("--executors auto runs a tuned profile: pass --profile")
     results = (args.out or output_root()) / "results"
-    runs, environment = [], {}
+    runs = []
     with tempfile.TemporaryDirectory() as scratch:
         for executor in executors:
             cache = tempfile.mkdtemp(prefix="triton-", dir=scratch)
             for state in PASSES[: args.passes]:
                 record = one_pass(args, executor, cache, Path(scratch) / "run.json")
-                environment = {k: v for k, v in record.items() if k not in NOT_ENVIRONMENT}
                 runs.append(summarise(record, executor, state))
+    environment = {k: v for k, v in record.items() if k not in NOT_ENVIRONMENT}  # the last pass's
     for run in runs:
         jit, busy = run["triton_compiles"], run["gpu_busy_ms_per_iteration"]
         print(

@@ -18,7 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from report import ROOT, load_results, rows  # noqa: E402
+from report import ROOT, gpu_of, load_results, rows  # noqa: E402
 
 from nanoflow.autotune.profile import gpu_slug  # noqa: E402
 
@@ -38,33 +38,48 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+def _executor(system: str) -> tuple[str, str] | None:
+    """(executor, engine setting) of a nanoflow table row of one of ``ABLATION``'s executors:
+    ``nanoflow sequential-graphs-fp8kv`` is ("sequential", "graphs-fp8kv"); else None."""
+    executor, _, setting = system.removeprefix("nanoflow ").partition("-")
+    return (executor, setting) if f"nanoflow {executor}" in ABLATION else None
+
+
+def _one_line(label: str) -> str:
+    return label.replace("\n", " ")
+
+
+FAMILIES = (*map(_one_line, ABLATION.values()), "transformers")
+
+
 def _family(system: str) -> str | None:
     """The kind of system a table row measures: a nanoflow executor (or the tuned profile), or
     the transformers peer; runs that differ only in build, prompt count or setting are one."""
-    executor = system.removeprefix("nanoflow ").partition("-")[0]
-    if f"nanoflow {executor}" in ABLATION:
-        return ABLATION[f"nanoflow {executor}"].replace("\n", " ")
+    if (found := _executor(system)) is not None:
+        return _one_line(ABLATION[f"nanoflow {found[0]}"])
     return "transformers" if system.startswith("transformers") else None
-
-
-FAMILIES = (*(label.replace("\n", " ") for label in ABLATION.values()), "transformers")
 
 
 def best_runs(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """{group: {family: row}}, the fastest run of each kind of system per group; a group is a
     workload, with the model and the GPU named when the results hold several."""
-    table = [row for record in records for row in rows(record) if _family(row["system"])]
-    several_models = len({row["model"] for row in table}) > 1
-    several_gpus = len({row["gpu"] for row in table}) > 1
+    table = [
+        (family, row)
+        for record in records
+        for row in rows(record)
+        if (family := _family(row["system"])) is not None
+    ]
+    several_models = len({row["model"] for _, row in table}) > 1
+    several_gpus = len({row["gpu"] for _, row in table}) > 1
     best: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     # model by model; constant lengths (IN/OUT) before the dataset shapes
-    for row in sorted(table, key=lambda r: (r["model"], "/" not in r["workload"], r["workload"])):
+    table.sort(key=lambda t: (t[1]["model"], "/" not in t[1]["workload"], t[1]["workload"]))
+    for family, row in table:
         group = row["workload"]
         if several_models:
             group = f"{row['model']}\n{group}"
         if several_gpus:
-            group += f"\n{_gpu_name(row['gpu']).split('-')[0].upper()}"
-        family = _family(row["system"])
+            group += f"\n{_gpu_short(row['gpu'])}"
         if family not in best[group] or row["tokens_per_s"] > best[group][family]["tokens_per_s"]:
             best[group][family] = row
     return best
@@ -106,19 +121,22 @@ def _gpu_name(gpu: str) -> str:
     return gpu_slug(gpu).removeprefix("nvidia-")
 
 
+def _gpu_short(gpu: str) -> str:
+    """``H100``, ``H200``: the name a figure's group labels carry."""
+    return _gpu_name(gpu).split("-")[0].upper()
+
+
 def _ablation_key(row: dict[str, Any]) -> tuple[str, str] | None:
     """(executor, the group it is compared in) for a nanoflow row, else None. A group is one GPU,
     workload, prompt count and engine setting (launch mode, KV cache, sequence limit): an
     executor is only compared with the sequential executor run under the same ones."""
-    executor, _, setting = row["system"].removeprefix("nanoflow ").partition("-")
-    if f"nanoflow {executor}" not in ABLATION:
+    if (found := _executor(row["system"])) is None:
         return None
-    graphs = setting.startswith("graphs")
+    executor, setting = found
+    mode = "CUDA graphs" if setting.startswith("graphs") else "eager"
     setting = setting.removeprefix("graphs").strip("-")
-    mode = "CUDA graphs" if graphs else "eager"
-    gpu = _gpu_name(row["gpu"]).split("-")[0].upper()
     detail = f"{mode}, {setting}" if setting else mode
-    return executor, f"{row['workload']} ({row['num_prompts']})\n{gpu}, {detail}"
+    return executor, f"{row['workload']} ({row['num_prompts']})\n{_gpu_short(row['gpu'])}, {detail}"
 
 
 def ablation_bars(records: list[dict[str, Any]], path: Path) -> Path | None:
@@ -187,7 +205,7 @@ def make_all(results: Path, figures: Path, gpu: str | None = None) -> list[Path]
     records = load_results(results)
     suffix = ""
     if gpu is not None:
-        records = [r for r in records if (r.get("gpu") or r["device"]) == gpu]
+        records = [r for r in records if gpu_of(r) == gpu]
         suffix = "_" + _gpu_name(gpu)
     made = [
         throughput_bars(records, figures / f"throughput{suffix}.png"),

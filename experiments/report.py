@@ -56,6 +56,11 @@ def write_result(path: Path, record: dict[str, Any], command: str | None = None)
     return path
 
 
+def gpu_of(record: dict[str, Any]) -> str:
+    """The GPU a result ran on (its device where no GPU is named)."""
+    return record.get("gpu") or record["device"]
+
+
 def load_results(folder: Path) -> list[dict[str, Any]]:
     """Every result JSON in ``folder`` (sorted by name), skipping files without the required keys
     so a stray file cannot put an unsourced number in the README."""
@@ -77,7 +82,7 @@ def _fmt(x: float | None, spec: str) -> str:
 def rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     """Table rows of one result: one per system measured (offline throughput only)."""
     result = record.get("result", {})
-    gpu = record.get("gpu") or record["device"]
+    gpu = gpu_of(record)
     base = {"model": record.get("model", ""), "gpu": gpu, "date": record["date"][:10]}
     kind = record.get("experiment")
     if kind == "throughput" and "tokens_per_s" in result:
@@ -161,7 +166,7 @@ def headline_table(records: list[dict[str, Any]]) -> str:
     for record in records:
         if record.get("model", HEADLINE_MODEL) != HEADLINE_MODEL:  # pipeline runs: llama-3-8b
             continue
-        gpu = record.get("gpu") or record["device"]
+        gpu = gpu_of(record)
         for row in rows(record):
             if row["workload"] != HEADLINE_WORKLOAD:
                 continue
