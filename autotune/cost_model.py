@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from nanoflow.autotune.steady_state import SteadyBatch
 from nanoflow.autotune.tables import SHARED_SMS, OpTable, OpTables
-from nanoflow.pipeline.executors import iteration_order
-from nanoflow.pipeline.ops import Resource, head_length, op_dependencies
-from nanoflow.pipeline.schedule import Mechanism, PipelineSchedule, split_counts
+from nanoflow.runtime.executors import iteration_order
+from nanoflow.runtime.ops import Resource, head_length, op_dependencies
+from nanoflow.runtime.schedule import Mechanism, PipelineSchedule, split_counts
 
 
 @dataclass(frozen=True)

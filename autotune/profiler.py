@@ -19,21 +19,21 @@ from tqdm import tqdm
 
 from nanoflow.autotune.tables import SHARED_SMS, OpTable, OpTables
 from nanoflow.distributed.parallel import ParallelGroup
-from nanoflow.engine.batch import AttentionChunks, NanoBatch, StepBuffers
 from nanoflow.measure import time_cuda
 from nanoflow.models.loader import build_model
 from nanoflow.models.spec import ModelSpec
 from nanoflow.models.weights import dummy_weights
-from nanoflow.pipeline.executors import OverlappedExecutor
-from nanoflow.pipeline.ops import Op
-from nanoflow.pipeline.schedule import (
+from nanoflow.runtime.batch import AttentionChunks, NanoBatch, StepBuffers
+from nanoflow.runtime.executors import OverlappedExecutor
+from nanoflow.runtime.ops import Op
+from nanoflow.runtime.schedule import (
     Mechanism,
     PipelineSchedule,
     UnitSpec,
     default_overlapped_schedule,
     shared_sm_schedule,
 )
-from nanoflow.pipeline.units import ExecutionUnit, build_units, device_sm_count
+from nanoflow.runtime.units import ExecutionUnit, build_units, device_sm_count
 
 logger = logging.getLogger(__name__)
 

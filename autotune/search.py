@@ -20,8 +20,8 @@ from nanoflow.autotune.memory import kv_fits
 from nanoflow.autotune.steady_state import WorkloadShape, steady_batch
 from nanoflow.autotune.tables import OpTables
 from nanoflow.models.spec import ModelSpec
-from nanoflow.pipeline.ops import Resource
-from nanoflow.pipeline.schedule import (
+from nanoflow.runtime.ops import Resource
+from nanoflow.runtime.schedule import (
     LaunchOrder,
     Mechanism,
     PipelineSchedule,

@@ -12,7 +12,6 @@ from pathlib import Path
 import optuna
 import torch
 
-from nanoflow.autotune.profile import Profile, gpu_slug
 from nanoflow.autotune.roofline import roofline_tables
 from nanoflow.autotune.search import (
     Candidate,
@@ -30,7 +29,8 @@ from nanoflow.errors import ConfigError, ProfileError
 from nanoflow.measure import environment
 from nanoflow.models.loader import resolve_model
 from nanoflow.models.spec import ModelSpec
-from nanoflow.pipeline.ops import Resource
+from nanoflow.runtime.ops import Resource
+from nanoflow.runtime.profile import Profile, gpu_slug
 
 logger = logging.getLogger(__name__)
 

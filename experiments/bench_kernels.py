@@ -61,9 +61,9 @@ from nanoflow.kernels.prefill_attention import (  # noqa: E402
 from nanoflow.kernels.rms_norm import rms_norm_ref, rms_norm_triton  # noqa: E402
 from nanoflow.kernels.rotary import rope_kv_write_ref, rope_kv_write_triton  # noqa: E402
 from nanoflow.measure import time_cuda  # noqa: E402
-from nanoflow.pipeline.ops import Resource  # noqa: E402
-from nanoflow.pipeline.schedule import Mechanism, PipelineSchedule, UnitSpec  # noqa: E402
-from nanoflow.pipeline.units import build_units  # noqa: E402
+from nanoflow.runtime.ops import Resource  # noqa: E402
+from nanoflow.runtime.schedule import Mechanism, PipelineSchedule, UnitSpec  # noqa: E402
+from nanoflow.runtime.units import build_units  # noqa: E402
 
 DEVICE = torch.device("cuda" if GPU else "cpu")
 DTYPE = torch.bfloat16 if GPU else torch.float32

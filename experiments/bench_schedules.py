@@ -9,7 +9,8 @@ import dataclasses
 import torch
 
 from nanoflow.config import EngineConfig
-from nanoflow.pipeline.schedule import (
+from nanoflow.engine.schedule_select import architecture_schedule
+from nanoflow.runtime.schedule import (
     LaunchOrder,
     Mechanism,
     PipelineSchedule,
@@ -18,8 +19,7 @@ from nanoflow.pipeline.schedule import (
     sequential_schedule,
     shared_sm_schedule,
 )
-from nanoflow.pipeline.schedule_select import architecture_schedule
-from nanoflow.pipeline.units import device_sm_count
+from nanoflow.runtime.units import device_sm_count
 
 
 def overlapped(

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from nanoflow import LLM, SamplingParams
+from nanoflow.engine.schedule_select import architecture_schedule
 from nanoflow.measure import (
     environment,
     gemm_ceiling_tflops,
@@ -43,8 +44,7 @@ from nanoflow.measure import (
     time_cuda,
     token_agreement,
 )
-from nanoflow.pipeline.schedule import sequential_schedule
-from nanoflow.pipeline.schedule_select import architecture_schedule
+from nanoflow.runtime.schedule import sequential_schedule
 from nanoflow.workloads import constant, random_prompts
 
 DEVICE = torch.device("cuda:0")

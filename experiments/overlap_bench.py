@@ -10,8 +10,8 @@ import torch
 from bench_schedules import overlapped
 
 from nanoflow.measure import time_cuda
-from nanoflow.pipeline.schedule import Mechanism, PipelineSchedule
-from nanoflow.pipeline.units import build_units
+from nanoflow.runtime.schedule import Mechanism, PipelineSchedule
+from nanoflow.runtime.units import build_units
 
 
 def overlap_microbench(device: torch.device) -> list[dict]:

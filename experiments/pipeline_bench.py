@@ -46,7 +46,7 @@ from nanoflow.measure import (
     time_cuda,
     token_agreement,
 )
-from nanoflow.pipeline.timeline import TimelineRecorder, draw_timeline, save_timeline
+from nanoflow.runtime.timeline import TimelineRecorder, draw_timeline, save_timeline
 from nanoflow.workloads import constant, random_prompts
 
 DEVICE = torch.device("cuda")

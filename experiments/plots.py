@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from report import ROOT, gpu_of, load_results, rows  # noqa: E402
 
-from nanoflow.autotune.profile import gpu_slug  # noqa: E402
+from nanoflow.runtime.profile import gpu_slug  # noqa: E402
 
 ABLATION = {
     "nanoflow sequential": "sequential",

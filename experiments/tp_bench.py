@@ -19,8 +19,8 @@ import torch
 
 from nanoflow import LLM, SamplingParams
 from nanoflow.measure import environment, gemm_ceiling_tflops, optimal_throughput
-from nanoflow.pipeline.schedule import Mechanism, PipelineSchedule, UnitSpec, sequential_schedule
-from nanoflow.pipeline.timeline import TimelineRecorder, draw_timeline, save_timeline
+from nanoflow.runtime.schedule import Mechanism, PipelineSchedule, UnitSpec, sequential_schedule
+from nanoflow.runtime.timeline import TimelineRecorder, draw_timeline, save_timeline
 from nanoflow.workloads import load_workload, random_prompts
 
 

@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 from nanoflow import LLM, SamplingParams
-from nanoflow.autotune.profile import load_profile, profile_path, save_profile
 from nanoflow.autotune.tuner import TuneOptions, tune
+from nanoflow.engine.schedule_select import DEFAULT_TOKEN_BUDGET, architecture_schedule
 from nanoflow.measure import environment, gemm_ceiling_tflops, optimal_throughput
 from nanoflow.models.loader import resolve_model
-from nanoflow.pipeline.schedule import sequential_schedule
-from nanoflow.pipeline.schedule_select import DEFAULT_TOKEN_BUDGET, architecture_schedule
+from nanoflow.runtime.profile import load_profile, profile_path, save_profile
+from nanoflow.runtime.schedule import sequential_schedule
 from nanoflow.workloads import load_workload, random_prompts
 
 
@@ -51,7 +51,7 @@ def throughput(llm: LLM, prompts: list[list[int]], output_len: int) -> dict:
 
 def compare(args: argparse.Namespace, profile_file: Path, device: torch.device) -> dict:
     """Offline throughput of each schedule on one engine (the weights are loaded once)."""
-    tuned = load_profile(profile_file, resolve_model(args.model)[0], device)
+    tuned = load_profile(profile_file, resolve_model(args.model)[0].architecture_hash(), device)
     llm = LLM(
         args.model,
         load_format=load_format(args.model),

@@ -11,13 +11,13 @@ import torch
 
 from nanoflow import LLM, SamplingParams
 from nanoflow.autotune.cost_model import predict
-from nanoflow.autotune.profile import Profile, load_profile, profile_path, save_profile
 from nanoflow.autotune.search import SearchSpace, run_search, top_candidates
 from nanoflow.autotune.steady_state import SteadyBatch, WorkloadShape, steady_batch
 from nanoflow.autotune.tables import OpTable, OpTables, load_tables, save_tables
 from nanoflow.errors import ProfileError
 from nanoflow.models.builtin import BUILTIN_SPEC
-from nanoflow.pipeline.schedule import (
+from nanoflow.runtime.profile import Profile, load_profile, profile_path, save_profile
+from nanoflow.runtime.schedule import (
     LaunchOrder,
     Mechanism,
     PipelineSchedule,
@@ -212,7 +212,7 @@ def test_profile_round_trips(tmp_path):
     path = profile_path("builtin", profile.gpu_name, tmp_path)
     assert path == tmp_path / "builtin" / "nvidia-h100-80gb-hbm3.json"
     save_profile(profile, path)
-    assert load_profile(path, BUILTIN_SPEC, CPU) == profile
+    assert load_profile(path, BUILTIN_SPEC.architecture_hash(), CPU) == profile
     data = json.loads(path.read_text())
     assert data["mechanism"] == "cta_limit" and data["schedule"]["op_units"]["memory"] == "memory"
 
@@ -242,7 +242,7 @@ def test_bad_profiles_say_what_is_wrong(tmp_path, mutate, message):
     if data is not None:
         _write(path, data)
     with pytest.raises(ProfileError, match=message):
-        load_profile(path, BUILTIN_SPEC, CPU)
+        load_profile(path, BUILTIN_SPEC.architecture_hash(), CPU)
 
 
 def test_profile_from_another_gpu_is_refused(tmp_path, monkeypatch):
@@ -254,7 +254,7 @@ def test_profile_from_another_gpu_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "profile.json"
     save_profile(_builtin_profile(), path)
     with pytest.raises(ProfileError, match="tuned on NVIDIA H100 80GB HBM3 \\(132 SMs\\)"):
-        load_profile(path, BUILTIN_SPEC, torch.device("cuda", 0))
+        load_profile(path, BUILTIN_SPEC.architecture_hash(), torch.device("cuda", 0))
 
 
 def test_engine_runs_a_profile_and_matches_the_sequential_executor(tmp_path):
@@ -278,14 +278,16 @@ def test_committed_profiles_load_for_their_models():
 
     import torch
 
-    from nanoflow.autotune.profile import load_profile
     from nanoflow.models.loader import resolve_model
+    from nanoflow.runtime.profile import load_profile
 
     root = Path(__file__).resolve().parent.parent / "profiles"
     paths = sorted(root.glob("*/*.json"))
     assert paths, "no profile committed"
     for path in paths:
-        profile = load_profile(path, resolve_model(path.parent.name)[0], torch.device("cpu"))
+        profile = load_profile(
+            path, resolve_model(path.parent.name)[0].architecture_hash(), torch.device("cpu")
+        )
         assert profile.model == path.parent.name and profile.dense_batch_size > 0
 
 
@@ -380,11 +382,11 @@ def test_tables_keep_the_cache_element_size(tmp_path):
 def test_a_profile_runs_only_with_the_cache_it_was_tuned_for(tmp_path):
     path = tmp_path / "profile.json"
     save_profile(_builtin_profile(kv_cache_dtype="fp8"), path)
-    assert load_profile(path, BUILTIN_SPEC, CPU).kv_cache_dtype == "fp8"
+    assert load_profile(path, BUILTIN_SPEC.architecture_hash(), CPU).kv_cache_dtype == "fp8"
     with pytest.raises(ProfileError, match="tuned for the 'fp8' KV cache.*--kv-cache-dtype fp8"):
         LLM("builtin", device="cpu", dtype="float32", profile=str(path))
     llm = LLM("builtin", device="cpu", dtype="float32", profile=str(path), kv_cache_dtype="fp8")
     assert llm.engine.scheduler.max_num_batched_tokens == 24
     data = _builtin_profile().to_dict() | {"kv_cache_dtype": "int4"}
     with pytest.raises(ProfileError, match="malformed.*int4"):
-        load_profile(_write(path, data), BUILTIN_SPEC, CPU)
+        load_profile(_write(path, data), BUILTIN_SPEC.architecture_hash(), CPU)

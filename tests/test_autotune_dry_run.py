@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from nanoflow.autotune.profile import load_profile
 from nanoflow.autotune.tables import load_tables
 from nanoflow.cli.main import main
 from nanoflow.models.builtin import BUILTIN_SPEC
+from nanoflow.runtime.profile import load_profile
 
 SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "tune_llama3_8b.py"
 
@@ -29,7 +29,7 @@ def test_tune_cli_searches_on_cpu_and_writes_a_loadable_profile(tmp_path, capsys
     assert "chosen: dense batch" in printed and "not validated" in printed
     import torch
 
-    profile = load_profile(out, BUILTIN_SPEC, torch.device("cpu"))
+    profile = load_profile(out, BUILTIN_SPEC.architecture_hash(), torch.device("cpu"))
     assert 64 <= profile.dense_batch_size <= 256 and profile.measured_iteration_s is None
     assert load_tables(tmp_path / "tables.json").architecture_hash == profile.architecture_hash
     assert db.is_file()
@@ -68,7 +68,10 @@ def test_tune_cli_tunes_for_an_fp8_cache_and_refuses_tables_of_another(tmp_path,
     argv = ["tune", "--model", "builtin", "--out", str(out), "--trials", "5", "--device", "cpu",
             "--max-batch", "128", "--kv-cache-dtype", "fp8"]  # fmt: skip
     assert main([*argv, "--tables-in", "roofline", "--tables-out", str(tables)]) == 0
-    assert load_profile(out, BUILTIN_SPEC, torch.device("cpu")).kv_cache_dtype == "fp8"
+    assert (
+        load_profile(out, BUILTIN_SPEC.architecture_hash(), torch.device("cpu")).kv_cache_dtype
+        == "fp8"
+    )
     assert load_tables(tables).kv_element_bytes == 1
     assert main([*argv[:-1], "auto", "--tables-in", str(tables)]) == 2
     assert "measured with a 1-byte KV cache, not the 'auto' cache" in capsys.readouterr().err

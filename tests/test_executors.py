@@ -9,9 +9,9 @@ from nanoflow import LLM, SamplingParams
 from nanoflow.engine.batch import prepare_step
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.sequence import Sequence
-from nanoflow.pipeline.executors import iteration_order, launch_order
-from nanoflow.pipeline.ops import Resource
-from nanoflow.pipeline.schedule import (
+from nanoflow.runtime.executors import iteration_order, launch_order
+from nanoflow.runtime.ops import Resource
+from nanoflow.runtime.schedule import (
     LaunchOrder,
     PipelineSchedule,
     UnitSpec,
@@ -64,8 +64,8 @@ def _seq(rid: str, length: int, block_size: int, first_block: int) -> Sequence:
 
 
 def test_nano_batch_boundary_cuts_a_prefill_chunk_and_records_kv_dependency():
-    from nanoflow.engine.batch import StepBuffers
     from nanoflow.models.builtin import BUILTIN_SPEC
+    from nanoflow.runtime.batch import StepBuffers
 
     a, b = _seq("a", 10, 4, 0), _seq("b", 6, 4, 10)
     plan = BatchPlan(prefills=[ScheduledChunk(a, 0, 10), ScheduledChunk(b, 0, 6)])
@@ -126,7 +126,7 @@ def test_hand_written_schedule_shares_the_sms(tp, expected):
     """GEMMs keep the whole GPU; decode attention alone runs beside them, CTA-limited, on a
     high-priority stream."""
     from nanoflow.config import EngineConfig
-    from nanoflow.pipeline.schedule_select import architecture_schedule
+    from nanoflow.engine.schedule_select import architecture_schedule
 
     config = EngineConfig(model="llama-3-8b", device="cpu", tensor_parallel_size=tp)
     schedule = architecture_schedule(config, torch.device("cpu"))

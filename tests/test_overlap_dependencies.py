@@ -12,12 +12,12 @@ import types
 import pytest
 import torch
 
-from nanoflow.engine.batch import NanoBatch
 from nanoflow.models.llama import DecoderLayer
-from nanoflow.pipeline import executors as executors_module
-from nanoflow.pipeline.executors import OverlappedExecutor
-from nanoflow.pipeline.ops import Op, op_dependencies
-from nanoflow.pipeline.schedule import LaunchOrder, PipelineSchedule, UnitSpec
+from nanoflow.runtime import executors as executors_module
+from nanoflow.runtime.batch import NanoBatch
+from nanoflow.runtime.executors import OverlappedExecutor
+from nanoflow.runtime.ops import Op, op_dependencies
+from nanoflow.runtime.schedule import LaunchOrder, PipelineSchedule, UnitSpec
 
 
 class FakeStream:

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nanoflow.errors import ScheduleError
-from nanoflow.pipeline.ops import Resource
-from nanoflow.pipeline.schedule import (
+from nanoflow.runtime.ops import Resource
+from nanoflow.runtime.schedule import (
     LaunchOrder,
     Mechanism,
     PipelineSchedule,
@@ -18,7 +18,7 @@ from nanoflow.pipeline.schedule import (
     default_overlapped_schedule,
     split_counts,
 )
-from nanoflow.pipeline.timeline import TimelineRecord, draw_timeline, save_timeline
+from nanoflow.runtime.timeline import TimelineRecord, draw_timeline, save_timeline
 
 
 @given(

@@ -41,7 +41,7 @@ def test_tp_size_must_divide_heads():
 
 @pytest.mark.timeout(300)
 def test_tp2_switches_schedule_on_every_rank(llama_checkpoint):
-    from nanoflow.pipeline.schedule import nano_batch_schedule
+    from nanoflow.runtime.schedule import nano_batch_schedule
 
     folder, _ = llama_checkpoint
     single = _tokens(folder)

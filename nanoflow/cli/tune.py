@@ -57,8 +57,8 @@ def summary(result) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoflow.autotune.profile import save_profile
     from nanoflow.autotune.tuner import TuneOptions, tune
+    from nanoflow.runtime.profile import save_profile
 
     result = tune(
         TuneOptions(

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from nanoflow.config import EngineConfig
 from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
-from nanoflow.pipeline.schedule import PipelineSchedule
+from nanoflow.runtime.schedule import PipelineSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +92,8 @@ def worker_main(config: EngineConfig, rank: int, world: int, init_method: str) -
     """A non-zero rank: build this rank's shard and run every iteration rank 0 broadcasts."""
     from nanoflow.engine.host_gc import quiet_garbage_collector
     from nanoflow.engine.model_runner import ModelRunner
+    from nanoflow.engine.schedule_select import select_schedule
     from nanoflow.models.loader import resolve_model
-    from nanoflow.pipeline.schedule_select import select_schedule
 
     quiet_garbage_collector()  # each iteration unpickles a plan of per-request objects
     config = _rank_config(config, rank)

@@ -14,73 +14,8 @@ import torch
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.sequence import PLACEHOLDER
 from nanoflow.engine.upload import copy_to, to_device
-from nanoflow.models.spec import ModelSpec
-from nanoflow.pipeline.schedule import PipelineSchedule, split_counts
-
-
-@dataclass
-class AttentionChunks:
-    """Attention metadata for a run of sequences (decodes, or prompt pieces) of one nano-batch."""
-
-    block_tables: torch.Tensor  # [n, max_blocks] int32
-    context_lens: torch.Tensor  # [n] int32, K/V tokens each attends to (itself included)
-    cu_q_lens: torch.Tensor  # [n + 1] int32, query offsets inside the run
-    max_q_len: int
-
-
-@dataclass
-class NanoBatch:
-    index: int
-    start: int
-    end: int
-    num_decode: int
-    decode: AttentionChunks | None
-    prefill: AttentionChunks | None
-    kv_deps: tuple[int, ...]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.end - self.start
-
-
-@dataclass
-class StepBuffers:
-    """Activations of one iteration, shared by all layers; each op touches its nano-batch's rows."""
-
-    hidden: torch.Tensor
-    residual: torch.Tensor
-    normed: torch.Tensor
-    qkv: torch.Tensor
-    attn: torch.Tensor
-    gate_up: torch.Tensor
-    act: torch.Tensor
-    positions: torch.Tensor
-    slot_mapping: torch.Tensor
-
-    @classmethod
-    def allocate(
-        cls,
-        spec: ModelSpec,
-        max_tokens: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        tp_size: int = 1,
-    ) -> StepBuffers:
-        def empty(width: int) -> torch.Tensor:
-            return torch.empty(max_tokens, width, device=device, dtype=dtype)
-
-        q, kv, inter = spec.q_size // tp_size, spec.kv_size // tp_size, spec.intermediate_size
-        return cls(
-            hidden=empty(spec.hidden_size),
-            residual=empty(spec.hidden_size),
-            normed=empty(spec.hidden_size),
-            qkv=empty(q + 2 * kv),
-            attn=empty(q),
-            gate_up=empty(2 * inter // tp_size),
-            act=empty(inter // tp_size),
-            positions=torch.empty(max_tokens, device=device, dtype=torch.int64),
-            slot_mapping=torch.empty(max_tokens, device=device, dtype=torch.int64),
-        )
+from nanoflow.runtime.batch import AttentionChunks, NanoBatch, StepBuffers
+from nanoflow.runtime.schedule import PipelineSchedule, split_counts
 
 
 @dataclass

@@ -25,19 +25,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from nanoflow.engine.batch import (
-    AttentionChunks,
-    NanoBatch,
-    PreparedStep,
-    RowLayout,
-    StepBuffers,
-    lay_out,
-)
+from nanoflow.engine.batch import PreparedStep, RowLayout, lay_out
 from nanoflow.engine.sampling_params import SamplingParams
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.sequence import Sequence
 from nanoflow.engine.upload import copy_to, to_device
-from nanoflow.pipeline.schedule import PipelineSchedule, split_counts
+from nanoflow.runtime.batch import AttentionChunks, NanoBatch, StepBuffers
+from nanoflow.runtime.schedule import PipelineSchedule, split_counts
 
 logger = logging.getLogger(__name__)
 

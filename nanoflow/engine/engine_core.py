@@ -13,14 +13,14 @@ from nanoflow.engine.block_manager import BlockManager
 from nanoflow.engine.host_gc import quiet_garbage_collector
 from nanoflow.engine.model_runner import InFlight, ModelRunner
 from nanoflow.engine.sampling_params import SamplingParams
+from nanoflow.engine.schedule_select import select_schedule
 from nanoflow.engine.scheduler import ScheduledChunk, Scheduler
 from nanoflow.engine.sequence import PLACEHOLDER, Sequence
 from nanoflow.errors import RequestError
 from nanoflow.measure import iteration_bound_seconds
 from nanoflow.models.loader import resolve_model
 from nanoflow.models.spec import ModelSpec
-from nanoflow.pipeline.schedule import PipelineSchedule
-from nanoflow.pipeline.schedule_select import select_schedule
+from nanoflow.runtime.schedule import PipelineSchedule
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import torch
 
 from nanoflow.config import EngineConfig
 from nanoflow.distributed.parallel import ParallelGroup
-from nanoflow.engine.batch import PreparedStep, StepBuffers, prepare_step
+from nanoflow.engine.batch import PreparedStep, prepare_step
 from nanoflow.engine.block_manager import BlockCopy
 from nanoflow.engine.cuda_graphs import PADDING_ROWS, Capture, StepGraphs, cuda_capture
 from nanoflow.engine.host_kv_cache import HostKVCache
@@ -23,8 +23,9 @@ from nanoflow.errors import ConfigError
 from nanoflow.models.loader import build_model, load_weights
 from nanoflow.models.offload import plan_offload
 from nanoflow.models.spec import ModelSpec
-from nanoflow.pipeline.executors import Executor, make_executor
-from nanoflow.pipeline.schedule import PipelineSchedule
+from nanoflow.runtime.batch import StepBuffers
+from nanoflow.runtime.executors import Executor, make_executor
+from nanoflow.runtime.schedule import PipelineSchedule
 
 logger = logging.getLogger(__name__)
 

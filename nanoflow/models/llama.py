@@ -11,10 +11,10 @@ import torch
 
 from nanoflow import kernels
 from nanoflow.distributed.parallel import ParallelGroup
-from nanoflow.engine.batch import NanoBatch, StepBuffers
 from nanoflow.models.rope import cos_sin_cache
 from nanoflow.models.spec import ModelSpec
-from nanoflow.pipeline.ops import Op, Resource
+from nanoflow.runtime.batch import NanoBatch, StepBuffers
+from nanoflow.runtime.ops import Op, Resource
 
 # Ops that wait for more (or other) than the op before them; see Op.after.
 OP_AFTER: dict[str, tuple[str, ...]] = {

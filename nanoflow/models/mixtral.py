@@ -18,10 +18,10 @@ import torch
 
 from nanoflow import kernels
 from nanoflow.distributed.parallel import ParallelGroup
-from nanoflow.engine.batch import NanoBatch, StepBuffers
 from nanoflow.models.llama import DecoderLayer, LlamaModel
 from nanoflow.models.spec import ModelSpec
-from nanoflow.pipeline.ops import Op, Resource
+from nanoflow.runtime.batch import NanoBatch, StepBuffers
+from nanoflow.runtime.ops import Op, Resource
 
 DENSE_MLP_OPS = ("gate_up_proj", "silu_mul", "down_proj")
 

@@ -24,11 +24,11 @@ import torch
 
 from nanoflow.config import EngineConfig
 from nanoflow.distributed.parallel import ParallelGroup
-from nanoflow.engine.batch import NanoBatch, StepBuffers
 from nanoflow.errors import ConfigError
 from nanoflow.models.spec import ModelSpec
 from nanoflow.models.weights import expected_shapes, load_safetensors
-from nanoflow.pipeline.ops import Op, Resource
+from nanoflow.runtime.batch import NanoBatch, StepBuffers
+from nanoflow.runtime.ops import Op, Resource
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from nanoflow.engine.batch import NanoBatch, StepBuffers
-from nanoflow.pipeline.ops import Op, head_length, op_dependencies
-from nanoflow.pipeline.schedule import LaunchOrder, PipelineSchedule
-from nanoflow.pipeline.units import ExecutionUnit, build_units
+from nanoflow.runtime.batch import NanoBatch, StepBuffers
+from nanoflow.runtime.ops import Op, head_length, op_dependencies
+from nanoflow.runtime.schedule import LaunchOrder, PipelineSchedule
+from nanoflow.runtime.units import ExecutionUnit, build_units
 
 LaunchHook = Callable[[int, Op, NanoBatch, str, bool], None]
 

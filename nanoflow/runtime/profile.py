@@ -17,8 +17,7 @@ import torch
 
 from nanoflow.config import KV_CACHE_DTYPES
 from nanoflow.errors import ProfileError, ScheduleError
-from nanoflow.models.spec import ModelSpec
-from nanoflow.pipeline.schedule import Mechanism, PipelineSchedule
+from nanoflow.runtime.schedule import Mechanism, PipelineSchedule
 
 SCHEMA_VERSION = 1
 
@@ -129,8 +128,9 @@ def save_profile(profile: Profile, path: str | Path) -> None:
     path.write_text(json.dumps(profile.to_dict(), indent=2) + "\n")
 
 
-def load_profile(path: str | Path, spec: ModelSpec, device: torch.device) -> Profile:
-    """A profile checked against the model and (on a GPU) the device it is about to run on."""
+def load_profile(path: str | Path, architecture_hash: str, device: torch.device) -> Profile:
+    """A profile checked against the model (its ``ModelSpec.architecture_hash()``) and, on a
+    GPU, the device it is about to run on."""
     data = _read_json(Path(path))
     version = data.get("schema_version") if isinstance(data, dict) else None
     if not isinstance(version, int):
@@ -148,11 +148,11 @@ def load_profile(path: str | Path, spec: ModelSpec, device: torch.device) -> Pro
         raise ProfileError(
             f"profile {path} is malformed ({exc}); re-run `nanoflow tune` to make a new one"
         ) from None
-    if profile.architecture_hash != spec.architecture_hash():
+    if profile.architecture_hash != architecture_hash:
         raise ProfileError(
             f"profile {path} was made for model {profile.model!r} (architecture "
             f"{profile.architecture_hash}), not this model (architecture "
-            f"{spec.architecture_hash()}); tune this model with `nanoflow tune`"
+            f"{architecture_hash}); tune this model with `nanoflow tune`"
         )
     if device.type == "cuda":
         _check_gpu(profile, Path(path), device)

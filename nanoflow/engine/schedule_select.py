@@ -8,13 +8,13 @@ import torch
 from nanoflow.config import EngineConfig
 from nanoflow.errors import ProfileError
 from nanoflow.models.spec import ModelSpec
-from nanoflow.pipeline.schedule import (
+from nanoflow.runtime.schedule import (
     PipelineSchedule,
     nano_batch_schedule,
     sequential_schedule,
     shared_sm_schedule,
 )
-from nanoflow.pipeline.units import device_sm_count
+from nanoflow.runtime.units import device_sm_count
 
 DEFAULT_TOKEN_BUDGET = 2048
 
@@ -26,9 +26,9 @@ def select_schedule(
     budget = config.max_num_batched_tokens or DEFAULT_TOKEN_BUDGET
     executor = config.executor
     if config.profile is not None:
-        from nanoflow.autotune.profile import load_profile
+        from nanoflow.runtime.profile import load_profile
 
-        profile = load_profile(config.profile, spec, device)
+        profile = load_profile(config.profile, spec.architecture_hash(), device)
         if profile.kv_cache_dtype != config.kv_cache_dtype:
             raise ProfileError(
                 f"profile {config.profile} was tuned for the {profile.kv_cache_dtype!r} KV cache, "

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from nanoflow.pipeline.schedule import Mechanism, PipelineSchedule, UnitSpec
+from nanoflow.runtime.schedule import Mechanism, PipelineSchedule, UnitSpec
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from nanoflow.errors import ScheduleError
-from nanoflow.pipeline.ops import Resource
+from nanoflow.runtime.ops import Resource
 
 
 class Mechanism(enum.StrEnum):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from nanoflow.engine.batch import NanoBatch, StepBuffers
+    from nanoflow.runtime.batch import NanoBatch, StepBuffers
 
 
 class Resource(enum.StrEnum):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from nanoflow.engine.batch import NanoBatch
-from nanoflow.pipeline.executors import OverlappedExecutor
-from nanoflow.pipeline.ops import Op
+from nanoflow.runtime.batch import NanoBatch
+from nanoflow.runtime.executors import OverlappedExecutor
+from nanoflow.runtime.ops import Op
 
 
 @dataclass
