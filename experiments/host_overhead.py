@@ -8,7 +8,8 @@ forward, and times each phase and the cyclic garbage collector. It says how much
 iteration costs at a given batch, so it can be compared with the GPU time of the same iteration
 (`nanoflow bench throughput` reports both on a GPU).
 
-Usage: python experiments/host_overhead.py [--num-prompts N] [--gc-threshold N] [--out DIR]
+Usage: python experiments/host_overhead.py [--num-prompts N] [--gc-threshold N] [--label L]
+           [--out DIR]                       (writes DIR/cpu/host_overhead/<label>.json)
 """
 
 from __future__ import annotations
@@ -16,15 +17,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
-from report import write_result
+from common import add_out_argument, write_result
 
 import nanoflow.engine.cuda_graphs as cuda_graphs
 import nanoflow.engine.model_runner as model_runner
@@ -91,20 +89,9 @@ def host_only_engine(args: argparse.Namespace, phases: PhaseTimer) -> LLM:
     return llm
 
 
-def source_commit() -> str | None:
-    """The commit of the engine code that ran (the script may time an older checkout)."""
-    import nanoflow
-
-    folder = Path(nanoflow.__file__).parent
-    done = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=False
-    )
-    return done.stdout.strip() or None
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    add_out_argument(parser)
     parser.add_argument("--workload", default="512/512")
     parser.add_argument("--num-prompts", type=int, default=3000)
     parser.add_argument("--max-num-seqs", type=int, default=1024)
@@ -115,7 +102,7 @@ def main() -> int:
     parser.add_argument(
         "--gc-threshold", type=int, default=None, help="young-generation threshold to run with"
     )
-    parser.add_argument("--name", default="host_overhead")
+    parser.add_argument("--label", default="default", help="names the result file")
     args = parser.parse_args()
     torch.set_num_threads(2)
     phases = PhaseTimer()
@@ -155,10 +142,9 @@ def main() -> int:
     record = {
         **environment(torch.device("cpu")),
         "experiment": "host_overhead",
-        "engine_commit": source_commit(),
         "result": result,
     }
-    write_result(Path(args.out) / f"{args.name}.json", record)
+    print(write_result(args.out, "host_overhead", args.label, record))
     return 0
 
 

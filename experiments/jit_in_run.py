@@ -15,13 +15,11 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from report import output_root, write_result
-from run import slug, throughput_command
+from common import add_out_argument, slug, throughput_command, write_result
 
 PASSES = ("empty cache", "warm cache")
 # keys of a bench record that describe the run, not the machine it ran on
@@ -66,13 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false")
     p.add_argument("--label", default="", help="names the code variant measured")
-    p.add_argument("--out", type=Path, default=None, help="folder for results/")
+    add_out_argument(p)
     args = p.parse_args(argv)
     args.cuda_graphs = args.cuda_graphs and args.device.startswith("cuda")
     executors = args.executors.split(",")
     if "auto" in executors and not args.profile:
         p.error("--executors auto runs a tuned profile: pass --profile")
-    results = (args.out or output_root()) / "results"
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
         for executor in executors:
@@ -88,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             f"tokens/s, GPU busy {busy:.1f} ms/iteration, {jit['compilations']} compilations "
             f"in the run ({jit['seconds']:.1f} s)"
         )
-    name = f"jit_in_run-{args.model}-{slug(args.workload)}" + (
-        f"-{args.label}" if args.label else ""
-    )
+    label = f"{args.model}-{slug(args.workload)}" + (f"-{args.label}" if args.label else "")
     record = {
         **environment,
         "experiment": "jit_in_run",
@@ -99,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "label": args.label,
         "runs": runs,
     }
-    print(write_result(results / f"{name}.json", record, " ".join(["python", *sys.argv])))
+    print(write_result(args.out, "jit_in_run", label, record))
     return 0
 
 

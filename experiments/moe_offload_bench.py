@@ -18,6 +18,7 @@ Usage:
   python experiments/moe_offload_bench.py [--out DIR] [--num-prompts N]
   python experiments/moe_offload_bench.py --offload [--out DIR]
   python experiments/moe_offload_bench.py [--offload] --device cpu --model tiny ...  (a dry run)
+Writes DIR/<gpu>/moe/<model>.json or DIR/<gpu>/offload/<model>.json.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import argparse
 import gc
 import importlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -34,6 +34,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from common import add_out_argument, write_result
 
 from nanoflow import LLM, SamplingParams
 from nanoflow.engine.schedule_select import architecture_schedule
@@ -270,7 +271,7 @@ def offload_mode(args: argparse.Namespace, record: dict) -> None:
 def main() -> int:
     global DEVICE
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    add_out_argument(parser)
     parser.add_argument("--offload", action="store_true", help="the weight-offload mode")
     parser.add_argument("--model", default=None, help="registry name, or 'tiny' for a dry run")
     parser.add_argument("--device", default="cuda:0")
@@ -290,10 +291,8 @@ def main() -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
     DEVICE = torch.device(args.device)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = "offload_bench.json" if args.offload else "moe_bench.json"
-    record = {**environment(DEVICE), "command": " ".join(sys.argv), "mode": name[:-11]}
+    mode = "offload" if args.offload else "moe"
+    record = {**environment(DEVICE), "mode": mode}
     record.update(args=vars(args))
     if DEVICE.type == "cuda":
         record["gemm_tflops"] = gemm_ceiling_tflops(DEVICE)
@@ -304,7 +303,7 @@ def main() -> int:
         record["error"] = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
     record["seconds"] = time.perf_counter() - started
-    (out_dir / name).write_text(json.dumps(record, indent=2, default=str))
+    print(write_result(args.out, mode, Path(args.model).name, record))
     print(json.dumps({k: v for k, v in record.items() if k not in ("kernel",)}, default=str)[:3000])
     return 1 if "error" in record else 0
 

@@ -11,7 +11,7 @@ option existed) gives the ratio of the summary's means (mean_e2el_ms over mean o
 each point says which it is.
 
 Usage: python experiments/online_latency.py [--model llama-3-8b] [--workload sharegpt]
-           [--rates 2,4,8,16,32] [--duration-s 30] [--slo 0.2] [--output-json PATH]
+           [--rates 2,4,8,16,32] [--duration-s 30] [--slo 0.2] [--out DIR | --output-json PATH]
            [--kv-cache-dtype fp8] [--max-num-seqs N]                  (server settings)
 """
 
@@ -22,30 +22,13 @@ import json
 import math
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import torch
-from report import output_root, write_result
-from run import nanoflow_exe
+from common import add_out_argument, nanoflow_exe, result_path, server, slug, write_json
 
 from nanoflow.measure import environment
-
-
-def wait_healthy(url: str, server: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"nanoflow serve exited with code {server.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1.0)
-    raise SystemExit(f"nanoflow serve not healthy after {timeout_s:.0f} s")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -109,19 +92,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration-s", type=float, default=30.0, help="arrivals per rate ≈ rate × this")
     p.add_argument("--min-prompts", type=int, default=20)
     p.add_argument("--slo", type=float, default=0.2, help="normalized latency bound, s/token")
-    p.add_argument("--port", type=int, default=8321)
+    p.add_argument("--port", type=int, default=None, help="default: a free port")
     p.add_argument("--startup-timeout-s", type=float, default=300.0)
-    p.add_argument("--output-json", type=Path, default=None)
+    add_out_argument(p)
+    p.add_argument("--output-json", type=Path, default=None, help="this file instead of --out's")
     return p.parse_args(argv)
 
 
-def serve_command(args: argparse.Namespace) -> list[str]:
-    """``nanoflow serve`` with dummy weights and the engine settings asked for (a profile tuned
-    for the fp8 cache needs the server set to it)."""
-    serve = [nanoflow_exe(), "serve", args.model, "--load-format", "dummy"]
-    serve += ["--port", str(args.port), "--kv-cache-dtype", args.kv_cache_dtype]
+def serve_args(args: argparse.Namespace) -> list[str]:
+    """``nanoflow serve``'s arguments: dummy weights and the engine settings asked for (a
+    profile tuned for the fp8 cache needs the server set to it)."""
+    serve = [args.model, "--load-format", "dummy", "--kv-cache-dtype", args.kv_cache_dtype]
     if args.profile:
-        serve += ["--profile", args.profile]
+        serve += ["--profile", str(Path(args.profile).resolve())]
     if args.max_num_seqs:
         serve += ["--max-num-seqs", str(args.max_num_seqs)]
     return serve
@@ -129,44 +112,40 @@ def serve_command(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    name = f"online_latency-{args.model}-{args.workload.replace('/', '_')}.json"
-    path = args.output_json or output_root() / "results" / name
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment(device)
+    label = f"{args.model}-{slug(args.workload)}"
+    path = args.output_json or result_path(args.out, env["gpu"], "online_latency", label)
     work = path.parent / f"{path.stem}_raw"
     work.mkdir(parents=True, exist_ok=True)
-    url = f"http://127.0.0.1:{args.port}"
-    serve = serve_command(args)
     points: list[dict[str, Any]] = []
-    with (work / "server.log").open("w") as log:
-        server = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_healthy(url, server, args.startup_timeout_s)
-            for rate in (float(r) for r in args.rates.split(",")):
-                raw = work / f"rate-{rate:g}.json"
-                n = max(args.min_prompts, round(rate * args.duration_s))
-                bench = [nanoflow_exe(), "bench", "serve", "--base-url", url, "--workload"]
-                bench += [args.workload, "--num-prompts", str(n), "--request-rate", str(rate)]
-                # bench serve exits 1 when some requests failed; its JSON says how many
-                subprocess.run([*bench, "--save-detailed", "--output-json", str(raw)], check=False)
-                points.append(summarize(json.loads(raw.read_text()), rate))
-                print(json.dumps(points[-1]))
-                if points[-1]["normalized_latency_s"] > args.slo:
-                    break
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
+    with server(serve_args(args), work / "server.log", args.port, args.startup_timeout_s) as live:
+        url = live.url
+        for rate in (float(r) for r in args.rates.split(",")):
+            raw = work / f"rate-{rate:g}.json"
+            n = max(args.min_prompts, round(rate * args.duration_s))
+            bench = [nanoflow_exe(), "bench", "serve", "--base-url", url, "--workload"]
+            bench += [args.workload, "--num-prompts", str(n), "--request-rate", str(rate)]
+            # bench serve exits 1 when some requests failed; its JSON says how many
+            subprocess.run([*bench, "--save-detailed", "--output-json", str(raw)], check=False)
+            points.append(summarize(json.loads(raw.read_text()), rate))
+            print(json.dumps(points[-1]))
+            if points[-1]["normalized_latency_s"] > args.slo:
+                break
+        server_command = " ".join(live.command)
     record = {
-        **environment(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        **env,
         "experiment": "online_latency",
         "model": args.model,
         "workload": args.workload,
-        "server_command": " ".join(serve),
+        "server_command": server_command,
         "result": {
             "slo_s_per_token": args.slo,
             "points": points,
             "max_rate_under_slo": max_rate_under_slo(points, args.slo),
         },
     }
-    write_result(path, record)
+    print(write_json(path, record))
     return 0
 
 

@@ -10,7 +10,7 @@ Two modes, each reported as input + output tokens/s (the paper's offline metric)
   short); its time is from the first request scheduled to the last finished.
 
 Usage: python experiments/peer_transformers.py [--model llama-3-8b] [--workload 512/512]
-           [--num-prompts 256] [--batch-sizes 256,128,64] [--output-json PATH]
+           [--num-prompts 256] [--batch-sizes 256,128,64] [--out DIR | --output-json PATH]
        python experiments/peer_transformers.py --model tiny --device cpu --num-prompts 8 \
            --workload 32/8   (a CPU dry run)
 """
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import transformers
-from report import output_root, write_result
+from common import add_out_argument, write_json, write_result
 
 from nanoflow.errors import ConfigError
 from nanoflow.measure import environment
@@ -154,7 +154,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--time-budget-s", type=float, default=150.0, help="per mode, soft")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-json", type=Path, default=None)
+    add_out_argument(p)
+    p.add_argument("--output-json", type=Path, default=None, help="this file instead of --out's")
     return p.parse_args(argv)
 
 
@@ -204,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         "num_prompts": len(prompts),
         "result": result,
     }
-    path = args.output_json or output_root() / "results" / f"peer_transformers-{args.model}.json"
-    write_result(path, record)
+    if args.output_json:
+        write_json(args.output_json, record)
+    else:
+        print(write_result(args.out, "peer_transformers", args.model, record))
     for mode, r in result.items():
         status = (
             f"{r['tokens_per_s']:.1f} tokens/s"

@@ -9,10 +9,14 @@
    ``--cuda-graphs`` also launched eagerly, and the replayed logits compared with the eager ones),
    greedy tokens of the executors compared, and offline 512/512 throughput for every schedule
    (``--skip throughput`` leaves it out, ``--schedules`` picks schedules by name).
-4. The timeline of one overlapped iteration (PNG + JSON), recorded inside the graph when graphs
-   are on.
+4. The timeline of one overlapped iteration, recorded inside the graph when graphs are on
+   (``plots.py`` draws it).
 
-Usage: python experiments/pipeline_bench.py [--out DIR] [--num-prompts N] [--cuda-graphs]
+Writes DIR/<gpu>/pipeline/<label>.json and DIR/<gpu>/timeline/<label>.json; the label (``--label``)
+defaults to the sections run and the fixed iteration's shape.
+
+Usage: python experiments/pipeline_bench.py [--out DIR] [--label L] [--num-prompts N]
+           [--cuda-graphs]
        python experiments/pipeline_bench.py --device cpu --model builtin ...   (a dry run)
 """
 
@@ -22,7 +26,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import os
 import sys
 import time
 import traceback
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import torch
 from bench_schedules import candidate_schedules
+from common import add_out_argument, result_path, stamp, write_json
 from overlap_bench import overlap_microbench
 
 from nanoflow import LLM, SamplingParams
@@ -46,7 +50,7 @@ from nanoflow.measure import (
     time_cuda,
     token_agreement,
 )
-from nanoflow.runtime.timeline import TimelineRecorder, draw_timeline, save_timeline
+from nanoflow.runtime.timeline import TimelineRecorder, save_timeline
 from nanoflow.workloads import constant, random_prompts
 
 DEVICE = torch.device("cuda")
@@ -263,7 +267,7 @@ def throughput(llm: LLM, num_prompts: int, in_len: int, out_len: int) -> dict:
     return result
 
 
-def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | None) -> dict:
+def end_to_end(timeline: Path, args: argparse.Namespace, gemm_tflops: float | None) -> dict:
     dummy = "auto" if args.model == "builtin" else "dummy"
     llm = LLM(
         args.model,
@@ -302,7 +306,7 @@ def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | Non
                 row["iteration_eager"] = time_iteration(llm, plan, eager=True)
                 row["graph_check"] = graph_check(llm, plan)
             if name == args.timeline and DEVICE.type == "cuda":
-                result["timeline"] = record_timeline(llm, plan, out_dir, name, row["iteration"])
+                result["timeline"] = record_timeline(llm, plan, timeline, name, row["iteration"])
             if "throughput" in args.skip:
                 result["schedules"][name] = row
                 print(name, json.dumps({k: v for k, v in row.items() if k != "schedule"}))
@@ -314,7 +318,7 @@ def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | Non
             if optimal:
                 row["fraction_of_optimal"] = row["throughput"]["tokens_per_s"] / optimal
             if schedule.overlap and "timeline" not in result and DEVICE.type == "cuda":
-                result["timeline"] = record_timeline(llm, plan, out_dir, name, row["iteration"])
+                result["timeline"] = record_timeline(llm, plan, timeline, name, row["iteration"])
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
@@ -323,7 +327,7 @@ def end_to_end(out_dir: Path, args: argparse.Namespace, gemm_tflops: float | Non
     return result
 
 
-def record_timeline(llm: LLM, plan: BatchPlan, out_dir: Path, name: str, untimed: dict) -> dict:
+def record_timeline(llm: LLM, plan: BatchPlan, path: Path, name: str, untimed: dict) -> dict:
     """One iteration's timeline: launched eagerly, or with graphs on, captured with its timing
     events inside the graph and replayed (so the host's launch gaps are not in it).
 
@@ -350,21 +354,31 @@ def record_timeline(llm: LLM, plan: BatchPlan, out_dir: Path, name: str, untimed
     every = recorder.records()
     span_ms = max(r.end_ms for r in every) - min(r.start_ms for r in every)
     records = [r for r in every if r.layer < 4]
-    png = out_dir / "timeline_overlapped.png"
     how = "CUDA graph replay" if graphed else "eager launch"
     title = f"{llm.engine.config.model}, {name} ({how}), layers 0-3 of one "
     title += f"{plan.num_tokens}-token iteration ({len(plan.decodes)} decodes)"
-    draw_timeline(records, png, title)
     check = {"timed_span_ms": span_ms, "untimed_gpu_ms": untimed.get("gpu_ms")}
-    provenance = {**environment(DEVICE), "command": " ".join(sys.argv), **check}
-    save_timeline(records, out_dir / "timeline_overlapped.json", provenance)
+    provenance = stamp({**environment(DEVICE), "title": title, "schedule": name, **check})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_timeline(records, path, provenance)
     print(f"timeline of {name}: timed span {span_ms:.1f} ms, untimed {check['untimed_gpu_ms']} ms")
-    return {"png": png.name, **check}
+    return {"file": path.name, **check}
+
+
+def default_label(args: argparse.Namespace) -> str:
+    """The sections run and, with the end-to-end one, the fixed iteration's shape."""
+    parts = [s for s in ("parity", "overlap", "e2e") if s not in args.skip]
+    if "e2e" in parts:
+        parts += [f"ctx{args.context}", f"chunks{args.prefill_chunks}", f"budget{args.budget}"]
+        parts += ["graphs"] if args.cuda_graphs else []
+        parts += ["fp8kv"] if args.kv_cache_dtype == "fp8" else []
+    return "-".join(parts) or "nothing"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    add_out_argument(parser)
+    parser.add_argument("--label", default=None, help="names the result files")
     parser.add_argument("--num-prompts", type=int, default=300)
     parser.add_argument("--model", default="llama-3-8b")
     parser.add_argument("--device", default="cuda")
@@ -392,9 +406,10 @@ def main() -> int:
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record = {**environment(DEVICE), "experiment": "pipeline", "command": " ".join(sys.argv)}
+    record = {**environment(DEVICE), "experiment": "pipeline"}
+    label = args.label or default_label(args)
+    path = result_path(args.out, record["gpu"], "pipeline", label)
+    timeline = result_path(args.out, record["gpu"], "timeline", label)
     gemm = None
     if DEVICE.type == "cuda":
         gemm = record["gemm_tflops"] = gemm_ceiling_tflops(DEVICE)
@@ -405,7 +420,7 @@ def main() -> int:
     sections = {
         "parity": parity_bf16,
         "overlap": lambda: overlap_microbench(DEVICE),
-        "e2e": lambda: end_to_end(out_dir, args, gemm),
+        "e2e": lambda: end_to_end(timeline, args, gemm),
     }
     for name, fn in sections.items():
         if name in args.skip:
@@ -420,7 +435,7 @@ def main() -> int:
         gc.collect()  # free this section's engines before the next one sizes its KV cache
         if DEVICE.type == "cuda":
             torch.cuda.empty_cache()
-        (out_dir / "pipeline_bench.json").write_text(json.dumps(record, indent=2, default=str))
+        write_json(path, record)
     print(json.dumps(record.get("parity"), indent=1))
     return 0
 

@@ -3,7 +3,8 @@ the share of NanoFlow's optimal bound, the ablation (sequential / nano-batches w
 overlapped), latency against request rate, and pipeline timelines.
 
 Usage: python experiments/plots.py [--results DIR] [--figures DIR] [--gpu NAME]
-(``--gpu "NVIDIA H200"`` keeps that GPU's results and names the figures ``*_h200.png``)
+(``--gpu "NVIDIA H200"`` keeps that GPU's results and names the figures ``*_h200.png``;
+timelines are drawn one per timeline result, ``timeline_<label>_<gpu>.png``)
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from report import ROOT, gpu_of, load_results, rows  # noqa: E402
-
-from nanoflow.runtime.profile import gpu_slug  # noqa: E402
+from common import FIGURES, RESULTS, gpu_folder, gpu_of, load_results  # noqa: E402
+from report import rows  # noqa: E402
 
 ABLATION = {
     "nanoflow sequential": "sequential",
@@ -118,7 +118,7 @@ def throughput_bars(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 def _gpu_name(gpu: str) -> str:
     """The GPU's slug without the vendor: ``h100-80gb-hbm3``, ``h200``."""
-    return gpu_slug(gpu).removeprefix("nvidia-")
+    return gpu_folder(gpu).removeprefix("nvidia-")
 
 
 def _gpu_short(gpu: str) -> str:
@@ -200,6 +200,30 @@ def latency_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def timelines(records: list[dict[str, Any]], figures: Path) -> list[Path]:
+    """One Gantt chart per timeline result: layers 0-3 of one iteration, per execution unit."""
+    from nanoflow.runtime.timeline import TimelineRecord, draw_timeline
+
+    made = []
+    for record in records:
+        if record.get("experiment") != "timeline" or not record.get("records"):
+            continue
+        label = Path(record["_file"]).stem
+        path = figures / f"timeline_{label}_{_gpu_name(_gpu(record))}.png"
+        span = record.get("timed_span_ms")
+        untimed = record.get("untimed_gpu_ms")
+        title = f"{_gpu(record)}: {label}, layers 0-3 of one iteration"
+        if span is not None and untimed is not None:
+            title += f" (timed span {span:.1f} ms, untimed iteration {untimed:.1f} ms)"
+        draw_timeline([TimelineRecord(**r) for r in record["records"]], path, title)
+        made.append(path)
+    return made
+
+
+def _gpu(record: dict[str, Any]) -> str:
+    return gpu_of(record) or "cpu"
+
+
 def make_all(results: Path, figures: Path, gpu: str | None = None) -> list[Path]:
     """Every figure the results allow; with ``gpu``, from that GPU's results alone."""
     records = load_results(results)
@@ -212,13 +236,13 @@ def make_all(results: Path, figures: Path, gpu: str | None = None) -> list[Path]
         ablation_bars(records, figures / f"ablation{suffix}.png"),
         latency_curves(records, figures / f"latency{suffix}.png"),
     ]
-    return [p for p in made if p is not None]
+    return [p for p in made if p is not None] + timelines(records, figures)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, default=ROOT / "experiments" / "results")
-    parser.add_argument("--figures", type=Path, default=ROOT / "experiments" / "figures")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--figures", type=Path, default=FIGURES)
     parser.add_argument("--gpu", default=None, help="only this GPU's results (its name)")
     args = parser.parse_args(argv)
     for path in make_all(args.results, args.figures, args.gpu):

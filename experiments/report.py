@@ -1,78 +1,27 @@
-"""Result files and the README's results table.
+"""The results tables, generated from the result files only, never typed by hand.
 
-Every experiment writes one JSON per measurement through ``write_result``, which stamps what makes
-a number quotable (device, versions, command, date). The README's table is generated from those
-files only, never typed by hand: ``python experiments/report.py [--write-readme]``.
+``python experiments/report.py --write`` rewrites ``docs/results.md`` (every table) and the
+README's headline table (between its ``results`` markers) from ``experiments/results``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import re
 import sys
 from collections import defaultdict
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-REQUIRED_KEYS = ("device", "versions", "command", "date")
+from common import RESULTS, ROOT, gpu_of, load_results
+
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+RESULTS_DOC = ROOT / "docs" / "results.md"
 
 
-def output_root() -> Path:
-    """The folder named by $OUT when set (a remote run's output folder), else experiments/."""
-    return Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "experiments"
-
-
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("nanoflow", "torch", "triton", "transformers"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def stamp(record: dict[str, Any], command: str | None = None) -> dict[str, Any]:
-    """``record`` with the keys every quoted result needs, filling in only what is missing."""
-    out = dict(record)
-    out.setdefault("versions", versions())
-    argv = ["python", *sys.argv] if sys.argv[0].endswith(".py") else sys.argv
-    out.setdefault("command", command if command is not None else " ".join(argv))
-    out.setdefault("date", datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
-    out.setdefault("device", "unknown")
-    return out
-
-
-def write_result(path: Path, record: dict[str, Any], command: str | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(stamp(record, command), indent=2, default=str))
-    return path
-
-
-def gpu_of(record: dict[str, Any]) -> str:
-    """The GPU a result ran on (its device where no GPU is named)."""
-    return record.get("gpu") or record["device"]
-
-
-def load_results(folder: Path) -> list[dict[str, Any]]:
-    """Every result JSON in ``folder`` (sorted by name), skipping files without the required keys
-    so a stray file cannot put an unsourced number in the README."""
-    out = []
-    for path in sorted(folder.glob("*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(record, dict) and all(k in record for k in REQUIRED_KEYS):
-            out.append(record | {"_file": path.name})
-    return out
+def _gpu(record: dict[str, Any]) -> str:
+    """The GPU a result ran on, or its device where it names none."""
+    return gpu_of(record) or record["device"]
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -82,7 +31,7 @@ def _fmt(x: float | None, spec: str) -> str:
 def rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     """Table rows of one result: one per system measured (offline throughput only)."""
     result = record.get("result", {})
-    gpu = gpu_of(record)
+    gpu = _gpu(record)
     base = {"model": record.get("model", ""), "gpu": gpu, "date": record["date"][:10]}
     kind = record.get("experiment")
     if kind == "throughput" and "tokens_per_s" in result:
@@ -166,7 +115,7 @@ def headline_table(records: list[dict[str, Any]]) -> str:
     for record in records:
         if record.get("model", HEADLINE_MODEL) != HEADLINE_MODEL:  # pipeline runs: llama-3-8b
             continue
-        gpu = gpu_of(record)
+        gpu = _gpu(record)
         for row in rows(record):
             if row["workload"] != HEADLINE_WORKLOAD:
                 continue
@@ -189,9 +138,7 @@ def headline_table(records: list[dict[str, Any]]) -> str:
             f"{ours['tokens_per_s'] / peer['tokens_per_s']:.1f}x" if peer else "",
             f"{overlap[0]:.2f}x ({overlap[1]})" if overlap else "",
             ", ".join(
-                f"`{Path(f).name}`"
-                for f in (ours["file"], peer and peer["file"], overlap and overlap[2])
-                if f
+                f"`{f}`" for f in (ours["file"], peer and peer["file"], overlap and overlap[2]) if f
             ),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -253,7 +200,7 @@ def latency_table(records: list[dict[str, Any]]) -> str:
             verdict = f"{best:g} req/s"
         lines += [
             f"- {record.get('model', '')} on {record.get('workload', '')}, "
-            f"{record.get('gpu') or record['device']}, {record['date'][:10]} "
+            f"{_gpu(record)}, {record['date'][:10]} "
             f"(`experiments/results/{record['_file']}`): highest request rate with normalized "
             f"latency ≤ {slo} s/token, of {min(rates, default=0):g}-{max(rates, default=0):g} "
             f"req/s: {verdict}",
@@ -277,10 +224,7 @@ def latency_table(records: list[dict[str, Any]]) -> str:
 
 def _source(record: dict[str, Any]) -> str:
     """Where a figure comes from: GPU, date and result file."""
-    return (
-        f"{record.get('gpu') or record['device']}, {record['date'][:10]} "
-        f"(`experiments/results/{record['_file']}`)"
-    )
+    return f"{_gpu(record)}, {record['date'][:10]} (`experiments/results/{record['_file']}`)"
 
 
 def _parity_line(parity: dict[str, Any], source: dict[str, Any] | None = None) -> str:
@@ -507,6 +451,7 @@ def kernel_table(records: list[dict[str, Any]]) -> str:
 
 
 def render(folder: Path) -> str:
+    """Every table the results in ``folder`` allow, headline first."""
     records = load_results(folder)
     parts = [p for p in (headline_table(records), throughput_table(records)) if p]
     tables = (pipeline_table, overlap_table, serve_table, kernel_table)
@@ -519,26 +464,54 @@ def render(folder: Path) -> str:
     return "\n\n".join(parts)
 
 
-def write_readme(readme: Path, text: str) -> None:
-    """Replace what lies between the results markers, leaving the rest of the README as is."""
-    content = readme.read_text()
+def results_doc(folder: Path) -> str:
+    """docs/results.md: what the columns mean, then every table."""
+    return "\n".join(
+        [
+            "# Results",
+            "",
+            "Generated by `python experiments/report.py --write` from the result files under "
+            "`experiments/results/<gpu>/<experiment>/<label>.json` (each with its device, package "
+            'versions, command and date); do not edit by hand. "% of optimal" is NanoFlow\'s '
+            'bound: every token at the GEMM rate measured in the same run. "% of roofline" is '
+            "the bound of the iterations the run actually made: each at its GEMM FLOPs or its "
+            "bytes (weights once, the K/V it reads and writes) at the measured copy rate, "
+            "whichever is longer; runs made before it was recorded leave it blank. What the "
+            "numbers mean is in [findings.md](findings.md).",
+            "",
+            render(folder),
+            "",
+        ]
+    )
+
+
+def write_between_markers(path: Path, text: str) -> None:
+    """Replace what lies between the results markers of ``path``, leaving the rest as is."""
+    content = path.read_text()
     if START not in content or END not in content:
-        raise SystemExit(f"{readme} has no {START} ... {END} markers")
+        raise SystemExit(f"{path} has no {START} ... {END} markers")
     head, rest = content.split(START, 1)
     tail = rest.split(END, 1)[1]
-    readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    path.write_text(f"{head}{START}\n{text}\n{END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, default=ROOT / "experiments" / "results")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--doc", type=Path, default=RESULTS_DOC, help="the tables' document")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    parser.add_argument("--write-readme", action="store_true", help="update the README's table")
+    parser.add_argument(
+        "--write", action="store_true", help="rewrite --doc and the README's headline table"
+    )
     args = parser.parse_args(argv)
-    text = render(args.results)
-    print(text)
-    if args.write_readme:
-        write_readme(args.readme, text)
+    if not args.write:
+        print(render(args.results))
+        return 0
+    args.doc.parent.mkdir(parents=True, exist_ok=True)
+    args.doc.write_text(results_doc(args.results))
+    headline = headline_table(load_results(args.results))
+    write_between_markers(args.readme, headline or "_No results yet._")
+    print(f"wrote {args.doc} and the headline of {args.readme}")
     return 0
 
 

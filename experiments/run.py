@@ -4,12 +4,12 @@ given) on constant-length and dataset-shaped workloads, the transformers peer, o
 latency; then the figures and the results table. Each measurement is a subprocess (a fresh CUDA
 context, so one crash or leak cannot skew the next) and writes its own stamped JSON.
 
-Results go to experiments/results and experiments/figures (or --out); with $OUT set (a remote run
-that hands back one output folder), to one archive $OUT/experiments.tar.gz to unpack in the
-repository root. A wall-clock budget skips what would not fit, recording it as skipped rather
-than running late.
+Results go to ``--out`` (default experiments/results) as ``<gpu>/<experiment>/<label>.json``,
+figures to ``--figures`` (default experiments/figures, or ``<out>/figures`` beside another
+``--out``). A wall-clock budget (default 540 s with --quick, 3000 s otherwise) skips what would not
+fit, recording it as skipped rather than running late.
 
-Usage: python experiments/run.py --quick                      (~9 min on an H100)
+Usage: python experiments/run.py --quick
        python experiments/run.py [--profile P] [--online] [--budget-s S]
        python experiments/run.py --model builtin --device cpu --num-prompts 4 \
            --workloads 16/4 --executors sequential --peer-workload 16/4   (CPU dry run)
@@ -21,16 +21,25 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import plots
-from report import ROOT, render, write_result
+from common import (
+    FIGURES,
+    RESULTS,
+    add_out_argument,
+    gpu_name,
+    result_path,
+    slug,
+    stopwatch,
+    throughput_command,
+    write_json,
+)
+from report import render
 
 from nanoflow.kernels.decode_attention import CONFIG_ENV
 
@@ -40,18 +49,18 @@ ALL_WORKLOADS = ("512/512", "1024/512", "512/1024", "splitwise", "lmsys", "share
 HERE = Path(__file__).resolve().parent
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "_", Path(text).stem if "." in text else text)
-
-
 class Runner:
     """Runs commands under one deadline and stamps what they write."""
 
-    def __init__(self, results: Path, budget_s: float) -> None:
+    def __init__(self, results: Path, gpu: str | None, budget_s: float) -> None:
         self.results = results
+        self.gpu = gpu
         self.deadline = time.monotonic() + budget_s
         self.log = results / "logs"
         self.log.mkdir(parents=True, exist_ok=True)
+
+    def path(self, experiment: str, label: str) -> Path:
+        return result_path(self.results, self.gpu, experiment, label)
 
     def run(self, name: str, cmd: list[str], out: Path, stamp: dict[str, Any]) -> bool:
         """Run ``cmd`` (which writes ``out``), then restamp ``out``; on failure or no time left,
@@ -59,32 +68,22 @@ class Runner:
         left = self.deadline - time.monotonic()
         command = " ".join(cmd)
         if left < 30:
-            write_result(out, {**stamp, "skipped": "time budget spent"}, command)
+            write_json(out, {**stamp, "skipped": "time budget spent"}, command)
             return False
         print(f"[run] {name}: {command}", flush=True)
         out.unlink(missing_ok=True)
-        started = time.monotonic()
-        with (self.log / f"{out.stem}.log").open("w") as log:
+        log_name = f"{out.parent.name}-{out.stem}.log"
+        with stopwatch() as elapsed, (self.log / log_name).open("w") as log:
             try:
                 proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=left)
                 ok = proc.returncode == 0 and out.exists()
-                error = None if ok else f"exit code {proc.returncode}; see logs/{out.stem}.log"
+                error = None if ok else f"exit code {proc.returncode}; see logs/{log_name}"
             except subprocess.TimeoutExpired:
                 ok, error = False, f"killed after {left:.0f} s (time budget)"
         record = json.loads(out.read_text()) if ok else {"error": error}
-        write_result(out, {**record, **stamp, "wall_s": time.monotonic() - started}, command)
-        print(f"[run] {name}: {'ok' if ok else error} ({time.monotonic() - started:.0f} s)")
+        write_json(out, {**record, **stamp, "wall_s": elapsed()}, command)
+        print(f"[run] {name}: {'ok' if ok else error} ({elapsed():.0f} s)")
         return ok
-
-
-def nanoflow_exe() -> str:
-    """The console script of the running interpreter's environment (several may be installed;
-    ``python -m`` from the repository root would let ``kernels/`` shadow a package)."""
-    beside = Path(sys.executable).parent / "nanoflow"
-    exe = str(beside) if beside.exists() else shutil.which("nanoflow")
-    if exe is None:
-        raise SystemExit("the `nanoflow` command is not installed: pip install -e .")
-    return exe
 
 
 def throughput_label(args: argparse.Namespace, executor: str) -> str:
@@ -97,27 +96,9 @@ def throughput_label(args: argparse.Namespace, executor: str) -> str:
     return label + ("-decode" + re.sub(r"\W+", "_", forced) if forced else "")
 
 
-def throughput_command(
-    args: argparse.Namespace, workload: str, executor: str, out: Path
-) -> list[str]:
-    """`nanoflow bench throughput` with the run's engine settings, writing ``out``."""
-    cmd = [nanoflow_exe(), "bench", "throughput", args.model, "--load-format", "dummy"]
-    cmd += ["--executor", executor, "--workload", workload, "--num-prompts", str(args.num_prompts)]
-    cmd += ["--device", args.device, "--output-json", str(out)]
-    cmd += ["--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs"]
-    cmd += ["--kv-cache-dtype", args.kv_cache_dtype]
-    if args.max_num_seqs:
-        cmd += ["--max-num-seqs", str(args.max_num_seqs)]
-    if args.max_num_batched_tokens:
-        cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-    if executor == "auto":
-        cmd += ["--profile", args.profile]
-    return cmd
-
-
 def throughput(runner: Runner, args: argparse.Namespace, workload: str, executor: str) -> None:
     label = throughput_label(args, executor)
-    out = runner.results / f"throughput-{args.model}-{slug(workload)}-{label}.json"
+    out = runner.path("throughput", f"{args.model}-{slug(workload)}-{label}")
     runner.run(
         f"throughput {workload} {label}",
         throughput_command(args, workload, executor, out),
@@ -133,7 +114,7 @@ def throughput(runner: Runner, args: argparse.Namespace, workload: str, executor
 
 def peer(runner: Runner, args: argparse.Namespace) -> None:
     model = "tiny" if args.model == "builtin" else args.model
-    out = runner.results / f"peer_transformers-{model}.json"
+    out = runner.path("peer_transformers", model)
     cmd = [sys.executable, str(HERE / "peer_transformers.py"), "--model", model, "--device"]
     cmd += [args.device, "--workload", args.peer_workload, "--output-json", str(out)]
     cmd += ["--num-prompts", str(args.peer_prompts)]
@@ -143,7 +124,7 @@ def peer(runner: Runner, args: argparse.Namespace) -> None:
 
 
 def online(runner: Runner, args: argparse.Namespace) -> None:
-    out = runner.results / f"online_latency-{args.model}-{args.online_workload}.json"
+    out = runner.path("online_latency", f"{args.model}-{slug(args.online_workload)}")
     cmd = [sys.executable, str(HERE / "online_latency.py"), "--model", args.model]
     cmd += ["--workload", args.online_workload, "--output-json", str(out)]
     if args.profile:
@@ -195,7 +176,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--online", action="store_true", help="also run online latency")
     p.add_argument("--online-workload", default="sharegpt")
-    p.add_argument("--out", type=Path, default=None, help="folder for results/ and figures/")
+    add_out_argument(p)
+    p.add_argument("--figures", type=Path, default=None, help="default: see the module's doc")
     p.add_argument("--budget-s", type=float, default=None, help="default 540 quick, 3000 full")
     args = p.parse_args(argv)
     if args.device == "auto":  # explicit index: the engine's torch.cuda.set_device needs one
@@ -212,11 +194,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    bundle = os.environ.get("OUT") if args.out is None else None
-    root = args.out or (
-        Path(tempfile.mkdtemp()) / "experiments" if bundle else ROOT / "experiments"
-    )
-    runner = Runner(root / "results", args.budget_s)
+    figures = args.figures or (FIGURES if args.out == RESULTS else args.out / "figures")
+    runner = Runner(args.out, gpu_name(args.device), args.budget_s)
     executors = [e for e in args.executors.split(",") if e] + (["auto"] if args.profile else [])
     for i, workload in enumerate(args.workloads.split(",")):
         for executor in executors:
@@ -225,14 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             peer(runner, args)
     if args.online:
         online(runner, args)
-    for path in plots.make_all(runner.results, root / "figures"):
-        print(f"[run] figure {path.relative_to(root)}")
+    for path in plots.make_all(runner.results, figures):
+        print(f"[run] figure {path}")
     print(render(runner.results))
-    if bundle:
-        archive = shutil.make_archive(
-            str(Path(bundle) / "experiments"), "gztar", root.parent, root.name
-        )
-        print(f"[run] wrote {archive}: `tar xzf` it in the repository root to commit the results")
     return 0
 
 

@@ -9,8 +9,11 @@ iteration count and tokens per iteration exactly; ``--result`` takes the setting
 ``bench throughput`` result file and prints both.
 
 Usage: python experiments/schedule_replay.py --workload 512/512 --num-prompts 2000,8000 \
-           --max-num-seqs 1024 --num-kv-blocks 109494 [--output-json F]
-       python experiments/schedule_replay.py --result experiments/results/throughput-....json
+           --max-num-seqs 1024 --num-kv-blocks 109494 [--label L] [--out DIR | --output-json F]
+       python experiments/schedule_replay.py \
+           --result experiments/results/nvidia-h200/throughput/<label>.json
+Writes ``<out>/cpu/schedule_replay/<label>.json`` (label: the workload and sequence limit, or the
+replayed result's own label).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from report import write_result
+from common import add_out_argument, slug, write_json, write_result
 
 from nanoflow.engine.block_manager import BlockManager
 from nanoflow.engine.sampling_params import SamplingParams
@@ -87,13 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-kv-blocks", type=int, default=54747)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-json", type=Path)
+    parser.add_argument("--label", default=None, help="names the result file")
+    add_out_argument(parser)
+    parser.add_argument("--output-json", type=Path, help="this file instead of --out's")
     args = parser.parse_args(argv)
     measured = None
     if args.result:
-        output_json = args.output_json
+        given = args
         args, measured = settings_of(args.result)
-        args.output_json = output_json
+        args.output_json, args.out = given.output_json, given.out
+        args.label = given.label or f"{given.result.parent.parent.name}-{given.result.stem}"
+    label = args.label or f"{slug(args.workload)}-seqs{args.max_num_seqs}"
     rows = []
     for n in (int(x) for x in args.num_prompts.split(",")):
         requests = load_workload(args.workload, n, args.seed)
@@ -109,10 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     if measured:
         print(f"measured: {measured['iterations']} iterations, "
               f"{measured['tokens_per_iteration']:.0f} tokens each")  # fmt: skip
+    settings = {k: v for k, v in vars(args).items() if k not in ("output_json", "out", "label")}
+    record = {"experiment": "schedule_replay", "device": "cpu (no model)", "replays": rows}
+    record |= {"settings": settings, "measured": measured}
     if args.output_json:
-        settings = {k: v for k, v in vars(args).items() if k != "output_json"}
-        record = {"experiment": "schedule_replay", "device": "cpu (no model)", "replays": rows}
-        write_result(args.output_json, record | {"settings": settings, "measured": measured})
+        print(write_json(args.output_json, record))
+    else:
+        print(write_result(args.out, "schedule_replay", label, record))
     return 0
 
 

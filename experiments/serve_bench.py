@@ -3,8 +3,9 @@ default; the dummy model has no tokenizer, so prompts go as token ids), run ``na
 serve`` at several request rates, write one JSON with the device, command, date and each rate's
 metrics, and stop the server.
 
-Usage: python experiments/serve_bench.py [--model llama-3-8b] [--rates 4,16,inf]
+Usage: python experiments/serve_bench.py [--model llama-3-8b] [--rates 4,16,inf] [--out DIR]
        python experiments/serve_bench.py --model builtin --num-prompts 8 --workload 32/16  (CPU)
+Writes DIR/<gpu>/serve_bench/<model>.json.
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ import time
 from pathlib import Path
 
 import torch
+from common import add_out_argument, write_result
 
 from nanoflow.measure import environment
 from nanoflow.server.launch import ServerProcess
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args() -> argparse.Namespace:
@@ -36,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--startup-timeout", type=float, default=180.0)
     p.add_argument("--budget", type=float, default=330.0, help="seconds for the whole run")
-    p.add_argument("--output", default=str(ROOT / "experiments/results/serve_bench.json"))
+    add_out_argument(p)
     p.add_argument("server_args", nargs="*", help="extra `nanoflow serve` flags, after --")
     return p.parse_args()
 
@@ -87,7 +87,6 @@ def main() -> int:
     record = {
         **environment(device),
         "experiment": "serve_bench",
-        "command": " ".join([sys.executable, *sys.argv]),
         "model": args.model,
         "server_args": server_args(args),
         "workload": args.workload,
@@ -111,9 +110,7 @@ def main() -> int:
         finally:
             record["server_exit_code"] = server.stop()
             record["server_log_tail"] = server.log()[-4000:]
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(record, indent=2, default=str))
-    print(f"wrote {args.output}")
+    print(f"wrote {write_result(args.out, 'serve_bench', Path(args.model).name, record)}")
     ok = "error" not in record and all("error" not in r for r in record["rates"])
     return 0 if ok else 1
 

@@ -3,6 +3,8 @@ throughput per workload for the sequential executor and the overlapped pipeline 
 network unit), tokens/s per GPU, % of optimal, and the timeline of one overlapped iteration.
 
 Usage: python experiments/tp_bench.py --model llama-3-70b --tp 2 [--workload 512/512 ...]
+           [--out DIR]
+Writes DIR/<gpu>/tp/<model>-tp<N>.json and the timeline to DIR/<gpu>/timeline/<model>-tp<N>.json.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import traceback
 from pathlib import Path
 
 import torch
+from common import add_out_argument, result_path, stamp, write_json
 
 from nanoflow import LLM, SamplingParams
 from nanoflow.measure import environment, gemm_ceiling_tflops, optimal_throughput
 from nanoflow.runtime.schedule import Mechanism, PipelineSchedule, UnitSpec, sequential_schedule
-from nanoflow.runtime.timeline import TimelineRecorder, draw_timeline, save_timeline
+from nanoflow.runtime.timeline import TimelineRecorder, save_timeline
 from nanoflow.workloads import load_workload, random_prompts
 
 
@@ -59,7 +62,7 @@ def offline(llm: LLM, workload: str, num_prompts: int) -> dict:
     }
 
 
-def timeline(llm: LLM, out_dir: Path, title: str) -> str:
+def timeline(llm: LLM, path: Path, title: str) -> str:
     """Record one mid-run iteration of the overlapped pipeline on rank 0."""
     runner = llm.engine.runner
     prompts = random_prompts(load_workload("512/8", 64), llm.engine.spec.vocab_size, seed=3)
@@ -75,11 +78,9 @@ def timeline(llm: LLM, out_dir: Path, title: str) -> str:
     while llm.engine.has_unfinished:
         llm.engine.step()
     records = [r for r in recorder.records() if r.layer < 3]
-    png = out_dir / "timeline_tp.png"
-    draw_timeline(records, png, title)
-    provenance = {**environment(runner.device), "command": " ".join(sys.argv)}
-    save_timeline(records, out_dir / "timeline_tp.json", provenance)
-    return png.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_timeline(records, path, stamp({**environment(runner.device), "title": title}))
+    return path.name
 
 
 def main() -> int:
@@ -91,15 +92,13 @@ def main() -> int:
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--memory-sms", type=int, default=32)
     parser.add_argument("--network-sms", type=int, default=16)
-    parser.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    add_out_argument(parser)
     parser.add_argument("--device", default="auto", help="cpu for a gloo dry run")
     args = parser.parse_args()
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if args.device == "auto" else args.device)
     record = {
         **environment(device),
-        "command": " ".join(sys.argv),
+        "experiment": "tp",
         "model": args.model,
         "tensor_parallel_size": args.tp,
         "nccl_max_ctas": os.environ.get("NCCL_MAX_CTAS"),
@@ -117,6 +116,8 @@ def main() -> int:
         executor="sequential",
     )
     record["nccl_max_ctas"] = os.environ.get("NCCL_MAX_CTAS")
+    label = f"{Path(args.model).name}-tp{args.tp}"
+    path = result_path(args.out, record["gpu"], "tp", label)
     num_sms = record.get("sm_count", 132)
     schedules = {
         "sequential": sequential_schedule(),
@@ -139,11 +140,13 @@ def main() -> int:
                 results.append(row)
                 print(json.dumps(row), flush=True)
                 record["results"] = results
-                (out_dir / "tp_bench.json").write_text(json.dumps(record, indent=2, default=str))
+                write_json(path, record)
         if on_gpu:
             llm.engine.runner.set_schedule(schedules["overlapped"])
             record["timeline"] = timeline(
-                llm, out_dir, f"{args.model} TP={args.tp}, overlapped, layers 0-2 on rank 0"
+                llm,
+                result_path(args.out, record["gpu"], "timeline", label),
+                f"{args.model} TP={args.tp}, overlapped, layers 0-2 on rank 0",
             )
     except Exception as exc:
         record["error"] = f"{type(exc).__name__}: {exc}"
@@ -154,7 +157,7 @@ def main() -> int:
         rows = {r["executor"]: r["tokens_per_s"] for r in results if r["workload"] == wl}
         if len(rows) == 2:
             record.setdefault("speedup", {})[wl] = rows["overlapped"] / rows["sequential"]
-    (out_dir / "tp_bench.json").write_text(json.dumps(record, indent=2, default=str))
+    print(write_json(path, record))
     print(json.dumps(record.get("speedup")), flush=True)
     return 0
 

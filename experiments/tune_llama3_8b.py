@@ -4,7 +4,8 @@
    (default profiles/llama-3-8b/<gpu>.json) and check it loads.
 2. Offline throughput in the same run, on one engine, for the sequential executor, the default
    overlapped schedule (both at the default token budget) and the tuned profile.
-3. One JSON (device, versions, command, date) under experiments/results/ (or $OUT).
+3. One JSON (device, versions, command, commit, date), DIR/<gpu>/tune/<model>.json, beside the
+   profiled tables, DIR/<gpu>/tune/<model>-tables.json (DIR: --out, default experiments/results).
 
 Usage: python experiments/tune_llama3_8b.py [--num-prompts N] [--trials N] [--profile-out PATH]
        python experiments/tune_llama3_8b.py --device cpu --model builtin --tables-in roofline \
@@ -16,12 +17,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import add_out_argument, result_path, write_result
 
 from nanoflow import LLM, SamplingParams
 from nanoflow.autotune.tuner import TuneOptions, tune
@@ -87,7 +88,7 @@ def load_format(model: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    add_out_argument(parser)
     parser.add_argument("--model", default="llama-3-8b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--workload", default="512/512")
@@ -103,9 +104,10 @@ def main() -> int:
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     args = parser.parse_args()
     device = torch.device(args.device)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record = {**environment(device), "command": " ".join(sys.argv)}
+    record = {**environment(device), "experiment": "tune", "model": args.model}
+    label = Path(args.model).name
+    tables = result_path(args.out, record["gpu"], "tune", f"{label}-tables")
+    tables.parent.mkdir(parents=True, exist_ok=True)
     result = tune(
         TuneOptions(
             model=args.model,
@@ -115,7 +117,7 @@ def main() -> int:
             top_k=args.top_k,
             seed=args.seed,
             tables_in=args.tables_in,
-            tables_out=str(out_dir / "tune_llama3_8b_tables.json"),
+            tables_out=str(tables),
             device=str(device),
             validate=True,
             max_batch=args.max_batch,
@@ -157,7 +159,7 @@ def main() -> int:
         record.update(gemm_tflops=tflops, optimal_tokens_per_s=optimal)
         for row in record["throughput"].values():
             row["fraction_of_optimal"] = row["tokens_per_s"] / optimal
-    (out_dir / "tune_llama3_8b.json").write_text(json.dumps(record, indent=2, default=str))
+    print(write_result(args.out, "tune", label, record))
     print(f"{'schedule':<20} {'budget':>6} {'tokens/s':>10}")
     for name, row in record["throughput"].items():
         print(f"{name:<20} {row['token_budget']:>6} {row['tokens_per_s']:>10.0f}")

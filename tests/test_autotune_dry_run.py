@@ -52,7 +52,7 @@ def test_tuning_script_dry_run(tmp_path):
            str(tmp_path / "profile.json")]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    record = json.loads((tmp_path / "tune_llama3_8b.json").read_text())
+    record = json.loads((tmp_path / "cpu" / "tune" / "builtin.json").read_text())
     tuning = record["tuning"]
     assert tuning["tuning_seconds"] > 0 and tuning["measured_iteration_s"] > 0
     assert len(tuning["candidates"]) == 2
