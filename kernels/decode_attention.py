@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanoflow.kernels import decode_attention_cuda as cuda_kernel
 from nanoflow.kernels._compat import cdiv, check_num_ctas, jit, next_pow2, sm_count, tl
 from nanoflow.kernels.decode_attention_tma import launch_decode_tma
 from nanoflow.kernels.decode_tiles import attend_tile, store_partial
@@ -74,10 +75,29 @@ class DecodeConfig:
     tma: bool = False
 
 
-# "block_n,num_warps,num_stages,min_split_tiles,parallel_heads[,tma]": replaces the choice below
-# in every launch, so one GPU run can time a configuration from the kernel sweep end to end
-# (throughput runs and result files record it)
+# Replaces the kernel choice in every launch, so one GPU run can time a configuration end to end
+# (throughput runs and result files record it): "block_n,num_warps,num_stages,min_split_tiles,
+# parallel_heads[,tma]" forces that Triton configuration, "triton" the Triton kernels with their
+# built-in choice, "cuda:warps,stages[,ctas_per_sm[,items_per_warp]]" the CUDA kernel so.
 CONFIG_ENV = "NANOFLOW_DECODE_CONFIG"
+TRITON_ONLY = "triton"
+CUDA_PREFIX = "cuda:"
+
+
+@functools.lru_cache(maxsize=8)
+def parse_cuda_config(text: str) -> cuda_kernel.CudaDecodeConfig:
+    """A CudaDecodeConfig from ``CONFIG_ENV``'s ``cuda:`` form; a ValueError names the problem."""
+    fields = text[len(CUDA_PREFIX) :].split(",")
+    try:
+        numbers = [int(f) for f in fields]
+    except ValueError:
+        numbers = []
+    if not 2 <= len(numbers) <= 4 or any(n < 1 for n in numbers):
+        raise ValueError(
+            f"{CONFIG_ENV}={text!r}: expected cuda:warps,stages[,ctas_per_sm[,items_per_warp]] "
+            "of positive integers"
+        )
+    return cuda_kernel.CudaDecodeConfig(*numbers)
 
 
 @functools.lru_cache(maxsize=8)
@@ -121,8 +141,9 @@ def decode_config(
     sequence's KV heads (up to 8) in one register-fed tile of 32 tokens, 8 warps; an fp8 cache
     there takes 16 tokens of 4 heads, 4 warps (more spills registers).
     Tiny tiles on CPU so the interpreter exercises every loop. ``CONFIG_ENV`` overrides all."""
-    if os.environ.get(CONFIG_ENV):
-        return parse_config(os.environ[CONFIG_ENV])
+    forced = os.environ.get(CONFIG_ENV, "")
+    if forced and forced != TRITON_ONLY and not forced.startswith(CUDA_PREFIX):
+        return parse_config(forced)
     if device.type != "cuda":
         return DecodeConfig(block_n=16, num_warps=4, num_stages=1, min_split_tiles=1)
     if tma and torch.cuda.get_device_capability(device)[0] >= 9:
@@ -396,6 +417,11 @@ def paged_decode_attention_triton(
         out = torch.empty_like(q)
     if q.shape[0] == 0:
         return out
+    cuda_config = _cuda_choice(q, k_cache, v_cache, block_tables, context_lens)
+    if cuda_config is not None:
+        return _launch_decode_cuda(
+            q, k_cache, v_cache, block_tables, context_lens, scale, num_ctas, out, cuda_config
+        )
     whole_pages = k_cache.is_contiguous() and v_cache.is_contiguous()  # what a TMA box needs
     config = decode_config(
         q.shape[2], q.dtype, q.device, k_cache.dtype != q.dtype, k_cache.shape[2],
@@ -404,3 +430,64 @@ def paged_decode_attention_triton(
     return _launch_decode(
         q, k_cache, v_cache, block_tables, context_lens, scale, num_ctas, out, config
     )
+
+
+def _cuda_choice(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> cuda_kernel.CudaDecodeConfig | None:
+    """The CUDA kernel's configuration where it applies (and nothing forces Triton)."""
+    forced = os.environ.get(CONFIG_ENV, "")
+    if forced and not forced.startswith(CUDA_PREFIX):
+        return None
+    if not (
+        cuda_kernel.available(q.device)
+        and cuda_kernel.supports(q, k_cache, v_cache)
+        and block_tables.dtype == torch.int32
+        and context_lens.dtype == torch.int32
+        and block_tables.stride(1) == 1
+    ):
+        return None
+    if forced:
+        return parse_cuda_config(forced)
+    group = q.shape[1] // k_cache.shape[1]
+    return cuda_kernel.default_config(k_cache.element_size(), group)
+
+
+def _launch_decode_cuda(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    num_ctas: int | None,
+    out: torch.Tensor,
+    config: cuda_kernel.CudaDecodeConfig,
+) -> torch.Tensor:
+    batch, num_heads, head_dim = q.shape
+    grid = cuda_kernel.grid_size(q.device, num_ctas, config)
+    splits, split_pages = cuda_kernel.split_plan(
+        batch, k_cache.shape[1], block_tables.shape[1], grid * config.warps, config.items_per_warp
+    )
+    if splits == 1:
+        cuda_kernel.launch_decode_cuda(
+            q, k_cache, v_cache, block_tables, context_lens, scale, grid, 1, split_pages, out,
+            None, None, config,
+        )  # fmt: skip
+        return out
+    part_out = torch.empty(batch, num_heads, splits, head_dim, device=q.device)
+    part_lse = torch.empty(batch, num_heads, splits, device=q.device)
+    cuda_kernel.launch_decode_cuda(
+        q, k_cache, v_cache, block_tables, context_lens, scale, grid, splits, split_pages, out,
+        part_out, part_lse, config,
+    )  # fmt: skip
+    rows = batch * num_heads
+    _decode_reduce_kernel[(min(rows, num_ctas or rows),)](
+        part_out, part_lse, context_lens, out, batch, num_heads, splits, split_pages * 16,
+        out.stride(0), out.stride(1), HEAD_DIM=head_dim, SPLITS_PAD=next_pow2(splits),
+    )  # fmt: skip
+    return out

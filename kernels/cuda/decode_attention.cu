@@ -1,0 +1,460 @@
+// Paged decode attention for Hopper-class GPUs, compiled at run time (NVRTC through CuPy).
+//
+// Every warp streams its own work items, (sequence, KV head, context split), through a private
+// ring of shared-memory stages filled by cp.async: a stage is one 16-token page of the head's K
+// and V (plus the queries with an item's first page). Nothing waits across warps, the ring runs
+// on from one item into the next, and the bytes in flight are bounded by shared memory rather
+// than registers, which is what lets a few SMs keep HBM busy.
+//
+// Tensor cores do the math with tokens as the M dimension (16 per MMA) and the GQA group as N
+// (8, the group padded): S^T = K Q^T, then O^T = V^T P^T with P^T moved into operand layout by
+// movmatrix. Shared-memory rows are XOR-swizzled so the fragment reads of K and V are free of
+// bank conflicts. An fp8 (e4m3) cache is widened to fp16 in registers.
+//
+// Layouts: q [seqs, heads, D] (heads contiguous), caches [blocks, kv_heads, 16, D] with each
+// (block, head) page contiguous, block tables int32 [seqs, width], lengths int32 [seqs].
+// Output: direct (one split) into out [seqs, heads, D]; otherwise per-split partial outputs and
+// base-2 log-sum-exps that a reduce kernel combines (empty splits are never written: the reduce
+// ignores splits past a sequence's length).
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+#define PAGE 16
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+}
+
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
+
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+__device__ __forceinline__ uint4 lds128(u32 addr) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "r"(addr));
+    return v;
+}
+
+__device__ __forceinline__ u32 lds32(u32 addr) {
+    u32 v;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+    return v;
+}
+
+template <bool F16>
+__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    if (F16) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
+}
+
+__device__ __forceinline__ u32 transpose8x8(u32 x) {
+    u32 y;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+    return y;
+}
+
+// Two floats as one register of 16-bit pairs, ``lo`` in the low half.
+template <bool F16>
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u32 r;
+    if (F16) {
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    } else {
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    }
+    return r;
+}
+
+// Two e4m3 values (the low 16 bits of ``x`` when ``high`` is false) as an fp16 pair.
+__device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 x, bool high) {
+    u32 r;
+    u16 h = high ? (u16)(x >> 16) : (u16)(x & 0xffff);
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(h));
+    return r;
+}
+
+__device__ __forceinline__ u32 bf16x2_to_f16x2(u32 x) {
+    return pack2<true>(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// XOR swizzle of a row's low 16-byte units: the fragment reads of K (rows g, g+1 of a lane
+// quad) and of V (rows 2q + c over a quad) then hit eight distinct bank groups.
+template <int KV_ELT>
+__device__ __forceinline__ int swizzle(int row) {
+    int hi = ((row ^ (row >> 1)) & 1) << 2;
+    int lo = (row >> 2) & 1;
+    return hi | (KV_ELT == 2 ? lo : lo << 1);
+}
+
+template <int D, int KV_ELT, int GROUP>
+struct Layout {
+    static constexpr int UNITS = D * KV_ELT / 16;       // 16-byte units per K/V row
+    static constexpr int PAGE_BYTES = PAGE * D * KV_ELT;  // one head's K (or V) of a page
+    static constexpr int Q_BYTES = GROUP * D * 2;
+    static constexpr int STAGE_BYTES = 2 * PAGE_BYTES + ((Q_BYTES + 127) / 128) * 128;
+    static constexpr int KSTEPS = D / 16;
+    static constexpr int DC = 16 / KV_ELT;          // dims in one 16-byte unit of K
+    static constexpr int KCHUNKS = D / 4 / DC;      // units of K a lane reads per row
+    static constexpr int KSTEPS_PER_CHUNK = DC / 4;
+    static constexpr int V_DIMS = D / 8;            // dims of V (and of O) a lane owns
+    static constexpr int VUNITS = V_DIMS * KV_ELT / 16;
+};
+
+__device__ __forceinline__ u32 unit_addr(u32 base, int row, int unit, int units, int swz) {
+    return base + (u32)((row * units + (unit ^ swz)) * 16);
+}
+
+// The lengths of 32 consecutive work items of this warp, one per lane, with the next 32
+// already requested so their latency hides behind the current ones.
+struct LenWindow {
+    int base, cur, next;
+};
+
+__device__ __forceinline__ int item_len(int ordinal, int first_item, int stride, int items,
+                                        int per_seq, const int* lens) {
+    int item = first_item + ordinal * stride;
+    return item < items ? __ldg(lens + item / per_seq) : 0;
+}
+
+template <int D, int KV_ELT, bool Q_F16, int GROUP, int WARPS, int STAGES>
+__global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
+    const unsigned char* __restrict__ q, const unsigned char* __restrict__ k_cache,
+    const unsigned char* __restrict__ v_cache, const int* __restrict__ tables,
+    const int* __restrict__ lens, unsigned char* __restrict__ out, float* __restrict__ part_out,
+    float* __restrict__ part_lse, float scale_log2, int num_seqs, int num_kv_heads,
+    int num_splits, int split_pages, int table_width, long long stride_qb, long long stride_kb,
+    long long stride_kh, long long stride_vb, long long stride_vh, long long stride_tb,
+    long long stride_ob, long long stride_oh, int direct) {
+    using L = Layout<D, KV_ELT, GROUP>;
+    constexpr bool F16 = Q_F16 || KV_ELT == 1;  // the MMA's operand type
+    extern __shared__ __align__(128) unsigned char smem[];
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, qd = lane & 3;
+    const int first_item = blockIdx.x * WARPS + warp;
+    const int stride = gridDim.x * WARPS;
+    const int per_seq = num_kv_heads * num_splits;
+    const int items = num_seqs * per_seq;
+    const int num_heads = num_kv_heads * GROUP;
+    const int my_items = first_item < items ? (items - first_item + stride - 1) / stride : 0;
+    const u32 ring = smem_u32(smem) + warp * STAGES * L::STAGE_BYTES;
+
+    auto npages_of = [&](int ordinal, int len) {
+        int split = (first_item + ordinal * stride) % num_splits;
+        int pages = (len + PAGE - 1) / PAGE - split * split_pages;
+        return max(0, min(pages, split_pages));
+    };
+    auto load_window = [&](int base) {
+        return item_len(base + lane, first_item, stride, items, per_seq, lens);
+    };
+    auto window_len = [&](LenWindow& w, int ordinal) {
+        if (ordinal >= w.base + 32) {
+            w.base += 32;
+            w.cur = w.next;
+            w.next = load_window(w.base + 32);
+        }
+        return __shfl_sync(0xffffffffu, w.cur, ordinal - w.base);
+    };
+    auto load_table = [&](int ordinal) {
+        int item = first_item + ordinal * stride;
+        int seq = item / per_seq, split = item % num_splits;
+        int col = split * split_pages + lane;
+        return (lane < split_pages && col < table_width) ? __ldg(tables + seq * stride_tb + col)
+                                                         : 0;
+    };
+
+    // ---- the producer cursor: which page of which item the next stage receives
+    LenWindow pw{0, load_window(0), load_window(32)};
+    int p_ord = -1, p_page = 0, p_npages = 0, p_table = 0, p_next_table = 0;
+    int p_next_ord = my_items > 0 ? 0 : -1;
+    if (p_next_ord >= 0) p_next_table = load_table(0);
+    int issued = 0;
+
+    auto issue = [&]() {
+        while (p_page == p_npages) {  // move on to the next item with pages
+            if (p_ord + 1 >= my_items) return;
+            ++p_ord;
+            p_npages = npages_of(p_ord, window_len(pw, p_ord));
+            p_page = 0;
+            if (p_npages == 0) continue;
+            p_table = p_next_ord == p_ord ? p_next_table : load_table(p_ord);
+            if (p_ord + 1 < my_items) {
+                p_next_ord = p_ord + 1;
+                p_next_table = load_table(p_next_ord);
+            }
+        }
+        const int item = first_item + p_ord * stride;
+        const int seq = item / per_seq, head = (item / num_splits) % num_kv_heads;
+        const long long block = __shfl_sync(0xffffffffu, p_table, p_page);
+        const unsigned char* k_src = k_cache + (block * stride_kb + head * stride_kh) * KV_ELT;
+        const unsigned char* v_src = v_cache + (block * stride_vb + head * stride_vh) * KV_ELT;
+        const u32 stage = ring + (issued % STAGES) * L::STAGE_BYTES;
+#pragma unroll
+        for (int i = 0; i < L::PAGE_BYTES / 512; ++i) {
+            const int x = i * 32 + lane, row = x / L::UNITS, unit = x % L::UNITS;
+            const int swz = swizzle<KV_ELT>(row);
+            cp_async16(unit_addr(stage, row, unit, L::UNITS, swz), k_src + x * 16);
+            cp_async16(unit_addr(stage + L::PAGE_BYTES, row, unit, L::UNITS, swz), v_src + x * 16);
+        }
+        if (p_page == 0) {
+            const unsigned char* q_src = q + (seq * stride_qb + head * GROUP * D) * 2;
+            for (int x = lane; x < L::Q_BYTES / 16; x += 32)
+                cp_async16(stage + 2 * L::PAGE_BYTES + x * 16, q_src + x * 16);
+        }
+        ++p_page;
+        ++issued;
+    };
+
+    for (int s = 0; s < STAGES - 1; ++s) {
+        issue();
+        cp_commit();
+    }
+
+    // ---- the consumer cursor
+    LenWindow cw{0, load_window(0), load_window(32)};
+    u32 qf[L::KSTEPS][2];
+    float acc[D / 16][4];
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+    int consumed = 0;
+
+    for (int c_ord = 0; c_ord < my_items; ++c_ord) {
+        const int item = first_item + c_ord * stride;
+        const int seq = item / per_seq, head = (item / num_splits) % num_kv_heads;
+        const int split = item % num_splits;
+        const int len = window_len(cw, c_ord);
+        const int npages = npages_of(c_ord, len);
+        if (npages == 0) {
+            if (!direct && split == 0 && len == 0 && lane < 2 * GROUP) {
+                // a zero-length row: split 0 is the one the reduce reads; it must be empty
+                const int h = lane / 2;
+                const long long part =
+                    ((long long)seq * num_heads + head * GROUP + h) * num_splits;
+                float4* o = reinterpret_cast<float4*>(part_out + part * D) + (lane % 2) * (D / 8);
+                for (int u = 0; u < D / 8; ++u) o[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (lane % 2 == 0) part_lse[part] = NEG_INF;
+            }
+            if (direct) {  // a zero-length row: its output is defined as zeros
+                for (int hc = 0; hc < 2; ++hc) {
+                    const int h = 2 * qd + hc;
+                    if (h >= GROUP) continue;
+                    unsigned char* o = out + (seq * stride_ob + (head * GROUP + h) * stride_oh) * 2;
+#pragma unroll
+                    for (int u = 0; u < L::V_DIMS * 2 / 16; ++u)
+                        reinterpret_cast<uint4*>(o + g * L::V_DIMS * 2)[u] = make_uint4(0, 0, 0, 0);
+                }
+            }
+            continue;
+        }
+        m0 = m1 = NEG_INF;
+        l0 = l1 = 0.f;
+#pragma unroll
+        for (int mt = 0; mt < D / 16; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
+
+        for (int page = 0; page < npages; ++page) {
+            issue();
+            cp_commit();
+            cp_wait<STAGES - 1>();
+            __syncwarp();
+            const u32 kbase = ring + (consumed % STAGES) * L::STAGE_BYTES;
+            const u32 vbase = kbase + L::PAGE_BYTES;
+            if (page == 0) {  // this item's queries, in B-operand order (dims permuted as K's)
+                const u32 qbase = vbase + L::PAGE_BYTES;
+#pragma unroll
+                for (int j = 0; j < L::KSTEPS; ++j) {
+                    const int c = j / L::KSTEPS_PER_CHUNK, hh = j % L::KSTEPS_PER_CHUNK;
+                    const int dim0 = L::DC * (4 * c + qd) + 4 * hh;
+                    u32 w0 = 0, w1 = 0;
+                    if (g < GROUP) {
+                        w0 = lds32(qbase + (g * D + dim0) * 2);
+                        w1 = lds32(qbase + (g * D + dim0 + 2) * 2);
+                        if (F16 && !Q_F16) {
+                            w0 = bf16x2_to_f16x2(w0);
+                            w1 = bf16x2_to_f16x2(w1);
+                        }
+                    }
+                    qf[j][0] = w0;
+                    qf[j][1] = w1;
+                }
+            }
+            // S^T = K Q^T: rows are the page's 16 tokens (g and g + 8), columns the heads
+            float s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int c = 0; c < L::KCHUNKS; ++c) {
+                const int unit = 4 * c + qd;
+                const uint4 ka = lds128(unit_addr(kbase, g, unit, L::UNITS, swizzle<KV_ELT>(g)));
+                const uint4 kb =
+                    lds128(unit_addr(kbase, g + 8, unit, L::UNITS, swizzle<KV_ELT>(g + 8)));
+                const u32 ra[4] = {ka.x, ka.y, ka.z, ka.w};
+                const u32 rb[4] = {kb.x, kb.y, kb.z, kb.w};
+#pragma unroll
+                for (int hh = 0; hh < L::KSTEPS_PER_CHUNK; ++hh) {
+                    const int j = c * L::KSTEPS_PER_CHUNK + hh;
+                    u32 a0, a1, a2, a3;
+                    if (KV_ELT == 2) {
+                        a0 = ra[2 * hh], a2 = ra[2 * hh + 1];
+                        a1 = rb[2 * hh], a3 = rb[2 * hh + 1];
+                    } else {
+                        a0 = e4m3x2_to_f16x2(ra[hh], false), a2 = e4m3x2_to_f16x2(ra[hh], true);
+                        a1 = e4m3x2_to_f16x2(rb[hh], false), a3 = e4m3x2_to_f16x2(rb[hh], true);
+                    }
+                    mma<F16>(s, a0, a1, a2, a3, qf[j][0], qf[j][1]);
+                }
+            }
+            // online softmax over the page, per head (columns h0, h1 of this lane)
+            const int tok0 = (split * split_pages + page) * PAGE + g;
+            const bool ok0 = tok0 < len, ok1 = tok0 + 8 < len;
+            s[0] = ok0 ? s[0] * scale_log2 : NEG_INF;
+            s[1] = ok0 ? s[1] * scale_log2 : NEG_INF;
+            s[2] = ok1 ? s[2] * scale_log2 : NEG_INF;
+            s[3] = ok1 ? s[3] * scale_log2 : NEG_INF;
+            float t0 = fmaxf(s[0], s[2]), t1 = fmaxf(s[1], s[3]);
+#pragma unroll
+            for (int off = 4; off < 32; off <<= 1) {
+                t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, off));
+                t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, off));
+            }
+            const float n0 = fmaxf(m0, t0), n1 = fmaxf(m1, t1);
+            const float a0 = fast_exp2(m0 - n0), a1 = fast_exp2(m1 - n1);
+            m0 = n0;
+            m1 = n1;
+            const float p0 = fast_exp2(s[0] - n0), p1 = fast_exp2(s[1] - n1);
+            const float p2 = fast_exp2(s[2] - n0), p3 = fast_exp2(s[3] - n1);
+            l0 = l0 * a0 + p0 + p2;
+            l1 = l1 * a1 + p1 + p3;
+            const u32 pb0 = transpose8x8(pack2<F16>(p0, p1));  // P^T rows: heads; cols: tokens
+            const u32 pb1 = transpose8x8(pack2<F16>(p2, p3));
+            // O^T += V^T P^T: rows are this lane's dims (V_DIMS g + 2 mt, + 1), columns heads
+            uint4 vr[4][L::VUNITS];
+            const int vrow[4] = {2 * qd, 2 * qd + 1, 2 * qd + 8, 2 * qd + 9};
+#pragma unroll
+            for (int r = 0; r < 4; ++r)
+#pragma unroll
+                for (int u = 0; u < L::VUNITS; ++u)
+                    vr[r][u] = lds128(unit_addr(vbase, vrow[r], L::VUNITS * g + u, L::UNITS,
+                                                swizzle<KV_ELT>(vrow[r])));
+#pragma unroll
+            for (int mt = 0; mt < D / 16; ++mt) {
+                u32 w[4];  // dims (2 mt, 2 mt + 1) of this lane's V dims, for each of the 4 rows
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    if (KV_ELT == 2) {
+                        const int word = mt;  // 16-bit pairs: word mt of the lane's dims
+                        const uint4 v = vr[r][word / 4];
+                        const u32 vv[4] = {v.x, v.y, v.z, v.w};
+                        w[r] = vv[word % 4];
+                    } else {
+                        const uint4 v = vr[r][0];
+                        const u32 vv[4] = {v.x, v.y, v.z, v.w};
+                        w[r] = e4m3x2_to_f16x2(vv[mt / 2], mt % 2 == 1);
+                    }
+                }
+                acc[mt][0] *= a0;
+                acc[mt][1] *= a1;
+                acc[mt][2] *= a0;
+                acc[mt][3] *= a1;
+                mma<F16>(acc[mt], __byte_perm(w[0], w[1], 0x5410), __byte_perm(w[0], w[1], 0x7632),
+                         __byte_perm(w[2], w[3], 0x5410), __byte_perm(w[2], w[3], 0x7632), pb0,
+                         pb1);
+            }
+            __syncwarp();
+            ++consumed;
+        }
+        // the item's result: normalise by the row sums gathered over the quad's lanes
+#pragma unroll
+        for (int off = 4; off < 32; off <<= 1) {
+            l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+            l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+        }
+        const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+        for (int hc = 0; hc < 2; ++hc) {
+            const int h = 2 * qd + hc;
+            if (h >= GROUP) continue;
+            const float inv = hc ? inv1 : inv0;
+            const int qhead = head * GROUP + h;
+            if (direct) {
+                u32 packed[D / 16];
+#pragma unroll
+                for (int mt = 0; mt < D / 16; ++mt)
+                    packed[mt] = pack2<Q_F16>(acc[mt][hc] * inv, acc[mt][hc + 2] * inv);
+                uint4* o = reinterpret_cast<uint4*>(out + (seq * stride_ob + qhead * stride_oh) * 2 +
+                                                    g * L::V_DIMS * 2);
+#pragma unroll
+                for (int u = 0; u < D / 64; ++u)
+                    o[u] = make_uint4(packed[4 * u], packed[4 * u + 1], packed[4 * u + 2],
+                                      packed[4 * u + 3]);
+            } else {
+                const long long part = ((long long)seq * num_heads + qhead) * num_splits + split;
+                float4* o = reinterpret_cast<float4*>(part_out + part * D + g * L::V_DIMS);
+#pragma unroll
+                for (int u = 0; u < D / 32; ++u)
+                    o[u] = make_float4(acc[2 * u][hc] * inv, acc[2 * u][hc + 2] * inv,
+                                       acc[2 * u + 1][hc] * inv, acc[2 * u + 1][hc + 2] * inv);
+                if (g == 0) part_lse[part] = (hc ? m1 : m0) + __log2f(hc ? l1 : l0);
+            }
+        }
+    }
+    cp_wait<0>();
+}
+
+// A streaming read of ``n16`` 16-byte units, ``UNROLL`` independent loads in flight per thread;
+// the XOR of everything read is stored per thread so no load can be dropped.
+template <int UNROLL>
+__global__ void stream_read_kernel(const uint4* __restrict__ src, long long n16,
+                                   uint4* __restrict__ sink) {
+    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long threads = (long long)gridDim.x * blockDim.x;
+    uint4 x = make_uint4(0, 0, 0, 0);
+    long long i = tid;
+    for (; i + (UNROLL - 1) * threads < n16; i += UNROLL * threads) {
+        uint4 v[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) v[u] = __ldcs(src + i + u * threads);
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            x.x ^= v[u].x;
+            x.y ^= v[u].y;
+            x.z ^= v[u].z;
+            x.w ^= v[u].w;
+        }
+    }
+    for (; i < n16; i += threads) {
+        const uint4 v = __ldcs(src + i);
+        x.x ^= v.x;
+        x.y ^= v.y;
+        x.z ^= v.z;
+        x.w ^= v.w;
+    }
+    sink[tid] = x;
+}
