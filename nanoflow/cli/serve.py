@@ -5,6 +5,21 @@ from __future__ import annotations
 import argparse
 
 from nanoflow.cli.main import add_engine_args, engine_kwargs
+from nanoflow.server.guard import DEFAULT_MAX_REQUEST_BYTES
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +39,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--shutdown-timeout",
         type=float,
         default=5.0,
-        help="seconds open connections get to close after SIGINT/SIGTERM",
+        help="grace period (s) running requests get to finish after SIGINT/SIGTERM; new ones "
+        "get 503, and streams still open then are cut with an error event",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="largest request body accepted; larger ones get 413 before they are read",
+    )
+    p.add_argument(
+        "--engine-restarts",
+        type=_non_negative_int,
+        default=0,
+        help="times the engine process is restarted after it dies; past that the server exits "
+        "with status 1 so a supervisor can act",
     )
     p.set_defaults(func=run)
 
@@ -34,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from nanoflow.server.http_server import serve
 
     config = EngineConfig(model=args.model, **engine_kwargs(args))
-    started = serve(
+    return serve(
         config,
         args.served_model_name or args.model,
         host=args.host,
@@ -43,5 +72,6 @@ def run(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         shutdown_timeout=args.shutdown_timeout,
         data_parallel_size=args.data_parallel_size,
+        max_request_bytes=args.max_request_bytes,
+        engine_restarts=args.engine_restarts,
     )
-    return 0 if started else 1

@@ -7,13 +7,13 @@ model is loaded, and stops it on the way out.
 from __future__ import annotations
 
 import logging
-import secrets
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -21,6 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoflow.config import EngineConfig
 from nanoflow.server.engine_client import EngineClient, EngineDeadError
+from nanoflow.server.errors import APIError, engine_dead
+from nanoflow.server.guard import DEFAULT_MAX_REQUEST_BYTES, RequestGuard
 from nanoflow.server.metrics import ServerMetrics
 from nanoflow.server.protocol import (
     ChatCompletionRequest,
@@ -30,13 +32,14 @@ from nanoflow.server.protocol import (
     ModelList,
 )
 from nanoflow.server.replicas import ReplicaPool
-from nanoflow.server.serving import APIError, OpenAIServing, engine_dead
+from nanoflow.server.serving import OpenAIServing
 
 logger = logging.getLogger(__name__)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 500, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)
 }
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def load_front_end_tokenizer(config: EngineConfig) -> Any:
@@ -50,21 +53,35 @@ def load_front_end_tokenizer(config: EngineConfig) -> Any:
 
 
 def _error(exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def field_path(loc: tuple) -> str | None:
+    """``messages.0.content`` from a pydantic location, without the union members' type tags
+    (``str``, ``list[int]``, model names) that pydantic puts between field names."""
+    parts = [
+        str(part)
+        for part in loc[1:]
+        if isinstance(part, int)
+        or (re.fullmatch(r"[a-z_][a-z0-9_]*", part) and part not in _TYPE_TAGS)
+    ]
+    return ".".join(parts) or None
 
 
 def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
-        message = f"the body is not valid JSON: {first.get('msg')}"
-    else:
-        message = f"{'.'.join(loc) or 'body'}: {first.get('msg')}"
-    return _error(APIError(400, message, param=".".join(loc) or None))
+        where = first["loc"][-1] if first.get("loc") else "?"
+        reason = first.get("ctx", {}).get("error", first.get("msg"))
+        return _error(APIError(400, f"the body is not valid JSON: {reason} at character {where}"))
+    param = field_path(tuple(first.get("loc", ())))
+    return _error(APIError(400, f"{param or 'body'}: {first.get('msg')}", param=param))
 
 
 def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _error(APIError(exc.status_code, str(exc.detail), code=str(exc.status_code)))
+    return _error(
+        APIError(exc.status_code, str(exc.detail), code=str(exc.status_code), headers=exc.headers)
+    )
 
 
 def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
@@ -79,13 +96,16 @@ def create_app(
     log_level: int = logging.WARNING,
     tokenizer: Any = None,
     data_parallel_size: int = 1,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    engine_restarts: int = 0,
 ) -> FastAPI:
     """An app that serves ``config.model`` as ``model_name``; its engine (or its
-    ``data_parallel_size`` replicas) starts with the app."""
+    ``data_parallel_size`` replicas) starts with the app. ``app.state.draining`` set to True
+    makes new /v1 requests get 503 (graceful shutdown)."""
     client: EngineClient | ReplicaPool = (
-        EngineClient(config, log_level)
+        EngineClient(config, log_level, engine_restarts)
         if data_parallel_size == 1
-        else ReplicaPool(config, data_parallel_size, log_level)
+        else ReplicaPool(config, data_parallel_size, log_level, engine_restarts)
     )
     metrics = ServerMetrics(model_name)
     client.iteration_listeners.append(metrics.observe_iteration)
@@ -102,28 +122,28 @@ def create_app(
 
     app = FastAPI(title="nanoflow", version="0.1.0", lifespan=lifespan)
     app.state.client = client
+    app.state.draining = False
+    app.add_middleware(
+        RequestGuard,
+        api_key=api_key,
+        max_request_bytes=max_request_bytes,
+        draining=lambda: app.state.draining,
+    )
     app.add_exception_handler(APIError, lambda _, exc: _error(exc))
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
-
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(
-            token.strip().encode(), api_key.encode()
-        ):
-            raise APIError(401, "missing or wrong API key", code="invalid_api_key")
 
     def serving() -> OpenAIServing:
         return app.state.serving
 
     @app.get("/health", responses=_ERRORS)
     async def health() -> dict[str, str]:
-        if client.dead:
-            raise engine_dead(client.dead_reason)
+        problem = client.health()
+        if problem is not None:
+            raise APIError(503, problem, "service_unavailable")
+        if app.state.draining:
+            raise APIError(503, "the server is shutting down", "service_unavailable")
         return {"status": "ok"}
 
     @app.get("/metrics", responses=_ERRORS)
@@ -134,7 +154,7 @@ def create_app(
             raise engine_dead(str(exc)) from None
         return Response(metrics.render(stats), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)], responses=_ERRORS)
+    @app.get("/v1/models", responses=_ERRORS)
     async def models() -> ModelList:
         info = client.info
         card = ModelCard(
@@ -147,7 +167,6 @@ def create_app(
 
     @app.post(
         "/v1/completions",
-        dependencies=[Depends(authorize)],
         response_model=None,
         responses=_ERRORS,
     )
@@ -156,7 +175,6 @@ def create_app(
 
     @app.post(
         "/v1/chat/completions",
-        dependencies=[Depends(authorize)],
         response_model=None,
         responses=_ERRORS,
     )

@@ -2,7 +2,8 @@
 
 One reader task drains the engine's output pipe and routes each ``RequestOutput`` to the queue of
 the HTTP request that owns it, so a slow client never holds up the others. A watchdog notices a
-dead engine process and fails every waiting request, after which the server answers 503.
+dead engine process and fails every waiting request; then the client starts a new engine while it
+has restarts left, and otherwise calls ``on_fatal`` so the server can exit for its supervisor.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import itertools
 import logging
 import multiprocessing
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,14 @@ class EngineDeadError(NanoflowError):
 
 @dataclass
 class Event:
-    """One item of a request's stream: an engine output, a refusal, or the engine's death."""
+    """One item of a request's stream: an engine output, a refusal, or the engine's death.
+    ``cut`` says why the server ended the request early (its output ends with 'length')."""
 
     index: int
     output: RequestOutput | None = None
     rejected: str | None = None
     dead: str | None = None
+    cut: str | None = None
 
 
 class RequestStream:
@@ -73,11 +76,17 @@ class RequestStream:
 
 
 class EngineClient:
-    def __init__(self, config: EngineConfig, log_level: int = logging.WARNING) -> None:
+    def __init__(
+        self, config: EngineConfig, log_level: int = logging.WARNING, restarts: int = 0
+    ) -> None:
         self.config = config
         self.log_level = log_level
         self.info: EngineInfo | None = None
         self.dead_reason: str | None = None
+        self.restarts_left = restarts
+        self.restarting = False
+        self.on_fatal: Callable[[str], None] | None = None
+        self._restart_task: asyncio.Task | None = None
         self._streams: dict[str, tuple[RequestStream, int]] = {}
         self._stats: dict[int, asyncio.Future] = {}
         self._ids = itertools.count()
@@ -87,6 +96,17 @@ class EngineClient:
     @property
     def dead(self) -> bool:
         return self.dead_reason is not None
+
+    def health(self) -> str | None:
+        """None when serving; else what /health reports (restarting, or gone for good)."""
+        if not self.dead:
+            return None
+        if self.restarting:
+            return (
+                f"the engine died ({self.dead_reason}); restarting it "
+                f"({self.restarts_left} more restarts allowed)"
+            )
+        return f"the engine died ({self.dead_reason}) with no restarts left; the server exits"
 
     async def start(self, timeout: float = 1800.0) -> EngineInfo:
         """Spawn the engine process and wait until its model is loaded."""
@@ -144,13 +164,18 @@ class EngineClient:
         if abort and not self.dead:
             self._inbox.send_pyobj(("abort", abort))
 
-    def abort_all(self) -> None:
-        """Finish every in-flight request now (graceful shutdown): streams end with 'abort'."""
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    def abort_all(self, reason: str = "the server is shutting down") -> None:
+        """Finish every in-flight request now (end of a graceful shutdown's grace period)."""
         for stream in {stream for stream, _ in self._streams.values()}:
             unfinished = sorted(stream.unfinished)
             for request_id in unfinished:
-                out = RequestOutput(request_id, [], [], 0, 0, True, "abort")
-                stream.queue.put_nowait(Event(stream.request_ids.index(request_id), output=out))
+                out = RequestOutput(request_id, [], [], 0, 0, True, "length")
+                index = stream.request_ids.index(request_id)
+                stream.queue.put_nowait(Event(index, output=out, cut=reason))
             self.release(stream.request_ids, abort=unfinished)
 
     async def stats(self, timeout: float = 5.0) -> dict[str, float]:
@@ -206,10 +231,43 @@ class EngineClient:
         for future in self._stats.values():
             if not future.done():
                 future.set_exception(EngineDeadError(reason))
+        if self.restarts_left > 0:
+            self.restarting = True
+            self._restart_task = asyncio.get_running_loop().create_task(self._restart())
+        elif self.on_fatal is not None:
+            self.on_fatal(reason)
+
+    async def _restart(self) -> None:
+        """Start a fresh engine process, spending one restart per attempt."""
+        while self.restarts_left > 0:
+            self.restarts_left -= 1
+            for task in self._tasks:
+                task.cancel()
+            self._close_pipes()
+            logger.warning("restarting the engine (%d more restarts allowed)", self.restarts_left)
+            try:
+                await self.start()
+            except (EngineDeadError, OSError) as exc:
+                self.dead_reason = f"restart failed: {exc}"
+                logger.error("engine restart failed: %s", exc)
+                continue
+            self.dead_reason, self.restarting = None, False
+            logger.warning("the engine is serving again")
+            return
+        self.restarting = False
+        if self.on_fatal is not None:
+            self.on_fatal(self.dead_reason or "the engine could not be restarted")
+
+    def _close_pipes(self) -> None:
+        self._inbox.close(linger=0)
+        self._outbox.close(linger=0)
+        self._dir.cleanup()
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Abort what is left, ask the engine to stop, and make sure its process is gone."""
         self.abort_all()
+        if self._restart_task is not None:
+            self._restart_task.cancel()
         for task in self._tasks:
             task.cancel()
         process = getattr(self, "process", None)
@@ -220,6 +278,4 @@ class EngineClient:
                 logger.warning("engine process did not stop; terminating it")
                 process.terminate()
                 process.join(5)
-        self._inbox.close(linger=0)
-        self._outbox.close(linger=0)
-        self._dir.cleanup()
+        self._close_pipes()

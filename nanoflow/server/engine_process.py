@@ -41,6 +41,7 @@ class EngineInfo:
     vocab_size: int
     num_blocks: int
     eos_token_ids: tuple[int, ...]
+    executor: str = "unknown"
 
 
 class _FaultInjector:
@@ -63,12 +64,29 @@ class _FaultInjector:
             self.doomed.add(request_id)
 
 
+def cpu_threads(num_parameters: int, cores: int) -> int:
+    """Torch threads for a model on the CPU: one per ~100M parameters, at most one per core. A
+    small model's matrices are too small to split, and extra threads only contend for cores."""
+    return max(1, min(cores, num_parameters // 100_000_000))
+
+
+def _set_cpu_threads(config: EngineConfig, num_parameters: int) -> None:
+    if config.torch_device().type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    threads = cpu_threads(num_parameters, len(os.sched_getaffinity(0)))
+    torch.set_num_threads(threads)
+    logger.info("CPU engine: %d torch threads for %d parameters", threads, num_parameters)
+
+
 def _build_engine(config: EngineConfig) -> tuple[Any, Any]:
     from nanoflow.engine.engine_core import EngineCore
     from nanoflow.engine.tokenizer import decode, load_tokenizer
     from nanoflow.models.loader import resolve_model
 
-    _, checkpoint = resolve_model(config.model)
+    spec, checkpoint = resolve_model(config.model)
+    _set_cpu_threads(config, spec.num_parameters())
     tokenizer = load_tokenizer(config.tokenizer or checkpoint)
     detokenize = (lambda ids: decode(tokenizer, ids)) if tokenizer is not None else None
     engine = EngineCore(config, detokenize=detokenize)
@@ -113,6 +131,7 @@ def run_engine(config: EngineConfig, in_addr: str, out_addr: str, log_level: int
         engine.spec.vocab_size,
         engine.blocks.num_blocks,
         tuple(sorted(engine.eos_token_ids)),
+        getattr(engine.runner.executor, "name", "unknown"),
     )
     outbox.send_pyobj(("ready", info))
     try:

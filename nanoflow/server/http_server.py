@@ -1,36 +1,73 @@
-"""Running the app under uvicorn with a shutdown that does not wait on long streams."""
+"""Running the app under uvicorn: the port bound before the model loads, one line when ready, a
+draining shutdown, and a non-zero exit when the engine is gone for good."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from nanoflow.config import EngineConfig
+from nanoflow.errors import ConfigError
 from nanoflow.server.app import create_app, load_front_end_tokenizer
-from nanoflow.server.engine_client import EngineClient
-from nanoflow.server.replicas import ReplicaPool
+from nanoflow.server.guard import DEFAULT_MAX_REQUEST_BYTES
+
+logger = logging.getLogger(__name__)
 
 
 class GracefulServer(uvicorn.Server):
-    """On SIGINT/SIGTERM, uvicorn stops accepting connections; this also ends every in-flight
-    request at once (finish reason 'abort'), so open streams close instead of running to
-    completion, and the app's lifespan then stops the engine process."""
+    """On SIGINT/SIGTERM new /v1 requests get 503 while running ones get ``grace`` seconds to
+    finish; what is still running then is cut (its stream ends with an error event), and the
+    app's lifespan stops the engine process. ``exit_code`` is 1 when the engine died for good."""
 
-    def __init__(self, config: uvicorn.Config, client: EngineClient | ReplicaPool) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, grace: float, ready: str) -> None:
         super().__init__(config)
-        self.client = client
+        self.app, self.grace, self.ready = app, grace, ready
+        self.client = app.state.client
+        self.exit_code = 0
+        self.client.on_fatal = self._engine_gone
+
+    def _engine_gone(self, reason: str) -> None:
+        logger.error("the engine is gone (%s) and will not be restarted; exiting", reason)
+        self.exit_code = 1
+        self.should_exit = True
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        info = self.client.info
+        if self.started and info is not None:
+            logger.info(
+                "ready: %s (executor %s, %d KV blocks)", self.ready, info.executor, info.num_blocks
+            )
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if loop is not None and self.client.info is not None:
-            loop.call_soon_threadsafe(self.client.abort_all)
+        if not self.app.state.draining and self.client.info is not None:
+            self.app.state.draining = True
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                loop.call_soon_threadsafe(loop.call_later, self.grace, self.client.abort_all)
         super().handle_exit(sig, frame)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now so a busy port is reported before the model loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def serve(
@@ -42,18 +79,31 @@ def serve(
     verbose: bool = False,
     shutdown_timeout: float = 5.0,
     data_parallel_size: int = 1,
-) -> bool:
-    """Serve until a signal arrives; False if the server never started (e.g. port in use)."""
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    engine_restarts: int = 0,
+) -> int:
+    """Serve until a signal arrives; the exit status (1 if the server never started or its
+    engine died with no restarts left)."""
+    sock = bind(host, port)
+    logging.getLogger(__name__).setLevel(logging.INFO)
     log_level = logging.INFO if verbose else logging.WARNING
     tokenizer = load_front_end_tokenizer(config)
-    app = create_app(config, model_name, api_key, log_level, tokenizer, data_parallel_size)
+    app = create_app(
+        config,
+        model_name,
+        api_key,
+        log_level,
+        tokenizer,
+        data_parallel_size,
+        max_request_bytes,
+        engine_restarts,
+    )
     uv_config = uvicorn.Config(
         app,
-        host=host,
-        port=port,
         log_level="info" if verbose else "warning",
-        timeout_graceful_shutdown=shutdown_timeout,
+        timeout_graceful_shutdown=shutdown_timeout + 2.0,
     )
-    server = GracefulServer(uv_config, app.state.client)
-    server.run()
-    return server.started
+    ready = f"serving {model_name!r} on http://{host}:{port}"
+    server = GracefulServer(uv_config, app, shutdown_timeout, ready)
+    server.run(sockets=[sock])
+    return server.exit_code if server.started else 1

@@ -65,6 +65,22 @@ class ServerProcess:
         self.stop()
         raise RuntimeError(f"server did not become healthy in {timeout:.0f} s; log:\n{self.log()}")
 
+    def engine_pids(self) -> list[int]:
+        """The server's engine processes (its children started by multiprocessing's spawn)."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == self.process.pid and "spawn_main" in cmdline:
+                pids.append(int(entry.name))
+        return pids
+
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 

@@ -2,41 +2,198 @@
 
 Validation lives here so a malformed request is answered with a 400 before it costs a tokenizer
 call or an engine round trip; bounds that depend on the model (context length, vocabulary) are
-checked later, in ``app.py``, where the engine's numbers are known.
+checked later, in ``serving.py``, where the engine's numbers are known. Typed fields are strict
+(``true`` is not an integer, ``"5"`` is not a number) and every string must be valid Unicode.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
+from pydantic_core import PydanticCustomError
 
 MAX_CHOICES = 128
 MAX_SEED = 2**63 - 1
+MAX_STOP = 16
+MAX_LOGPROBS = 20
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-Stop = str | Annotated[list[str], Field(max_length=16)] | None
+
+def _valid_unicode(value: str) -> str:
+    """JSON escapes can spell lone surrogates (``"\\ud800"``), which no tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(
+            "unicode", "holds a lone surrogate at character {at}, which is not valid Unicode",
+            {"at": exc.start},
+        ) from None  # fmt: skip
+    return value
+
+
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+Bool = Annotated[bool, Strict()]
+Text = Annotated[str, Strict(), AfterValidator(_valid_unicode)]
+NonEmptyText = Annotated[Text, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[Int, Field(ge=0)]], Field(min_length=1)]
+
+_PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of token-id lists"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _token_ids_error(ids: list, where: str) -> PydanticCustomError | None:
+    if not ids:
+        return PydanticCustomError("prompt", "{where} is an empty token list", {"where": where})
+    for i, token in enumerate(ids):
+        if not _is_int(token) or token < 0:
+            return PydanticCustomError(
+                "prompt", "token ids must be non-negative integers; {where}[{i}] is {token}",
+                {"where": where, "i": i, "token": repr(token)},
+            )  # fmt: skip
+    return None
+
+
+def _text_error(text: str, where: str) -> PydanticCustomError | None:
+    if not text:
+        return PydanticCustomError("prompt", "{where} is an empty string", {"where": where})
+    try:
+        _valid_unicode(text)
+    except PydanticCustomError as exc:
+        return PydanticCustomError("prompt", "{where} {why}", {"where": where, "why": str(exc)})
+    return None
+
+
+def _prompt_error(value: Any) -> PydanticCustomError:
+    """Which of the four prompt shapes was meant and what is wrong with it; pydantic's union
+    error would only say that the input is not a string."""
+    shapes = PydanticCustomError("prompt", f"must be {_PROMPT_SHAPES}")
+    if isinstance(value, str):
+        return _text_error(value, "prompt") or shapes
+    if not isinstance(value, list):
+        return shapes
+    if not value:
+        return PydanticCustomError("prompt", "must not be an empty list")
+    if all(isinstance(v, str) for v in value):
+        errors = (_text_error(v, f"prompt[{i}]") for i, v in enumerate(value))
+    elif all(isinstance(v, (int, float)) for v in value):
+        errors = iter([_token_ids_error(value, "prompt")])
+    elif all(isinstance(v, list) for v in value):
+        errors = (_token_ids_error(ids, f"prompt[{i}]") for i, ids in enumerate(value))
+    else:
+        return PydanticCustomError("prompt", f"must be {_PROMPT_SHAPES}, not a mix")
+    return next((e for e in errors if e is not None), shapes)
+
+
+def _prompt_shape(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    try:
+        return handler(value)
+    except ValidationError:
+        raise _prompt_error(value) from None
+
+
+def _stop_count(value: Any) -> Any:
+    if isinstance(value, list) and len(value) > MAX_STOP:
+        raise PydanticCustomError(
+            "stop", "at most {limit} stop strings are allowed, got {n}",
+            {"limit": MAX_STOP, "n": len(value)},
+        )  # fmt: skip
+    return value
+
+
+def _text_parts(value: Any) -> Any:
+    if isinstance(value, list):
+        for i, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise PydanticCustomError(
+                    "content", "part {i} has type {kind}; this model takes text parts only",
+                    {"i": i, "kind": repr(kind)},
+                )  # fmt: skip
+    return value
+
+
+Prompt = Annotated[
+    NonEmptyText
+    | Annotated[list[NonEmptyText], Field(min_length=1)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1)],
+    WrapValidator(_prompt_shape),
+]
+Stop = Annotated[
+    NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=MAX_STOP)] | None,
+    BeforeValidator(_stop_count),
+]
+
+
+# OpenAI and vLLM fields this server does not implement, each with the values that ask for
+# nothing (sent by clients that fill in defaults); any other value is refused with a 400.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "suffix": (None, ""),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "logit_bias": (None, {}),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "presence_penalty": (None, 0.0),
+    "frequency_penalty": (None, 0.0),
+    "repetition_penalty": (None, 1.0),
+    "min_tokens": (None, 0),
+    "response_format": (None, {"type": "text"}),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_grammar": (None,),
+    "guided_choice": (None,),
+}
+
+
+def refused_fields(extra: dict[str, Any]) -> list[str]:
+    """Names of unsupported fields that ``extra`` (a request's undeclared fields) really uses."""
+    return sorted(name for name, neutral in UNSUPPORTED.items() if extra.get(name) not in neutral)
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class SamplingFields(BaseModel):
-    """Fields shared by completions and chat (OpenAI's, plus vLLM's top_k and ignore_eos)."""
+    """Fields shared by completions and chat (OpenAI's, plus vLLM's top_k and ignore_eos).
 
-    model_config = ConfigDict(extra="ignore")
+    Fields not declared here are kept in ``model_extra``: the server refuses the ones it knows it
+    does not support and ignores (and logs) the rest, as vLLM does."""
 
-    model: str | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    model_config = ConfigDict(extra="allow")
+
+    model: Text | None = None
+    max_tokens: Annotated[Int, Field(ge=1)] | None = None
+    temperature: Annotated[Float, Field(ge=0.0, le=100.0)] | None = None
+    top_p: Annotated[Float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[Int, Field(ge=-1)] | None = None
     stop: Stop = None
-    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
-    ignore_eos: bool = False
-    stream: bool = False
+    seed: Annotated[Int, Field(ge=0, le=MAX_SEED)] | None = None
+    n: Annotated[Int, Field(ge=1, le=MAX_CHOICES)] = 1
+    ignore_eos: Bool = False
+    stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = None
+    stream: Bool = False
     stream_options: StreamOptions | None = None
 
     @property
@@ -45,23 +202,18 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: (
-        str
-        | Annotated[list[str], Field(min_length=1)]
-        | TokenIds
-        | Annotated[list[TokenIds], Field(min_length=1)]
-    )
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    prompt: Prompt
+    logprobs: Annotated[Int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Annotated[Text | list[TextPart] | None, BeforeValidator(_text_parts)] = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -71,9 +223,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    max_completion_tokens: Annotated[Int, Field(ge=1)] | None = None
+    logprobs: Bool = False
+    top_logprobs: Annotated[Int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
 
 class ErrorDetail(BaseModel):

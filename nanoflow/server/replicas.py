@@ -38,10 +38,14 @@ def replica_config(config: EngineConfig, index: int) -> EngineConfig:
 class ReplicaPool:
     """Looks like one ``EngineClient`` to the HTTP layer; spreads requests over replicas."""
 
-    def __init__(self, config: EngineConfig, size: int, log_level: int = logging.WARNING):
+    def __init__(
+        self, config: EngineConfig, size: int, log_level: int = logging.WARNING, restarts: int = 0
+    ):
         if size < 1:
             raise ConfigError(f"data_parallel_size must be at least 1, got {size}")
-        self.replicas = [EngineClient(replica_config(config, i), log_level) for i in range(size)]
+        self.replicas = [
+            EngineClient(replica_config(config, i), log_level, restarts) for i in range(size)
+        ]
         self.iteration_listeners: list[Any] = []
         self._assigned: list[list[tuple[RequestStream, int]]] = [[] for _ in range(size)]
         self.requests_per_replica = [0] * size
@@ -60,6 +64,23 @@ class ReplicaPool:
     @property
     def dead_reason(self) -> str | None:
         return next((r.dead_reason for r in self.replicas if r.dead), None)
+
+    @property
+    def on_fatal(self) -> Any:
+        return self.replicas[0].on_fatal
+
+    @on_fatal.setter
+    def on_fatal(self, callback: Any) -> None:
+        for replica in self.replicas:
+            replica.on_fatal = callback
+
+    @property
+    def num_in_flight(self) -> int:
+        return sum(r.num_in_flight for r in self.replicas)
+
+    def health(self) -> str | None:
+        problems = [f"replica {i}: {h}" for i, r in enumerate(self.replicas) if (h := r.health())]
+        return "; ".join(problems) or None
 
     async def start(self) -> EngineInfo:
         for replica in self.replicas:

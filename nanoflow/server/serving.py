@@ -22,6 +22,7 @@ from nanoflow.engine.sampling_params import SamplingParams
 from nanoflow.engine.tokenizer import decode
 from nanoflow.errors import RequestError
 from nanoflow.server.engine_client import EngineClient, EngineDeadError, Event, RequestStream
+from nanoflow.server.errors import APIError, engine_dead
 from nanoflow.server.formats import ChatFormat, CompletionFormat, usage
 from nanoflow.server.metrics import ServerMetrics
 from nanoflow.server.protocol import (
@@ -30,42 +31,30 @@ from nanoflow.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     SamplingFields,
+    refused_fields,
 )
 from nanoflow.server.replicas import ReplicaPool
 from nanoflow.server.streaming import ChoiceState
+from nanoflow.server.tokenizing import FrontEndTokenizer
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _COMPLETION_DEFAULT_MAX_TOKENS = 16
+_ignored_fields: set[str] = set()
 
 
-class APIError(Exception):
-    """An error answered in OpenAI's shape with its HTTP status."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status,
-            message,
-            type_,
-            param,
-            code,
-        )
-
-    def body(self) -> dict[str, Any]:
-        detail = {"message": self.message, "type": self.type, "param": self.param}
-        return {"error": {**detail, "code": self.code}}
-
-
-def engine_dead(reason: str | None) -> APIError:
-    return APIError(503, f"the engine is not running: {reason}", "service_unavailable")
+def check_fields(req: SamplingFields) -> None:
+    """Refuse the unsupported fields a request uses; log each other unknown field name once."""
+    extra = req.model_extra or {}
+    refused = refused_fields(extra)
+    if refused:
+        raise APIError(
+            400, f"not supported by this server: {', '.join(refused)}", param=refused[0],
+            code="unsupported_parameter",
+        )  # fmt: skip
+    for name in sorted(set(extra) - _ignored_fields):
+        _ignored_fields.add(name)
+        logger.warning("ignoring the unknown request field %r (logged once)", name)
 
 
 def event_error(event: Event) -> APIError | None:
@@ -91,6 +80,7 @@ class OpenAIServing:
         self.client, self.tokenizer, self.model_name = client, tokenizer, model_name
         self.metrics = metrics
         self.decode = (lambda ids: decode(tokenizer, ids)) if tokenizer is not None else None
+        self.text = FrontEndTokenizer(tokenizer) if tokenizer is not None else None
 
     def token_text(self, token_id: int) -> str:
         return self.decode([token_id]) if self.decode else f"token_id:{token_id}"
@@ -102,10 +92,10 @@ class OpenAIServing:
                 param="model", code="model_not_found",
             )  # fmt: skip
 
-    def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        if self.tokenizer is None:
+    async def _encode(self, text: str) -> list[int]:
+        if self.text is None:
             raise APIError(400, "this model has no tokenizer: send token ids", param="prompt")
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return await self.text.encode(text, self.client.info.max_model_len, "prompt")
 
     def _check_prompt(self, ids: list[int], param: str) -> None:
         info = self.client.info
@@ -141,6 +131,7 @@ class OpenAIServing:
                 seed=req.seed,
                 stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
                 ignore_eos=req.ignore_eos,
+                stop_token_ids=list(req.stop_token_ids or []),
                 logprobs=logprobs,
             )
         except RequestError as exc:
@@ -148,10 +139,11 @@ class OpenAIServing:
 
     async def completions(self, req: CompletionRequest, raw: Request) -> Response:
         self.check_model(req.model)
+        check_fields(req)
         prompts = req.prompt
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        encoded = [self._encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        encoded = [await self._encode(p) if isinstance(p, str) else list(p) for p in prompts]
         if not encoded:
             raise APIError(400, "the prompt is empty", param="prompt")
         for ids in encoded:
@@ -162,20 +154,13 @@ class OpenAIServing:
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         self.check_model(req.model)
-        if self.tokenizer is None:
+        check_fields(req)
+        if self.text is None:
             raise APIError(
                 400, "this model has no tokenizer, so no chat template", param="messages"
             )
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-        except Exception as exc:  # jinja errors, or a tokenizer without a template
-            raise APIError(
-                400, f"cannot apply the chat template: {exc}", param="messages"
-            ) from None
-        ids = self._encode(text, add_special_tokens=False)
+        ids = await self.text.chat_prompt(messages, self.client.info.max_model_len)
         self._check_prompt(ids, "messages")
         max_tokens = req.max_completion_tokens or req.max_tokens
         logprobs = 1 if req.logprobs else None
@@ -243,6 +228,8 @@ class OpenAIServing:
         while event is not None:
             if (error := event_error(event)) is not None:
                 raise error
+            if event.cut is not None:
+                raise APIError(503, f"the request was cut: {event.cut}", "service_unavailable")
             states[event.index].update(event.output)
             event = await anext(events, None)
         return JSONResponse(fmt.response(states, _usage(states, prompt_tokens, n)))
@@ -267,6 +254,9 @@ class OpenAIServing:
                 delta = states[event.index].update(event.output)
                 yield _sse_data(fmt.chunk(event.index, delta, not started[event.index]))
                 started[event.index] = True
+                if event.cut is not None:
+                    cut = APIError(503, f"the stream was cut: {event.cut}", "service_unavailable")
+                    yield _sse_data(cut.body())
                 event = await anext(events, None)
             else:
                 if req.include_usage:

@@ -68,6 +68,12 @@ def held_back(text: str, stops: list[str]) -> int:
     return best
 
 
+def openai_finish_reason(reason: str | None) -> str:
+    """OpenAI's clients know 'stop' and 'length' (and tool calls, which this server has not): an
+    engine-side end such as an abort reads as 'stop'; its cause travels as an error event."""
+    return reason if reason in ("stop", "length") else "stop"
+
+
 @dataclass
 class ChoiceState:
     """One choice's progress: every token and logprob so far, and how much text went out."""
@@ -107,7 +113,7 @@ class ChoiceState:
         self.cached_prompt_tokens = int(out.metrics.get("num_cached_tokens", 0))
         offset = len(self.emitted)
         if out.finished:
-            self.finish_reason = out.finish_reason
+            self.finish_reason = openai_finish_reason(out.finish_reason)
             text = self.decoder.final_text(out.stop_text_len)
             new = text[offset:] if text.startswith(self.emitted) else ""
         else:
