@@ -8,6 +8,9 @@ import sys
 
 from nanoflow.errors import NanoflowError
 
+# Modules of the optional extras in pyproject.toml, by the extra that installs them.
+OPTIONAL_MODULES = {"optuna": "tune", "matplotlib": "tune", "triton": "gpu", "cuda": "gpu"}
+
 SUBCOMMANDS = (
     "nanoflow.cli.generate",
     "nanoflow.cli.bench",
@@ -141,6 +144,15 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except NanoflowError as exc:
         print(f"nanoflow: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name not in OPTIONAL_MODULES:
+            raise
+        extra = OPTIONAL_MODULES[exc.name]
+        print(
+            f"nanoflow: error: {args.command} needs {exc.name}: pip install 'nanoflow[{extra}]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         return 130
