@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from nanoflow.autotune.steady_state import SteadyBatch
 from nanoflow.autotune.tables import SHARED_SMS, OpTable, OpTables
 from nanoflow.runtime.executors import iteration_order
-from nanoflow.runtime.ops import Resource, head_length, op_dependencies
+from nanoflow.runtime.graph import LayerGraph, Resource, Rows, kv_dependencies
 from nanoflow.runtime.schedule import Mechanism, PipelineSchedule, split_counts
 
 
@@ -140,23 +140,34 @@ def nano_batch_shapes(batch: SteadyBatch, schedule: PipelineSchedule) -> list[Na
 
 
 def _op_seconds(op: OpTable, nb: NanoBatchShape, batch: SteadyBatch, sms: int) -> float:
-    if op.rows == "decode":
+    if op.spec.rows is Rows.DECODE:
         return op.time(nb.decodes, batch.decode_context, sms)
-    if op.rows == "prefill":
+    if op.spec.rows is Rows.PREFILL:
         return op.time(nb.prefill_tokens, batch.prompt_len, sms)
     return op.time(nb.tokens, 0, sms)
 
 
 def _iteration_order(
-    schedule: PipelineSchedule, ops: tuple[OpTable, ...], num_nb: int, num_layers: int
+    schedule: PipelineSchedule, graph: LayerGraph, num_nb: int, num_layers: int
 ) -> list[tuple[int, int, int]]:
-    """(layer, op, nano-batch) in the order the executor launches them."""
+    """(layer, op, nano-batch) in the order the executor launches them: without overlap the
+    nano-batch executor's order (each layer nano-batch after nano-batch)."""
+    num_ops = len(graph.ops)
     if not schedule.overlap:
-        return [
-            (L, k, j) for L in range(num_layers) for j in range(num_nb) for k in range(len(ops))
-        ]
-    head = head_length([op.name for op in ops])
-    return iteration_order(((len(ops), head),) * num_layers, num_nb, schedule.launch_order)
+        return [(L, k, j) for L in range(num_layers) for j in range(num_nb) for k in range(num_ops)]
+    layers = ((num_ops, graph.head),) * num_layers
+    return iteration_order(layers, num_nb, schedule.launch_order)
+
+
+def steady_kv_deps(shapes: list[NanoBatchShape]) -> list[tuple[int, ...]]:
+    """The KV dependencies ``prepare_step`` would find, assuming the worst case: each boundary
+    between two nano-batches' prompt tokens cuts a prompt in two."""
+    with_prompts = [j for j, s in enumerate(shapes) if s.prefill_tokens]
+    owners: list[set[int]] = [set() for _ in shapes]
+    for a, b in zip(with_prompts, with_prompts[1:], strict=False):
+        owners[a].add(a)
+        owners[b].add(a)
+    return kv_dependencies(owners)
 
 
 def build_tasks(
@@ -166,30 +177,21 @@ def build_tasks(
     shapes = nano_batch_shapes(batch, schedule)
     units, sms = [], []
     for op in tables.ops:
-        unit = schedule.unit_of(op.name, Resource(op.resource)) if schedule.overlap else None
+        unit = schedule.unit_of(op.name, op.spec.resource) if schedule.overlap else None
         units.append(unit.name if unit else "main")
         sms.append((unit.num_sms or tables.sm_count) if unit else tables.sm_count)
     seconds = [
         [_op_seconds(op, nb, batch, sms[k]) for nb in shapes] for k, op in enumerate(tables.ops)
     ]
-    kv_op = next((k for k, op in enumerate(tables.ops) if op.writes_kv), None)
-    kv_deps = [
-        (j - 1,) if j and shapes[j].prefill_tokens and shapes[j - 1].prefill_tokens else ()
-        for j in range(len(shapes))
-    ]
-    op_deps = op_dependencies([op.name for op in tables.ops], [op.after for op in tables.ops])
-    last = len(tables.ops) - 1
+    graph, kv_deps = tables.graph, steady_kv_deps(shapes)
     tasks: list[Task] = []
     index: dict[tuple[int, int, int], int] = {}
-    for layer, k, j in _iteration_order(schedule, tuple(tables.ops), len(shapes), num_layers):
-        op = tables.ops[k]
-        deps = [index[(layer, d, j)] for d in op_deps[k]]
-        if not op_deps[k] and layer:
-            deps.append(index[(layer - 1, last, j)])
-        if op.reads_other_kv and kv_op is not None:
-            deps += [index[(layer, kv_op, i)] for i in kv_deps[j]]
+    for layer, k, j in _iteration_order(schedule, graph, len(shapes), num_layers):
+        waits = graph.waits(layer, k, j, kv_deps[j], graph if layer else None)
+        deps = tuple(index[w] for w in waits)
         index[(layer, k, j)] = len(tasks)
-        tasks.append(Task(units[k], op.resource, seconds[k][j], tuple(deps), (layer, op.name, j)))
+        op = tables.ops[k]
+        tasks.append(Task(units[k], op.spec.resource, seconds[k][j], deps, (layer, op.name, j)))
     return tasks
 
 

@@ -25,6 +25,7 @@ from nanoflow.models.spec import ModelSpec
 from nanoflow.models.weights import dummy_weights
 from nanoflow.runtime.batch import AttentionChunks, NanoBatch, StepBuffers
 from nanoflow.runtime.executors import OverlappedExecutor
+from nanoflow.runtime.graph import OpSpec, Resource, Rows
 from nanoflow.runtime.ops import Op
 from nanoflow.runtime.schedule import (
     Mechanism,
@@ -42,8 +43,9 @@ DECODES = (16, 64, 256, 512)
 PREFILL_TOKENS = (128, 512, 1024, 2048)
 CONTEXTS = (256, 512, 1024, 2048)
 SM_FRACTIONS = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8)
+GRID_TOKENS = {Rows.ALL: TOKENS, Rows.DECODE: DECODES, Rows.PREFILL: PREFILL_TOKENS}
 BLOCK_SIZE = 16
-ROWS = {"decode_attention": "decode", "prefill_attention": "prefill"}
+LM_HEAD = OpSpec("lm_head", Resource.COMPUTE)
 PAIR_SPLITS = {Mechanism.CTA_LIMIT: 32, Mechanism.GREEN_CONTEXT: 32}  # memory unit's SMs
 
 
@@ -89,11 +91,11 @@ class LayerBench:
 
         return AttentionChunks(on(tables), on([context] * len(q_lens)), on(cu), max(q_lens))
 
-    def nano_batch(self, rows: str, tokens: int, context: int = 0) -> NanoBatch:
-        if rows == "decode":
+    def nano_batch(self, rows: Rows, tokens: int, context: int = 0) -> NanoBatch:
+        if rows is Rows.DECODE:
             decode = self._chunks([1] * tokens, context)
             return NanoBatch(0, 0, tokens, tokens, decode, None, ())
-        if rows == "prefill":
+        if rows is Rows.PREFILL:
             per = min(tokens, context)
             q_lens = [per] * (tokens // per) + ([tokens % per] if tokens % per else [])
             return NanoBatch(0, 0, tokens, 0, None, self._chunks(q_lens, context), ())
@@ -127,9 +129,9 @@ def _sm_grid(total: int) -> tuple[int, ...]:
 
 
 def _op_table(bench: LayerBench, op: Op, units: dict[int, ExecutionUnit], bar: tqdm) -> OpTable:
-    rows = ROWS.get(op.name, "all")
-    tokens = {"all": TOKENS, "decode": DECODES, "prefill": PREFILL_TOKENS}[rows]
-    contexts = CONTEXTS if rows != "all" else (0,)
+    rows = op.spec.rows
+    tokens = GRID_TOKENS[rows]
+    contexts = CONTEXTS if rows is not Rows.ALL else (0,)
     seconds = []
     for t in tokens:
         plane = []
@@ -141,10 +143,7 @@ def _op_table(bench: LayerBench, op: Op, units: dict[int, ExecutionUnit], bar: t
                 bar.update()
             plane.append(tuple(line))
         seconds.append(tuple(plane))
-    return OpTable(
-        op.name, op.resource.value, tokens, contexts, tuple(units), tuple(seconds), rows,
-        op.writes_kv, op.reads_other_kv, op.after,
-    )  # fmt: skip
+    return OpTable(op.spec, tokens, contexts, tuple(units), tuple(seconds))
 
 
 def _interference(bench: LayerBench, mechanism: Mechanism, total: int) -> float:
@@ -167,18 +166,25 @@ def _shared_interference(bench: LayerBench, total: int) -> float:
     return _pair_slowdown(bench, units["compute"], units["attention"])
 
 
+def _pair_ops(ops: list[Op]) -> tuple[Op, Op]:
+    """The pair timed together: a dense layer's gate-up GEMM and its op over the decode rows
+    (decode attention)."""
+    by_name = {op.name: op for op in ops}
+    return by_name["gate_up_proj"], next(op for op in ops if op.spec.rows is Rows.DECODE)
+
+
 def _pair_slowdown(bench: LayerBench, cu: ExecutionUnit, mu: ExecutionUnit) -> float:
     """Slowdown of a gate-up GEMM on ``cu`` and a decode attention on ``mu`` while they overlap:
     with both slowed by f while the shorter runs, together = f * shorter + (longer - shorter)."""
-    ops = {op.name: op for op in bench.ops}
-    gemm_nb = bench.nano_batch("all", 2048)
-    attn_nb = bench.nano_batch("decode", 256, 1024)
+    gemm_op, attn_op = _pair_ops(bench.ops)
+    gemm_nb = bench.nano_batch(Rows.ALL, 2048)
+    attn_nb = bench.nano_batch(Rows.DECODE, 256, 1024)
 
     def gemm(sms: int | None) -> None:
-        ops["gate_up_proj"].fn(bench.buffers, gemm_nb, sms)
+        gemm_op.fn(bench.buffers, gemm_nb, sms)
 
     def attn(sms: int | None) -> None:
-        ops["decode_attention"].fn(bench.buffers, attn_nb, sms)
+        attn_op.fn(bench.buffers, attn_nb, sms)
 
     def both() -> None:
         main = torch.cuda.current_stream()
@@ -199,7 +205,7 @@ def _launch_seconds(bench: LayerBench) -> float:
     """Host seconds per op launch through the overlapped executor (events included)."""
     schedule = default_overlapped_schedule(device_sm_count(bench.device))
     executor = OverlappedExecutor(schedule, bench.device)
-    nbs = [bench.nano_batch("decode", 64, 256) for _ in range(2)]
+    nbs = [bench.nano_batch(Rows.DECODE, 64, 256) for _ in range(2)]
     layers = [bench.ops] * 4
     executor.run(layers, bench.buffers, nbs)
     torch.cuda.synchronize(bench.device)
@@ -225,16 +231,14 @@ def profile_op_tables(
     bench = LayerBench(spec, device, dtype, kv_dtype)
     units = {s: _unit(device, None if s == total else s) for s in _sm_grid(total)}
     points = sum(
-        {"all": len(TOKENS), "decode": len(DECODES) * len(CONTEXTS)}.get(
-            ROWS.get(op.name, "all"), len(PREFILL_TOKENS) * len(CONTEXTS)
-        )
+        len(GRID_TOKENS[op.spec.rows]) * (1 if op.spec.rows is Rows.ALL else len(CONTEXTS))
         for op in bench.ops
     )
     with tqdm(total=points * len(units), desc="profiling ops", unit="timing") as bar:
         tables = tuple(_op_table(bench, op, units, bar) for op in bench.ops)
     full = units[total]
     lm_seconds = tuple(((_time_on(full, bench.lm_head(t)),),) for t in TOKENS)
-    lm_head = OpTable("lm_head", "compute", TOKENS, (0,), (total,), lm_seconds)
+    lm_head = OpTable(LM_HEAD, TOKENS, (0,), (total,), lm_seconds)
     interference = {}
     for mechanism in Mechanism:
         try:

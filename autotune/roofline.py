@@ -13,8 +13,15 @@ from collections.abc import Callable
 
 from nanoflow.autotune.tables import OpTable, OpTables
 from nanoflow.errors import ConfigError
-from nanoflow.models.llama import OP_AFTER
 from nanoflow.models.spec import ModelSpec
+from nanoflow.runtime.graph import (
+    DECODE_ATTENTION,
+    PREFILL_ATTENTION,
+    OpSpec,
+    Resource,
+    Rows,
+    llama_graph,
+)
 
 TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 CONTEXTS = (128, 256, 512, 1024, 2048, 4096)
@@ -38,9 +45,9 @@ def _memory_time(nbytes: float, frac: float, hw: dict) -> float:
     return LATENCY_S + nbytes / (hw["bytes"] * min(1.0, frac / SATURATING_SM_FRACTION))
 
 
-def _layer_ops(spec: ModelSpec, b: int, kv_b: int) -> list[tuple[str, str, str, Callable]]:
-    """(name, resource, rows, seconds(tokens, context, sm fraction, hw)) in model order; ``b``
-    and ``kv_b`` are the weights' and the KV cache's element sizes."""
+def _op_seconds(spec: ModelSpec, b: int, kv_b: int) -> dict[str, Callable]:
+    """seconds(tokens, context, sm fraction, hw) of each op of the dense layer graph; ``b`` and
+    ``kv_b`` are the weights' and the KV cache's element sizes."""
     h, q, kv, i = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
 
     def gemm(n_in: int, n_out: int) -> Callable:
@@ -49,20 +56,19 @@ def _layer_ops(spec: ModelSpec, b: int, kv_b: int) -> list[tuple[str, str, str, 
     def stream(bytes_per_token: int) -> Callable:
         return lambda t, c, f, hw: _memory_time(t * bytes_per_token, f, hw)
 
-    return [
-        ("input_norm", "memory", "all", stream(4 * h * b)),
-        ("qkv_proj", "compute", "all", gemm(h, q + 2 * kv)),
-        ("rope_kv_write", "memory", "all", stream(2 * (q + 2 * kv) * b)),
-        ("decode_attention", "memory", "decode", lambda t, c, f, hw: _memory_time(
-            t * c * 2 * kv * kv_b, f, hw)),
-        ("prefill_attention", "compute", "prefill", lambda t, c, f, hw: _compute_time(
-            2 * t * c * q, t * c * 2 * kv * kv_b / max(1, c), t, f, hw)),
-        ("o_proj", "compute", "all", gemm(q, h)),
-        ("post_attn_norm", "memory", "all", stream(4 * h * b)),
-        ("gate_up_proj", "compute", "all", gemm(h, 2 * i)),
-        ("silu_mul", "memory", "all", stream(3 * i * b)),
-        ("down_proj", "compute", "all", gemm(i, h)),
-    ]  # fmt: skip
+    return {
+        "input_norm": stream(4 * h * b),
+        "qkv_proj": gemm(h, q + 2 * kv),
+        "rope_kv_write": stream(2 * (q + 2 * kv) * b),
+        DECODE_ATTENTION: lambda t, c, f, hw: _memory_time(t * c * 2 * kv * kv_b, f, hw),
+        PREFILL_ATTENTION: lambda t, c, f, hw: _compute_time(
+            2 * t * c * q, t * c * 2 * kv * kv_b / max(1, c), t, f, hw),
+        "o_proj": gemm(q, h),
+        "post_attn_norm": stream(4 * h * b),
+        "gate_up_proj": gemm(h, 2 * i),
+        "silu_mul": stream(3 * i * b),
+        "down_proj": gemm(i, h),
+    }  # fmt: skip
 
 
 def roofline_tables(
@@ -81,24 +87,17 @@ def roofline_tables(
     hw = {"flops": tflops * 1e12, "bytes": tbps * 1e12}
     sms = _sm_grid(sm_count)
 
-    def table(name: str, resource: str, rows: str, fn: Callable) -> OpTable:
-        contexts = CONTEXTS if rows != "all" else (0,)
+    def table(op: OpSpec, fn: Callable) -> OpTable:
+        contexts = CONTEXTS if op.rows is not Rows.ALL else (0,)
         seconds = tuple(
             tuple(tuple(fn(t, c, s / sm_count, hw) for s in sms) for c in contexts) for t in TOKENS
         )
-        return OpTable(
-            name, resource, TOKENS, contexts, sms, seconds, rows,
-            writes_kv=name == "rope_kv_write", reads_other_kv=name == "prefill_attention",
-            after=OP_AFTER.get(name),
-        )  # fmt: skip
+        return OpTable(op, TOKENS, contexts, sms, seconds)
 
     h, v = spec.hidden_size, spec.vocab_size
-    lm_head = (
-        "lm_head",
-        "compute",
-        "all",
-        lambda t, c, f, hw: _compute_time(2 * t * h * v, dtype_bytes * h * v, t, f, hw),
-    )
+    lm_head = OpSpec("lm_head", Resource.COMPUTE)
+    lm_seconds = lambda t, c, f, hw: _compute_time(2 * t * h * v, dtype_bytes * h * v, t, f, hw)
+    op_seconds = _op_seconds(spec, dtype_bytes, kv_dtype_bytes or dtype_bytes)
     return OpTables(
         model=model,
         architecture_hash=spec.architecture_hash(),
@@ -107,10 +106,8 @@ def roofline_tables(
         gpu_memory_bytes=gpu_memory_bytes,
         num_layers=spec.num_layers,
         dtype_bytes=dtype_bytes,
-        ops=tuple(
-            table(*op) for op in _layer_ops(spec, dtype_bytes, kv_dtype_bytes or dtype_bytes)
-        ),
-        lm_head=table(*lm_head),
+        ops=tuple(table(op, op_seconds[op.name]) for op in llama_graph().ops),
+        lm_head=table(lm_head, lm_seconds),
         interference={
             "cta_limit": {"compute+memory": 1.15, "compute+network": 1.05},
             "green_context": {"compute+memory": 1.05, "compute+network": 1.02},

@@ -20,7 +20,7 @@ from nanoflow.autotune.memory import kv_fits
 from nanoflow.autotune.steady_state import WorkloadShape, steady_batch
 from nanoflow.autotune.tables import OpTables
 from nanoflow.models.spec import ModelSpec
-from nanoflow.runtime.ops import Resource
+from nanoflow.runtime.graph import DECODE_ATTENTION, Resource, Rows, llama_graph
 from nanoflow.runtime.schedule import (
     LaunchOrder,
     Mechanism,
@@ -31,7 +31,8 @@ from nanoflow.runtime.schedule import (
 )
 
 GREEN_CONTEXT_STEP = 8
-SMALL_MEMORY_OPS = ("input_norm", "rope_kv_write", "post_attn_norm", "silu_mul")
+# the memory-bound ops over all rows (norms, RoPE, SiLU-mul): where they run is one choice
+SMALL_MEMORY_OPS = llama_graph().names_where(Resource.MEMORY, Rows.ALL)
 MAX_NANO_BATCHES = 4
 
 
@@ -115,7 +116,7 @@ def _shared_layout(trial: optuna.Trial, space: SearchSpace, n: int) -> PipelineS
         decode_shares=_shares(trial, "decode", n),
         prefill_shares=_shares(trial, "prefill", n),
         units=(UnitSpec("compute"), UnitSpec("attention", attention, priority=-1)),
-        op_units={r.value: "compute" for r in Resource} | {"decode_attention": "attention"},
+        op_units={r.value: "compute" for r in Resource} | {DECODE_ATTENTION: "attention"},
         launch_order=LaunchOrder(
             trial.suggest_categorical("launch_order", [o.value for o in LaunchOrder])
         ),

@@ -8,37 +8,34 @@ only code that needs one to make them.
 from __future__ import annotations
 
 import bisect
+import functools
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from nanoflow.errors import ProfileError
+from nanoflow.runtime.graph import LayerGraph, OpSpec, Resource, Rows
 
 TABLES_SCHEMA_VERSION = 1
-
-ROWS = ("all", "decode", "prefill")  # which of a nano-batch's tokens an op's size counts
 
 
 @dataclass(frozen=True)
 class OpTable:
-    """Seconds of one op, ``seconds[i][j][k]`` at ``tokens[i]`` rows, ``contexts[j]`` tokens of
-    context (attention only; ``[0]`` otherwise) and ``sms[k]`` SMs.
+    """Seconds of the op ``spec``, ``seconds[i][j][k]`` at ``tokens[i]`` rows, ``contexts[j]``
+    tokens of context (attention only; ``[0]`` otherwise) and ``sms[k]`` SMs. The size counts
+    the rows ``spec.rows`` names: an op with none of its rows in a nano-batch takes no time
+    there."""
 
-    ``rows`` says which rows the op works on: every row, the decode rows or the prefill rows; an
-    op with none of its rows in a nano-batch takes no time there.
-    """
-
-    name: str
-    resource: str
+    spec: OpSpec
     tokens: tuple[int, ...]
     contexts: tuple[int, ...]
     sms: tuple[int, ...]
     seconds: tuple[tuple[tuple[float, ...], ...], ...]
-    rows: str = "all"
-    writes_kv: bool = False
-    reads_other_kv: bool = False
-    after: tuple[str, ...] | None = None  # as Op.after
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     def __post_init__(self) -> None:
         for axis in ("tokens", "contexts", "sms"):
@@ -56,8 +53,34 @@ class OpTable:
             for plane in self.seconds
         ):
             raise ValueError(f"op {self.name}: seconds must have shape {shape}")
-        if self.rows not in ROWS:
-            raise ValueError(f"op {self.name}: rows must be one of {ROWS}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec's fields beside the grid, so a table file reads as one flat record per op."""
+        spec = asdict(self.spec)
+        spec["resource"], spec["rows"] = self.spec.resource.value, self.spec.rows.value
+        return spec | {k: getattr(self, k) for k in ("tokens", "contexts", "sms", "seconds")}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OpTable:
+        rows = Rows(d.get("rows", "all"))
+        spec = OpSpec(
+            name=d["name"],
+            resource=Resource(d["resource"]),
+            rows=rows,
+            after=None if d.get("after") is None else tuple(d["after"]),
+            writes_kv=bool(d.get("writes_kv", False)),
+            reads_other_kv=bool(d.get("reads_other_kv", False)),
+            # tables made before the flag was recorded: the decode op ended the head
+            ends_head=bool(d.get("ends_head", rows is Rows.DECODE)),
+        )
+        seconds = tuple(tuple(tuple(float(s) for s in line) for line in p) for p in d["seconds"])
+        return cls(
+            spec=spec,
+            tokens=tuple(int(x) for x in d["tokens"]),
+            contexts=tuple(int(x) for x in d["contexts"]),
+            sms=tuple(int(x) for x in d["sms"]),
+            seconds=seconds,
+        )
 
     def time(self, tokens: float, context: float, sms: int) -> float:
         """Interpolated seconds. Beyond the grid, work grows in proportion to tokens and context
@@ -135,28 +158,17 @@ class OpTables:
         pairs = self.interference.get(mechanism, {})
         return pairs.get("+".join(sorted((a, b))), 1.0)
 
+    @functools.cached_property
+    def graph(self) -> LayerGraph:
+        """The layer graph the tables were measured on (what the cost model schedules)."""
+        return LayerGraph(tuple(op.spec for op in self.ops))
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return data | {"ops": [op.to_dict() for op in self.ops], "lm_head": self.lm_head.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OpTables:
-        def table(d: dict[str, Any]) -> OpTable:
-            seconds = tuple(
-                tuple(tuple(float(s) for s in line) for line in p) for p in d["seconds"]
-            )
-            return OpTable(
-                name=d["name"],
-                resource=d["resource"],
-                tokens=tuple(int(x) for x in d["tokens"]),
-                contexts=tuple(int(x) for x in d["contexts"]),
-                sms=tuple(int(x) for x in d["sms"]),
-                seconds=seconds,
-                rows=d.get("rows", "all"),
-                writes_kv=bool(d.get("writes_kv", False)),
-                reads_other_kv=bool(d.get("reads_other_kv", False)),
-                after=None if d.get("after") is None else tuple(d["after"]),
-            )
-
         return cls(
             model=data["model"],
             architecture_hash=data["architecture_hash"],
@@ -165,8 +177,8 @@ class OpTables:
             gpu_memory_bytes=int(data["gpu_memory_bytes"]),
             num_layers=int(data["num_layers"]),
             dtype_bytes=int(data.get("dtype_bytes", 2)),
-            ops=tuple(table(d) for d in data["ops"]),
-            lm_head=table(data["lm_head"]),
+            ops=tuple(OpTable.from_dict(d) for d in data["ops"]),
+            lm_head=OpTable.from_dict(data["lm_head"]),
             interference={
                 m: {k: float(v) for k, v in pairs.items()}
                 for m, pairs in data.get("interference", {}).items()

@@ -29,7 +29,7 @@ from nanoflow.errors import ConfigError, ProfileError
 from nanoflow.measure import environment
 from nanoflow.models.loader import resolve_model
 from nanoflow.models.spec import ModelSpec
-from nanoflow.runtime.ops import Resource
+from nanoflow.runtime.graph import Resource
 from nanoflow.runtime.profile import Profile, gpu_slug
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def _space(
             f"not even a dense batch of {step} tokens fits the KV cache for workload "
             f"{opts.workload} beside the weights"
         )
-    has_network = any(op.resource == Resource.NETWORK.value for op in tables.ops)
+    has_network = any(op.spec.resource is Resource.NETWORK for op in tables.ops)
     mechanisms = tables.mechanisms or ("cta_limit",)
     shared = tables.shares_sms and not has_network
     return SearchSpace(

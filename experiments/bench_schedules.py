@@ -10,6 +10,7 @@ import torch
 
 from nanoflow.config import EngineConfig
 from nanoflow.engine.schedule_select import architecture_schedule
+from nanoflow.runtime.graph import DECODE_ATTENTION
 from nanoflow.runtime.schedule import (
     LaunchOrder,
     Mechanism,
@@ -36,7 +37,7 @@ def overlapped(
     shares = tuple([1.0 / nano] * nano)
     op_units = {"compute": "compute", "memory": "memory", "network": "compute"}
     if attention_only:
-        op_units |= {"memory": "compute", "decode_attention": "memory"}
+        op_units |= {"memory": "compute", DECODE_ATTENTION: "memory"}
     return PipelineSchedule(
         decode_shares=shares,
         prefill_shares=shares,

@@ -16,6 +16,7 @@ from nanoflow.autotune.steady_state import SteadyBatch, WorkloadShape, steady_ba
 from nanoflow.autotune.tables import OpTable, OpTables, load_tables, save_tables
 from nanoflow.errors import ProfileError
 from nanoflow.models.builtin import BUILTIN_SPEC
+from nanoflow.runtime.graph import OpSpec, Resource
 from nanoflow.runtime.profile import Profile, load_profile, profile_path, save_profile
 from nanoflow.runtime.schedule import (
     LaunchOrder,
@@ -35,11 +36,12 @@ def _linear_op(name: str, resource: str, per_token: float, saturating_sms: int =
     seconds = tuple(
         (tuple(t * per_token * max(1.0, saturating_sms / s) for s in SMS),) for t in (1, 10_000)
     )
-    return OpTable(name, resource, (1, 10_000), (0,), SMS, seconds)
+    spec = OpSpec(name, Resource(resource), ends_head=name == "decode_attention")
+    return OpTable(spec, (1, 10_000), (0,), SMS, seconds)
 
 
 def _tables(ops: list[OpTable], layers: int, interference: dict) -> OpTables:
-    zero = OpTable("lm_head", "compute", (1,), (0,), (128,), (((0.0,),),))
+    zero = OpTable(OpSpec("lm_head", Resource.COMPUTE), (1,), (0,), (128,), (((0.0,),),))
     return OpTables(
         model="synthetic",
         architecture_hash="x",
@@ -132,7 +134,7 @@ def test_launch_bound_applies_only_without_graphs():
     """A slow host bounds an eagerly launched iteration, not one replayed from a graph."""
     import dataclasses
 
-    ops = [OpTable("gemm", "compute", (1024,), (0,), (128,), (((1e-3,),),))]
+    ops = [OpTable(OpSpec("gemm", Resource.COMPUTE), (1024,), (0,), (128,), (((1e-3,),),))]
     tables = dataclasses.replace(_tables(ops, 4, {}), launch_seconds=2e-3)
     batch = SteadyBatch(decodes=0, prefill_tokens=1024, decode_context=0, prompt_len=1024)
     eager = predict(tables, sequential_schedule(), batch)

@@ -10,7 +10,7 @@ from nanoflow.engine.batch import prepare_step
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.sequence import Sequence
 from nanoflow.runtime.executors import iteration_order, launch_order
-from nanoflow.runtime.ops import Resource
+from nanoflow.runtime.graph import Resource
 from nanoflow.runtime.schedule import (
     LaunchOrder,
     PipelineSchedule,

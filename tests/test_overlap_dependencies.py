@@ -6,17 +6,16 @@ a GPU."""
 
 from __future__ import annotations
 
-import dataclasses
 import types
 
 import pytest
 import torch
 
-from nanoflow.models.llama import DecoderLayer
 from nanoflow.runtime import executors as executors_module
 from nanoflow.runtime.batch import NanoBatch
 from nanoflow.runtime.executors import OverlappedExecutor
-from nanoflow.runtime.ops import Op, op_dependencies
+from nanoflow.runtime.graph import llama_graph
+from nanoflow.runtime.ops import Op
 from nanoflow.runtime.schedule import LaunchOrder, PipelineSchedule, UnitSpec
 
 
@@ -69,13 +68,6 @@ class Simulator:
         return False
 
 
-def _llama_ops(network: bool) -> list[Op]:
-    """The Llama layer's real op list: names, classes and dependencies (bodies replaced)."""
-    layer = DecoderLayer.__new__(DecoderLayer)
-    layer.group = types.SimpleNamespace(size=2 if network else 1)
-    return layer.ops()
-
-
 @pytest.mark.parametrize("order", list(LaunchOrder))
 @pytest.mark.parametrize("network", [False, True])
 @pytest.mark.parametrize(
@@ -114,14 +106,14 @@ def test_every_dependency_happens_before(monkeypatch, order, network, op_units):
     monkeypatch.setattr(torch._C, "_set_sm_carveout_experimental", lambda n: None)
 
     num_layers = 3
-    layer_ops = []
-    for layer in range(num_layers):
-        ops = _llama_ops(network)
-        layer_ops.append([
-            dataclasses.replace(op, fn=lambda b, nb, sms, n=op.name, L=layer:
-                                sim.run_op((L, n, nb.index)))
-            for op in ops
-        ])  # fmt: skip
+    graph = llama_graph(tensor_parallel=network)
+    layer_ops = [
+        [
+            Op(spec, lambda b, nb, sms, n=spec.name, L=layer: sim.run_op((L, n, nb.index)))
+            for spec in graph.ops
+        ]
+        for layer in range(num_layers)
+    ]
     nbs = [
         NanoBatch(0, 0, 4, 2, None, None, ()),
         NanoBatch(1, 4, 9, 2, None, None, (0,)),
@@ -131,7 +123,7 @@ def test_every_dependency_happens_before(monkeypatch, order, network, op_units):
     end = (sim.main, len(sim.main.items))
 
     names = [op.name for op in layer_ops[0]]
-    deps = op_dependencies(names, [op.after for op in layer_ops[0]])
+    deps = graph.deps
     assert len(sim.where) == num_layers * len(names) * len(nbs)
     for layer in range(num_layers):
         for k, name in enumerate(names):
@@ -140,7 +132,7 @@ def test_every_dependency_happens_before(monkeypatch, order, network, op_units):
                 needs = [(layer, names[d], nb.index) for d in deps[k]]
                 if not deps[k] and layer:
                     needs.append((layer - 1, names[-1], nb.index))
-                if layer_ops[0][k].reads_other_kv:
+                if graph.ops[k].reads_other_kv:
                     needs += [(layer, "rope_kv_write", i) for i in nb.kv_deps]
                 for need in needs:
                     assert sim.happens_before(sim.where[need], here), (need, "->", name, nb.index)

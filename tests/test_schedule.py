@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nanoflow.errors import ScheduleError
-from nanoflow.runtime.ops import Resource
+from nanoflow.runtime.graph import Resource
 from nanoflow.runtime.schedule import (
     LaunchOrder,
     Mechanism,

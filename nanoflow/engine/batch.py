@@ -15,6 +15,7 @@ from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.sequence import PLACEHOLDER
 from nanoflow.engine.upload import copy_to, to_device
 from nanoflow.runtime.batch import AttentionChunks, NanoBatch, StepBuffers
+from nanoflow.runtime.graph import kv_dependencies
 from nanoflow.runtime.schedule import PipelineSchedule, split_counts
 
 
@@ -38,7 +39,7 @@ class NanoBatchRows:
     prefill_rows: int
     decodes: list[ScheduledChunk]
     pieces: list[ScheduledChunk]
-    kv_deps: tuple[int, ...]
+    kv_deps: tuple[int, ...] = ()  # as NanoBatch.kv_deps
 
     @property
     def end(self) -> int:
@@ -97,7 +98,6 @@ def lay_out(
         taken += len(decode_groups[-1])
     layout = RowLayout([], [], [], [], [], [c for c in plan.chunks if c.samples], [])
     last_row: dict[str, int] = {}
-    seen_in: dict[str, set[int]] = {}
 
     def pad(rows: int) -> None:
         layout.input_ids.extend([0] * rows)
@@ -108,7 +108,6 @@ def lay_out(
         """One token each, at its sequence's end: the common case, kept to plain appends (a
         sequence decodes once per plan, so it adds no dependency)."""
         ids, positions, slots = layout.input_ids, layout.positions, layout.slots
-        index = len(layout.nano_batches)
         for chunk in chunks:
             seq, p = chunk.seq, chunk.start
             token = seq.token_at(p)
@@ -116,13 +115,12 @@ def lay_out(
                 layout.placeholder_rows.append((len(ids), seq.request_id))
                 token = 0
             last_row[seq.request_id] = len(ids)
-            seen_in[seq.request_id] = {index}
             ids.append(token)
             positions.append(p)
             slots.append(seq.block_table[p // block_size] * block_size + p % block_size)
         pad(rows - len(chunks))
 
-    def place_pieces(chunks: list[ScheduledChunk], rows: int, deps: set[int]) -> None:
+    def place_pieces(chunks: list[ScheduledChunk], rows: int) -> None:
         for chunk in chunks:
             seq, end = chunk.seq, chunk.start + chunk.num_tokens
             table = seq.block_table
@@ -136,9 +134,6 @@ def lay_out(
             if layout.input_ids[-1] == PLACEHOLDER:
                 layout.placeholder_rows.append((len(layout.input_ids) - 1, seq.request_id))
                 layout.input_ids[-1] = 0
-            owners = seen_in.setdefault(seq.request_id, set())
-            deps |= owners
-            owners.add(len(layout.nano_batches))
         pad(rows - sum(c.num_tokens for c in chunks))
 
     pieces_of = _pieces(plan.prefills, prefill_rows)
@@ -146,12 +141,13 @@ def lay_out(
     for n_dec, n_pre, decodes, pieces in groups:
         if n_dec + n_pre == 0:
             continue
-        start, deps = len(layout.input_ids), set()
+        start = len(layout.input_ids)
         place_decodes(decodes, n_dec)
-        place_pieces(pieces, n_pre, deps)
-        layout.nano_batches.append(
-            NanoBatchRows(start, n_dec, n_pre, decodes, pieces, tuple(sorted(deps)))
-        )
+        place_pieces(pieces, n_pre)
+        layout.nano_batches.append(NanoBatchRows(start, n_dec, n_pre, decodes, pieces))
+    owners = [[c.seq.request_id for c in rows.pieces] for rows in layout.nano_batches]
+    for rows, deps in zip(layout.nano_batches, kv_dependencies(owners), strict=True):
+        rows.kv_deps = deps
     layout.sample_rows = [last_row[c.seq.request_id] for c in layout.sampling_chunks]
     return layout
 

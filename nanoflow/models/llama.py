@@ -1,8 +1,7 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) written as lists of pipeline ops.
-
-Each layer is: input norm, QKV GEMM, RoPE + KV write, decode attention, prefill attention, O GEMM,
-post-attention norm, gate-up GEMM, SiLU-mul, down GEMM; with tensor parallelism an all-reduce
-follows the O and down GEMMs. The executor decides where and when each op runs.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2): the kernels behind each op of
+``llama_graph`` (input norm, QKV GEMM, RoPE + KV write, decode and prefill attention, O GEMM,
+post-attention norm, gate-up GEMM, SiLU-mul, down GEMM, and the all-reduces of tensor
+parallelism). The executor decides where and when each op runs.
 """
 
 from __future__ import annotations
@@ -14,17 +13,13 @@ from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.models.rope import cos_sin_cache
 from nanoflow.models.spec import ModelSpec
 from nanoflow.runtime.batch import NanoBatch, StepBuffers
-from nanoflow.runtime.ops import Op, Resource
-
-# Ops that wait for more (or other) than the op before them; see Op.after.
-OP_AFTER: dict[str, tuple[str, ...]] = {
-    "prefill_attention": ("rope_kv_write",),
-    "o_proj": ("decode_attention", "prefill_attention"),
-}
+from nanoflow.runtime.graph import LayerGraph, llama_graph
+from nanoflow.runtime.ops import bind
 
 
 class DecoderLayer:
-    """One layer's (fused, possibly sharded) weights and KV cache, and the ops that use them."""
+    """One layer's (fused, possibly sharded) weights and KV cache, and a method per op of its
+    graph (``llama_graph``) that runs the op's kernels."""
 
     def __init__(
         self,
@@ -46,33 +41,6 @@ class DecoderLayer:
         self.q_size = self.num_heads * spec.head_dim
         self.kv_size = self.num_kv_heads * spec.head_dim
         self.scale = spec.head_dim**-0.5
-
-    def ops(self) -> list[Op]:
-        ops = [
-            Op("input_norm", Resource.MEMORY, self.input_norm),
-            Op("qkv_proj", Resource.COMPUTE, self.qkv_proj),
-            Op("rope_kv_write", Resource.MEMORY, self.rope_kv_write, writes_kv=True),
-            Op("decode_attention", Resource.MEMORY, self.decode_attention),
-            Op(
-                "prefill_attention",
-                Resource.COMPUTE,
-                self.prefill_attention,
-                reads_other_kv=True,
-                after=OP_AFTER["prefill_attention"],
-            ),
-            Op("o_proj", Resource.COMPUTE, self.o_proj, after=OP_AFTER["o_proj"]),
-        ]
-        if self.group.size > 1:
-            ops.append(Op("attn_all_reduce", Resource.NETWORK, self.all_reduce))
-        ops += [
-            Op("post_attn_norm", Resource.MEMORY, self.post_attn_norm),
-            Op("gate_up_proj", Resource.COMPUTE, self.gate_up_proj),
-            Op("silu_mul", Resource.MEMORY, self.silu_mul),
-            Op("down_proj", Resource.COMPUTE, self.down_proj),
-        ]
-        if self.group.size > 1:
-            ops.append(Op("mlp_all_reduce", Resource.NETWORK, self.all_reduce))
-        return ops
 
     def input_norm(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
         rows = slice(nb.start, nb.end)
@@ -154,6 +122,8 @@ class DecoderLayer:
     def all_reduce(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
         self.group.all_reduce(b.hidden[nb.start : nb.end])
 
+    attn_all_reduce = mlp_all_reduce = all_reduce
+
     def post_attn_norm(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
         rows = slice(nb.start, nb.end)
         kernels.rms_norm(
@@ -213,7 +183,8 @@ class LlamaModel:
             )
             for i in range(spec.num_layers)
         ]
-        self.layer_ops = [layer.ops() for layer in self.layers]
+        self.graph: LayerGraph = llama_graph(tensor_parallel=group.size > 1)
+        self.layer_ops = [bind(self.graph, layer) for layer in self.layers]
 
     def embed(self, input_ids: torch.Tensor, buffers: StepBuffers) -> None:
         n = input_ids.shape[0]

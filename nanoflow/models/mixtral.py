@@ -1,5 +1,5 @@
-"""Mixtral (sparse mixture of experts): Llama's attention ops, then two MoE ops where the dense
-MLP's gate-up / SiLU-mul / down were.
+"""Mixtral (sparse mixture of experts): the kernels of ``mixtral_graph``, Llama's attention ops
+then two MoE ops where the dense MLP's gate-up / SiLU-mul / down were.
 
 * ``router`` (compute): the gate GEMM, softmax, top-k and renormalisation, exactly as
   transformers' ``MixtralTopKRouter`` does them (softmax in float32, weights renormalised over
@@ -21,9 +21,8 @@ from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.models.llama import DecoderLayer, LlamaModel
 from nanoflow.models.spec import ModelSpec
 from nanoflow.runtime.batch import NanoBatch, StepBuffers
-from nanoflow.runtime.ops import Op, Resource
-
-DENSE_MLP_OPS = ("gate_up_proj", "silu_mul", "down_proj")
+from nanoflow.runtime.graph import mixtral_graph
+from nanoflow.runtime.ops import bind
 
 
 def route_topk(
@@ -58,7 +57,7 @@ class Routing:
 
 
 class MixtralDecoderLayer(DecoderLayer):
-    """A Llama layer whose MLP ops are replaced by ``router`` and ``experts``."""
+    """A Llama layer with ``router`` and ``experts`` for the ops of ``mixtral_graph``'s MLP."""
 
     def __init__(
         self,
@@ -72,15 +71,6 @@ class MixtralDecoderLayer(DecoderLayer):
     ) -> None:
         super().__init__(spec, weights, k_cache, v_cache, cos_sin, group)
         self.routing = routing
-
-    def ops(self) -> list[Op]:
-        ops = [op for op in super().ops() if op.name not in DENSE_MLP_OPS]
-        at = next(i for i, op in enumerate(ops) if op.name == "post_attn_norm") + 1
-        ops[at:at] = [
-            Op("router", Resource.COMPUTE, self.router),
-            Op("experts", Resource.COMPUTE, self.experts),
-        ]
-        return ops
 
     def router(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
         rows = slice(nb.start, nb.end)
@@ -122,7 +112,8 @@ class MixtralModel(LlamaModel):
             )
             for dense in self.layers
         ]
-        self.layer_ops = [layer.ops() for layer in self.layers]
+        self.graph = mixtral_graph(tensor_parallel=group.size > 1)
+        self.layer_ops = [bind(self.graph, layer) for layer in self.layers]
 
     def embed(self, input_ids: torch.Tensor, buffers: StepBuffers) -> None:
         self.routing.fit(buffers.hidden.shape[0])

@@ -28,7 +28,8 @@ from nanoflow.errors import ConfigError
 from nanoflow.models.spec import ModelSpec
 from nanoflow.models.weights import expected_shapes, load_safetensors
 from nanoflow.runtime.batch import NanoBatch, StepBuffers
-from nanoflow.runtime.ops import Op, Resource
+from nanoflow.runtime.graph import OpSpec, Resource
+from nanoflow.runtime.ops import Op
 
 logger = logging.getLogger(__name__)
 
@@ -313,9 +314,9 @@ class OffloadPlan:
             self.host.append(flat)
             layer.w = slot_views[self.planner.slot_of(j)]
             model.layer_ops[index] = [
-                Op("weights_in", Resource.MEMORY, self._acquire_fn(j)),
+                Op(OpSpec("weights_in", Resource.MEMORY), self._acquire_fn(j)),
                 *model.layer_ops[index],
-                Op("weights_out", Resource.MEMORY, self._release_fn(j)),
+                Op(OpSpec("weights_out", Resource.MEMORY), self._release_fn(j)),
             ]
         if pin:  # a finalizer runs before the plan's attributes (the buffers) are freed
             weakref.finalize(self, _unregister, [h.data_ptr() for h in self.host])

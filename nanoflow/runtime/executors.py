@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from nanoflow.runtime.batch import NanoBatch, StepBuffers
-from nanoflow.runtime.ops import Op, head_length, op_dependencies
+from nanoflow.runtime.graph import LayerGraph
+from nanoflow.runtime.ops import Op, graph_of
 from nanoflow.runtime.schedule import LaunchOrder, PipelineSchedule
 from nanoflow.runtime.units import ExecutionUnit, build_units
 
@@ -42,7 +43,7 @@ def iteration_order(
     layers: tuple[tuple[int, int], ...], num_nano_batches: int, order: LaunchOrder
 ) -> list[tuple[int, int, int]]:
     """(layer, op index, nano-batch index) of a whole iteration in launch order; ``layers``
-    gives each layer's op count and where its head ends (just after decode attention)."""
+    gives each layer's op count and where its head ends (``LayerGraph.head``)."""
     if order is not LaunchOrder.ALTERNATING:
         return [
             (layer, k, j)
@@ -62,10 +63,8 @@ def iteration_order(
 
 @dataclass
 class _LayerPlan:
+    graph: LayerGraph
     units: list[ExecutionUnit]
-    deps: list[tuple[int, ...]]
-    kv_op: int | None
-    head: int  # ops before this index end at decode attention
 
 
 class SequentialExecutor:
@@ -121,42 +120,30 @@ class OverlappedExecutor:
         return [self.units[self.schedule.unit_of(op.name, op.resource).name] for op in ops]
 
     def _layer_plan(self, ops: list[Op]) -> _LayerPlan:
-        """Units, dependencies and the head's end of a layer: the same for every layer of a
-        model, so worked out once and kept off the per-launch path."""
+        """A layer's graph and units: the same for every layer of a model, so worked out once
+        and kept off the per-launch path."""
         key = tuple(op.name for op in ops)
         if key not in self._plans:
-            names = [op.name for op in ops]
-            self._plans[key] = _LayerPlan(
-                units=self._unit_per_op(ops),
-                deps=op_dependencies(names, [op.after for op in ops]),
-                kv_op=next((k for k, op in enumerate(ops) if op.writes_kv), None),
-                head=head_length(names),
-            )
+            self._plans[key] = _LayerPlan(graph_of(ops), self._unit_per_op(ops))
         return self._plans[key]
 
     def _waits(
-        self, plans: list[_LayerPlan], layer: int, k: int, nb: NanoBatch, reads_other_kv: bool
+        self, plans: list[_LayerPlan], layer: int, k: int, nb: NanoBatch
     ) -> list[tuple[torch.cuda.Event, Any]]:
-        """What op ``k`` of ``nb`` in ``layer`` waits for: its own ops before it, else the
-        previous layer's last op (every stream already waits for the iteration's start), and
-        the KV writes of the earlier nano-batches whose keys it reads."""
-        plan, j = plans[layer], nb.index
-        needs = [(self._event(d, j, layer), plan.units[d].stream) for d in plan.deps[k]]
-        if not needs and layer:
-            previous = plans[layer - 1]
-            tail = len(previous.units) - 1
-            needs = [(self._event(tail, j, layer - 1), previous.units[tail].stream)]
-        if reads_other_kv and plan.kv_op is not None:
-            kv_stream = plan.units[plan.kv_op].stream
-            needs += [(self._event(plan.kv_op, i, layer), kv_stream) for i in nb.kv_deps]
-        return needs
+        """The events (and their streams) op ``k`` of ``nb`` in ``layer`` waits for, by the
+        graph's rule; every stream already waits for the iteration's start."""
+        previous = plans[layer - 1].graph if layer else None
+        return [
+            (self._event(d, i, L), plans[L].units[d].stream)
+            for L, d, i in plans[layer].graph.waits(layer, k, nb.index, nb.kv_deps, previous)
+        ]
 
     def run(
         self, layer_ops: list[list[Op]], buffers: StepBuffers, nano_batches: list[NanoBatch]
     ) -> None:
         plans = [self._layer_plan(ops) for ops in layer_ops]
         order = iteration_order(
-            tuple((len(p.units), p.head) for p in plans),
+            tuple((len(p.units), p.graph.head) for p in plans),
             len(nano_batches),
             self.schedule.launch_order,
         )
@@ -174,7 +161,7 @@ class OverlappedExecutor:
             for layer, k, j in order:
                 op, unit, nb = layer_ops[layer][k], plans[layer].units[k], nano_batches[j]
                 stream = unit.stream
-                for event, owner in self._waits(plans, layer, k, nb, op.reads_other_kv):
+                for event, owner in self._waits(plans, layer, k, nb):
                     if owner is not stream:
                         stream.wait_event(event)
                 if stream is not current:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from nanoflow.errors import ScheduleError
-from nanoflow.runtime.ops import Resource
+from nanoflow.runtime.graph import DECODE_ATTENTION, Resource
 
 
 class Mechanism(enum.StrEnum):
@@ -155,7 +155,7 @@ def shared_sm_schedule(
     so it runs between another nano-batch's GEMM blocks instead of on SMs taken from them. The
     nano-batches alternate (``LaunchOrder.ALTERNATING``), so those GEMM blocks are there."""
     units = [UnitSpec("compute"), UnitSpec("attention", int(num_sms * attention_fraction), -1)]
-    op_units = {r.value: "compute" for r in Resource} | {"decode_attention": "attention"}
+    op_units = {r.value: "compute" for r in Resource} | {DECODE_ATTENTION: "attention"}
     return _overlapped(
         num_nano_batches, units, op_units, Mechanism.CTA_LIMIT, network_sms, LaunchOrder.ALTERNATING
     )
