@@ -8,6 +8,7 @@ from nanoflow import LLM, SamplingParams
 from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.errors import ConfigError
 from nanoflow.models.registry import get_known_model
+from nanoflow.models.sharding import check_divisible
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 64, 12, 7], [11, 23, 5], [3, 9, 27, 81, 14] * 4]
 
@@ -36,7 +37,7 @@ def test_tp2_matches_tp1(llama_checkpoint, executor):
 
 def test_tp_size_must_divide_heads():
     with pytest.raises(ConfigError, match="num_key_value_heads"):
-        ParallelGroup(0, 3).check(get_known_model("llama-3-8b"))
+        check_divisible(ParallelGroup(0, 3), get_known_model("llama-3-8b"))
 
 
 @pytest.mark.timeout(300)

@@ -116,7 +116,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 def _serve_as_worker(args: argparse.Namespace) -> bool:
     """Under torchrun every rank runs the same command; ranks other than 0 become workers."""
     from nanoflow.config import EngineConfig
-    from nanoflow.distributed.launcher import run_worker_from_env
+    from nanoflow.engine.tensor_parallel import run_worker_from_env
 
     return run_worker_from_env(EngineConfig(model=args.model, **engine_kwargs(args)))
 

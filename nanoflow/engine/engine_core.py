@@ -123,7 +123,7 @@ class EngineCore:
         self.launcher = None
         group = ParallelGroup()
         if config.tensor_parallel_size > 1:
-            from nanoflow.distributed.launcher import TensorParallelLauncher
+            from nanoflow.engine.tensor_parallel import TensorParallelLauncher
 
             self.launcher = TensorParallelLauncher(config)
             config, group = self.launcher.config, self.launcher.group

@@ -11,6 +11,7 @@ import torch
 from nanoflow import kernels
 from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.models.rope import cos_sin_cache
+from nanoflow.models.sharding import shard_weights
 from nanoflow.models.spec import ModelSpec
 from nanoflow.runtime.batch import NanoBatch, StepBuffers
 from nanoflow.runtime.graph import LayerGraph, llama_graph
@@ -165,7 +166,7 @@ class LlamaModel:
         self.device = device
         self.dtype = dtype
         self.group = group
-        shard = group.shard_weights(spec, weights)
+        shard = shard_weights(group, spec, weights)
         self.embed_weight = shard.pop("embed")
         self.lm_head = shard.pop("lm_head")
         self.final_norm = shard.pop("final_norm")
