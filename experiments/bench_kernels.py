@@ -52,13 +52,13 @@ from nanoflow.kernels.decode_attention import (  # noqa: E402
     paged_decode_attention_triton,
 )
 from nanoflow.kernels.gemm import _GPU_CONFIGS, _launch_linear, linear_ref, linear_triton  # noqa: E402
+from nanoflow.kernels.norm import rms_norm_ref, rms_norm_triton  # noqa: E402
 from nanoflow.kernels.prefill_attention import (  # noqa: E402
     PrefillConfig,
     _launch_prefill,
     paged_prefill_attention_ref,
     paged_prefill_attention_triton,
 )
-from nanoflow.kernels.rms_norm import rms_norm_ref, rms_norm_triton  # noqa: E402
 from nanoflow.kernels.rotary import rope_kv_write_ref, rope_kv_write_triton  # noqa: E402
 from nanoflow.measure import time_cuda  # noqa: E402
 from nanoflow.runtime.ops import Resource  # noqa: E402

@@ -47,7 +47,7 @@ from nanoflow.kernels.decode_attention import (  # noqa: E402
     paged_decode_attention_ref,
     paged_decode_attention_triton,
 )
-from nanoflow.kernels.rms_norm import rms_norm_triton  # noqa: E402
+from nanoflow.kernels.norm import rms_norm_triton  # noqa: E402
 from nanoflow.kernels.rotary import rope_kv_write_triton  # noqa: E402
 from nanoflow.measure import environment, time_cuda  # noqa: E402
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import json
 import sys
 import tempfile
@@ -145,8 +144,7 @@ def schedules(llm: LLM) -> dict:
 def fused_moe_kernel(spec) -> list[dict]:
     """The fused MoE kernel on the model's expert shapes: error vs the reference, TFLOP/s."""
     from nanoflow import kernels
-
-    moe = importlib.import_module("nanoflow.kernels.fused_moe")
+    from nanoflow.kernels import moe
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     e, k, h, i = (
         spec.num_experts,

@@ -5,7 +5,8 @@ The functions here pick the implementation: Triton for CUDA tensors, the referen
 ablation); ``NANOFLOW_KERNELS=triton`` forces Triton, which with ``TRITON_INTERPRET=1`` runs on CPU
 tensors in tests. GEMMs on a GPU go to cuBLAS (SM-limited by the execution unit's carve-out or
 green context) unless ``NANOFLOW_GEMM=persistent`` picks the persistent Triton GEMM, whose
-program count is the SM budget itself.
+program count is the SM budget itself. Both switches are read once, at import; ``set_backend``
+changes the first in a running process.
 """
 
 from __future__ import annotations
@@ -20,139 +21,67 @@ import torch
 
 from nanoflow.kernels.activation import silu_and_mul_ref
 from nanoflow.kernels.decode_attention import paged_decode_attention_ref
-from nanoflow.kernels.fused_moe import fused_moe_ref
 from nanoflow.kernels.gemm import linear_cublas, linear_ref
+from nanoflow.kernels.moe import fused_moe_ref
+from nanoflow.kernels.norm import rms_norm_ref
 from nanoflow.kernels.prefill_attention import paged_prefill_attention_ref
-from nanoflow.kernels.rms_norm import rms_norm_ref
 from nanoflow.kernels.rotary import rope_kv_write_ref
 
-_TRITON_NAMES = {
-    "paged_decode_attention": (
-        "nanoflow.kernels.decode_attention",
-        "paged_decode_attention_triton",
-    ),
-    "paged_prefill_attention": (
-        "nanoflow.kernels.prefill_attention",
-        "paged_prefill_attention_triton",
-    ),
-    "rms_norm": ("nanoflow.kernels.rms_norm", "rms_norm_triton"),
-    "rope_kv_write": ("nanoflow.kernels.rotary", "rope_kv_write_triton"),
-    "silu_and_mul": ("nanoflow.kernels.activation", "silu_and_mul_triton"),
-    "linear": ("nanoflow.kernels.gemm", "linear_triton"),
-    "fused_moe": ("nanoflow.kernels.fused_moe", "fused_moe_triton"),
-}
-_REFERENCES: dict[str, Callable[..., Any]] = {
-    "paged_decode_attention": paged_decode_attention_ref,
-    "paged_prefill_attention": paged_prefill_attention_ref,
-    "rms_norm": rms_norm_ref,
-    "rope_kv_write": rope_kv_write_ref,
-    "silu_and_mul": silu_and_mul_ref,
-    "linear": linear_ref,
-    "fused_moe": fused_moe_ref,
-}
+BACKENDS = ("auto", "reference", "triton")
+_CUBLAS_GEMM = os.environ.get("NANOFLOW_GEMM", "cublas") == "cublas"
+_forced = os.environ.get("NANOFLOW_KERNELS", "auto")
+
+
+def set_backend(name: str) -> None:
+    """``reference`` or ``triton`` for every kernel, or ``auto``: Triton for CUDA tensors."""
+    global _forced
+    if name not in BACKENDS:
+        raise ValueError(f"kernel backend must be one of {BACKENDS}, got {name!r}")
+    _forced = name
 
 
 def backend_for(tensor: torch.Tensor) -> str:
     """``triton`` or ``reference`` for a kernel whose main input is ``tensor``."""
-    forced = os.environ.get("NANOFLOW_KERNELS", "auto")
-    if forced in ("reference", "triton"):
-        return forced
+    if _forced != "auto":
+        return _forced
     return "triton" if tensor.is_cuda else "reference"
 
 
 @functools.cache
-def _resolve(name: str, backend: str) -> Callable[..., Any]:
+def _triton(module: str, attr: str) -> Callable[..., Any]:
     """Cached, so a launch pays one dict lookup, not an import, on the hot path."""
-    if backend == "reference":
-        return _REFERENCES[name]
-    module, attr = _TRITON_NAMES[name]
-    return getattr(importlib.import_module(module), attr)
+    return getattr(importlib.import_module(f"nanoflow.kernels.{module}"), attr)
 
 
-def _implementation(name: str, tensor: torch.Tensor) -> Callable[..., Any]:
-    return _resolve(name, backend_for(tensor))
+def _dispatch(reference: Callable[..., Any], module: str) -> Callable[..., Any]:
+    """The kernel under the reference's name and signature: the reference, or the Triton
+    kernel of ``module`` for the device of its first argument."""
+    triton_name = reference.__name__.removesuffix("_ref") + "_triton"
+
+    @functools.wraps(reference)
+    def kernel(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if backend_for(x) == "reference":
+            return reference(x, *args, **kwargs)
+        return _triton(module, triton_name)(x, *args, **kwargs)
+
+    kernel.__name__ = kernel.__qualname__ = triton_name.removesuffix("_triton")
+    return kernel
 
 
-def paged_decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-    num_ctas: int | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    return _implementation("paged_decode_attention", q)(
-        q, k_cache, v_cache, block_tables, context_lens, scale, num_ctas, out
-    )
+paged_decode_attention = _dispatch(paged_decode_attention_ref, "decode_attention")
+paged_prefill_attention = _dispatch(paged_prefill_attention_ref, "prefill_attention")
+rms_norm = _dispatch(rms_norm_ref, "norm")
+rope_kv_write = _dispatch(rope_kv_write_ref, "rotary")
+silu_and_mul = _dispatch(silu_and_mul_ref, "activation")
+fused_moe = _dispatch(fused_moe_ref, "moe")
+_linear = _dispatch(linear_ref, "gemm")
 
 
-def paged_prefill_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    cu_q_lens: torch.Tensor,
-    context_lens: torch.Tensor,
-    max_q_len: int,
-    scale: float,
-    num_ctas: int | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    return _implementation("paged_prefill_attention", q)(
-        q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, max_q_len, scale, num_ctas, out
-    )
+@functools.wraps(linear_ref)
+def linear(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if x.is_cuda and _CUBLAS_GEMM:
+        return linear_cublas(x, *args, **kwargs)
+    return _linear(x, *args, **kwargs)
 
 
-def rms_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    residual: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    return _implementation("rms_norm", x)(x, weight, eps, residual, out)
-
-
-def rope_kv_write(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    positions: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    return _implementation("rope_kv_write", q)(
-        q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping
-    )
-
-
-def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    return _implementation("silu_and_mul", x)(x, out)
-
-
-def linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    num_ctas: int | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    if x.is_cuda and os.environ.get("NANOFLOW_GEMM", "cublas") == "cublas":
-        return linear_cublas(x, weight, bias, num_ctas, out)
-    return _implementation("linear", x)(x, weight, bias, num_ctas, out)
-
-
-def fused_moe(
-    x: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    num_ctas: int | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    return _implementation("fused_moe", x)(x, w13, w2, topk_weights, topk_ids, num_ctas, out)
+linear.__name__ = linear.__qualname__ = "linear"

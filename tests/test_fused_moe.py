@@ -7,7 +7,6 @@ row was written.
 
 from __future__ import annotations
 
-import importlib
 import zlib
 
 import pytest
@@ -16,9 +15,7 @@ import torch
 pytest.importorskip("triton")
 
 from nanoflow import kernels
-
-# ``importlib``: the dispatch function ``kernels.fused_moe`` shadows the module of that name.
-moe = importlib.import_module("nanoflow.kernels.fused_moe")
+from nanoflow.kernels import moe
 
 
 @pytest.fixture(autouse=True)
@@ -85,8 +82,8 @@ def test_gpu_tile_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(moe.fused_moe_triton(x, w13, w2, weights, ids), want)
 
 
-def test_dispatch_uses_reference_on_cpu_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NANOFLOW_KERNELS", "auto")
+def test_dispatch_uses_reference_on_cpu_tensors() -> None:
+    kernels.set_backend("auto")
     x, w13, w2, weights, ids = _inputs(6, 32, 32, 4, 2, "uniform", torch.float32)
     torch.testing.assert_close(
         kernels.fused_moe(x, w13, w2, weights, ids), moe.fused_moe_ref(x, w13, w2, weights, ids)

@@ -6,7 +6,9 @@ pass also proves every element was written.
 
 from __future__ import annotations
 
+import importlib
 import zlib
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -23,13 +25,13 @@ from nanoflow.kernels.decode_attention import (
     paged_decode_attention_triton,
 )
 from nanoflow.kernels.gemm import _GPU_CONFIGS, _launch_linear, linear_ref, linear_triton
+from nanoflow.kernels.norm import rms_norm_ref, rms_norm_triton
 from nanoflow.kernels.prefill_attention import (
     PrefillConfig,
     _launch_prefill,
     paged_prefill_attention_ref,
     paged_prefill_attention_triton,
 )
-from nanoflow.kernels.rms_norm import rms_norm_ref, rms_norm_triton
 from nanoflow.kernels.rotary import rope_kv_write_ref, rope_kv_write_triton
 
 DTYPES = [torch.float32, torch.float16]
@@ -380,11 +382,40 @@ def test_linear_bad_input() -> None:
 # ---- dispatch ---------------------------------------------------------------------------------
 
 
-def test_forced_triton_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NANOFLOW_KERNELS", "triton")
+@pytest.fixture
+def forced_triton() -> Iterator[None]:
+    kernels.set_backend("triton")
+    yield
+    kernels.set_backend("auto")
+
+
+def test_forced_triton_dispatch(forced_triton: None) -> None:
     x = torch.randn(4, 2 * 32)
     torch.testing.assert_close(kernels.silu_and_mul(x), silu_and_mul_ref(x))
     assert kernels.backend_for(x) == "triton"
+
+
+def test_dispatch_keeps_the_reference_signature_and_no_submodule_is_shadowed() -> None:
+    import inspect
+    import types
+
+    from nanoflow.kernels.activation import silu_and_mul_ref as ref
+
+    assert inspect.signature(kernels.silu_and_mul) == inspect.signature(ref)
+    modules = (
+        "norm",
+        "moe",
+        "gemm",
+        "rotary",
+        "activation",
+        "decode_attention",
+        "prefill_attention",
+    )
+    for name in modules:
+        assert isinstance(importlib.import_module(f"nanoflow.kernels.{name}"), types.ModuleType)
+        assert isinstance(getattr(kernels, name), types.ModuleType)
+    with pytest.raises(ValueError, match="backend"):
+        kernels.set_backend("cuda")
 
 
 # ---- fp8 KV cache -----------------------------------------------------------------------------
