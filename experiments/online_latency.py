@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             bench = [nanoflow_exe(), "bench", "serve", "--base-url", url, "--workload"]
             bench += [args.workload, "--num-prompts", str(n), "--request-rate", str(rate)]
             # bench serve exits 1 when some requests failed; its JSON says how many
-            subprocess.run([*bench, "--save-detailed", "--output-json", str(raw)], check=False)
+            done = subprocess.run([*bench, "--save-detailed", "--output-json", str(raw)])
+            if not raw.is_file():
+                raise SystemExit(f"bench serve at {rate:g} req/s wrote no result: {done}")
             points.append(summarize(json.loads(raw.read_text()), rate))
             print(json.dumps(points[-1]))
             if points[-1]["normalized_latency_s"] > args.slo:

@@ -137,9 +137,7 @@ def online(runner: Runner, args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--quick", action="store_true", help="512/512, fewer prompts, static peer only: ~9 min"
-    )
+    p.add_argument("--quick", action="store_true", help="512/512, 400 prompts, static peer only")
     p.add_argument("--model", default="llama-3-8b")
     p.add_argument("--device", default="auto")
     p.add_argument("--workloads", default=None, help="comma list (default: by --quick)")

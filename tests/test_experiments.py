@@ -4,6 +4,7 @@ README table come from result files, and the transformers peer and the runner dr
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import common  # noqa: E402
 import online_latency  # noqa: E402
 import plots  # noqa: E402
 import report  # noqa: E402
+import reproduce  # noqa: E402
 import schedule_replay  # noqa: E402
 
 ENV = {"device": "cuda:0", "gpu": "NVIDIA H100 80GB HBM3", "date": "2026-11-23T10:00:00+00:00"}
@@ -360,21 +362,43 @@ def test_peer_transformers_dry_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_dry_run(tmp_path, monkeypatch):
-    import run
-
-    argv = ["--model", "builtin", "--device", "cpu", "--num-prompts", "4", "--workloads", "16/4"]
-    argv += ["--executors", "sequential", "--peer-workload", "16/4", "--peer-prompts", "4"]
-    assert run.main([*argv, "--out", str(tmp_path)]) == 0
+@pytest.mark.parametrize("figure", sorted(reproduce.FIGURES_BY_NAME))
+def test_reproduce_dry_run(figure, tmp_path):
+    """Each figure's scripts run tiny on CPU and write into the results tree, and the figure
+    redraws from the committed results."""
+    assert reproduce.main([figure, "--dry-run", "--out", str(tmp_path)]) == 0
     results = common.load_results(tmp_path)
-    assert [r["_file"] for r in results] == [
-        "cpu/peer_transformers/tiny.json",
-        "cpu/throughput/builtin-16_4-sequential.json",
-    ]
+    assert results and all(r["_file"].startswith("cpu/") for r in results)
     for record in results:
         assert "error" not in record, record.get("error")
-        assert record["commit"] and record["wall_s"] > 0
-    assert (tmp_path / "figures" / "throughput.png").exists()
+        assert record["commit"]
+    png = reproduce.FIGURES_BY_NAME[figure].png
+    assert (tmp_path / "figures" / f"{png}_h200.png").read_bytes()[:4] == b"\x89PNG"
+    if figure == "ablation":  # run.py: one result per executor, stamped with its wall time
+        assert [r["_file"] for r in results] == [
+            "cpu/throughput/builtin-16_4-nanobatch.json",
+            "cpu/throughput/builtin-16_4-sequential.json",
+        ]
+        assert all(r["wall_s"] > 0 for r in results)
+
+
+def test_reproduce_prints_one_device_call_per_figure(capsys):
+    assert reproduce.main(["latency"]) == 0
+    printed = capsys.readouterr().out
+    call = next(line for line in printed.splitlines() if common.COMMIT_ENV in line)
+    assert call.count("experiments/online_latency.py") == 1 and '--out "$OUT"' in call
+
+
+def test_every_figure_of_the_readme_and_docs_has_a_reproduce_entry():
+    root = EXPERIMENTS.parent
+    texts = [(root / "README.md").read_text()]
+    texts += [p.read_text() for p in sorted((root / "docs").glob("*.md"))]
+    shown = {m for t in texts for m in re.findall(r"experiments/figures/([\w.-]+)\.png", t)}
+    assert shown
+    pngs = {f.png for f in reproduce.FIGURES_BY_NAME.values()}
+    for name in shown:
+        assert (root / "experiments" / "figures" / f"{name}.png").is_file(), name
+        assert any(name == p or name.startswith(f"{p}_") for p in pngs), name
 
 
 def test_report_renders_pipeline_overlap_and_kernel_runs(tmp_path):
