@@ -12,6 +12,7 @@ from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.engine.block_manager import BlockManager
 from nanoflow.engine.host_gc import quiet_garbage_collector
 from nanoflow.engine.model_runner import InFlight, ModelRunner
+from nanoflow.engine.sampler import SamplerState
 from nanoflow.engine.sampling_params import SamplingParams
 from nanoflow.engine.schedule_select import select_schedule
 from nanoflow.engine.scheduler import ScheduledChunk, Scheduler
@@ -41,6 +42,8 @@ class RequestOutput:
     stop_text_len: int | None = None
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    # per new token, its most likely alternatives as (token id, logprob), when logprobs > 0
+    new_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 @dataclass
@@ -167,6 +170,7 @@ class EngineCore:
     ) -> Sequence:
         """Queue a request after checking it can ever be served; raises RequestError if not."""
         params.validate()
+        params.check_token_ids(self.spec.vocab_size)
         if not prompt_token_ids:
             raise RequestError("the prompt is empty")
         if any(not 0 <= t < self.spec.vocab_size for t in prompt_token_ids):
@@ -178,6 +182,11 @@ class EngineCore:
                 f"exceeds the model's context of {self.max_model_len} tokens"
             )
         seq = Sequence(request_id, list(prompt_token_ids), params)
+        if params.min_tokens:
+            endings = set(params.stop_token_ids) | (
+                set() if params.ignore_eos else self.eos_token_ids
+            )
+            seq.sampler_state = SamplerState(banned_until_min=tuple(sorted(endings)))
         self.scheduler.add(seq)
         return seq
 
@@ -239,7 +248,7 @@ class EngineCore:
             tokens, logprobs = previous.results()
             self._time_gpu(previous)
             resolving = time.perf_counter()
-            outputs += self._resolve(previous.chunks, tokens, logprobs)
+            outputs += self._resolve(previous.chunks, tokens, logprobs, previous.top_logprobs())
             self.stats.wait_seconds += resolving - waiting
             self.stats.resolve_seconds += time.perf_counter() - resolving
         return outputs
@@ -263,7 +272,11 @@ class EngineCore:
         self.last_resolved = flight
 
     def _resolve(
-        self, chunks: list[ScheduledChunk], tokens: list[int], logprobs: list[float] | None
+        self,
+        chunks: list[ScheduledChunk],
+        tokens: list[int],
+        logprobs: list[float] | None,
+        top: list[list[tuple[int, float]]] | None = None,
     ) -> list[RequestOutput]:
         outputs = []
         now = time.perf_counter()  # one clock read for the iteration's tokens
@@ -273,7 +286,10 @@ class EngineCore:
                 continue
             logprob = logprobs[i] if logprobs is not None else None
             try:
-                outputs.append(self._append_token(seq, tokens[i], logprob, now))
+                out = self._append_token(seq, tokens[i], logprob, now)
+                if top is not None and seq.params.logprobs:
+                    out.new_top_logprobs = [top[i][: seq.params.logprobs]]
+                outputs.append(out)
             except Exception as exc:
                 logger.exception("post-processing %s failed", seq.request_id)
                 outputs.append(self._fail(seq, exc))
@@ -303,6 +319,9 @@ class EngineCore:
 
     def _stop_reason(self, seq: Sequence, token: int, num_outputs: int) -> str | None:
         p = seq.params
+        total = len(seq.prompt_token_ids) + num_outputs
+        if num_outputs < p.min_tokens:
+            return "length" if total >= self.max_model_len else None
         if not p.ignore_eos and token in self.eos_token_ids:
             return "stop"
         if token in p.stop_token_ids:
@@ -313,7 +332,6 @@ class EngineCore:
             if hits:
                 seq.stop_text_len = min(hits)
                 return "stop"
-        total = len(seq.prompt_token_ids) + num_outputs
         if num_outputs >= p.max_tokens or total >= self.max_model_len:
             return "length"
         return None

@@ -16,7 +16,7 @@ from nanoflow.engine.batch import PreparedStep, prepare_step
 from nanoflow.engine.block_manager import BlockCopy
 from nanoflow.engine.cuda_graphs import PADDING_ROWS, Capture, StepGraphs, cuda_capture
 from nanoflow.engine.host_kv_cache import HostKVCache
-from nanoflow.engine.sampler import sample
+from nanoflow.engine.sampler import DeviceSample, sample
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.upload import to_device
 from nanoflow.errors import ConfigError
@@ -48,6 +48,7 @@ class InFlight:
     host_logprobs: torch.Tensor | None
     started: torch.cuda.Event | None  # recorded before the iteration's first upload
     copied: torch.cuda.Event | None
+    host_top: tuple[torch.Tensor, torch.Tensor] | None = None  # top-k ids and logprobs
 
     @staticmethod
     def timing_event(device: torch.device) -> torch.cuda.Event | None:
@@ -58,24 +59,28 @@ class InFlight:
         event.record()
         return event
 
+    @staticmethod
+    def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+        on_gpu = tensor.is_cuda
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=on_gpu)
+        return host.copy_(tensor, non_blocking=on_gpu)
+
     @classmethod
     def start(
         cls,
         chunks: list[ScheduledChunk],
-        tokens: torch.Tensor,
-        logprobs: torch.Tensor | None,
+        sampled: DeviceSample,
         started: torch.cuda.Event | None,
     ) -> InFlight:
-        on_gpu = tokens.is_cuda
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=on_gpu)
-        host.copy_(tokens, non_blocking=on_gpu)
-        host_logprobs = None
-        if logprobs is not None:
-            host_logprobs = torch.empty(logprobs.shape, pin_memory=on_gpu)
-            host_logprobs.copy_(logprobs, non_blocking=on_gpu)
+        tokens = sampled.token_ids
+        host = cls._to_host(tokens)
+        host_logprobs = None if sampled.logprobs is None else cls._to_host(sampled.logprobs)
+        host_top = None
+        if sampled.top_ids is not None:
+            host_top = (cls._to_host(sampled.top_ids), cls._to_host(sampled.top_logprobs))
         row_of = {c.seq.request_id: i for i, c in enumerate(chunks)}
         copied = cls.timing_event(tokens.device)
-        return cls(chunks, tokens, row_of, host, host_logprobs, started, copied)
+        return cls(chunks, tokens, row_of, host, host_logprobs, started, copied, host_top)
 
     def results(self) -> tuple[list[int], list[float] | None]:
         """Wait for the copy (only this iteration, not later ones) and read the tokens."""
@@ -83,6 +88,13 @@ class InFlight:
             self.copied.synchronize()
         logprobs = None if self.host_logprobs is None else self.host_logprobs.tolist()
         return self.host_tokens.tolist(), logprobs
+
+    def top_logprobs(self) -> list[list[tuple[int, float]]] | None:
+        """Per row, its top-k (token id, logprob) pairs; read after ``results``."""
+        if self.host_top is None:
+            return None
+        ids, values = (t.tolist() for t in self.host_top)
+        return [list(zip(i, v, strict=True)) for i, v in zip(ids, values, strict=True)]
 
 
 class ModelRunner:
@@ -254,4 +266,4 @@ class ModelRunner:
             ]
         logits = self.forward(step)
         result = sample(logits, [c.seq for c in step.sampling_chunks])
-        return InFlight.start(step.sampling_chunks, result.token_ids, result.logprobs, started)
+        return InFlight.start(step.sampling_chunks, result, started)

@@ -1,14 +1,22 @@
-"""Token sampling on the device: greedy, temperature, top-k, top-p, per-request seeds.
+"""Token sampling on the device: logit processing, then greedy, temperature, top-k, top-p and
+per-request seeds, then the log-probabilities asked for.
 
 Everything stays on the GPU (no host sync), so the next iteration can be launched before the host
-has read these tokens. Non-greedy rows are filtered in one batched pass and sampled with the
-exponential-race trick (argmax of p / E, E ~ Exp(1)); seeded requests draw E from their own
-generator, so a seed gives the same text whatever else shares the batch.
+has read these tokens. Processing is batched over the rows that ask for it: ``logit_bias`` as one
+indexed add, presence / frequency / repetition penalties from per-sequence token counts kept on the
+device, ``min_tokens`` as a mask of the ending tokens, and grammar constraints as xgrammar token
+bitmasks. A grammar needs the sampled token on the host to advance, so an iteration with
+constrained rows reads their tokens back at once. Non-greedy rows are filtered in one batched pass
+and sampled with the exponential-race trick (argmax of p / E, E ~ Exp(1)); seeded requests draw E
+from their own generator, so a seed gives the same text whatever else shares the batch.
+Reported log-probabilities are those of the processed logits (before temperature), so a masked
+token never appears among the alternatives.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -20,6 +28,117 @@ from nanoflow.engine.upload import to_device
 class DeviceSample:
     token_ids: torch.Tensor  # [rows] int64, on the logits' device
     logprobs: torch.Tensor | None  # [rows] float32 log-probability of each token, if asked
+    top_ids: torch.Tensor | None = None  # [rows, k] the k most likely tokens, if asked
+    top_logprobs: torch.Tensor | None = None  # [rows, k] their log-probabilities
+
+
+@dataclass
+class SamplerState:
+    """What the sampler keeps for one sequence across iterations."""
+
+    banned_until_min: tuple[int, ...] = ()  # ending tokens masked until min_tokens
+    output_counts: torch.Tensor | None = None  # [vocab] float32 occurrences in the output
+    prompt_mask: torch.Tensor | None = None  # [vocab] bool, tokens of the prompt
+    grammar: Any = None  # an xgrammar GrammarMatcher constraining the output
+
+
+def state_of(seq: Sequence) -> SamplerState:
+    if seq.sampler_state is None:
+        seq.sampler_state = SamplerState()
+    return seq.sampler_state
+
+
+def _add_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    rows, cols, values = [], [], []
+    for i, seq in enumerate(seqs):
+        for token, bias in seq.params.logit_bias.items():
+            rows.append(i)
+            cols.append(token)
+            values.append(bias)
+    if rows:
+        index = (
+            to_device(rows, torch.int64, logits.device),
+            to_device(cols, torch.int64, logits.device),
+        )
+        logits.index_put_(index, to_device(values, torch.float32, logits.device), accumulate=True)
+
+
+def _counts(seq: Sequence, vocab: int, device: torch.device) -> torch.Tensor:
+    state = state_of(seq)
+    if state.output_counts is None:
+        state.output_counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+        mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+        mask[to_device(seq.prompt_token_ids, torch.int64, device)] = True
+        state.prompt_mask = mask
+    return state.output_counts
+
+
+def _penalize(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
+    """OpenAI's presence / frequency penalties and the CTRL repetition penalty, in one pass."""
+    device, vocab = logits.device, logits.shape[1]
+    chosen = [seqs[i] for i in rows]
+    counts = torch.stack([_counts(s, vocab, device) for s in chosen])
+    seen_in_prompt = torch.stack([state_of(s).prompt_mask for s in chosen])
+
+    def column(name: str) -> torch.Tensor:
+        return to_device([getattr(s.params, name) for s in chosen], torch.float32, device)[:, None]
+
+    index = to_device(rows, torch.int64, device)
+    sub = logits[index]
+    repetition = column("repetition_penalty")
+    seen = (counts > 0) | seen_in_prompt
+    sub = torch.where(seen, torch.where(sub > 0, sub / repetition, sub * repetition), sub)
+    sub -= column("frequency_penalty") * counts + column("presence_penalty") * (counts > 0)
+    logits[index] = sub
+
+
+def _ban_endings(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    rows, cols = [], []
+    for i, seq in enumerate(seqs):
+        state = seq.sampler_state
+        if state is not None and len(seq.output_token_ids) < seq.params.min_tokens:
+            rows += [i] * len(state.banned_until_min)
+            cols += state.banned_until_min
+    if rows:
+        index = (
+            to_device(rows, torch.int64, logits.device),
+            to_device(cols, torch.int64, logits.device),
+        )
+        logits.index_put_(index, torch.tensor(float("-inf"), device=logits.device))
+
+
+def _constrain(logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> None:
+    import xgrammar
+
+    bitmask = xgrammar.allocate_token_bitmask(len(rows), logits.shape[1])
+    for j, i in enumerate(rows):
+        state_of(seqs[i]).grammar.fill_next_token_bitmask(bitmask, j)
+    index = to_device(rows, torch.int64, logits.device)
+    sub = logits[index]
+    xgrammar.apply_token_bitmask_inplace(sub, bitmask.to(logits.device))
+    logits[index] = sub
+
+
+def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """The logits the request's rules leave (a new tensor when any rule applies)."""
+    penalized = [i for i, s in enumerate(seqs) if s.params.has_penalties]
+    constrained = [i for i, s in enumerate(seqs) if _grammar(s) is not None]
+    banning = any(s.params.min_tokens for s in seqs)
+    if not (penalized or constrained or banning or any(s.params.logit_bias for s in seqs)):
+        return logits
+    logits = logits.clone()
+    _add_bias(logits, seqs)
+    if penalized:
+        _penalize(logits, seqs, penalized)
+    if banning:
+        _ban_endings(logits, seqs)
+    if constrained:
+        _constrain(logits, constrained, seqs)
+    return logits
+
+
+def _grammar(seq: Sequence) -> Any:
+    return None if seq.sampler_state is None else seq.sampler_state.grammar
 
 
 def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -36,8 +155,23 @@ def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(-1, order, probs)
 
 
+def _record(tokens: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Count each penalized row's token on the device; advance each grammar on the host."""
+    one = None
+    for i, seq in enumerate(seqs):
+        state = seq.sampler_state
+        if state is None:
+            continue
+        if state.output_counts is not None:
+            one = torch.ones(1, device=tokens.device) if one is None else one
+            state.output_counts.index_add_(0, tokens[i : i + 1], one)
+        if state.grammar is not None:
+            state.grammar.accept_token(int(tokens[i]))
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample:
     """One token per row of float32 ``logits`` ([rows, vocab]) under each row's params."""
+    logits = process_logits(logits, seqs)
     tokens = torch.argmax(logits, dim=-1)
     random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if random_rows:
@@ -49,8 +183,12 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample:
             if gen is not None:
                 race[j].exponential_(generator=gen)
         tokens[index] = torch.argmax(probs / race, dim=-1)
-    logprobs = None
+    _record(tokens, seqs)
+    result = DeviceSample(tokens, None)
     if any(s.params.logprobs is not None for s in seqs):
-        chosen = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1))
-        logprobs = chosen.squeeze(1)
-    return DeviceSample(tokens, logprobs)
+        all_logprobs = torch.log_softmax(logits, dim=-1)
+        result.logprobs = all_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        k = max(s.params.logprobs or 0 for s in seqs)
+        if k:
+            result.top_logprobs, result.top_ids = all_logprobs.topk(k, dim=-1)
+    return result

@@ -21,7 +21,12 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = None  # how many top alternatives to report beside each sampled token
+    min_tokens: int = 0  # EOS and stop tokens are masked, and stop strings ignored, until then
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated text
+    repetition_penalty: float = 1.0  # divides positive logits of prompt or output tokens
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -43,6 +48,32 @@ class SamplingParams:
             raise RequestError(f"logprobs must be between 0 and 20, got {self.logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise RequestError("stop must be a list of non-empty strings")
+        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+            raise RequestError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise RequestError(
+                f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}"
+            )
+        if any(not -100.0 <= b <= 100.0 for b in self.logit_bias.values()):
+            raise RequestError("logit_bias values must be in [-100, 100]")
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Token ids the request names (bias, stop tokens) must exist in the vocabulary."""
+        for name, ids in (("logit_bias", self.logit_bias), ("stop_token_ids", self.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise RequestError(f"{name} names token {bad[0]}, outside [0, {vocab_size})")
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
 
     @property
     def greedy(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -45,6 +46,7 @@ class Sequence:
     prompt_block_keys: list[tuple] | None = None  # prefix-cache keys of its full prompt blocks
     finishing: bool = False  # its last token is in flight; schedule it no more
     generator: torch.Generator | None = None
+    sampler_state: Any = None  # the sampler's per-request state (penalty counts, grammar)
 
     def generator_on(self, device: torch.device) -> torch.Generator | None:
         """The request's seeded generator, made on first use on the sampling device."""

@@ -1,7 +1,8 @@
 """Response bodies in OpenAI's shapes, for /v1/completions and /v1/chat/completions.
 
-The engine reports the log-probability of each sampled token only, so ``top_logprobs`` lists that
-token alone (for greedy decoding it is the top-1 entry).
+``top_logprobs`` lists the k most likely tokens the engine reported at each step (k = the
+request's ``logprobs`` / ``top_logprobs``); the completions shape also keeps the sampled token,
+as OpenAI's does, so it may hold k + 1 entries.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from nanoflow.server.streaming import ChoiceState, Delta
 
 TokenText = Callable[[int], str]
+Top = list[list[tuple[int, float]]]
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
@@ -34,6 +36,7 @@ class CompletionFormat:
     token_text: TokenText
     logprobs: bool
     object_name: str = "text_completion"
+    prefixes: list[str] | None = None  # per choice, the echoed prompt
 
     def __post_init__(self) -> None:
         self.id = f"cmpl-{uuid.uuid4().hex}"
@@ -48,7 +51,9 @@ class CompletionFormat:
             "choices": choices,
         }
 
-    def _logprobs(self, token_ids: list[int], logprobs: list[float], offset: int) -> dict | None:
+    def _logprobs(
+        self, token_ids: list[int], logprobs: list[float], offset: int, top: Top
+    ) -> dict | None:
         if not self.logprobs:
             return None
         tokens = [self.token_text(t) for t in token_ids]
@@ -56,18 +61,27 @@ class CompletionFormat:
         for tok in tokens:
             offsets.append(offset)
             offset += len(tok)
+        tops = []
+        for i, (tok, lp) in enumerate(zip(tokens, logprobs, strict=False)):
+            alternatives = {self.token_text(t): v for t, v in top[i]} if i < len(top) else {}
+            tops.append({**alternatives, tok: lp})
         return {
             "tokens": tokens,
             "token_logprobs": logprobs,
-            "top_logprobs": [{tok: lp} for tok, lp in zip(tokens, logprobs, strict=False)],
+            "top_logprobs": tops,
             "text_offset": offsets,
         }
+
+    def _prefix(self, index: int) -> str:
+        return self.prefixes[index] if self.prefixes else ""
 
     def chunk(self, index: int, delta: Delta, first: bool) -> dict[str, Any]:
         choice = {
             "index": index,
-            "text": delta.text,
-            "logprobs": self._logprobs(delta.token_ids, delta.logprobs, delta.text_offset),
+            "text": (self._prefix(index) if first else "") + delta.text,
+            "logprobs": self._logprobs(
+                delta.token_ids, delta.logprobs, delta.text_offset, delta.top_logprobs
+            ),
             "finish_reason": delta.finish_reason,
         }
         return self._envelope([choice], chunk=True)
@@ -76,8 +90,8 @@ class CompletionFormat:
         choices = [
             {
                 "index": i,
-                "text": s.emitted,
-                "logprobs": self._logprobs(s.token_ids, s.logprobs, 0),
+                "text": self._prefix(i) + s.emitted,
+                "logprobs": self._logprobs(s.token_ids, s.logprobs, 0, s.top_logprobs),
                 "finish_reason": s.finish_reason,
             }
             for i, s in enumerate(states)
@@ -103,14 +117,19 @@ class ChatFormat(CompletionFormat):
         body["object"] = "chat.completion.chunk" if chunk else "chat.completion"
         return body
 
-    def _logprobs(self, token_ids: list[int], logprobs: list[float], offset: int) -> dict | None:
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        tok = self.token_text(token_id)
+        return {"token": tok, "logprob": logprob, "bytes": list(tok.encode())}
+
+    def _logprobs(
+        self, token_ids: list[int], logprobs: list[float], offset: int, top: Top
+    ) -> dict | None:
         if not self.logprobs:
             return None
         content = []
-        for token_id, lp in zip(token_ids, logprobs, strict=False):
-            tok = self.token_text(token_id)
-            entry = {"token": tok, "logprob": lp, "bytes": list(tok.encode())}
-            content.append({**entry, "top_logprobs": [entry]})
+        for i, (token_id, lp) in enumerate(zip(token_ids, logprobs, strict=False)):
+            alternatives = [self._entry(t, v) for t, v in top[i]] if i < len(top) else []
+            content.append({**self._entry(token_id, lp), "top_logprobs": alternatives})
         return {"content": content}
 
     def chunk(self, index: int, delta: Delta, first: bool) -> dict[str, Any]:
@@ -120,7 +139,9 @@ class ChatFormat(CompletionFormat):
         choice = {
             "index": index,
             "delta": message,
-            "logprobs": self._logprobs(delta.token_ids, delta.logprobs, delta.text_offset),
+            "logprobs": self._logprobs(
+                delta.token_ids, delta.logprobs, delta.text_offset, delta.top_logprobs
+            ),
             "finish_reason": delta.finish_reason,
         }
         return self._envelope([choice], chunk=True)
@@ -130,7 +151,7 @@ class ChatFormat(CompletionFormat):
             {
                 "index": i,
                 "message": {"role": "assistant", "content": s.emitted},
-                "logprobs": self._logprobs(s.token_ids, s.logprobs, 0),
+                "logprobs": self._logprobs(s.token_ids, s.logprobs, 0, s.top_logprobs),
                 "finish_reason": s.finish_reason,
             }
             for i, s in enumerate(states)

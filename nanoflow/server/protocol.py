@@ -151,13 +151,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
-    "logit_bias": (None, {}),
-    "echo": (None, False),
-    "best_of": (None, 1),
-    "presence_penalty": (None, 0.0),
-    "frequency_penalty": (None, 0.0),
-    "repetition_penalty": (None, 1.0),
-    "min_tokens": (None, 0),
     "response_format": (None, {"type": "text"}),
     "guided_json": (None,),
     "guided_regex": (None,),
@@ -193,6 +186,11 @@ class SamplingFields(BaseModel):
     n: Annotated[Int, Field(ge=1, le=MAX_CHOICES)] = 1
     ignore_eos: Bool = False
     stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = None
+    min_tokens: Annotated[Int, Field(ge=0)] = 0
+    logit_bias: dict[Text, Annotated[Float, Field(ge=-100.0, le=100.0)]] | None = None
+    presence_penalty: Annotated[Float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[Float, Field(ge=-2.0, le=2.0)] = 0.0
+    repetition_penalty: Annotated[Float, Field(gt=0.0, le=10.0)] = 1.0
     stream: Bool = False
     stream_options: StreamOptions | None = None
 
@@ -204,6 +202,8 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     prompt: Prompt
     logprobs: Annotated[Int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: Bool = False
+    best_of: Annotated[Int, Field(ge=1, le=MAX_CHOICES)] | None = None
 
 
 class TextPart(BaseModel):

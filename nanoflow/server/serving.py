@@ -133,9 +133,29 @@ class OpenAIServing:
                 ignore_eos=req.ignore_eos,
                 stop_token_ids=list(req.stop_token_ids or []),
                 logprobs=logprobs,
+                min_tokens=req.min_tokens,
+                logit_bias=self._logit_bias(req.logit_bias),
+                presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
+                repetition_penalty=req.repetition_penalty,
             )
-        except RequestError as exc:
-            raise APIError(400, str(exc)) from None
+        except RequestError as exc:  # its message starts with the field it is about
+            field = str(exc).split(" ", 1)[0]
+            param = field if field in type(req).model_fields else None
+            raise APIError(400, str(exc), param=param) from None
+
+    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
+        """OpenAI's logit_bias keys are token ids written as strings."""
+        vocab = self.client.info.vocab_size
+        out = {}
+        for key, value in (bias or {}).items():
+            if not key.isdigit() or int(key) >= vocab:
+                raise APIError(
+                    400, f"logit_bias keys must be token ids below {vocab}, got {key!r}",
+                    param="logit_bias",
+                )  # fmt: skip
+            out[int(key)] = value
+        return out
 
     async def completions(self, req: CompletionRequest, raw: Request) -> Response:
         self.check_model(req.model)
@@ -148,9 +168,34 @@ class OpenAIServing:
             raise APIError(400, "the prompt is empty", param="prompt")
         for ids in encoded:
             self._check_prompt(ids, "prompt")
-        params = [self._params(req, len(ids), req.max_tokens, req.logprobs) for ids in encoded]
+        fan_out = self._best_of(req)
+        logprobs = 0 if req.logprobs is None and fan_out > req.n else req.logprobs
+        params = [self._params(req, len(ids), req.max_tokens, logprobs) for ids in encoded]
         fmt = CompletionFormat(self.model_name, self.token_text, req.logprobs is not None)
-        return await self._generate(req, fmt, encoded, params, raw)
+        if req.echo:
+            if req.logprobs is not None:
+                raise APIError(
+                    400, "echo with logprobs (prompt logprobs) is not supported", param="echo"
+                )
+            texts = [p if isinstance(p, str) else self.decode_prompt(p) for p in prompts]
+            fmt.prefixes = [text for text in texts for _ in range(req.n)]
+        return await self._generate(req, fmt, encoded, params, raw, fan_out)
+
+    def decode_prompt(self, ids: list[int]) -> str:
+        return self.decode(ids) if self.decode else ""
+
+    @staticmethod
+    def _best_of(req: CompletionRequest) -> int:
+        """Candidates generated per prompt; the n with the best logprob per token are returned."""
+        if req.best_of is None:
+            return req.n
+        if req.best_of < req.n:
+            raise APIError(
+                400, f"best_of ({req.best_of}) must be at least n ({req.n})", param="best_of"
+            )
+        if req.stream and req.best_of > req.n:
+            raise APIError(400, "best_of greater than n cannot be streamed", param="best_of")
+        return req.best_of
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         self.check_model(req.model)
@@ -163,7 +208,7 @@ class OpenAIServing:
         ids = await self.text.chat_prompt(messages, self.client.info.max_model_len)
         self._check_prompt(ids, "messages")
         max_tokens = req.max_completion_tokens or req.max_tokens
-        logprobs = 1 if req.logprobs else None
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = [self._params(req, len(ids), max_tokens, logprobs)]
         fmt = ChatFormat(self.model_name, self.token_text, req.logprobs)
         return await self._generate(req, fmt, [ids], params, raw)
@@ -175,13 +220,15 @@ class OpenAIServing:
         prompts: list[list[int]],
         params: list[SamplingParams],
         raw: Request,
+        fan_out: int | None = None,
     ) -> Response:
-        if len(prompts) * req.n > MAX_CHOICES:
+        fan_out = fan_out or req.n
+        if len(prompts) * fan_out > MAX_CHOICES:
             raise APIError(400, f"prompts x n must be at most {MAX_CHOICES}", param="n")
         requests = [
             (ids, replace(p, n=1, seed=None if p.seed is None else (p.seed + k) % MAX_SEED))
             for ids, p in zip(prompts, params, strict=True)
-            for k in range(req.n)
+            for k in range(fan_out)
         ]
         try:
             stream = self.client.submit(requests)
@@ -202,7 +249,7 @@ class OpenAIServing:
                 streaming = True
                 return StreamingResponse(body, media_type="text/event-stream")
             return await _unless_disconnected(
-                self._collect(fmt, events, first, states, prompt_tokens, req.n), raw
+                self._collect(fmt, events, first, states, prompt_tokens, req.n, fan_out), raw
             )
         finally:
             if not streaming:
@@ -223,6 +270,7 @@ class OpenAIServing:
         states: list[ChoiceState],
         prompt_tokens: int,
         n: int,
+        fan_out: int,
     ) -> Response:
         event: Event | None = first
         while event is not None:
@@ -232,7 +280,8 @@ class OpenAIServing:
                 raise APIError(503, f"the request was cut: {event.cut}", "service_unavailable")
             states[event.index].update(event.output)
             event = await anext(events, None)
-        return JSONResponse(fmt.response(states, _usage(states, prompt_tokens, n)))
+        usage_ = _usage(states, prompt_tokens, fan_out)
+        return JSONResponse(fmt.response(_best(states, n, fan_out), usage_))
 
     async def _sse(
         self,
@@ -264,6 +313,14 @@ class OpenAIServing:
             yield "data: [DONE]\n\n"
         finally:
             self._finish(stream, states)
+
+
+def _best(states: list[ChoiceState], n: int, fan_out: int) -> list[ChoiceState]:
+    """Per prompt (``fan_out`` states each, prompt-major), its ``n`` best by logprob per token."""
+    if fan_out == n:
+        return states
+    groups = (states[i : i + fan_out] for i in range(0, len(states), fan_out))
+    return [s for g in groups for s in sorted(g, key=lambda s: -s.mean_logprob)[:n]]
 
 
 def _usage(states: list[ChoiceState], prompt_tokens: int, n: int) -> dict[str, Any]:

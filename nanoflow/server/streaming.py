@@ -26,6 +26,7 @@ class Delta:
     logprobs: list[float]
     text_offset: int
     finish_reason: str | None = None
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 class IncrementalDecoder:
@@ -83,6 +84,7 @@ class ChoiceState:
     created: float = field(default_factory=time.perf_counter)
     emitted: str = ""
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
@@ -110,6 +112,7 @@ class ChoiceState:
             self.last_token_time = now
         self.decoder.add(out.new_token_ids)
         self.logprobs += out.new_logprobs
+        self.top_logprobs += out.new_top_logprobs
         self.cached_prompt_tokens = int(out.metrics.get("num_cached_tokens", 0))
         offset = len(self.emitted)
         if out.finished:
@@ -120,4 +123,16 @@ class ChoiceState:
             text = self.decoder.text
             new = text[offset : len(text) - held_back(text, self.stops)]
         self.emitted += new
-        return Delta(new, out.new_token_ids, out.new_logprobs, offset, self.finish_reason)
+        return Delta(
+            new,
+            out.new_token_ids,
+            out.new_logprobs,
+            offset,
+            self.finish_reason,
+            out.new_top_logprobs,
+        )
+
+    @property
+    def mean_logprob(self) -> float:
+        """The ranking of best_of: log-probability per generated token."""
+        return sum(self.logprobs) / max(1, len(self.logprobs))

@@ -1,0 +1,86 @@
+"""The OpenAI request fields the server honours, through the official client."""
+
+from __future__ import annotations
+
+import math
+
+import openai
+import pytest
+
+from nanoflow.server.launch import ServerProcess
+
+TIMEOUT = 60.0
+GREEDY = {"model": "builtin", "temperature": 0.0}
+
+
+@pytest.fixture(scope="module")
+def client():
+    with ServerProcess(["builtin", "--max-model-len", "256"]) as srv:
+        yield openai.OpenAI(
+            base_url=f"{srv.url}/v1", api_key="unused", timeout=TIMEOUT, max_retries=0
+        )
+
+
+def test_completion_logprobs_are_the_top_k(client):
+    out = client.completions.create(prompt="Hello", max_tokens=4, logprobs=3, **GREEDY)
+    lp = out.choices[0].logprobs
+    for token, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        # k alternatives plus the sampled token; texts of partial characters may coincide
+        assert 1 <= len(top) <= 4 and top[token] == chosen == max(top.values())  # greedy: top-1
+        assert sum(math.exp(v) for v in top.values()) <= 1.0 + 1e-5
+
+
+def test_chat_top_logprobs(client):
+    out = client.chat.completions.create(
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        logprobs=True,
+        top_logprobs=4,
+        **GREEDY,
+    )
+    for entry in out.choices[0].logprobs.content:
+        values = [t.logprob for t in entry.top_logprobs]
+        assert len(values) == 4 and values == sorted(values, reverse=True)
+        assert entry.logprob == values[0]
+
+
+def test_logit_bias_forces_a_token_and_min_tokens_holds_off_the_stop(client):
+    out = client.completions.create(
+        prompt="Hello", max_tokens=3, logprobs=0, logit_bias={"100": 100}, **GREEDY
+    )
+    tokens = out.choices[0].logprobs.tokens
+    echoed = client.completions.create(prompt=[100], max_tokens=1, echo=True, **GREEDY)
+    assert tokens == [tokens[0]] * 3 and echoed.choices[0].text.startswith(tokens[0])
+    body = {"stop_token_ids": [100], "min_tokens": 2, "ignore_eos": True}
+    out = client.completions.create(
+        prompt="Hello", max_tokens=5, logit_bias={"100": 100}, extra_body=body, **GREEDY
+    )
+    assert out.usage.completion_tokens == 3 and out.choices[0].finish_reason == "stop"
+
+
+def test_echo_prefixes_the_prompt(client):
+    plain = client.completions.create(prompt="Hello there", max_tokens=4, **GREEDY)
+    echoed = client.completions.create(prompt="Hello there", max_tokens=4, echo=True, **GREEDY)
+    assert echoed.choices[0].text == "Hello there" + plain.choices[0].text
+
+
+def test_best_of_returns_n_of_more_candidates(client):
+    out = client.completions.create(
+        model="builtin", prompt="Hello", max_tokens=4, n=2, best_of=4, seed=3
+    )
+    assert len(out.choices) == 2 and out.usage.completion_tokens == 16
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        client.completions.create(model="builtin", prompt="x", max_tokens=2, n=3, best_of=2)
+
+
+def test_penalties_change_greedy_output(client):
+    base = client.completions.create(prompt="Hello", max_tokens=24, **GREEDY)
+    penalized = client.completions.create(
+        prompt="Hello",
+        max_tokens=24,
+        frequency_penalty=2.0,
+        presence_penalty=2.0,
+        extra_body={"repetition_penalty": 3.0, "ignore_eos": True},
+        **GREEDY,
+    )
+    assert penalized.choices[0].text != base.choices[0].text
