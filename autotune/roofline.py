@@ -1,6 +1,6 @@
 """Op tables from a roofline instead of a GPU: each op's FLOPs and bytes over nominal H100
-ceilings (DESIGN §8), with small GEMMs less efficient and memory-bound kernels needing about a
-third of the SMs to reach full bandwidth.
+ceilings (docs/architecture.md, "Measuring"), with small GEMMs less efficient and memory-bound
+kernels needing about a third of the SMs to reach full bandwidth.
 
 Not a substitute for profiling: they let the whole tuning path (search, validation, profile)
 run on a CPU, and give a search its shape before a GPU is at hand.

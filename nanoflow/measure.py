@@ -76,7 +76,7 @@ def time_cuda(
 
 
 def gemm_ceiling_tflops(device: torch.device, n: int = 8192) -> float:
-    """bf16 dense GEMM rate on random data (the compute ceiling of DESIGN §8)."""
+    """bf16 dense GEMM rate on random data (the compute ceiling, docs/architecture.md)."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     seconds = time_cuda(lambda: a @ b)

@@ -1,4 +1,4 @@
-"""``nanoflow serve``: the OpenAI-compatible HTTP server (DESIGN §6)."""
+"""``nanoflow serve``: the OpenAI-compatible HTTP server (docs/architecture.md, "Serving")."""
 
 from __future__ import annotations
 

@@ -94,7 +94,7 @@ class NanoBatchExecutor:
 
 
 class OverlappedExecutor:
-    """Operation-level pipeline over execution units (DESIGN §3)."""
+    """Operation-level pipeline over execution units (docs/architecture.md, "The pipeline")."""
 
     name = "overlapped"
 

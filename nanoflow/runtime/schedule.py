@@ -12,7 +12,7 @@ from nanoflow.runtime.graph import DECODE_ATTENTION, Resource
 
 
 class Mechanism(enum.StrEnum):
-    """How an execution unit's SM budget is enforced (DESIGN §3)."""
+    """How an execution unit's SM budget is enforced (docs/architecture.md, "The pipeline")."""
 
     CTA_LIMIT = "cta_limit"
     GREEN_CONTEXT = "green_context"

@@ -1,5 +1,5 @@
 """The engine loop in its own process, so HTTP parsing and tokenizing never take the GIL from
-kernel launches (DESIGN §2).
+kernel launches (docs/architecture.md, "Data flow").
 
 Messages travel over two ZeroMQ pipes as pickled tuples. In: ``("add", id, token_ids, params)``,
 ``("abort", ids)``, ``("stats", query_id)``, ``("shutdown",)``. Out: ``("ready", info)``,
