@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from nanoflow.server.engine_process import FAULT_ENV
 from nanoflow.server.launch import ServerProcess
 
 TIMEOUT = 60.0
@@ -21,7 +22,10 @@ FAULT_PREFIX = "FAULT!"
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerProcess(["builtin", "--max-model-len", "128"], env={FAULT_ENV: FAULT_PREFIX}) as srv:
+    srv = ServerProcess(["builtin", "--max-model-len", "128"])
+    script = Path(__file__).with_name("fault_server.py")
+    srv.command = [sys.executable, str(script), FAULT_PREFIX, *srv.command[4:]]
+    with srv:
         yield srv
 
 

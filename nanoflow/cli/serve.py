@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from nanoflow.cli.main import add_engine_args, engine_kwargs
 from nanoflow.server.guard import DEFAULT_MAX_REQUEST_BYTES
+
+if TYPE_CHECKING:
+    from nanoflow.server.engine_process import PromptFaults
 
 
 def _positive_int(text: str) -> int:
@@ -58,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, faults: PromptFaults | None = None) -> int:
+    """``faults``: requests to fail inside the engine (for tests of the failure paths)."""
     from nanoflow.config import EngineConfig
     from nanoflow.server.http_server import serve
 
@@ -74,4 +79,5 @@ def run(args: argparse.Namespace) -> int:
         data_parallel_size=args.data_parallel_size,
         max_request_bytes=args.max_request_bytes,
         engine_restarts=args.engine_restarts,
+        faults=faults,
     )

@@ -26,6 +26,9 @@ from nanoflow.runtime.schedule import PipelineSchedule
 logger = logging.getLogger(__name__)
 
 Detokenize = Callable[[list[int]], str]
+# Sees each sampled token before it is appended; raising fails that request alone, through the
+# same path a real post-processing error takes (what fault injection tests use).
+TokenHook = Callable[[Sequence, int], None]
 
 
 @dataclass
@@ -122,7 +125,13 @@ class RunStats:
 class EngineCore:
     """Requests in, tokens out: owns the scheduler, the block manager and rank 0's runner."""
 
-    def __init__(self, config: EngineConfig, detokenize: Detokenize | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        detokenize: Detokenize | None = None,
+        on_token: TokenHook | None = None,
+    ) -> None:
+        self.on_token = on_token
         self.launcher = None
         group = ParallelGroup()
         if config.tensor_parallel_size > 1:
@@ -286,6 +295,8 @@ class EngineCore:
                 continue
             logprob = logprobs[i] if logprobs is not None else None
             try:
+                if self.on_token is not None:
+                    self.on_token(seq, tokens[i])
                 out = self._append_token(seq, tokens[i], logprob, now)
                 if top is not None and seq.params.logprobs:
                     out.new_top_logprobs = [top[i][: seq.params.logprobs]]

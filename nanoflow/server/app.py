@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoflow.config import EngineConfig
 from nanoflow.server.engine_client import EngineClient, EngineDeadError
+from nanoflow.server.engine_process import PromptFaults
 from nanoflow.server.errors import APIError, engine_dead
 from nanoflow.server.guard import DEFAULT_MAX_REQUEST_BYTES, RequestGuard
 from nanoflow.server.metrics import ServerMetrics
@@ -98,12 +99,14 @@ def create_app(
     data_parallel_size: int = 1,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     engine_restarts: int = 0,
+    faults: PromptFaults | None = None,
 ) -> FastAPI:
     """An app that serves ``config.model`` as ``model_name``; its engine (or its
     ``data_parallel_size`` replicas) starts with the app. ``app.state.draining`` set to True
-    makes new /v1 requests get 503 (graceful shutdown)."""
+    makes new /v1 requests get 503 (graceful shutdown). ``faults`` goes to the engine's
+    ``on_token`` hook (fault injection, one engine only)."""
     client: EngineClient | ReplicaPool = (
-        EngineClient(config, log_level, engine_restarts)
+        EngineClient(config, log_level, engine_restarts, faults)
         if data_parallel_size == 1
         else ReplicaPool(config, data_parallel_size, log_level, engine_restarts)
     )

@@ -25,7 +25,7 @@ from nanoflow.config import EngineConfig
 from nanoflow.engine.engine_core import RequestOutput
 from nanoflow.engine.sampling_params import SamplingParams
 from nanoflow.errors import NanoflowError
-from nanoflow.server.engine_process import EngineInfo, run_engine
+from nanoflow.server.engine_process import EngineInfo, PromptFaults, run_engine
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +77,14 @@ class RequestStream:
 
 class EngineClient:
     def __init__(
-        self, config: EngineConfig, log_level: int = logging.WARNING, restarts: int = 0
+        self,
+        config: EngineConfig,
+        log_level: int = logging.WARNING,
+        restarts: int = 0,
+        faults: PromptFaults | None = None,
     ) -> None:
         self.config = config
+        self.faults = faults
         self.log_level = log_level
         self.info: EngineInfo | None = None
         self.dead_reason: str | None = None
@@ -121,7 +126,7 @@ class EngineClient:
         spawn = multiprocessing.get_context("spawn")
         self.process = spawn.Process(
             target=run_engine,
-            args=(self.config, in_addr, out_addr, self.log_level),
+            args=(self.config, in_addr, out_addr, self.log_level, self.faults),
             name="nanoflow-engine",
         )
         self.process.start()

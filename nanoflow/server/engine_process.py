@@ -7,9 +7,9 @@ Messages travel over two ZeroMQ pipes as pickled tuples. In: ``("add", id, token
 ``("rejected", id, message)`` for a request the engine refuses, ``("stats", query_id, dict)`` and
 ``("fatal", message)`` just before the process gives up.
 
-Fault injection (tests only): when ``NANOFLOW_FAULT_INJECT_PREFIX`` is set in the environment,
-a request whose decoded prompt starts with that text raises inside ``EngineCore`` when its first
-token is post-processed, so it takes the same per-request failure path a real error takes.
+Fault injection (tests): ``run_engine(..., faults=PromptFaults(prefix))`` makes a request whose
+decoded prompt starts with that text raise inside ``EngineCore`` when its first token is
+post-processed, so it takes the same per-request failure path a real error takes.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from nanoflow.errors import RequestError
 
 logger = logging.getLogger(__name__)
 
-FAULT_ENV = "NANOFLOW_FAULT_INJECT_PREFIX"
 _IDLE_POLL_MS = 100
 
 
@@ -44,24 +43,23 @@ class EngineInfo:
     executor: str = "unknown"
 
 
-class _FaultInjector:
-    """Makes requests whose prompt text starts with a prefix fail inside the engine loop."""
+class PromptFaults:
+    """An ``EngineCore.on_token`` hook that fails requests whose prompt text starts with
+    ``prefix``; picklable, so it travels to the spawned engine process."""
 
-    def __init__(self, engine: Any, detokenize: Any, prefix: str) -> None:
-        self.prefix, self.detokenize, self.doomed = prefix, detokenize, set()
-        original = engine._append_token
-
-        def append_token(seq: Any, token: int, logprob: float | None, now: float) -> Any:
-            if seq.request_id in self.doomed:
-                self.doomed.discard(seq.request_id)
-                raise RuntimeError(f"injected fault ({FAULT_ENV})")
-            return original(seq, token, logprob, now)
-
-        engine._append_token = append_token
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.detokenize: Any = None
+        self.doomed: set[str] = set()
 
     def watch(self, request_id: str, token_ids: list[int]) -> None:
         if self.detokenize is not None and self.detokenize(token_ids).startswith(self.prefix):
             self.doomed.add(request_id)
+
+    def __call__(self, seq: Any, token: int) -> None:
+        if seq.request_id in self.doomed:
+            self.doomed.discard(seq.request_id)
+            raise RuntimeError(f"injected fault (prompt starts with {self.prefix!r})")
 
 
 def cpu_threads(num_parameters: int, cores: int) -> int:
@@ -80,7 +78,7 @@ def _set_cpu_threads(config: EngineConfig, num_parameters: int) -> None:
     logger.info("CPU engine: %d torch threads for %d parameters", threads, num_parameters)
 
 
-def _build_engine(config: EngineConfig) -> tuple[Any, Any]:
+def _build_engine(config: EngineConfig, faults: PromptFaults | None) -> Any:
     from nanoflow.engine.engine_core import EngineCore
     from nanoflow.engine.tokenizer import decode, load_tokenizer
     from nanoflow.models.loader import resolve_model
@@ -89,10 +87,12 @@ def _build_engine(config: EngineConfig) -> tuple[Any, Any]:
     _set_cpu_threads(config, spec.num_parameters())
     tokenizer = load_tokenizer(config.tokenizer or checkpoint)
     detokenize = (lambda ids: decode(tokenizer, ids)) if tokenizer is not None else None
-    engine = EngineCore(config, detokenize=detokenize)
+    if faults is not None:
+        faults.detokenize = detokenize
+    engine = EngineCore(config, detokenize=detokenize, on_token=faults)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         engine.eos_token_ids.add(tokenizer.eos_token_id)
-    return engine, detokenize
+    return engine
 
 
 def _stats(engine: Any) -> dict[str, float]:
@@ -107,7 +107,13 @@ def _stats(engine: Any) -> dict[str, float]:
     }
 
 
-def run_engine(config: EngineConfig, in_addr: str, out_addr: str, log_level: int) -> None:
+def run_engine(
+    config: EngineConfig,
+    in_addr: str,
+    out_addr: str,
+    log_level: int,
+    faults: PromptFaults | None = None,
+) -> None:
     """Process entry point: build the engine, then serve messages until told to stop.
 
     Ctrl-C reaches the whole process group; the engine ignores it and stops when the front end
@@ -119,13 +125,11 @@ def run_engine(config: EngineConfig, in_addr: str, out_addr: str, log_level: int
     inbox.connect(in_addr)
     outbox.connect(out_addr)
     try:
-        engine, detokenize = _build_engine(config)
+        engine = _build_engine(config, faults)
     except Exception as exc:
         logger.exception("engine failed to start")
         outbox.send_pyobj(("fatal", f"engine failed to start: {type(exc).__name__}: {exc}"))
         return
-    prefix = os.environ.get(FAULT_ENV)
-    faults = _FaultInjector(engine, detokenize, prefix) if prefix else None
     info = EngineInfo(
         engine.max_model_len,
         engine.spec.vocab_size,
@@ -145,7 +149,7 @@ def run_engine(config: EngineConfig, in_addr: str, out_addr: str, log_level: int
         inbox.close(linger=0)
 
 
-def _loop(engine: Any, faults: _FaultInjector | None, inbox: Any, outbox: Any) -> None:
+def _loop(engine: Any, faults: PromptFaults | None, inbox: Any, outbox: Any) -> None:
     parent = multiprocessing.parent_process()
     step_seconds: list[float] = []
     last_parent_check = time.monotonic()
@@ -171,7 +175,7 @@ def _loop(engine: Any, faults: _FaultInjector | None, inbox: Any, outbox: Any) -
                 step_seconds = []
 
 
-def _handle(engine: Any, faults: _FaultInjector | None, outbox: Any, message: tuple) -> bool:
+def _handle(engine: Any, faults: PromptFaults | None, outbox: Any, message: tuple) -> bool:
     """Apply one front-end message; False means shut down."""
     kind = message[0]
     if kind == "add":

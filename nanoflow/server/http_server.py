@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from nanoflow.config import EngineConfig
 from nanoflow.errors import ConfigError
 from nanoflow.server.app import create_app, load_front_end_tokenizer
+from nanoflow.server.engine_process import PromptFaults
 from nanoflow.server.guard import DEFAULT_MAX_REQUEST_BYTES
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def serve(
     data_parallel_size: int = 1,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     engine_restarts: int = 0,
+    faults: PromptFaults | None = None,
 ) -> int:
     """Serve until a signal arrives; the exit status (1 if the server never started or its
     engine died with no restarts left)."""
@@ -97,6 +99,7 @@ def serve(
         data_parallel_size,
         max_request_bytes,
         engine_restarts,
+        faults,
     )
     uv_config = uvicorn.Config(
         app,
