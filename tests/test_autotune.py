@@ -156,13 +156,14 @@ def test_search_finds_the_known_optimum_of_synthetic_tables():
     tables = _tables(ops, 8, {"green_context": {}})
     shape = WorkloadShape(input_len=1, output_len=1000)
     space = SearchSpace(128, ("green_context",), 2048, 2048, 64)
-    study = run_search(tables, shape, space, trials=80, seed=3, progress=False)
-    best = top_candidates(study, 1)[0]
-    units = {u.name: u.num_sms for u in best.schedule.units}
-    assert units == {"compute": 104, "memory": 24}
-    assert best.schedule.num_nano_batches >= 2
     ideal = 8 * 2048 * 3e-6 * 128 / 104  # the GEMM never waits
-    assert best.predicted_iteration_s < 1.1 * ideal
+    for seed in range(3):  # the property, whichever way the search samples
+        study = run_search(tables, shape, space, trials=80, seed=seed, progress=False)
+        best = top_candidates(study, 1)[0]
+        units = {u.name: u.num_sms for u in best.schedule.units}
+        assert units == {"compute": 104, "memory": 24}, seed
+        assert best.schedule.num_nano_batches >= 2
+        assert best.predicted_iteration_s < 1.1 * ideal
     sequential = predict(tables, sequential_schedule(), steady_batch(2048, shape))
     assert sequential.iteration_s == pytest.approx(8 * 2048 * 5e-6)
 
@@ -344,12 +345,13 @@ def test_search_finds_the_shared_sm_layout_when_it_is_best():
     tables = _tables(ops, 8, interference)
     shape = WorkloadShape(input_len=1, output_len=1000)
     space = SearchSpace(128, tables.mechanisms, 2048, 2048, 64, shared=tables.shares_sms)
-    study = run_search(tables, shape, space, trials=60, seed=1, progress=False)
-    best = top_candidates(study, 1)[0]
-    units = {u.name: u.num_sms for u in best.schedule.units}
-    assert units["compute"] is None and units["attention"] >= 32
     sequential = predict(tables, sequential_schedule(), steady_batch(2048, shape))
-    assert best.predicted_iteration_s < 0.75 * sequential.iteration_s
+    for seed in range(3):  # the property, whichever way the search samples
+        study = run_search(tables, shape, space, trials=60, seed=seed, progress=False)
+        best = top_candidates(study, 1)[0]
+        units = {u.name: u.num_sms for u in best.schedule.units}
+        assert units["compute"] is None and units["attention"] >= 32, seed
+        assert best.predicted_iteration_s < 0.75 * sequential.iteration_s
 
 
 def test_an_fp8_cache_lets_the_search_propose_larger_batches():

@@ -57,10 +57,15 @@ def test_planner_refuses_layers_out_of_order():
         planner.begin(2)
 
 
-def test_spread_layers():
-    assert spread_layers(2, 8) == (2, 6)
-    assert spread_layers(8, 8) == tuple(range(8))
-    assert spread_layers(3, 80) == (13, 40, 66)
+@pytest.mark.parametrize("count, num_layers", [(1, 8), (2, 8), (3, 80), (5, 32), (47, 80), (8, 8)])
+def test_spread_layers_spreads_evenly_over_the_depth(count, num_layers):
+    """``count`` distinct layers whose gaps (the last one wrapping round to the first) differ
+    by at most one layer."""
+    layers = spread_layers(count, num_layers)
+    assert len(layers) == count and list(layers) == sorted(set(layers))
+    assert set(layers) <= set(range(num_layers))
+    gaps = [b - a for a, b in itertools.pairwise(layers)] + [layers[0] + num_layers - layers[-1]]
+    assert max(gaps) - min(gaps) <= 1
 
 
 class LoggingCopier(InlineCopier):
