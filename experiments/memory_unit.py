@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,10 +43,12 @@ from nanoflow.kernels import decode_attention_cuda as cuda_kernel  # noqa: E402
 from nanoflow.kernels.activation import silu_and_mul_triton  # noqa: E402
 from nanoflow.kernels.decode_attention import (  # noqa: E402
     CONFIG_ENV,
+    CUDA_PREFIX,
     TRITON_ONLY,
     _cuda_choice,
     paged_decode_attention_ref,
     paged_decode_attention_triton,
+    parse_cuda_config,
 )
 from nanoflow.kernels.norm import rms_norm_triton  # noqa: E402
 from nanoflow.kernels.rotary import rope_kv_write_triton  # noqa: E402
@@ -55,8 +58,12 @@ DEVICE = torch.device("cuda" if GPU else "cpu")
 CTA_BUDGETS = (16, 24, 32, 48, 66, 132)
 GREEN_BUDGETS = (16, 24, 32, 48)
 DECODE_CASES = ((64, 8192), (256, 2048), (1024, 512), (1024, 256))  # (batch, context)
+# as the engine runs it: random lengths up to 1024 in block tables 512 pages wide
+MIXED_CASE = (1024, 1024, 512)
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
-READ_SHAPES = ((1024, 8), (1024, 4), (512, 16), (256, 16))  # (threads per CTA, loads in flight)
+# (threads per CTA, loads in flight per thread, CTAs per SM the registers are sized for)
+CTA_READ_SHAPES = ((1024, 8, 1), (1024, 4, 1), (512, 16, 1), (512, 8, 1))
+GREEN_READ_SHAPES = ((1024, 8, 1), (1024, 4, 2), (512, 8, 2), (512, 4, 3), (256, 8, 4))
 READ_BYTES = 2 << 30
 TOLERANCE = 2e-2
 TARGET_FRACTION = 0.85
@@ -98,34 +105,35 @@ def check(name: str, out: torch.Tensor, ref: torch.Tensor) -> None:
 # ---------------------------------------------------------------- 1. the streaming-read curve
 def read_curve() -> dict[str, Any]:
     src = torch.randint(-(2**31), 2**31 - 1, (READ_BYTES // 4,), dtype=torch.int32, device=DEVICE)
-    sink = torch.empty(132 * 2 * 1024 * 4, dtype=torch.int32, device=DEVICE)
+    sink = torch.empty(132 * 4 * 1024 * 4, dtype=torch.int32, device=DEVICE)
     rows = []
 
-    def best(sms: int, mechanism: str, ctas_per_sm: tuple[int, ...]) -> float:
+    def best(sms: int, mechanism: str, shapes: tuple[tuple[int, int, int], ...]) -> float:
         top = 0.0
-        for threads, unroll in READ_SHAPES:
-            for per_sm in ctas_per_sm:
-                grid = sms * per_sm
-                fn = partial(cuda_kernel.stream_read, src, sink, grid, threads, unroll)
-                gbs = READ_BYTES / bench_ms(fn) / 1e6
-                rows.append(dict(mechanism=mechanism, sms=sms, threads=threads, unroll=unroll,
-                                 ctas_per_sm=per_sm, gbs=gbs))  # fmt: skip
-                top = max(top, gbs)
+        for threads, unroll, per_sm in shapes:
+            grid = sms * per_sm
+            fn = partial(cuda_kernel.stream_read, src, sink, grid, threads, unroll, per_sm)
+            gbs = READ_BYTES / bench_ms(fn) / 1e6
+            rows.append(dict(mechanism=mechanism, sms=sms, threads=threads, unroll=unroll,
+                             ctas_per_sm=per_sm, gbs=gbs))  # fmt: skip
+            top = max(top, gbs)
         return top
 
-    cta = {k: best(k, "cta_limited", (1,)) for k in CTA_BUDGETS}
+    cta = {k: best(k, "cta_limited", CTA_READ_SHAPES) for k in CTA_BUDGETS}
     green = {}
     for k in GREEN_BUDGETS:
         with torch.cuda.stream(green_stream(k).stream):
-            green[k] = best(k, "green_context", (1, 2))
+            green[k] = best(k, "green_context", GREEN_READ_SHAPES)
     torch.cuda.synchronize()
     return {"cta_limited": cta, "green_context": green, "rows": rows}
 
 
 # ---------------------------------------------------------------- 2. decode attention
-def paged_cache(lens: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def paged_cache(
+    lens: list[int], dtype: torch.dtype, width: int | None = None
+) -> tuple[torch.Tensor, ...]:
     pages = [-(-n // PAGE) for n in lens]
-    width = max(pages)
+    width = max(max(pages), width or 0)
     total = sum(pages)
     shape = (total, KV_HEADS, PAGE, HEAD_DIM)
     k = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16).to(dtype)
@@ -139,14 +147,16 @@ def paged_cache(lens: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, ...]
     return k, v, tables
 
 
-def decode_inputs(batch: int, ctx: int, kv_dtype: torch.dtype, random_lens: bool) -> tuple:
+def decode_inputs(
+    batch: int, ctx: int, kv_dtype: torch.dtype, random_lens: bool, width: int | None = None
+) -> tuple:
     gen = torch.Generator().manual_seed(batch * 7 + ctx)
     lens = (
         torch.randint(1, ctx + 1, (batch,), generator=gen).tolist()
         if random_lens
         else [ctx] * batch
     )
-    k, v, tables = paged_cache(lens, kv_dtype)
+    k, v, tables = paged_cache(lens, kv_dtype, width)
     q = torch.randn(batch, HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
     lens_t = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     kv_bytes = 2 * sum(lens) * KV_HEADS * HEAD_DIM * k.element_size()
@@ -154,55 +164,64 @@ def decode_inputs(batch: int, ctx: int, kv_dtype: torch.dtype, random_lens: bool
 
 
 def run_decode(kernel: str, args: tuple, num_ctas: int | None, out: torch.Tensor) -> torch.Tensor:
-    """The CUDA kernel, or the Triton kernels with their built-in choice, on the current stream."""
-    if kernel == "cuda" and _cuda_choice(*args[:5]) is None:
+    """``kernel``: "cuda" (the default choice), "cuda:..." (a forced CUDA configuration) or
+    "triton" (the Triton kernels with their built-in choice), on the current stream."""
+    forced = {"cuda": None, "triton": TRITON_ONLY}.get(kernel, kernel)
+    if kernel.startswith("cuda") and _cuda_choice(*args[:5]) is None:
         raise RuntimeError("the CUDA decode kernel does not apply here (CuPy, GPU or layout)")
-    previous = os.environ.get(CONFIG_ENV)
-    os.environ[CONFIG_ENV] = TRITON_ONLY if kernel == "triton" else previous or ""
-    if not os.environ[CONFIG_ENV]:
-        del os.environ[CONFIG_ENV]
+    previous = os.environ.pop(CONFIG_ENV, None)
+    if forced is not None:
+        os.environ[CONFIG_ENV] = forced
     try:
         return paged_decode_attention_triton(*args, num_ctas=num_ctas, out=out)
     finally:
-        if previous is None:
-            os.environ.pop(CONFIG_ENV, None)
-        else:
+        os.environ.pop(CONFIG_ENV, None)
+        if previous is not None:
             os.environ[CONFIG_ENV] = previous
+
+
+def fits(kernel: str, kv_dtype: torch.dtype) -> bool:
+    """A forced CUDA configuration's shared memory fits one SM for this cache."""
+    if not kernel.startswith(CUDA_PREFIX):
+        return True
+    config = parse_cuda_config(kernel)
+    elt = torch.empty(0, dtype=kv_dtype).element_size()
+    return config.ctas_per_sm * cuda_kernel.smem_bytes(config, elt, HEADS // KV_HEADS) <= (
+        cuda_kernel.SMEM_PER_SM
+    )
 
 
 def decode_attention(curve: dict[str, Any], kernels: tuple[str, ...]) -> list[dict[str, Any]]:
     rows = []
     for kv_name, kv_dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
-        for batch, ctx in DECODE_CASES:
+        for batch, ctx, width in [(b, c, None) for b, c in DECODE_CASES] + [MIXED_CASE]:
             # correctness on random lengths (partial pages, short rows), budgeted and not
-            args, _ = decode_inputs(batch, ctx, kv_dtype, random_lens=True)
+            args, _ = decode_inputs(batch, ctx, kv_dtype, random_lens=True, width=width)
             ref = paged_decode_attention_ref(*args)
-            for kernel in kernels:
+            for kernel in [k for k in kernels if fits(k, kv_dtype)]:
                 for budget in (16, None):
                     out = torch.full_like(args[0], float("nan"))
                     run_decode(kernel, args, budget, out)
                     check(f"decode {kernel} {kv_name} b{batch} ctx<={ctx} ctas={budget}", out, ref)
             del ref, args
-            args, kv_bytes = decode_inputs(batch, ctx, kv_dtype, random_lens=False)
+            args, kv_bytes = decode_inputs(
+                batch, ctx, kv_dtype, random_lens=width is not None, width=width
+            )
             out = torch.empty_like(args[0])
-            for kernel in kernels:
-                for sms in CTA_BUDGETS:
-                    budget = None if sms == 132 else sms
-                    ms = bench_ms(partial(run_decode, kernel, args, budget, out))
-                    gbs = kv_bytes / ms / 1e6
-                    rows.append(dict(kernel=kernel, cache=kv_name, batch=batch, context=ctx,
-                                     mechanism="cta_limited", sms=sms, ms=ms, gbs=gbs,
-                                     ceiling_gbs=curve["cta_limited"][sms],
-                                     fraction=gbs / curve["cta_limited"][sms]))  # fmt: skip
-                for sms in GREEN_BUDGETS:
-                    with torch.cuda.stream(green_stream(sms).stream):
-                        ms = bench_ms(partial(run_decode, kernel, args, None, out))
-                    gbs = kv_bytes / ms / 1e6
-                    rows.append(dict(kernel=kernel, cache=kv_name, batch=batch, context=ctx,
-                                     mechanism="green_context", sms=sms, ms=ms, gbs=gbs,
-                                     ceiling_gbs=curve["green_context"][sms],
-                                     fraction=gbs / curve["green_context"][sms]))  # fmt: skip
+            case = dict(cache=kv_name, batch=batch, context=ctx, mixed=width is not None)
+            for kernel in [k for k in kernels if fits(k, kv_dtype)]:
+                for mechanism, sms in [("cta_limited", k) for k in CTA_BUDGETS] + [
+                    ("green_context", k) for k in GREEN_BUDGETS
+                ]:
+                    green = mechanism == "green_context"
+                    budget = None if green or sms == 132 else sms
+                    fn = partial(run_decode, kernel, args, budget, out)
+                    with torch.cuda.stream(green_stream(sms).stream) if green else nullcontext():
+                        ms = bench_ms(fn)
                     torch.cuda.synchronize()
+                    gbs, ceiling = kv_bytes / ms / 1e6, curve[mechanism][sms]
+                    row = dict(mechanism=mechanism, sms=sms, ms=ms, gbs=gbs, ceiling_gbs=ceiling)
+                    rows.append(dict(kernel=kernel, **case, **row, fraction=gbs / ceiling))
                 print_rows(rows[-len(CTA_BUDGETS) - len(GREEN_BUDGETS) :])
             del args, out
             torch.cuda.empty_cache()
@@ -212,7 +231,7 @@ def decode_attention(curve: dict[str, Any], kernels: tuple[str, ...]) -> list[di
 def print_rows(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         print(
-            f"{r['kernel']:6s} {r['cache']:4s} b{r['batch']:<5d} ctx{r['context']:<5d} "
+            f"{r['kernel']:16s} {r['cache']:4s} b{r['batch']:<5d} ctx{r['context']:<5d} "
             f"{r['mechanism']:13s} {r['sms']:3d} SMs {r['gbs']:7.0f} GB/s "
             f"({r['fraction']:.2f} of {r['ceiling_gbs']:.0f})",
             flush=True,
@@ -345,11 +364,27 @@ def dry_run() -> dict[str, Any]:
     return {"split_plans": plans}
 
 
+def write(out_dir: Path, record: dict[str, Any], started: float) -> list[dict[str, Any]]:
+    """Both JSON files from what has been measured so far; returns the target rows."""
+    record.update(RESULTS, total_seconds=time.perf_counter() - started)
+    (out_dir / "memory_unit.json").write_text(json.dumps(record, indent=1, default=str))
+    if not GPU:
+        return []
+    summary = {key: record.get(key) for key in ("gpu", "device", "command", "commit", "date")}
+    summary["targets"] = targets(RESULTS)
+    (out_dir / "memory-unit.json").write_text(json.dumps(summary, indent=1))
+    return summary["targets"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for the two JSON files")
     parser.add_argument("--sections", default="read,decode,small,throughput")
-    parser.add_argument("--kernels", default="cuda,triton", help="decode kernels to time")
+    parser.add_argument(
+        "--kernels",
+        default="cuda;triton",
+        help="decode kernels to time, ';'-separated: cuda, triton, or a forced cuda:... config",
+    )
     parser.add_argument("--num-prompts", type=int, default=2000)
     args = parser.parse_args()
     out_dir = Path(args.out)
@@ -366,7 +401,7 @@ def main() -> int:
         print("read curve, CTA-limited:", {k: round(v) for k, v in curve["cta_limited"].items()})
         print("read curve, green:", {k: round(v) for k, v in curve["green_context"].items()})
         steps = [
-            ("decode", lambda: decode_attention(curve, tuple(args.kernels.split(",")))),
+            ("decode", lambda: decode_attention(curve, tuple(args.kernels.split(";")))),
             ("small", lambda: small_kernels(curve)),
             ("throughput", lambda: [throughput(args.num_prompts, k, out_dir)
                                     for k in ("triton", "cuda")]),
@@ -381,13 +416,9 @@ def main() -> int:
 
                 traceback.print_exc()
                 RESULTS["errors"][name] = repr(err)
-    record.update(RESULTS, total_seconds=time.perf_counter() - started)
-    (out_dir / "memory_unit.json").write_text(json.dumps(record, indent=1, default=str))
+            write(out_dir, record, started)  # what is done survives a later section's end
+    target_rows = write(out_dir, record, started)
     if GPU:
-        target_rows = targets(RESULTS)
-        summary = {key: record.get(key) for key in ("gpu", "device", "command", "commit", "date")}
-        summary["targets"] = target_rows
-        (out_dir / "memory-unit.json").write_text(json.dumps(summary, indent=1))
         for t in target_rows:
             met = t["measured"] >= t["target"]
             print(f"{t['name']:42s} {t['measured']:10.3f}  target {t['target']}  "

@@ -78,7 +78,8 @@ class DecodeConfig:
 # Replaces the kernel choice in every launch, so one GPU run can time a configuration end to end
 # (throughput runs and result files record it): "block_n,num_warps,num_stages,min_split_tiles,
 # parallel_heads[,tma]" forces that Triton configuration, "triton" the Triton kernels with their
-# built-in choice, "cuda:warps,stages[,ctas_per_sm[,items_per_warp]]" the CUDA kernel so.
+# built-in choice, "cuda:warps,stages[,ctas_per_sm[,items_per_warp[,pages_per_stage]]]" the CUDA
+# kernel so.
 CONFIG_ENV = "NANOFLOW_DECODE_CONFIG"
 TRITON_ONLY = "triton"
 CUDA_PREFIX = "cuda:"
@@ -92,10 +93,10 @@ def parse_cuda_config(text: str) -> cuda_kernel.CudaDecodeConfig:
         numbers = [int(f) for f in fields]
     except ValueError:
         numbers = []
-    if not 2 <= len(numbers) <= 4 or any(n < 1 for n in numbers):
+    if not 2 <= len(numbers) <= 5 or any(n < 1 for n in numbers):
         raise ValueError(
-            f"{CONFIG_ENV}={text!r}: expected cuda:warps,stages[,ctas_per_sm[,items_per_warp]] "
-            "of positive integers"
+            f"{CONFIG_ENV}={text!r}: expected cuda:warps,stages[,ctas_per_sm[,items_per_warp"
+            "[,pages_per_stage]]] of positive integers"
         )
     return cuda_kernel.CudaDecodeConfig(*numbers)
 

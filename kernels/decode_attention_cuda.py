@@ -29,29 +29,35 @@ SMEM_PER_SM = 227 * 1024  # the opt-in maximum of one SM on Hopper
 @dataclass(frozen=True)
 class CudaDecodeConfig:
     """``warps`` per CTA, each streaming its own work items through ``stages`` shared-memory
-    pages; ``ctas_per_sm`` CTAs share an SM (their rings together bound the bytes in flight);
-    ``items_per_warp`` sets how finely contexts are split so every warp has work."""
+    stages of ``pages_per_stage`` pages (several pages per step give a warp independent chains
+    of MMAs to interleave); ``ctas_per_sm`` CTAs share an SM (their rings together bound the
+    bytes in flight); ``items_per_warp`` sets how finely contexts are split so every warp has
+    work."""
 
     warps: int
     stages: int
     ctas_per_sm: int = 1
     items_per_warp: int = 4
+    pages_per_stage: int = 1
 
 
-def stage_bytes(kv_elt: int, group: int) -> int:
+def stage_bytes(kv_elt: int, group: int, pages: int = 1) -> int:
     page = PAGE * HEAD_DIM * kv_elt
     q_bytes = group * HEAD_DIM * 2
-    return 2 * page + -(-q_bytes // 128) * 128
+    return 2 * pages * page + -(-q_bytes // 128) * 128
 
 
 def smem_bytes(config: CudaDecodeConfig, kv_elt: int, group: int) -> int:
-    return config.warps * config.stages * stage_bytes(kv_elt, group)
+    per_stage = stage_bytes(kv_elt, group, config.pages_per_stage)
+    return config.warps * config.stages * per_stage
 
 
 def default_config(kv_elt: int, group: int) -> CudaDecodeConfig:
-    """The deepest ring that fits one CTA of 8 warps per SM."""
-    stages = SMEM_PER_SM // (8 * stage_bytes(kv_elt, group))
-    return CudaDecodeConfig(warps=8, stages=max(2, min(stages, 8)))
+    """8 warps with the deepest ring one SM holds: a page a step for a 16-bit cache, two for
+    an fp8 one (whose pages are half the bytes for the same per-page work)."""
+    pages = 2 if kv_elt == 1 else 1
+    stages = SMEM_PER_SM // (8 * stage_bytes(kv_elt, group, pages))
+    return CudaDecodeConfig(warps=8, stages=max(2, min(stages, 8)), pages_per_stage=pages)
 
 
 @functools.cache
@@ -113,26 +119,26 @@ _KV_KINDS = {torch.bfloat16: 2, torch.float16: 2, torch.float8_e4m3fn: 1}
 
 
 @functools.cache
-def _kernel(kv_elt: int, q_f16: bool, group: int, warps: int, stages: int, device: int) -> Any:
+def _kernel(kv_elt: int, q_f16: bool, group: int, config: CudaDecodeConfig, device: int) -> Any:
     """The compiled kernel of one instantiation, with its shared memory opted in."""
     cupy = _cupy()
     name = (
         f"decode_attention_kernel<{HEAD_DIM},{kv_elt},{'true' if q_f16 else 'false'},"
-        f"{group},{warps},{stages}>"
+        f"{group},{config.warps},{config.stages},{config.pages_per_stage}>"
     )
     with cupy.cuda.Device(device):
         module = cupy.RawModule(
             code=SOURCE.read_text(), options=("-std=c++17",), name_expressions=[name]
         )
         kernel = module.get_function(name)
-        kernel.max_dynamic_shared_size_bytes = warps * stages * stage_bytes(kv_elt, group)
+        kernel.max_dynamic_shared_size_bytes = smem_bytes(config, kv_elt, group)
     return kernel
 
 
 @functools.cache
-def _read_kernel(unroll: int, device: int) -> Any:
+def _read_kernel(unroll: int, threads: int, ctas_per_sm: int, device: int) -> Any:
     cupy = _cupy()
-    name = f"stream_read_kernel<{unroll}>"
+    name = f"stream_read_kernel<{unroll},{threads},{ctas_per_sm}>"
     with cupy.cuda.Device(device):
         module = cupy.RawModule(
             code=SOURCE.read_text(), options=("-std=c++17",), name_expressions=[name]
@@ -200,7 +206,7 @@ def launch_decode_cuda(
     group = num_heads // num_kv_heads
     kv_elt = _KV_KINDS[k_cache.dtype]
     device = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    kernel = _kernel(kv_elt, q.dtype == torch.float16, group, config.warps, config.stages, device)
+    kernel = _kernel(kv_elt, q.dtype == torch.float16, group, config, device)
     direct = splits == 1
     ptr = np.uint64
     args = (
@@ -218,11 +224,12 @@ def launch_decode_cuda(
 
 
 def stream_read(
-    src: torch.Tensor, sink: torch.Tensor, grid: int, threads: int, unroll: int
+    src: torch.Tensor, sink: torch.Tensor, grid: int, threads: int, unroll: int, ctas_per_sm: int
 ) -> None:
     """Read every byte of ``src`` (16-byte aligned, a multiple of 16 bytes) once with ``grid``
-    CTAs of ``threads``; ``sink`` (at least grid * threads * 16 bytes) receives the XOR of what
-    each thread read. The ceiling a memory-bound kernel on that many CTAs is measured against."""
+    CTAs of ``threads``, compiled to fit ``ctas_per_sm`` CTAs on an SM; ``sink`` (at least
+    grid * threads * 16 bytes) receives the XOR of what each thread read. The ceiling a
+    memory-bound kernel on that many SMs is measured against."""
     if (
         src.numel() * src.element_size() % 16
         or sink.numel() * sink.element_size() < grid * threads * 16
@@ -231,4 +238,4 @@ def stream_read(
     device = src.device.index if src.device.index is not None else torch.cuda.current_device()
     n16 = src.numel() * src.element_size() // 16
     args = (np.uint64(src.data_ptr()), np.int64(n16), np.uint64(sink.data_ptr()))
-    _launch(_read_kernel(unroll, device), grid, threads, 0, args, device)
+    _launch(_read_kernel(unroll, threads, ctas_per_sm, device), grid, threads, 0, args, device)

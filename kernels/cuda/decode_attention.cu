@@ -31,40 +31,35 @@ __device__ __forceinline__ u32 smem_u32(const void* p) {
 }
 
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
 
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
 
 template <int N>
 __device__ __forceinline__ void cp_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-__device__ __forceinline__ uint4 lds128(u32 addr) {
-    uint4 v;
-    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "r"(addr));
-    return v;
+// Plain loads (not asm), so the compiler may schedule them early but never above a wait.
+__device__ __forceinline__ uint4 lds128(const unsigned char* smem, u32 off) {
+    return *reinterpret_cast<const uint4*>(smem + off);
 }
 
-__device__ __forceinline__ u32 lds32(u32 addr) {
-    u32 v;
-    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
-    return v;
+__device__ __forceinline__ u32 lds32(const unsigned char* smem, u32 off) {
+    return *reinterpret_cast<const u32*>(smem + off);
 }
 
 template <bool F16>
 __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     if (F16) {
-        asm volatile(
+        asm(
             "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
             "{%8,%9}, {%0,%1,%2,%3};"
             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
             : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
     } else {
-        asm volatile(
+        asm(
             "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
             "{%8,%9}, {%0,%1,%2,%3};"
             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -74,7 +69,7 @@ __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u3
 
 __device__ __forceinline__ u32 transpose8x8(u32 x) {
     u32 y;
-    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+    asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
     return y;
 }
 
@@ -117,12 +112,14 @@ __device__ __forceinline__ int swizzle(int row) {
     return hi | (KV_ELT == 2 ? lo : lo << 1);
 }
 
-template <int D, int KV_ELT, int GROUP>
+template <int D, int KV_ELT, int GROUP, int PPS>
 struct Layout {
     static constexpr int UNITS = D * KV_ELT / 16;       // 16-byte units per K/V row
     static constexpr int PAGE_BYTES = PAGE * D * KV_ELT;  // one head's K (or V) of a page
     static constexpr int Q_BYTES = GROUP * D * 2;
-    static constexpr int STAGE_BYTES = 2 * PAGE_BYTES + ((Q_BYTES + 127) / 128) * 128;
+    static constexpr int V_OFFSET = PPS * PAGE_BYTES;     // a stage: PPS pages of K, of V, Q
+    static constexpr int Q_OFFSET = 2 * PPS * PAGE_BYTES;
+    static constexpr int STAGE_BYTES = Q_OFFSET + ((Q_BYTES + 127) / 128) * 128;
     static constexpr int KSTEPS = D / 16;
     static constexpr int DC = 16 / KV_ELT;          // dims in one 16-byte unit of K
     static constexpr int KCHUNKS = D / 4 / DC;      // units of K a lane reads per row
@@ -131,7 +128,7 @@ struct Layout {
     static constexpr int VUNITS = V_DIMS * KV_ELT / 16;
 };
 
-__device__ __forceinline__ u32 unit_addr(u32 base, int row, int unit, int units, int swz) {
+__device__ __forceinline__ u32 unit_off(u32 base, int row, int unit, int units, int swz) {
     return base + (u32)((row * units + (unit ^ swz)) * 16);
 }
 
@@ -141,13 +138,15 @@ struct LenWindow {
     int base, cur, next;
 };
 
+// Work items are numbered split-major, (split, sequence, KV head): the items that have pages
+// (the first splits of every sequence) spread evenly over the warps whatever the split count.
 __device__ __forceinline__ int item_len(int ordinal, int first_item, int stride, int items,
-                                        int per_seq, const int* lens) {
+                                        int num_kv_heads, int num_seqs, const int* lens) {
     int item = first_item + ordinal * stride;
-    return item < items ? __ldg(lens + item / per_seq) : 0;
+    return item < items ? __ldg(lens + (item / num_kv_heads) % num_seqs) : 0;
 }
 
-template <int D, int KV_ELT, bool Q_F16, int GROUP, int WARPS, int STAGES>
+template <int D, int KV_ELT, bool Q_F16, int GROUP, int WARPS, int STAGES, int PPS>
 __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
     const unsigned char* __restrict__ q, const unsigned char* __restrict__ k_cache,
     const unsigned char* __restrict__ v_cache, const int* __restrict__ tables,
@@ -156,7 +155,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
     int num_splits, int split_pages, int table_width, long long stride_qb, long long stride_kb,
     long long stride_kh, long long stride_vb, long long stride_vh, long long stride_tb,
     long long stride_ob, long long stride_oh, int direct) {
-    using L = Layout<D, KV_ELT, GROUP>;
+    using L = Layout<D, KV_ELT, GROUP, PPS>;
     constexpr bool F16 = Q_F16 || KV_ELT == 1;  // the MMA's operand type
     extern __shared__ __align__(128) unsigned char smem[];
 
@@ -164,19 +163,20 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
     const int g = lane >> 2, qd = lane & 3;
     const int first_item = blockIdx.x * WARPS + warp;
     const int stride = gridDim.x * WARPS;
-    const int per_seq = num_kv_heads * num_splits;
-    const int items = num_seqs * per_seq;
+    const int per_split = num_kv_heads * num_seqs;
+    const int items = num_splits * per_split;
     const int num_heads = num_kv_heads * GROUP;
     const int my_items = first_item < items ? (items - first_item + stride - 1) / stride : 0;
-    const u32 ring = smem_u32(smem) + warp * STAGES * L::STAGE_BYTES;
+    const u32 ring = warp * STAGES * L::STAGE_BYTES;  // offsets into smem
+    const u32 smem_base = smem_u32(smem);
 
     auto npages_of = [&](int ordinal, int len) {
-        int split = (first_item + ordinal * stride) % num_splits;
+        int split = (first_item + ordinal * stride) / per_split;
         int pages = (len + PAGE - 1) / PAGE - split * split_pages;
         return max(0, min(pages, split_pages));
     };
     auto load_window = [&](int base) {
-        return item_len(base + lane, first_item, stride, items, per_seq, lens);
+        return item_len(base + lane, first_item, stride, items, num_kv_heads, num_seqs, lens);
     };
     auto window_len = [&](LenWindow& w, int ordinal) {
         if (ordinal >= w.base + 32) {
@@ -188,21 +188,31 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
     };
     auto load_table = [&](int ordinal) {
         int item = first_item + ordinal * stride;
-        int seq = item / per_seq, split = item % num_splits;
+        int seq = (item / num_kv_heads) % num_seqs, split = item / per_split;
         int col = split * split_pages + lane;
         return (lane < split_pages && col < table_width) ? __ldg(tables + seq * stride_tb + col)
                                                          : 0;
     };
 
-    // ---- the producer cursor: which page of which item the next stage receives
+    // ---- the producer cursor: which pages of which item the next stage receives
     LenWindow pw{0, load_window(0), load_window(32)};
     int p_ord = -1, p_page = 0, p_npages = 0, p_table = 0, p_next_table = 0;
     int p_next_ord = my_items > 0 ? 0 : -1;
     if (p_next_ord >= 0) p_next_table = load_table(0);
+    long long p_k_head = 0, p_v_head = 0;  // byte offsets of the item's head in a block
+    const unsigned char* p_q = q;
     int issued = 0;
+    // a lane's shared-memory offsets of its 16-byte units of a page: periodic in the copy index
+    constexpr int ROWS_PER_COPY = 32 / L::UNITS, PERIOD = L::UNITS / 4;
+    u32 dst_off[PERIOD];
+#pragma unroll
+    for (int k = 0; k < PERIOD; ++k) {
+        const int row = k * ROWS_PER_COPY + lane / L::UNITS, unit = lane % L::UNITS;
+        dst_off[k] = (u32)((row * L::UNITS + (unit ^ swizzle<KV_ELT>(row))) * 16);
+    }
 
     auto issue = [&]() {
-        while (p_page == p_npages) {  // move on to the next item with pages
+        while (p_page >= p_npages) {  // move on to the next item with pages
             if (p_ord + 1 >= my_items) return;
             ++p_ord;
             p_npages = npages_of(p_ord, window_len(pw, p_ord));
@@ -213,26 +223,32 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
                 p_next_ord = p_ord + 1;
                 p_next_table = load_table(p_next_ord);
             }
+            const int item = first_item + p_ord * stride;
+            const int seq = (item / num_kv_heads) % num_seqs, head = item % num_kv_heads;
+            p_k_head = head * stride_kh * KV_ELT;
+            p_v_head = head * stride_vh * KV_ELT;
+            p_q = q + (seq * stride_qb + head * GROUP * D) * 2;
         }
-        const int item = first_item + p_ord * stride;
-        const int seq = item / per_seq, head = (item / num_splits) % num_kv_heads;
-        const long long block = __shfl_sync(0xffffffffu, p_table, p_page);
-        const unsigned char* k_src = k_cache + (block * stride_kb + head * stride_kh) * KV_ELT;
-        const unsigned char* v_src = v_cache + (block * stride_vb + head * stride_vh) * KV_ELT;
-        const u32 stage = ring + (issued % STAGES) * L::STAGE_BYTES;
+        const u32 stage = smem_base + ring + (issued % STAGES) * L::STAGE_BYTES;
 #pragma unroll
-        for (int i = 0; i < L::PAGE_BYTES / 512; ++i) {
-            const int x = i * 32 + lane, row = x / L::UNITS, unit = x % L::UNITS;
-            const int swz = swizzle<KV_ELT>(row);
-            cp_async16(unit_addr(stage, row, unit, L::UNITS, swz), k_src + x * 16);
-            cp_async16(unit_addr(stage + L::PAGE_BYTES, row, unit, L::UNITS, swz), v_src + x * 16);
+        for (int pp = 0; pp < PPS; ++pp) {
+            const long long block = __shfl_sync(0xffffffffu, p_table, p_page + pp);
+            if (p_page + pp >= p_npages) break;
+            const unsigned char* k_src = k_cache + block * stride_kb * KV_ELT + p_k_head + lane * 16;
+            const unsigned char* v_src = v_cache + block * stride_vb * KV_ELT + p_v_head + lane * 16;
+            const u32 k_dst = stage + pp * L::PAGE_BYTES, v_dst = k_dst + L::V_OFFSET;
+#pragma unroll
+            for (int i = 0; i < L::PAGE_BYTES / 512; ++i) {
+                const u32 off = dst_off[i % PERIOD] + (i / PERIOD) * PERIOD * 512;
+                cp_async16(k_dst + off, k_src + i * 512);
+                cp_async16(v_dst + off, v_src + i * 512);
+            }
         }
         if (p_page == 0) {
-            const unsigned char* q_src = q + (seq * stride_qb + head * GROUP * D) * 2;
             for (int x = lane; x < L::Q_BYTES / 16; x += 32)
-                cp_async16(stage + 2 * L::PAGE_BYTES + x * 16, q_src + x * 16);
+                cp_async16(stage + L::Q_OFFSET + x * 16, p_q + x * 16);
         }
-        ++p_page;
+        p_page += PPS;
         ++issued;
     };
 
@@ -247,11 +263,16 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
     float acc[D / 16][4];
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
     int consumed = 0;
+    const int swz_g = swizzle<KV_ELT>(g), swz_g8 = swizzle<KV_ELT>(g + 8);
+    const int vrow[4] = {2 * qd, 2 * qd + 1, 2 * qd + 8, 2 * qd + 9};
+    int swz_v[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) swz_v[r] = swizzle<KV_ELT>(vrow[r]);
 
     for (int c_ord = 0; c_ord < my_items; ++c_ord) {
         const int item = first_item + c_ord * stride;
-        const int seq = item / per_seq, head = (item / num_splits) % num_kv_heads;
-        const int split = item % num_splits;
+        const int seq = (item / num_kv_heads) % num_seqs, head = item % num_kv_heads;
+        const int split = item / per_split;
         const int len = window_len(cw, c_ord);
         const int npages = npages_of(c_ord, len);
         if (npages == 0) {
@@ -281,23 +302,24 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
 #pragma unroll
         for (int mt = 0; mt < D / 16; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
 
-        for (int page = 0; page < npages; ++page) {
+        for (int page = 0; page < npages; page += PPS) {
             issue();
             cp_commit();
             cp_wait<STAGES - 1>();
             __syncwarp();
             const u32 kbase = ring + (consumed % STAGES) * L::STAGE_BYTES;
-            const u32 vbase = kbase + L::PAGE_BYTES;
+            const u32 vbase = kbase + L::V_OFFSET;
+            const int valid_pages = min(PPS, npages - page);
             if (page == 0) {  // this item's queries, in B-operand order (dims permuted as K's)
-                const u32 qbase = vbase + L::PAGE_BYTES;
+                const u32 qbase = kbase + L::Q_OFFSET;
 #pragma unroll
                 for (int j = 0; j < L::KSTEPS; ++j) {
                     const int c = j / L::KSTEPS_PER_CHUNK, hh = j % L::KSTEPS_PER_CHUNK;
                     const int dim0 = L::DC * (4 * c + qd) + 4 * hh;
                     u32 w0 = 0, w1 = 0;
                     if (g < GROUP) {
-                        w0 = lds32(qbase + (g * D + dim0) * 2);
-                        w1 = lds32(qbase + (g * D + dim0 + 2) * 2);
+                        w0 = lds32(smem, qbase + (g * D + dim0) * 2);
+                        w1 = lds32(smem, qbase + (g * D + dim0 + 2) * 2);
                         if (F16 && !Q_F16) {
                             w0 = bf16x2_to_f16x2(w0);
                             w1 = bf16x2_to_f16x2(w1);
@@ -307,85 +329,108 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
                     qf[j][1] = w1;
                 }
             }
-            // S^T = K Q^T: rows are the page's 16 tokens (g and g + 8), columns the heads
-            float s[4] = {0.f, 0.f, 0.f, 0.f};
+            // S^T = K Q^T per page: rows are the page's 16 tokens (g and g + 8), columns heads;
+            // two accumulators per page halve the dependent chain of MMAs
+            float s[PPS][4];
 #pragma unroll
-            for (int c = 0; c < L::KCHUNKS; ++c) {
-                const int unit = 4 * c + qd;
-                const uint4 ka = lds128(unit_addr(kbase, g, unit, L::UNITS, swizzle<KV_ELT>(g)));
-                const uint4 kb =
-                    lds128(unit_addr(kbase, g + 8, unit, L::UNITS, swizzle<KV_ELT>(g + 8)));
-                const u32 ra[4] = {ka.x, ka.y, ka.z, ka.w};
-                const u32 rb[4] = {kb.x, kb.y, kb.z, kb.w};
+            for (int pp = 0; pp < PPS; ++pp) {
+                float even[4] = {0.f, 0.f, 0.f, 0.f}, odd[4] = {0.f, 0.f, 0.f, 0.f};
+                const u32 kpage = kbase + pp * L::PAGE_BYTES;
 #pragma unroll
-                for (int hh = 0; hh < L::KSTEPS_PER_CHUNK; ++hh) {
-                    const int j = c * L::KSTEPS_PER_CHUNK + hh;
-                    u32 a0, a1, a2, a3;
-                    if (KV_ELT == 2) {
-                        a0 = ra[2 * hh], a2 = ra[2 * hh + 1];
-                        a1 = rb[2 * hh], a3 = rb[2 * hh + 1];
-                    } else {
-                        a0 = e4m3x2_to_f16x2(ra[hh], false), a2 = e4m3x2_to_f16x2(ra[hh], true);
-                        a1 = e4m3x2_to_f16x2(rb[hh], false), a3 = e4m3x2_to_f16x2(rb[hh], true);
+                for (int c = 0; c < L::KCHUNKS; ++c) {
+                    const int unit = 4 * c + qd;
+                    const uint4 ka = lds128(smem, unit_off(kpage, g, unit, L::UNITS, swz_g));
+                    const uint4 kb = lds128(smem, unit_off(kpage, g + 8, unit, L::UNITS, swz_g8));
+                    const u32 ra[4] = {ka.x, ka.y, ka.z, ka.w};
+                    const u32 rb[4] = {kb.x, kb.y, kb.z, kb.w};
+#pragma unroll
+                    for (int hh = 0; hh < L::KSTEPS_PER_CHUNK; ++hh) {
+                        const int j = c * L::KSTEPS_PER_CHUNK + hh;
+                        u32 a0, a1, a2, a3;
+                        if (KV_ELT == 2) {
+                            a0 = ra[2 * hh], a2 = ra[2 * hh + 1];
+                            a1 = rb[2 * hh], a3 = rb[2 * hh + 1];
+                        } else {
+                            a0 = e4m3x2_to_f16x2(ra[hh], false);
+                            a2 = e4m3x2_to_f16x2(ra[hh], true);
+                            a1 = e4m3x2_to_f16x2(rb[hh], false);
+                            a3 = e4m3x2_to_f16x2(rb[hh], true);
+                        }
+                        mma<F16>(j % 2 ? odd : even, a0, a1, a2, a3, qf[j][0], qf[j][1]);
                     }
-                    mma<F16>(s, a0, a1, a2, a3, qf[j][0], qf[j][1]);
                 }
+                const int tok0 = (split * split_pages + page + pp) * PAGE + g;
+                const bool ok0 = pp < valid_pages && tok0 < len;
+                const bool ok1 = pp < valid_pages && tok0 + 8 < len;
+                s[pp][0] = ok0 ? (even[0] + odd[0]) * scale_log2 : NEG_INF;
+                s[pp][1] = ok0 ? (even[1] + odd[1]) * scale_log2 : NEG_INF;
+                s[pp][2] = ok1 ? (even[2] + odd[2]) * scale_log2 : NEG_INF;
+                s[pp][3] = ok1 ? (even[3] + odd[3]) * scale_log2 : NEG_INF;
             }
-            // online softmax over the page, per head (columns h0, h1 of this lane)
-            const int tok0 = (split * split_pages + page) * PAGE + g;
-            const bool ok0 = tok0 < len, ok1 = tok0 + 8 < len;
-            s[0] = ok0 ? s[0] * scale_log2 : NEG_INF;
-            s[1] = ok0 ? s[1] * scale_log2 : NEG_INF;
-            s[2] = ok1 ? s[2] * scale_log2 : NEG_INF;
-            s[3] = ok1 ? s[3] * scale_log2 : NEG_INF;
-            float t0 = fmaxf(s[0], s[2]), t1 = fmaxf(s[1], s[3]);
+            // online softmax over the stage, per head (columns 2 qd and 2 qd + 1 of this lane)
+            float t0 = NEG_INF, t1 = NEG_INF;
+#pragma unroll
+            for (int pp = 0; pp < PPS; ++pp) {
+                t0 = fmaxf(t0, fmaxf(s[pp][0], s[pp][2]));
+                t1 = fmaxf(t1, fmaxf(s[pp][1], s[pp][3]));
+            }
 #pragma unroll
             for (int off = 4; off < 32; off <<= 1) {
                 t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, off));
                 t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, off));
             }
             const float n0 = fmaxf(m0, t0), n1 = fmaxf(m1, t1);
-            const float a0 = fast_exp2(m0 - n0), a1 = fast_exp2(m1 - n1);
-            m0 = n0;
-            m1 = n1;
-            const float p0 = fast_exp2(s[0] - n0), p1 = fast_exp2(s[1] - n1);
-            const float p2 = fast_exp2(s[2] - n0), p3 = fast_exp2(s[3] - n1);
-            l0 = l0 * a0 + p0 + p2;
-            l1 = l1 * a1 + p1 + p3;
-            const u32 pb0 = transpose8x8(pack2<F16>(p0, p1));  // P^T rows: heads; cols: tokens
-            const u32 pb1 = transpose8x8(pack2<F16>(p2, p3));
-            // O^T += V^T P^T: rows are this lane's dims (V_DIMS g + 2 mt, + 1), columns heads
-            uint4 vr[4][L::VUNITS];
-            const int vrow[4] = {2 * qd, 2 * qd + 1, 2 * qd + 8, 2 * qd + 9};
+            if (__any_sync(0xffffffffu, n0 != m0 || n1 != m1)) {  // rescale only on a new max
+                const float a0 = fast_exp2(m0 - n0), a1 = fast_exp2(m1 - n1);
+                l0 *= a0;
+                l1 *= a1;
 #pragma unroll
-            for (int r = 0; r < 4; ++r)
-#pragma unroll
-                for (int u = 0; u < L::VUNITS; ++u)
-                    vr[r][u] = lds128(unit_addr(vbase, vrow[r], L::VUNITS * g + u, L::UNITS,
-                                                swizzle<KV_ELT>(vrow[r])));
-#pragma unroll
-            for (int mt = 0; mt < D / 16; ++mt) {
-                u32 w[4];  // dims (2 mt, 2 mt + 1) of this lane's V dims, for each of the 4 rows
-#pragma unroll
-                for (int r = 0; r < 4; ++r) {
-                    if (KV_ELT == 2) {
-                        const int word = mt;  // 16-bit pairs: word mt of the lane's dims
-                        const uint4 v = vr[r][word / 4];
-                        const u32 vv[4] = {v.x, v.y, v.z, v.w};
-                        w[r] = vv[word % 4];
-                    } else {
-                        const uint4 v = vr[r][0];
-                        const u32 vv[4] = {v.x, v.y, v.z, v.w};
-                        w[r] = e4m3x2_to_f16x2(vv[mt / 2], mt % 2 == 1);
-                    }
+                for (int mt = 0; mt < D / 16; ++mt) {
+                    acc[mt][0] *= a0;
+                    acc[mt][1] *= a1;
+                    acc[mt][2] *= a0;
+                    acc[mt][3] *= a1;
                 }
-                acc[mt][0] *= a0;
-                acc[mt][1] *= a1;
-                acc[mt][2] *= a0;
-                acc[mt][3] *= a1;
-                mma<F16>(acc[mt], __byte_perm(w[0], w[1], 0x5410), __byte_perm(w[0], w[1], 0x7632),
-                         __byte_perm(w[2], w[3], 0x5410), __byte_perm(w[2], w[3], 0x7632), pb0,
-                         pb1);
+                m0 = n0;
+                m1 = n1;
+            }
+#pragma unroll
+            for (int pp = 0; pp < PPS; ++pp) {
+                if (pp >= valid_pages) break;
+                const float p0 = fast_exp2(s[pp][0] - n0), p1 = fast_exp2(s[pp][1] - n1);
+                const float p2 = fast_exp2(s[pp][2] - n0), p3 = fast_exp2(s[pp][3] - n1);
+                l0 += p0 + p2;
+                l1 += p1 + p3;
+                const u32 pb0 = transpose8x8(pack2<F16>(p0, p1));  // P^T rows: heads
+                const u32 pb1 = transpose8x8(pack2<F16>(p2, p3));
+                // O^T += V^T P^T: rows are this lane's dims (V_DIMS g + 2 mt, + 1)
+                const u32 vpage = vbase + pp * L::PAGE_BYTES;
+                uint4 vr[4][L::VUNITS];
+#pragma unroll
+                for (int r = 0; r < 4; ++r)
+#pragma unroll
+                    for (int u = 0; u < L::VUNITS; ++u)
+                        vr[r][u] = lds128(
+                            smem, unit_off(vpage, vrow[r], L::VUNITS * g + u, L::UNITS, swz_v[r]));
+#pragma unroll
+                for (int mt = 0; mt < D / 16; ++mt) {
+                    u32 w[4];  // dims (2 mt, 2 mt + 1) of this lane's V dims, for the 4 rows
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) {
+                        if (KV_ELT == 2) {
+                            const uint4 v = vr[r][mt / 4];
+                            const u32 vv[4] = {v.x, v.y, v.z, v.w};
+                            w[r] = vv[mt % 4];
+                        } else {
+                            const uint4 v = vr[r][0];
+                            const u32 vv[4] = {v.x, v.y, v.z, v.w};
+                            w[r] = e4m3x2_to_f16x2(vv[mt / 2], mt % 2 == 1);
+                        }
+                    }
+                    mma<F16>(acc[mt], __byte_perm(w[0], w[1], 0x5410),
+                             __byte_perm(w[0], w[1], 0x7632), __byte_perm(w[2], w[3], 0x5410),
+                             __byte_perm(w[2], w[3], 0x7632), pb0, pb1);
+                }
             }
             __syncwarp();
             ++consumed;
@@ -428,19 +473,20 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
     cp_wait<0>();
 }
 
-// A streaming read of ``n16`` 16-byte units, ``UNROLL`` independent loads in flight per thread;
-// the XOR of everything read is stored per thread so no load can be dropped.
-template <int UNROLL>
-__global__ void stream_read_kernel(const uint4* __restrict__ src, long long n16,
-                                   uint4* __restrict__ sink) {
-    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long threads = (long long)gridDim.x * blockDim.x;
+// A streaming read of ``n16`` 16-byte units. Each CTA reads whole tiles of THREADS * UNROLL
+// contiguous units, UNROLL independent loads in flight per thread; the XOR of everything read
+// is stored per thread so no load can be dropped.
+template <int UNROLL, int THREADS, int CTAS_PER_SM>
+__global__ void __launch_bounds__(THREADS, CTAS_PER_SM) stream_read_kernel(
+    const uint4* __restrict__ src, long long n16, uint4* __restrict__ sink) {
+    constexpr long long TILE = (long long)THREADS * UNROLL;
     uint4 x = make_uint4(0, 0, 0, 0);
-    long long i = tid;
-    for (; i + (UNROLL - 1) * threads < n16; i += UNROLL * threads) {
+    const long long tiles = n16 / TILE;
+    for (long long t = blockIdx.x; t < tiles; t += gridDim.x) {
+        const uint4* base = src + t * TILE + threadIdx.x;
         uint4 v[UNROLL];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) v[u] = __ldcs(src + i + u * threads);
+        for (int u = 0; u < UNROLL; ++u) v[u] = __ldcs(base + u * THREADS);
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             x.x ^= v[u].x;
@@ -449,12 +495,13 @@ __global__ void stream_read_kernel(const uint4* __restrict__ src, long long n16,
             x.w ^= v[u].w;
         }
     }
-    for (; i < n16; i += threads) {
+    for (long long i = tiles * TILE + (long long)blockIdx.x * THREADS + threadIdx.x; i < n16;
+         i += (long long)gridDim.x * THREADS) {
         const uint4 v = __ldcs(src + i);
         x.x ^= v.x;
         x.y ^= v.y;
         x.z ^= v.z;
         x.w ^= v.w;
     }
-    sink[tid] = x;
+    sink[(long long)blockIdx.x * THREADS + threadIdx.x] = x;
 }
