@@ -8,10 +8,8 @@ Each candidate runs one steady-state iteration of its dense batch (the decodes a
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
-import torch
 from tqdm import tqdm
 
 from nanoflow.autotune.search import Candidate
@@ -20,7 +18,6 @@ from nanoflow.engine.engine_core import EngineCore
 from nanoflow.engine.sampling_params import SamplingParams
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.sequence import Sequence
-from nanoflow.measure import time_cuda
 
 logger = logging.getLogger(__name__)
 
@@ -68,21 +65,6 @@ def steady_plan(engine: EngineCore, batch: SteadyBatch) -> BatchPlan:
     return plan
 
 
-def time_iteration(engine: EngineCore, plan: BatchPlan, iters: int = 10) -> float:
-    """Median seconds of one forward pass of ``plan`` (GPU time with CUDA events)."""
-    runner = engine.runner
-    with torch.inference_mode():
-        step = runner.prepare(plan)
-        if runner.device.type == "cuda":
-            return time_cuda(lambda: runner.forward(step), iters=iters, warmup=3)
-        times = []
-        for _ in range(iters):
-            started = time.perf_counter()
-            runner.forward(step)
-            times.append(time.perf_counter() - started)
-        return sorted(times)[len(times) // 2]
-
-
 def validate(
     engine: EngineCore, candidates: list[Candidate], shape: WorkloadShape, iters: int = 10
 ) -> list[Measured]:
@@ -93,7 +75,7 @@ def validate(
     for candidate in tqdm(candidates, desc="validating", unit="candidate"):
         engine.runner.set_schedule(candidate.schedule)
         plan = steady_plan(engine, steady_batch(candidate.dense_batch_size, shape))
-        seconds = time_iteration(engine, plan, iters)
+        seconds = engine.runner.time_forward(plan, iters)
         logger.info(
             "dense batch %d: predicted %.2f ms, measured %.2f ms",
             candidate.dense_batch_size,

@@ -38,8 +38,6 @@ from overlap_bench import overlap_microbench
 
 from nanoflow import LLM, SamplingParams
 from nanoflow.engine.batch import PreparedStep, prepare_step
-from nanoflow.engine.cuda_graphs import GraphStats
-from nanoflow.engine.engine_core import RunStats
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.sequence import Sequence
 from nanoflow.measure import (
@@ -248,10 +246,8 @@ def throughput(llm: LLM, num_prompts: int, in_len: int, out_len: int) -> dict:
     prompts = random_prompts(requests, llm.engine.spec.vocab_size, seed=1)
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
     sync()
-    llm.engine.stats = RunStats()
+    llm.engine.reset_stats()
     graphs = llm.engine.runner.graphs
-    if graphs is not None:
-        graphs.stats = GraphStats()
     start = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
     sync()

@@ -28,8 +28,6 @@ def run_throughput(args: argparse.Namespace) -> int:
     import torch
 
     from nanoflow import LLM, SamplingParams
-    from nanoflow.engine.cuda_graphs import GraphStats
-    from nanoflow.engine.engine_core import RunStats
     from nanoflow.jit_log import CompileLog
     from nanoflow.measure import (
         copy_bandwidth_gbs,
@@ -49,12 +47,10 @@ def run_throughput(args: argparse.Namespace) -> int:
     warmup = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[: min(8, len(prompts))], warmup, use_tqdm=False)
     engine.runner.synchronize()
-    engine.stats = RunStats()  # count the measured run only
     graphs = engine.runner.graphs
-    startup_graphs = None
-    if graphs is not None:  # decode-only shapes are captured at start-up, outside the timing
-        startup_graphs = graphs.stats.summary()
-        graphs.stats = GraphStats()
+    # decode-only shapes are captured at start-up, outside the timing
+    startup_graphs = graphs.stats.summary() if graphs is not None else None
+    engine.reset_stats()  # count the measured run only
     with CompileLog() as compiles:
         started = time.perf_counter()
         outputs = llm.generate(prompts, params)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from nanoflow.config import EngineConfig
 from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.engine.block_manager import BlockManager
+from nanoflow.engine.cuda_graphs import GraphStats
 from nanoflow.engine.host_gc import quiet_garbage_collector
 from nanoflow.engine.model_runner import InFlight, ModelRunner
 from nanoflow.engine.sampler import SamplerState
@@ -174,6 +175,12 @@ class EngineCore:
         self.last_resolved: InFlight | None = None  # for the GPU's idle time between iterations
         quiet_garbage_collector()
 
+
+    def reset_stats(self) -> None:
+        """Count from here on only (a benchmark's measured run, after its warm-up)."""
+        self.stats = RunStats()
+        if self.runner.graphs is not None:
+            self.runner.graphs.stats = GraphStats()
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> Sequence:

@@ -20,6 +20,7 @@ from nanoflow.engine.sampler import DeviceSample, sample
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.upload import to_device
 from nanoflow.errors import ConfigError
+from nanoflow.measure import time_cuda
 from nanoflow.models.loader import build_model, load_weights
 from nanoflow.models.offload import plan_offload
 from nanoflow.models.spec import ModelSpec
@@ -233,6 +234,20 @@ class ModelRunner:
             self.model.embed(step.input_ids, self.buffers)
             self.executor.run(self.model.layer_ops, self.buffers, step.nano_batches)
         return self.model.logits(self.buffers, step.sample_rows)
+
+    @torch.inference_mode()
+    def time_forward(self, plan: BatchPlan, iters: int = 10) -> float:
+        """Median seconds of one forward pass of ``plan`` alone, outside the engine loop (GPU
+        time from CUDA events on a GPU): what the tuner measures a candidate schedule by."""
+        step = self.prepare(plan)
+        if self.device.type == "cuda":
+            return time_cuda(lambda: self.forward(step), iters=iters, warmup=3)
+        times = []
+        for _ in range(iters):
+            started = time.perf_counter()
+            self.forward(step)
+            times.append(time.perf_counter() - started)
+        return sorted(times)[len(times) // 2]
 
     @torch.inference_mode()
     def copy_blocks(self, copies: list[BlockCopy]) -> None:
