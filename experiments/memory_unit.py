@@ -386,13 +386,20 @@ def main() -> int:
         help="decode kernels to time, ';'-separated: cuda, triton, or a forced cuda:... config",
     )
     parser.add_argument("--num-prompts", type=int, default=2000)
+    parser.add_argument(
+        "--commit", default=None, help="the code's commit (default: git rev-parse HEAD here)"
+    )
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     sections = set(args.sections.split(","))
     started = time.perf_counter()
-    record: dict[str, Any] = {**environment(DEVICE), "experiment": "memory_unit",
-                              "command": " ".join(sys.argv), "commit": git_commit()}  # fmt: skip
+    record: dict[str, Any] = {
+        **environment(DEVICE),
+        "experiment": "memory_unit",
+        "command": " ".join(sys.argv),
+        "commit": args.commit or git_commit(),
+    }
     if not GPU:
         RESULTS["dry_run"] = dry_run()
     else:
