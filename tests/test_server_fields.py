@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import openai
 import pytest
@@ -84,3 +86,56 @@ def test_penalties_change_greedy_output(client):
         **GREEDY,
     )
     assert penalized.choices[0].text != base.choices[0].text
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 6}, "ok": {"type": "boolean"}},
+    "required": ["name", "ok"],
+}
+
+
+def test_response_format_json_schema(client):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+    for temperature in (0.0, 1.0):
+        out = client.chat.completions.create(
+            model="builtin",
+            messages=[{"role": "user", "content": "a person"}],
+            max_tokens=100,
+            temperature=temperature,
+            seed=4,
+            response_format=fmt,
+        )
+        assert out.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(out.choices[0].message.content), SCHEMA)
+
+
+def test_guided_regex_and_choice(client):
+    out = client.completions.create(
+        prompt="code:", max_tokens=20, extra_body={"guided_regex": "[A-Z]{2}[0-9]{2}"}, **GREEDY
+    )
+    assert re.fullmatch("[A-Z]{2}[0-9]{2}", out.choices[0].text)
+    out = client.completions.create(
+        model="builtin",
+        prompt="pick:",
+        max_tokens=10,
+        stream=True,
+        extra_body={"guided_choice": ["left", "right"]},
+    )
+    assert "".join(c.choices[0].text for c in out if c.choices) in ("left", "right")
+
+
+def test_bad_or_conflicting_constraints_are_400(client):
+    with pytest.raises(openai.BadRequestError, match="cannot compile the json_schema"):
+        client.completions.create(
+            prompt="x", max_tokens=5, extra_body={"guided_json": {"type": "bogus"}}, **GREEDY
+        )
+    with pytest.raises(openai.BadRequestError, match="one structured-output constraint"):
+        client.completions.create(
+            prompt="x",
+            max_tokens=5,
+            extra_body={"response_format": {"type": "json_object"}, "guided_regex": "a+"},
+            **GREEDY,
+        )

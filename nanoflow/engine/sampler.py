@@ -165,7 +165,7 @@ def _record(tokens: torch.Tensor, seqs: list[Sequence]) -> None:
         if state.output_counts is not None:
             one = torch.ones(1, device=tokens.device) if one is None else one
             state.output_counts.index_add_(0, tokens[i : i + 1], one)
-        if state.grammar is not None:
+        if state.grammar is not None and not state.grammar.is_terminated():
             state.grammar.accept_token(int(tokens[i]))
 
 

@@ -4,8 +4,21 @@ the batch."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from nanoflow.errors import RequestError
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the output's text, enforced token by token (``engine/grammar.py``)."""
+
+    kind: Literal["json", "json_schema", "regex", "grammar"]
+    spec: str = ""  # the JSON schema (as JSON text), the regex or the EBNF grammar
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("json", "json_schema", "regex", "grammar"):
+            raise RequestError(f"unknown structured output kind {self.kind!r}")
 
 
 @dataclass
@@ -27,6 +40,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated text
     repetition_penalty: float = 1.0  # divides positive logits of prompt or output tokens
+    structured: StructuredOutput | None = None  # needs a grammar attached to the sequence
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -25,6 +25,7 @@ from typing import Any
 import zmq
 
 from nanoflow.config import EngineConfig
+from nanoflow.engine.grammar import GrammarCompiler, constrain
 from nanoflow.errors import RequestError
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def _set_cpu_threads(config: EngineConfig, num_parameters: int) -> None:
     logger.info("CPU engine: %d torch threads for %d parameters", threads, num_parameters)
 
 
-def _build_engine(config: EngineConfig, faults: PromptFaults | None) -> Any:
+def _build_engine(config: EngineConfig, faults: PromptFaults | None) -> tuple[Any, Any]:
     from nanoflow.engine.engine_core import EngineCore
     from nanoflow.engine.tokenizer import decode, load_tokenizer
     from nanoflow.models.loader import resolve_model
@@ -92,7 +93,7 @@ def _build_engine(config: EngineConfig, faults: PromptFaults | None) -> Any:
     engine = EngineCore(config, detokenize=detokenize, on_token=faults)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         engine.eos_token_ids.add(tokenizer.eos_token_id)
-    return engine
+    return engine, tokenizer
 
 
 def _stats(engine: Any) -> dict[str, float]:
@@ -125,7 +126,7 @@ def run_engine(
     inbox.connect(in_addr)
     outbox.connect(out_addr)
     try:
-        engine = _build_engine(config, faults)
+        engine, tokenizer = _build_engine(config, faults)
     except Exception as exc:
         logger.exception("engine failed to start")
         outbox.send_pyobj(("fatal", f"engine failed to start: {type(exc).__name__}: {exc}"))
@@ -139,7 +140,8 @@ def run_engine(
     )
     outbox.send_pyobj(("ready", info))
     try:
-        _loop(engine, faults, inbox, outbox)
+        grammars = GrammarCompiler(tokenizer, engine.spec.vocab_size, sorted(engine.eos_token_ids))
+        _loop(engine, faults, grammars, inbox, outbox)
     except Exception as exc:
         logger.exception("engine loop failed")
         outbox.send_pyobj(("fatal", f"engine loop failed: {type(exc).__name__}: {exc}"))
@@ -149,7 +151,9 @@ def run_engine(
         inbox.close(linger=0)
 
 
-def _loop(engine: Any, faults: PromptFaults | None, inbox: Any, outbox: Any) -> None:
+def _loop(
+    engine: Any, faults: PromptFaults | None, grammars: GrammarCompiler, inbox: Any, outbox: Any
+) -> None:
     parent = multiprocessing.parent_process()
     step_seconds: list[float] = []
     last_parent_check = time.monotonic()
@@ -160,7 +164,7 @@ def _loop(engine: Any, faults: PromptFaults | None, inbox: Any, outbox: Any) -> 
                     message = inbox.recv_pyobj(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                if not _handle(engine, faults, outbox, message):
+                if not _handle(engine, faults, grammars, outbox, message):
                     return
         if time.monotonic() - last_parent_check > 1.0:
             if parent is not None and not parent.is_alive():
@@ -175,16 +179,25 @@ def _loop(engine: Any, faults: PromptFaults | None, inbox: Any, outbox: Any) -> 
                 step_seconds = []
 
 
-def _handle(engine: Any, faults: PromptFaults | None, outbox: Any, message: tuple) -> bool:
+def _handle(
+    engine: Any,
+    faults: PromptFaults | None,
+    grammars: GrammarCompiler,
+    outbox: Any,
+    message: tuple,
+) -> bool:
     """Apply one front-end message; False means shut down."""
     kind = message[0]
     if kind == "add":
         _, request_id, token_ids, params = message
         try:
-            engine.add_request(request_id, token_ids, params)
+            matcher = grammars.matcher(params.structured) if params.structured else None
+            seq = engine.add_request(request_id, token_ids, params)
         except RequestError as exc:
             outbox.send_pyobj(("rejected", request_id, str(exc)))
             return True
+        if matcher is not None:
+            constrain(seq, matcher)
         if faults is not None:
             faults.watch(request_id, token_ids)
     elif kind == "abort":

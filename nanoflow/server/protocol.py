@@ -20,6 +20,7 @@ from pydantic import (
     ValidationError,
     ValidatorFunctionWrapHandler,
     WrapValidator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -151,17 +152,32 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
-    "response_format": (None, {"type": "text"}),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_grammar": (None,),
-    "guided_choice": (None,),
 }
 
 
 def refused_fields(extra: dict[str, Any]) -> list[str]:
     """Names of unsupported fields that ``extra`` (a request's undeclared fields) really uses."""
     return sorted(name for name, neutral in UNSUPPORTED.items() if extra.get(name) not in neutral)
+
+
+class JsonSchemaFormat(BaseModel):
+    name: Text | None = None
+    description: Text | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: Bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON of a given schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise PydanticCustomError("response_format", "type json_schema needs json_schema")
+        return self
 
 
 class StreamOptions(BaseModel):
@@ -191,6 +207,12 @@ class SamplingFields(BaseModel):
     presence_penalty: Annotated[Float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[Float, Field(ge=-2.0, le=2.0)] = 0.0
     repetition_penalty: Annotated[Float, Field(gt=0.0, le=10.0)] = 1.0
+    response_format: ResponseFormat | None = None
+    # vLLM's structured-output extensions; at most one constraint per request
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_grammar: Text | None = None
+    guided_choice: Annotated[list[NonEmptyText], Field(min_length=1)] | None = None
     stream: Bool = False
     stream_options: StreamOptions | None = None
 

@@ -35,6 +35,7 @@ from nanoflow.server.protocol import (
 )
 from nanoflow.server.replicas import ReplicaPool
 from nanoflow.server.streaming import ChoiceState
+from nanoflow.server.structured import structured_output
 from nanoflow.server.tokenizing import FrontEndTokenizer
 
 logger = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class OpenAIServing:
                 presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty,
                 repetition_penalty=req.repetition_penalty,
+                structured=structured_output(req),
             )
         except RequestError as exc:  # its message starts with the field it is about
             field = str(exc).split(" ", 1)[0]

@@ -1,0 +1,71 @@
+"""Grammar-constrained decoding: a request's structured-output spec compiled by xgrammar into a
+matcher that the sampler asks for each step's allowed tokens and then advances.
+
+xgrammar is used because it compiles JSON schemas, regexes and EBNF against the tokenizer's
+vocabulary once, caches them, and fills the token bitmasks of a batch in native code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from nanoflow.engine.sampler import state_of
+from nanoflow.engine.sampling_params import StructuredOutput
+from nanoflow.engine.sequence import Sequence
+from nanoflow.errors import RequestError
+
+_LOG_PREFIX = re.compile(r"^\[[^\]]*\] \S+: ")
+
+
+class GrammarCompiler:
+    """Compiles structured-output specs for one tokenizer and model vocabulary; xgrammar is
+    loaded with the first constrained request, so engines that never see one do not pay for it."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.stop_token_ids = sorted(stop_token_ids)
+        self._compiler: Any = None
+
+    @property
+    def compiler(self) -> Any:
+        if self._compiler is None:
+            import xgrammar
+
+            info = xgrammar.TokenizerInfo.from_huggingface(
+                self.tokenizer, vocab_size=self.vocab_size
+            )
+            self._compiler = xgrammar.GrammarCompiler(info, max_threads=1)
+        return self._compiler
+
+    def compile(self, spec: StructuredOutput) -> Any:
+        """The compiled grammar; raises RequestError naming what cannot be compiled."""
+        if self.tokenizer is None:
+            raise RequestError("structured output needs the model's tokenizer")
+        try:
+            if spec.kind == "json":
+                return self.compiler.compile_builtin_json_grammar()
+            if spec.kind == "json_schema":
+                return self.compiler.compile_json_schema(spec.spec, any_whitespace=False)
+            if spec.kind == "regex":
+                return self.compiler.compile_regex(spec.spec)
+            return self.compiler.compile_grammar(spec.spec)
+        except RuntimeError as exc:
+            reason = _LOG_PREFIX.sub("", str(exc).strip().splitlines()[0])
+            raise RequestError(f"cannot compile the {spec.kind} constraint: {reason}") from None
+
+    def matcher(self, spec: StructuredOutput) -> Any:
+        import xgrammar
+
+        return xgrammar.GrammarMatcher(self.compile(spec), override_stop_tokens=self.stop_token_ids)
+
+
+def constrain(seq: Sequence, matcher: Any) -> None:
+    """Make the sampler keep ``seq``'s output inside ``matcher``'s grammar."""
+    state_of(seq).grammar = matcher
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """EBNF accepting exactly one of ``choices`` (vLLM's guided_choice)."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
