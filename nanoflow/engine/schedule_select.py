@@ -58,16 +58,16 @@ def architecture_schedule(config: EngineConfig, device: torch.device) -> Pipelin
     """The overlapped schedule used without a profile.
 
     The one that measured fastest of those tried on an H100 (llama-3-8b, CUDA graphs,
-    `experiments/results/pipeline_bench_schedules_h100.json` and `..._decode_only_h100.json`):
+    `experiments/results/nvidia-h100-80gb-hbm3/pipeline/{schedules,decode_only}.json`):
     GEMMs keep the whole GPU and decode attention alone runs beside them on a high-priority
     stream with half of the SMs' worth of CTAs: 55.9 ms for 512 decodes at context 640 plus
     1536 prompt tokens (three quarters: 68.5 ms; a green-context split of 88/44 SMs: 84 ms), and
     36.6 ms for 512 decodes at context 800 alone. The sequential executor took 53.6 and 29.5 ms
     in the same runs. On an H200, for 1024 decodes at context 768 plus 1024 prompt tokens, the
-    alternating launch order took this layout from 71.1 ms (pipeline_bench_mixed_h200.json) to
-    65.9 ms (pipeline_bench_alternating_mixed_h200.json, beside sequential at 62.2 ms and green
+    alternating launch order took this layout from 71.1 ms (`nvidia-h200/pipeline/mixed.json`)
+    to 65.9 ms (`…/alternating_mixed.json`, beside sequential at 62.2 ms and green
     contexts of 96/36 or 100/32 SMs at 65.6): no overlapped layout has beaten sequential on
-    these GPUs with this model yet (README, "Why overlap does not pay here"). Tensor
+    these GPUs with this model yet (docs/findings.md). Tensor
     parallelism adds a small network unit for the collectives.
     """
     sms = device_sm_count(device) if device.type == "cuda" else 132
