@@ -24,28 +24,12 @@ from collections import defaultdict
 import torch
 from common import add_out_argument, write_result
 
-import nanoflow.engine.cuda_graphs as cuda_graphs
-import nanoflow.engine.model_runner as model_runner
-from nanoflow import LLM, SamplingParams
+from nanoflow.config import EngineConfig
+from nanoflow.engine.engine_core import EngineCore
+from nanoflow.engine.model_runner import ModelRunner
+from nanoflow.engine.sampling_params import SamplingParams
 from nanoflow.measure import environment
 from nanoflow.workloads import load_workload, random_prompts
-
-
-class PhaseTimer:
-    """Seconds spent in wrapped callables, by name."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    def wrap(self, name: str, fn):
-        def timed(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds[name] += time.perf_counter() - started
-
-        return timed
 
 
 class CollectorTimer:
@@ -64,29 +48,42 @@ class CollectorTimer:
             self.collections[info["generation"]] += 1
 
 
-def host_only_engine(args: argparse.Namespace, phases: PhaseTimer) -> LLM:
-    """A CPU engine on the graph path whose forward returns zero logits, its phases timed."""
-    llm = LLM(
-        "builtin",
+class HostOnlyRunner(ModelRunner):
+    """The CUDA-graph path with a capture that runs nothing and zero logits for the forward, so
+    only the host's work of an iteration remains; times its preparation and its sampling."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.graphs = self.step_graphs(lambda run: lambda: None)
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def prepare(self, plan):
+        started = time.perf_counter()
+        step = super().prepare(plan)
+        self.seconds["prepare (layout + upload)"] += time.perf_counter() - started
+        return step
+
+    def forward(self, step) -> torch.Tensor:
+        return torch.zeros(len(step.sample_rows), self.spec.vocab_size)
+
+    def launch(self, plan, previous):
+        started, before = time.perf_counter(), self.seconds["prepare (layout + upload)"]
+        flight = super().launch(plan, previous)
+        prepared = self.seconds["prepare (layout + upload)"] - before
+        self.seconds["sample"] += time.perf_counter() - started - prepared
+        return flight
+
+
+def host_only_engine(args: argparse.Namespace) -> EngineCore:
+    config = EngineConfig(
+        model="builtin",
         device="cpu",
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.budget,
         num_kv_blocks=args.num_kv_blocks,
         max_model_len=2048,
     )
-    runner = llm.engine.runner
-    runner.graphs = runner.step_graphs(lambda run: lambda: None)
-    vocab = llm.engine.spec.vocab_size
-    runner.forward = lambda step: torch.zeros(len(step.sample_rows), vocab)
-    cuda_graphs.lay_out = phases.wrap("layout", cuda_graphs.lay_out)
-    graphs = runner.graphs
-    graphs._upload = phases.wrap("upload", graphs._upload)
-    runner.prepare = phases.wrap("prepare (layout + upload)", runner.prepare)
-    model_runner.sample = phases.wrap("sample", model_runner.sample)
-    engine = llm.engine
-    engine.scheduler.plan = phases.wrap("plan", engine.scheduler.plan)
-    engine._resolve = phases.wrap("resolve", engine._resolve)
-    return llm
+    return EngineCore(config, runner_class=HostOnlyRunner)
 
 
 def main() -> int:
@@ -105,11 +102,9 @@ def main() -> int:
     parser.add_argument("--label", default="default", help="names the result file")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    phases = PhaseTimer()
-    llm = host_only_engine(args, phases)
+    engine = host_only_engine(args)
     if args.gc_threshold is not None:  # after the engine set its own
         gc.set_threshold(args.gc_threshold, *gc.get_threshold()[1:])
-    engine = llm.engine
     requests = load_workload(args.workload, args.num_prompts, 0)
     prompts = random_prompts(requests, engine.spec.vocab_size, 0)
     params = SamplingParams(max_tokens=requests[0].output_len, temperature=0.0, ignore_eos=True)
@@ -117,7 +112,8 @@ def main() -> int:
         engine.add_request(str(i), prompt, params)
     for _ in range(args.warmup_steps):
         engine.step()
-    phases.seconds.clear()
+    engine.runner.seconds.clear()
+    engine.reset_stats()
     collector = CollectorTimer()
     gc.callbacks.append(collector)
     decodes = 0
@@ -127,7 +123,9 @@ def main() -> int:
         decodes += engine.last_step.num_decode
     wall = time.perf_counter() - started
     gc.callbacks.remove(collector)
-    per_step = {name: 1e3 * s / args.steps for name, s in phases.seconds.items()}
+    stats = engine.stats
+    phases = {"plan": stats.plan_seconds, **engine.runner.seconds, "resolve": stats.resolve_seconds}
+    per_step = {name: 1e3 * s / args.steps for name, s in phases.items()}
     result = {
         "workload": args.workload,
         "steps": args.steps,

@@ -131,7 +131,10 @@ class EngineCore:
         config: EngineConfig,
         detokenize: Detokenize | None = None,
         on_token: TokenHook | None = None,
+        runner_class: type[ModelRunner] = ModelRunner,
     ) -> None:
+        """``runner_class``: a ModelRunner subclass to run the model with (e.g. one whose
+        forward is stubbed out, to time the host's work alone)."""
         self.on_token = on_token
         self.launcher = None
         group = ParallelGroup()
@@ -147,7 +150,7 @@ class EngineCore:
         schedule, budget, source = select_schedule(config, self.spec, device)
         logger.info("pipeline schedule: %s", source)
         self.schedule_source = source
-        self.runner = ModelRunner(config, self.spec, checkpoint, schedule, budget, group)
+        self.runner = runner_class(config, self.spec, checkpoint, schedule, budget, group)
         self.runner.capture_startup_graphs(min(config.max_num_seqs, budget), budget)
         if self.launcher is not None:
             self.runner.on_plan = self.launcher.broadcast
