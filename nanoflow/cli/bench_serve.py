@@ -1,6 +1,8 @@
 """``nanoflow bench serve``: online serving benchmark against a running server, like
 ``vllm bench serve``: random token-id prompts streamed from /v1/completions at a Poisson rate (or
-all at once), reporting request and token throughput and TTFT / TPOT / ITL / latency."""
+all at once), reporting request and token throughput and TTFT / TPOT / ITL / latency, and with
+``--goodput ttft:MS tpot:MS`` the rate of requests that met every latency SLO (DeepSpeed-FastGen's
+effective throughput, in vLLM's spelling)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,27 @@ from pathlib import Path
 from typing import Any
 
 _REQUEST_TIMEOUT_S = 3600
+GOODPUT_METRICS = ("ttft", "tpot", "e2el")
+
+
+def parse_goodput(items: list[str]) -> dict[str, float]:
+    """``["ttft:500", "tpot:50"]`` -> SLOs in milliseconds by metric."""
+    from nanoflow.errors import ConfigError
+
+    slos = {}
+    for item in items:
+        name, _, value = item.partition(":")
+        try:
+            ms = float(value)
+        except ValueError:
+            ms = -1.0
+        if name not in GOODPUT_METRICS or ms <= 0:
+            raise ConfigError(
+                f"--goodput takes METRIC:MS with METRIC one of {', '.join(GOODPUT_METRICS)} and "
+                f"MS a positive number, not {item!r}"
+            )
+        slos[name] = ms
+    return slos
 
 
 def register(kinds: argparse._SubParsersAction) -> None:
@@ -30,6 +53,14 @@ def register(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", default=None)
+    p.add_argument(
+        "--goodput",
+        nargs="+",
+        default=None,
+        metavar="METRIC:MS",
+        help="latency SLOs (ttft, tpot, e2el in ms) a request must all meet to count toward the "
+        "reported request_goodput, e.g. --goodput ttft:500 tpot:50",
+    )
     p.add_argument(
         "--save-detailed",
         action="store_true",
@@ -145,7 +176,7 @@ async def _benchmark(args: argparse.Namespace) -> dict[str, Any]:
             tasks.append(asyncio.create_task(one(prompt, request.output_len)))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - started
-    return _summarize(results, duration, args.save_detailed)
+    return _summarize(results, duration, args.save_detailed, parse_goodput(args.goodput or []))
 
 
 def _stats_ms(values: list[float], name: str) -> dict[str, float]:
@@ -160,15 +191,28 @@ def _stats_ms(values: list[float], name: str) -> dict[str, float]:
     }
 
 
+def _tpot(r: RequestResult) -> float:
+    return (r.latency - r.ttft) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0
+
+
+def meets_slos(r: RequestResult, slos: dict[str, float]) -> bool:
+    seconds = {"ttft": r.ttft, "tpot": _tpot(r), "e2el": r.latency}
+    return r.ok and all(1e3 * seconds[name] <= ms for name, ms in slos.items())
+
+
 def _summarize(
-    results: list[RequestResult], duration: float, detailed: bool = False
+    results: list[RequestResult],
+    duration: float,
+    detailed: bool = False,
+    goodput: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """vllm-style summary; ``detailed`` adds every request, for metrics that are means of
-    per-request ratios (NanoFlow's normalized latency)."""
+    per-request ratios (NanoFlow's normalized latency); ``goodput`` (SLOs in ms) adds the rate
+    of requests that met them all."""
     done = [r for r in results if r.ok]
     input_tokens = sum(r.prompt_len for r in done)
     output_tokens = sum(r.output_tokens for r in done)
-    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
+    tpots = [_tpot(r) for r in done if r.output_tokens > 1]
     summary: dict[str, Any] = {
         "completed": len(done),
         "failed": len(results) - len(done),
@@ -184,6 +228,11 @@ def _summarize(
     summary.update(_stats_ms(tpots, "tpot"))
     summary.update(_stats_ms([gap for r in done for gap in r.itl], "itl"))
     summary.update(_stats_ms([r.latency for r in done], "e2el"))
+    if goodput:
+        good = sum(meets_slos(r, goodput) for r in results)
+        summary["goodput_slos_ms"] = dict(goodput)
+        summary["request_goodput"] = good / duration
+        summary["goodput_fraction"] = good / len(results) if results else 0.0
     if detailed:
         summary["requests"] = [
             {
@@ -208,6 +257,10 @@ def _print(summary: dict[str, Any]) -> None:
         ("Total input tokens", summary["total_input_tokens"]),
         ("Total generated tokens", summary["total_output_tokens"]),
         ("Request throughput (req/s)", f"{summary['request_throughput']:.2f}"),
+    ]
+    if "request_goodput" in summary:
+        rows.append(("Request goodput (req/s)", f"{summary['request_goodput']:.2f}"))
+    rows += [
         ("Output token throughput (tok/s)", f"{summary['output_throughput']:.2f}"),
         ("Total token throughput (tok/s)", f"{summary['total_token_throughput']:.2f}"),
     ]
@@ -236,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     if rate <= 0 or args.num_prompts < 1:
         raise ConfigError("--request-rate and --num-prompts must be positive")
+    parse_goodput(args.goodput or [])
     summary = asyncio.run(_benchmark(args))
     _print(summary)
     record = {
