@@ -107,7 +107,7 @@ FIGURES_BY_NAME = {
                 "--workload",
                 "16/4",
                 "--rates",
-                "2",
+                "2,4",
                 "--duration-s",
                 "0.5",
                 "--min-prompts",

@@ -1,5 +1,6 @@
-"""The experiment scripts on CPU: result files carry what makes them quotable, figures and the
-README table come from result files, and the transformers peer and the runner dry-run."""
+"""The experiment scripts on CPU: results are filed by GPU and experiment and carry what makes
+them quotable, the tables and figures come from result files only (the committed ones regenerate
+as committed), and every figure's reproduce entry and the transformers peer dry-run."""
 
 from __future__ import annotations
 
@@ -374,6 +375,17 @@ def test_reproduce_dry_run(figure, tmp_path):
         assert record["commit"]
     png = reproduce.FIGURES_BY_NAME[figure].png
     assert (tmp_path / "figures" / f"{png}_h200.png").read_bytes()[:4] == b"\x89PNG"
+    if figure == "latency":  # the SLO is out of reach: every rate runs however fast this CPU is
+        (record,) = results
+        points = record["result"]["points"]
+        assert [p["request_rate"] for p in points] == [2.0, 4.0]
+        for point in points:
+            assert point["completed"] == 3 and point["failed"] == 0
+            assert point["normalized_latency_method"].startswith("mean of per-request")
+            assert point["normalized_latency_s"] > 0
+        assert record["result"]["max_rate_under_slo"] == 4.0
+        raw = tmp_path / "cpu" / "online_latency" / "builtin-16_4_raw"
+        assert (raw / "server.log").is_file() and (raw / "rate-4.json").is_file()
     if figure == "ablation":  # run.py: one result per executor, stamped with its wall time
         assert [r["_file"] for r in results] == [
             "cpu/throughput/builtin-16_4-nanobatch.json",
