@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -109,3 +112,22 @@ def test_a_bad_schema_is_a_request_error(compiler):
         compiler.matcher(StructuredOutput("json_schema", '{"type": "bogus"}'))
     with pytest.raises(RequestError, match="regex"):
         compiler.matcher(StructuredOutput("regex", "("))
+
+
+def test_after_the_grammar_ends_only_its_stop_tokens_follow(llm, compiler):
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=5, ignore_eos=True)
+    spec = StructuredOutput("json_schema", '{"type": "boolean"}')
+    text, reason = run(llm, compiler, spec, params)
+    assert reason == "length" and json.loads(text) in (True, False)
+
+
+def test_cost_script_dry_run(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "experiments" / "structured_output_cost.py"
+    cmd = [sys.executable, str(script), "--dry-run", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (path,) = tmp_path.glob("cpu/structured_output/*.json")
+    record = json.loads(path.read_text())
+    for mode in ("unconstrained", "constrained"):
+        assert record[mode]["decode_tokens"] > 0 and record[mode]["ms_per_token"] > 0
+    assert "overhead_per_token" in record and record["command"] and record["date"]

@@ -23,8 +23,16 @@ class GrammarCompiler:
     """Compiles structured-output specs for one tokenizer and model vocabulary; xgrammar is
     loaded with the first constrained request, so engines that never see one do not pay for it."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
-        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        stop_token_ids: list[int],
+        tokenizer_info: Any = None,
+    ) -> None:
+        """``tokenizer_info``: an ``xgrammar.TokenizerInfo`` to use instead of the tokenizer's
+        (a vocabulary without a Hugging Face tokenizer)."""
+        self.tokenizer, self.vocab_size, self.info = tokenizer, vocab_size, tokenizer_info
         self.stop_token_ids = sorted(stop_token_ids)
         self._compiler: Any = None
 
@@ -33,15 +41,16 @@ class GrammarCompiler:
         if self._compiler is None:
             import xgrammar
 
-            info = xgrammar.TokenizerInfo.from_huggingface(
-                self.tokenizer, vocab_size=self.vocab_size
-            )
-            self._compiler = xgrammar.GrammarCompiler(info, max_threads=1)
+            if self.info is None:
+                self.info = xgrammar.TokenizerInfo.from_huggingface(
+                    self.tokenizer, vocab_size=self.vocab_size
+                )
+            self._compiler = xgrammar.GrammarCompiler(self.info, max_threads=1)
         return self._compiler
 
     def compile(self, spec: StructuredOutput) -> Any:
         """The compiled grammar; raises RequestError naming what cannot be compiled."""
-        if self.tokenizer is None:
+        if self.tokenizer is None and self.info is None:
             raise RequestError("structured output needs the model's tokenizer")
         try:
             if spec.kind == "json":
@@ -55,15 +64,41 @@ class GrammarCompiler:
             reason = _LOG_PREFIX.sub("", str(exc).strip().splitlines()[0])
             raise RequestError(f"cannot compile the {spec.kind} constraint: {reason}") from None
 
-    def matcher(self, spec: StructuredOutput) -> Any:
+    def matcher(self, spec: StructuredOutput) -> Grammar:
         import xgrammar
 
-        return xgrammar.GrammarMatcher(self.compile(spec), override_stop_tokens=self.stop_token_ids)
+        stops = self.stop_token_ids
+        return Grammar(
+            xgrammar.GrammarMatcher(self.compile(spec), override_stop_tokens=stops), stops
+        )
 
 
-def constrain(seq: Sequence, matcher: Any) -> None:
-    """Make the sampler keep ``seq``'s output inside ``matcher``'s grammar."""
-    state_of(seq).grammar = matcher
+class Grammar:
+    """One request's matcher as the sampler uses it. Once the grammar is complete only its stop
+    tokens may follow (a request that ignores EOS keeps generating them)."""
+
+    def __init__(self, matcher: Any, stop_token_ids: list[int]) -> None:
+        self.matcher, self.stop_token_ids = matcher, stop_token_ids
+
+    def is_terminated(self) -> bool:
+        return self.matcher.is_terminated()
+
+    def fill_next_token_bitmask(self, bitmask: Any, row: int) -> None:
+        if self.is_terminated():
+            bitmask[row] = 0
+            for token in self.stop_token_ids:
+                bitmask[row, token // 32] |= 1 << (token % 32)
+        else:
+            self.matcher.fill_next_token_bitmask(bitmask, row)
+
+    def accept_token(self, token: int) -> None:
+        if not self.is_terminated():
+            self.matcher.accept_token(token)
+
+
+def constrain(seq: Sequence, grammar: Grammar) -> None:
+    """Make the sampler keep ``seq``'s output inside ``grammar``."""
+    state_of(seq).grammar = grammar
 
 
 def choice_grammar(choices: list[str]) -> str:

@@ -39,7 +39,7 @@ class SamplerState:
     banned_until_min: tuple[int, ...] = ()  # ending tokens masked until min_tokens
     output_counts: torch.Tensor | None = None  # [vocab] float32 occurrences in the output
     prompt_mask: torch.Tensor | None = None  # [vocab] bool, tokens of the prompt
-    grammar: Any = None  # an xgrammar GrammarMatcher constraining the output
+    grammar: Any = None  # an engine.grammar.Grammar constraining the output
 
 
 def state_of(seq: Sequence) -> SamplerState:
@@ -165,7 +165,7 @@ def _record(tokens: torch.Tensor, seqs: list[Sequence]) -> None:
         if state.output_counts is not None:
             one = torch.ones(1, device=tokens.device) if one is None else one
             state.output_counts.index_add_(0, tokens[i : i + 1], one)
-        if state.grammar is not None and not state.grammar.is_terminated():
+        if state.grammar is not None:
             state.grammar.accept_token(int(tokens[i]))
 
 
