@@ -191,7 +191,9 @@ def fits(kernel: str, kv_dtype: torch.dtype) -> bool:
     )
 
 
-def decode_attention(curve: dict[str, Any], kernels: tuple[str, ...]) -> list[dict[str, Any]]:
+def decode_attention(
+    curve: dict[str, Any], kernels: tuple[str, ...], budgets: dict[str, tuple[int, ...]]
+) -> list[dict[str, Any]]:
     rows = []
     for kv_name, kv_dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
         for batch, ctx, width in [(b, c, None) for b, c in DECODE_CASES] + [MIXED_CASE]:
@@ -210,8 +212,8 @@ def decode_attention(curve: dict[str, Any], kernels: tuple[str, ...]) -> list[di
             out = torch.empty_like(args[0])
             case = dict(cache=kv_name, batch=batch, context=ctx, mixed=width is not None)
             for kernel in [k for k in kernels if fits(k, kv_dtype)]:
-                for mechanism, sms in [("cta_limited", k) for k in CTA_BUDGETS] + [
-                    ("green_context", k) for k in GREEN_BUDGETS
+                for mechanism, sms in [("cta_limited", k) for k in budgets["cta_limited"]] + [
+                    ("green_context", k) for k in budgets["green_context"]
                 ]:
                     green = mechanism == "green_context"
                     budget = None if green or sms == 132 else sms
@@ -222,7 +224,7 @@ def decode_attention(curve: dict[str, Any], kernels: tuple[str, ...]) -> list[di
                     gbs, ceiling = kv_bytes / ms / 1e6, curve[mechanism][sms]
                     row = dict(mechanism=mechanism, sms=sms, ms=ms, gbs=gbs, ceiling_gbs=ceiling)
                     rows.append(dict(kernel=kernel, **case, **row, fraction=gbs / ceiling))
-                print_rows(rows[-len(CTA_BUDGETS) - len(GREEN_BUDGETS) :])
+                print_rows(rows[-len(budgets["cta_limited"]) - len(budgets["green_context"]) :])
             del args, out
             torch.cuda.empty_cache()
     return rows
@@ -343,13 +345,7 @@ def git_commit() -> str | None:
 def dry_run() -> dict[str, Any]:
     """CPU: the split plans a GPU launch would use, and the kernels' entry point under the
     interpreter against the reference on random lengths."""
-    plans = {
-        f"b{b}_ctx{c}": cuda_kernel.split_plan(b, KV_HEADS, -(-c // PAGE), 132 * 8, 4)
-        for b, c in DECODE_CASES
-    }
-    for _, splits_pages in plans.items():
-        splits, split_pages = splits_pages
-        assert split_pages <= cuda_kernel.MAX_SPLIT_PAGES
+    plans = {f"b{b}_ctx{c}": cuda_kernel.split_plan(-(-c // PAGE), 16) for b, c in DECODE_CASES}
     q = torch.randn(3, 4, 64)
     k = torch.randn(6, 2, PAGE, 64)
     v = torch.randn(6, 2, PAGE, 64)
@@ -386,6 +382,8 @@ def main() -> int:
         help="decode kernels to time, ';'-separated: cuda, triton, or a forced cuda:... config",
     )
     parser.add_argument("--num-prompts", type=int, default=2000)
+    parser.add_argument("--cta-budgets", default=",".join(map(str, CTA_BUDGETS)))
+    parser.add_argument("--green-budgets", default=",".join(map(str, GREEN_BUDGETS)))
     parser.add_argument(
         "--commit", default=None, help="the code's commit (default: git rev-parse HEAD here)"
     )
@@ -393,6 +391,10 @@ def main() -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     sections = set(args.sections.split(","))
+    budgets = {
+        "cta_limited": tuple(int(k) for k in args.cta_budgets.split(",")),
+        "green_context": tuple(int(k) for k in args.green_budgets.split(",")),
+    }
     started = time.perf_counter()
     record: dict[str, Any] = {
         **environment(DEVICE),
@@ -408,7 +410,7 @@ def main() -> int:
         print("read curve, CTA-limited:", {k: round(v) for k, v in curve["cta_limited"].items()})
         print("read curve, green:", {k: round(v) for k, v in curve["green_context"].items()})
         steps = [
-            ("decode", lambda: decode_attention(curve, tuple(args.kernels.split(";")))),
+            ("decode", lambda: decode_attention(curve, tuple(args.kernels.split(";")), budgets)),
             ("small", lambda: small_kernels(curve)),
             ("throughput", lambda: [throughput(args.num_prompts, k, out_dir)
                                     for k in ("triton", "cuda")]),

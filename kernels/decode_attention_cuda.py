@@ -22,22 +22,21 @@ SOURCE = Path(__file__).with_name("cuda") / "decode_attention.cu"
 PAGE = 16
 HEAD_DIM = 128
 MAX_GROUP = 8  # query heads per KV head that one MMA column block holds
-MAX_SPLIT_PAGES = 32  # a split's block-table entries are one per lane of a warp
 SMEM_PER_SM = 227 * 1024  # the opt-in maximum of one SM on Hopper
 
 
 @dataclass(frozen=True)
 class CudaDecodeConfig:
-    """``warps`` per CTA, each streaming its own work items through ``stages`` shared-memory
-    stages of ``pages_per_stage`` pages (several pages per step give a warp independent chains
-    of MMAs to interleave); ``ctas_per_sm`` CTAs share an SM (their rings together bound the
-    bytes in flight); ``items_per_warp`` sets how finely contexts are split so every warp has
-    work."""
+    """``warps`` per CTA, each streaming work items through ``stages`` shared-memory stages of
+    ``pages_per_stage`` pages (several pages per step give a warp independent chains of MMAs
+    to interleave); ``ctas_per_sm`` CTAs share an SM (their rings together bound the bytes in
+    flight); contexts are cut into items of ``split_pages`` pages, which warps draw from a
+    counter: small items keep the last warp's tail short whatever the lengths."""
 
     warps: int
     stages: int
     ctas_per_sm: int = 1
-    items_per_warp: int = 4
+    split_pages: int = 16
     pages_per_stage: int = 1
 
 
@@ -48,8 +47,10 @@ def stage_bytes(kv_elt: int, group: int, pages: int = 1) -> int:
 
 
 def smem_bytes(config: CudaDecodeConfig, kv_elt: int, group: int) -> int:
+    """The stage rings, and each warp's queue of (item, length) pairs."""
     per_stage = stage_bytes(kv_elt, group, config.pages_per_stage)
-    return config.warps * config.stages * per_stage
+    queue = 2 * 4 * (config.stages + 1)
+    return config.warps * (config.stages * per_stage + queue)
 
 
 def default_config(kv_elt: int, group: int) -> CudaDecodeConfig:
@@ -101,17 +102,12 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> b
     )
 
 
-def split_plan(
-    batch: int, num_kv_heads: int, table_width: int, total_warps: int, items_per_warp: int
-) -> tuple[int, int]:
-    """(num_splits, split_pages): enough splits of each (sequence, KV head) for about
-    ``items_per_warp`` items per warp, none longer than a warp's 32 block-table lanes. Computed
-    from the table's width, never from the lengths, so a CUDA graph can replay it."""
+def split_plan(table_width: int, split_pages: int) -> tuple[int, int]:
+    """(num_splits, split_pages) for block tables ``table_width`` pages wide: the split count
+    is fixed by the width (a CUDA graph replays it), the kernel skips the splits past the
+    step's longest context."""
     pages = max(table_width, 1)
-    pairs = max(batch * num_kv_heads, 1)
-    splits = max(-(-items_per_warp * total_warps // pairs), -(-pages // MAX_SPLIT_PAGES))
-    splits = min(splits, pages)
-    split_pages = -(-pages // splits)
+    split_pages = min(split_pages, pages)
     return -(-pages // split_pages), split_pages
 
 
@@ -200,7 +196,8 @@ def launch_decode_cuda(
     config: CudaDecodeConfig,
 ) -> None:
     """Fill ``out`` (one split) or ``part_out`` / ``part_lse`` (several) on the current stream.
-    ``block_tables`` and ``context_lens`` must be int32."""
+    ``block_tables`` and ``context_lens`` must be int32. Each launch draws its work from a
+    counter of its own, so launches on several streams never share one."""
     batch, num_heads, _ = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
@@ -208,12 +205,14 @@ def launch_decode_cuda(
     device = q.device.index if q.device.index is not None else torch.cuda.current_device()
     kernel = _kernel(kv_elt, q.dtype == torch.float16, group, config, device)
     direct = splits == 1
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device)
     ptr = np.uint64
     args = (
         ptr(q.data_ptr()), ptr(k_cache.data_ptr()), ptr(v_cache.data_ptr()),
         ptr(block_tables.data_ptr()), ptr(context_lens.data_ptr()), ptr(out.data_ptr()),
         ptr(0 if direct else part_out.data_ptr()), ptr(0 if direct else part_lse.data_ptr()),
-        np.float32(scale * math.log2(math.e)), np.int32(batch), np.int32(num_kv_heads),
+        ptr(counter.data_ptr()), np.float32(scale * math.log2(math.e)), np.int32(batch),
+        np.int32(num_kv_heads),
         np.int32(splits), np.int32(split_pages), np.int32(block_tables.shape[1]),
         np.int64(q.stride(0)), np.int64(k_cache.stride(0)), np.int64(k_cache.stride(1)),
         np.int64(v_cache.stride(0)), np.int64(v_cache.stride(1)), np.int64(block_tables.stride(0)),

@@ -132,18 +132,16 @@ __device__ __forceinline__ u32 unit_off(u32 base, int row, int unit, int units, 
     return base + (u32)((row * units + (unit ^ swz)) * 16);
 }
 
-// The lengths of 32 consecutive work items of this warp, one per lane, with the next 32
-// already requested so their latency hides behind the current ones.
-struct LenWindow {
-    int base, cur, next;
+// Work items are (split, sequence, KV head), numbered split-major so the items with pages
+// come first. Warps take them in order from a global counter, so a warp that drew short
+// contexts takes more: lengths vary, and a static share would leave the longest share last.
+struct Item {
+    int seq, head, split;
 };
 
-// Work items are numbered split-major, (split, sequence, KV head): the items that have pages
-// (the first splits of every sequence) spread evenly over the warps whatever the split count.
-__device__ __forceinline__ int item_len(int ordinal, int first_item, int stride, int items,
-                                        int num_kv_heads, int num_seqs, const int* lens) {
-    int item = first_item + ordinal * stride;
-    return item < items ? __ldg(lens + (item / num_kv_heads) % num_seqs) : 0;
+__device__ __forceinline__ Item item_of(int item, int num_kv_heads, int num_seqs) {
+    const int pair = item % (num_kv_heads * num_seqs);
+    return Item{pair / num_kv_heads, pair % num_kv_heads, item / (num_kv_heads * num_seqs)};
 }
 
 template <int D, int KV_ELT, bool Q_F16, int GROUP, int WARPS, int STAGES, int PPS>
@@ -151,55 +149,66 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
     const unsigned char* __restrict__ q, const unsigned char* __restrict__ k_cache,
     const unsigned char* __restrict__ v_cache, const int* __restrict__ tables,
     const int* __restrict__ lens, unsigned char* __restrict__ out, float* __restrict__ part_out,
-    float* __restrict__ part_lse, float scale_log2, int num_seqs, int num_kv_heads,
-    int num_splits, int split_pages, int table_width, long long stride_qb, long long stride_kb,
-    long long stride_kh, long long stride_vb, long long stride_vh, long long stride_tb,
-    long long stride_ob, long long stride_oh, int direct) {
+    float* __restrict__ part_lse, int* __restrict__ counter, float scale_log2, int num_seqs,
+    int num_kv_heads, int num_splits, int split_pages, int table_width, long long stride_qb,
+    long long stride_kb, long long stride_kh, long long stride_vb, long long stride_vh,
+    long long stride_tb, long long stride_ob, long long stride_oh, int direct) {
     using L = Layout<D, KV_ELT, GROUP, PPS>;
     constexpr bool F16 = Q_F16 || KV_ELT == 1;  // the MMA's operand type
+    constexpr int QUEUE = STAGES + 1;  // items between the producer and the consumer
     extern __shared__ __align__(128) unsigned char smem[];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, qd = lane & 3;
-    const int first_item = blockIdx.x * WARPS + warp;
-    const int stride = gridDim.x * WARPS;
-    const int per_split = num_kv_heads * num_seqs;
-    const int items = num_splits * per_split;
     const int num_heads = num_kv_heads * GROUP;
-    const int my_items = first_item < items ? (items - first_item + stride - 1) / stride : 0;
+    // splits past the longest context hold no pages: leave them out (every warp finds the
+    // longest itself, so a CUDA graph replays this with whatever lengths the step has)
+    int max_len = 0;
+    for (int i = lane; i < num_seqs; i += 32) max_len = max(max_len, __ldg(lens + i));
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1)
+        max_len = max(max_len, __shfl_xor_sync(0xffffffffu, max_len, off));
+    const int used_splits =
+        max(1, min(num_splits, ((max_len + PAGE - 1) / PAGE + split_pages - 1) / split_pages));
+    const int items = used_splits * num_kv_heads * num_seqs;
     const u32 ring = warp * STAGES * L::STAGE_BYTES;  // offsets into smem
     const u32 smem_base = smem_u32(smem);
+    int* queue = reinterpret_cast<int*>(smem + WARPS * STAGES * L::STAGE_BYTES) + warp * 2 * QUEUE;
 
-    auto npages_of = [&](int ordinal, int len) {
-        int split = (first_item + ordinal * stride) / per_split;
+    auto npages_of = [&](int split, int len) {
         int pages = (len + PAGE - 1) / PAGE - split * split_pages;
         return max(0, min(pages, split_pages));
     };
-    auto load_window = [&](int base) {
-        return item_len(base + lane, first_item, stride, items, num_kv_heads, num_seqs, lens);
+    // block-table entries [first, first + 32) of an item's split, one per lane
+    auto load_window = [&](const Item& it, int first) {
+        const int col = it.split * split_pages + first + lane;
+        return (first + lane < split_pages && col < table_width)
+                   ? __ldg(tables + it.seq * stride_tb + col)
+                   : 0;
     };
-    auto window_len = [&](LenWindow& w, int ordinal) {
-        if (ordinal >= w.base + 32) {
-            w.base += 32;
-            w.cur = w.next;
-            w.next = load_window(w.base + 32);
-        }
-        return __shfl_sync(0xffffffffu, w.cur, ordinal - w.base);
-    };
-    auto load_table = [&](int ordinal) {
-        int item = first_item + ordinal * stride;
-        int seq = (item / num_kv_heads) % num_seqs, split = item / per_split;
-        int col = split * split_pages + lane;
-        return (lane < split_pages && col < table_width) ? __ldg(tables + seq * stride_tb + col)
-                                                         : 0;
-    };
+    auto grab = [&]() { return lane == 0 ? atomicAdd(counter, 1) : 0; };
 
-    // ---- the producer cursor: which pages of which item the next stage receives
-    LenWindow pw{0, load_window(0), load_window(32)};
-    int p_ord = -1, p_page = 0, p_npages = 0, p_table = 0, p_next_table = 0;
-    int p_next_ord = my_items > 0 ? 0 : -1;
-    if (p_next_ord >= 0) p_next_table = load_table(0);
-    long long p_k_head = 0, p_v_head = 0;  // byte offsets of the item's head in a block
+    // ---- the producer: items come through a pipeline of three (drawn, loaded, in use), each
+    // step a whole item ahead of the next, so neither the counter nor the lengths and block
+    // tables are ever waited for
+    int drawn = grab();                       // lane 0: an item number, read one item later
+    int n_item = -1, n_len = 0, n_window = 0;  // the next item, its length and first entries
+    auto refill = [&]() {
+        n_item = __shfl_sync(0xffffffffu, drawn, 0);
+        if (n_item < items) {
+            const Item it = item_of(n_item, num_kv_heads, num_seqs);
+            n_len = __ldg(lens + it.seq);
+            n_window = load_window(it, 0);
+            drawn = grab();
+        } else {
+            n_item = -1;
+        }
+    };
+    refill();
+    Item p_it{0, 0, 0};
+    int p_page = 0, p_npages = 0, p_window = 0, p_next_window = 0, p_base = 0, p_pushed = 0;
+    bool p_done = false;
+    long long p_k_head = 0, p_v_head = 0;
     const unsigned char* p_q = q;
     int issued = 0;
     // a lane's shared-memory offsets of its 16-byte units of a page: periodic in the copy index
@@ -210,29 +219,66 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
         const int row = k * ROWS_PER_COPY + lane / L::UNITS, unit = lane % L::UNITS;
         dst_off[k] = (u32)((row * L::UNITS + (unit ^ swizzle<KV_ELT>(row))) * 16);
     }
+    auto push = [&](int item, int len) {
+        if (lane == 0) {
+            queue[2 * (p_pushed % QUEUE)] = item;
+            queue[2 * (p_pushed % QUEUE) + 1] = len;
+        }
+        ++p_pushed;
+    };
 
     auto issue = [&]() {
         while (p_page >= p_npages) {  // move on to the next item with pages
-            if (p_ord + 1 >= my_items) return;
-            ++p_ord;
-            p_npages = npages_of(p_ord, window_len(pw, p_ord));
-            p_page = 0;
-            if (p_npages == 0) continue;
-            p_table = p_next_ord == p_ord ? p_next_table : load_table(p_ord);
-            if (p_ord + 1 < my_items) {
-                p_next_ord = p_ord + 1;
-                p_next_table = load_table(p_next_ord);
+            if (p_done) return;
+            if (n_item < 0) {
+                p_done = true;
+                push(-1, 0);
+                return;
             }
-            const int item = first_item + p_ord * stride;
-            const int seq = (item / num_kv_heads) % num_seqs, head = item % num_kv_heads;
-            p_k_head = head * stride_kh * KV_ELT;
-            p_v_head = head * stride_vh * KV_ELT;
-            p_q = q + (seq * stride_qb + head * GROUP * D) * 2;
+            const int item = n_item, len = n_len;
+            p_window = n_window;
+            refill();
+            p_it = item_of(item, num_kv_heads, num_seqs);
+            p_npages = npages_of(p_it.split, len);
+            p_page = 0;
+            p_base = 0;
+            if (p_npages == 0) {
+                if (len == 0 && p_it.split == 0) {  // a zero-length row: define its output
+                    const long long row = (long long)p_it.seq * num_heads + p_it.head * GROUP;
+                    if (direct) {
+                        for (int x = lane; x < GROUP * D / 8; x += 32) {
+                            unsigned char* o =
+                                out + (p_it.seq * stride_ob + p_it.head * GROUP * stride_oh) * 2;
+                            const int h = x / (D / 8), u = x % (D / 8);
+                            reinterpret_cast<uint4*>(o + h * stride_oh * 2)[u] =
+                                make_uint4(0, 0, 0, 0);
+                        }
+                    } else {
+                        for (int x = lane; x < GROUP * D / 4; x += 32) {
+                            const int h = x / (D / 4), u = x % (D / 4);
+                            reinterpret_cast<float4*>(part_out + (row + h) * num_splits * D)[u] =
+                                make_float4(0.f, 0.f, 0.f, 0.f);
+                        }
+                        if (lane < GROUP) part_lse[(row + lane) * num_splits] = NEG_INF;
+                    }
+                }
+                continue;
+            }
+            push(item, len);
+            p_next_window = p_npages > 32 ? load_window(p_it, 32) : 0;
+            p_k_head = p_it.head * stride_kh * KV_ELT;
+            p_v_head = p_it.head * stride_vh * KV_ELT;
+            p_q = q + (p_it.seq * stride_qb + p_it.head * GROUP * D) * 2;
+        }
+        if (p_page >= p_base + 32) {  // the next 32 block-table entries, and ask for the ones after
+            p_base += 32;
+            p_window = p_next_window;
+            p_next_window = p_npages > p_base + 32 ? load_window(p_it, p_base + 32) : 0;
         }
         const u32 stage = smem_base + ring + (issued % STAGES) * L::STAGE_BYTES;
 #pragma unroll
         for (int pp = 0; pp < PPS; ++pp) {
-            const long long block = __shfl_sync(0xffffffffu, p_table, p_page + pp);
+            const long long block = __shfl_sync(0xffffffffu, p_window, p_page + pp - p_base);
             if (p_page + pp >= p_npages) break;
             const unsigned char* k_src = k_cache + block * stride_kb * KV_ELT + p_k_head + lane * 16;
             const unsigned char* v_src = v_cache + block * stride_vb * KV_ELT + p_v_head + lane * 16;
@@ -256,9 +302,9 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
         issue();
         cp_commit();
     }
+    __syncwarp();
 
-    // ---- the consumer cursor
-    LenWindow cw{0, load_window(0), load_window(32)};
+    // ---- the consumer: the items the producer queued, in order
     u32 qf[L::KSTEPS][2];
     float acc[D / 16][4];
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
@@ -269,34 +315,14 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
 #pragma unroll
     for (int r = 0; r < 4; ++r) swz_v[r] = swizzle<KV_ELT>(vrow[r]);
 
-    for (int c_ord = 0; c_ord < my_items; ++c_ord) {
-        const int item = first_item + c_ord * stride;
-        const int seq = (item / num_kv_heads) % num_seqs, head = item % num_kv_heads;
-        const int split = item / per_split;
-        const int len = window_len(cw, c_ord);
-        const int npages = npages_of(c_ord, len);
-        if (npages == 0) {
-            if (!direct && split == 0 && len == 0 && lane < 2 * GROUP) {
-                // a zero-length row: split 0 is the one the reduce reads; it must be empty
-                const int h = lane / 2;
-                const long long part =
-                    ((long long)seq * num_heads + head * GROUP + h) * num_splits;
-                float4* o = reinterpret_cast<float4*>(part_out + part * D) + (lane % 2) * (D / 8);
-                for (int u = 0; u < D / 8; ++u) o[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-                if (lane % 2 == 0) part_lse[part] = NEG_INF;
-            }
-            if (direct) {  // a zero-length row: its output is defined as zeros
-                for (int hc = 0; hc < 2; ++hc) {
-                    const int h = 2 * qd + hc;
-                    if (h >= GROUP) continue;
-                    unsigned char* o = out + (seq * stride_ob + (head * GROUP + h) * stride_oh) * 2;
-#pragma unroll
-                    for (int u = 0; u < L::V_DIMS * 2 / 16; ++u)
-                        reinterpret_cast<uint4*>(o + g * L::V_DIMS * 2)[u] = make_uint4(0, 0, 0, 0);
-                }
-            }
-            continue;
-        }
+    // The producer runs STAGES - 1 stages ahead, so by the time an item's last stage is
+    // consumed it has queued the next item (or the end) at least one stage earlier.
+    for (int popped = 0;; ++popped) {
+        const int item = queue[2 * (popped % QUEUE)], len = queue[2 * (popped % QUEUE) + 1];
+        if (item < 0) break;
+        const Item it = item_of(item, num_kv_heads, num_seqs);
+        const int seq = it.seq, head = it.head, split = it.split;
+        const int npages = npages_of(split, len);
         m0 = m1 = NEG_INF;
         l0 = l1 = 0.f;
 #pragma unroll
