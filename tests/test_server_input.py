@@ -52,7 +52,7 @@ HOSTILE = [
     (C, {"prompt": "hi", "stop": ["s"] * 10_000}, "stop", "at most 16 stop strings"),
     (C, b'{"prompt": "hi", "temperature": NaN}', "temperature", "finite number"),
     (C, {"prompt": "hi", "max_tokens": True}, "max_tokens", "valid integer"),
-    (C, {"prompt": "hi", "n": 2.0}, "n", "valid integer"),
+    (C, {"prompt": "hi", "n": 2.5}, "n", "valid integer"),
     (C, {"prompt": "hi", "stream": 1}, "stream", "valid boolean"),
     (C, {"prompt": "hi", "tools": [{"type": "function"}]}, "tools", "not supported"),
     (CHAT, _chat("x") | {"tool_choice": "auto"}, "tool_choice", "not supported"),

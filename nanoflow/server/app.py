@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -41,6 +41,28 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)
 }
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+# a completion is one JSON body, or server-sent events when it streams
+_GENERATION = {
+    **_ERRORS,
+    200: {"content": {"application/json": {}, "text/event-stream": {}}},
+}
+_METRICS = {**_ERRORS, 200: {"content": {"text/plain": {}}}}
+
+
+def openapi_without_422(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI schema as the server behaves: a body that fails validation gets a 400 in
+    OpenAI's shape, never FastAPI's default 422."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def load_front_end_tokenizer(config: EngineConfig) -> Any:
@@ -149,7 +171,7 @@ def create_app(
             raise APIError(503, "the server is shutting down", "service_unavailable")
         return {"status": "ok"}
 
-    @app.get("/metrics", responses=_ERRORS)
+    @app.get("/metrics", response_class=PlainTextResponse, responses=_METRICS)
     async def prometheus() -> Response:
         try:
             stats = await client.stats()
@@ -171,7 +193,7 @@ def create_app(
     @app.post(
         "/v1/completions",
         response_model=None,
-        responses=_ERRORS,
+        responses=_GENERATION,
     )
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         return await serving().completions(req, raw)
@@ -179,9 +201,10 @@ def create_app(
     @app.post(
         "/v1/chat/completions",
         response_model=None,
-        responses=_ERRORS,
+        responses=_GENERATION,
     )
     async def chat(req: ChatCompletionRequest, raw: Request) -> Response:
         return await serving().chat(req, raw)
 
+    app.openapi = lambda: openapi_without_422(app)
     return app

@@ -20,7 +20,6 @@ from pydantic import (
     ValidationError,
     ValidatorFunctionWrapHandler,
     WrapValidator,
-    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -42,12 +41,36 @@ def _valid_unicode(value: str) -> str:
     return value
 
 
-Int = Annotated[int, Strict()]
+def _integral(value: Any) -> Any:
+    """JSON Schema's integers include ``3.0`` (but not ``true`` or ``"3"``, which strict ints
+    refuse too)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def Integer(**bounds: int) -> Any:
+    """A strict integer with ``Field`` bounds, the float-to-int step outermost so that the
+    bounds still reach the JSON schema as ``minimum`` / ``maximum``."""
+    return Annotated[int, Strict(), Field(**bounds), BeforeValidator(_integral)]
+
+
 Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 Bool = Annotated[bool, Strict()]
 Text = Annotated[str, Strict(), AfterValidator(_valid_unicode)]
 NonEmptyText = Annotated[Text, Field(min_length=1)]
-TokenIds = Annotated[list[Annotated[Int, Field(ge=0)]], Field(min_length=1)]
+def _integral_items(value: Any) -> Any:
+    """``_integral`` over a token list, in one pass (long lists are the common case)."""
+    if isinstance(value, list) and any(type(v) is float for v in value):
+        return [_integral(v) for v in value]
+    return value
+
+
+TokenIds = Annotated[
+    list[Annotated[int, Strict(), Field(ge=0)]],
+    Field(min_length=1),
+    BeforeValidator(_integral_items),
+]
 
 _PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of token-id lists"
 
@@ -129,9 +152,12 @@ def _text_parts(value: Any) -> Any:
 
 Prompt = Annotated[
     NonEmptyText
-    | Annotated[list[NonEmptyText], Field(min_length=1)]
     | TokenIds
-    | Annotated[list[TokenIds], Field(min_length=1)],
+    | Annotated[list[TokenIds], Field(min_length=1)]
+    | Annotated[list[NonEmptyText], Field(min_length=1)],
+    # the shapes are disjoint: stop at the first that fits, and try the one long prompts take
+    # (token ids) before those that would report an error for each of their items
+    Field(union_mode="left_to_right"),
     WrapValidator(_prompt_shape),
 ]
 Stop = Annotated[
@@ -167,17 +193,23 @@ class JsonSchemaFormat(BaseModel):
     strict: Bool | None = None
 
 
-class ResponseFormat(BaseModel):
-    """OpenAI's ``response_format``: free text, any JSON object, or JSON of a given schema."""
+class TextFormat(BaseModel):
+    type: Literal["text"]
 
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
 
-    @model_validator(mode="after")
-    def _schema_given(self) -> ResponseFormat:
-        if self.type == "json_schema" and self.json_schema is None:
-            raise PydanticCustomError("response_format", "type json_schema needs json_schema")
-        return self
+class JsonObjectFormat(BaseModel):
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(BaseModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+# OpenAI's ``response_format``: free text, any JSON object, or JSON of a given schema
+ResponseFormat = Annotated[
+    TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")
+]
 
 
 class StreamOptions(BaseModel):
@@ -193,16 +225,16 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: Text | None = None
-    max_tokens: Annotated[Int, Field(ge=1)] | None = None
+    max_tokens: Integer(ge=1) | None = None
     temperature: Annotated[Float, Field(ge=0.0, le=100.0)] | None = None
     top_p: Annotated[Float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[Int, Field(ge=-1)] | None = None
+    top_k: Integer(ge=-1) | None = None
     stop: Stop = None
-    seed: Annotated[Int, Field(ge=0, le=MAX_SEED)] | None = None
-    n: Annotated[Int, Field(ge=1, le=MAX_CHOICES)] = 1
+    seed: Integer(ge=0, le=MAX_SEED) | None = None
+    n: Integer(ge=1, le=MAX_CHOICES) = 1
     ignore_eos: Bool = False
-    stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = None
-    min_tokens: Annotated[Int, Field(ge=0)] = 0
+    stop_token_ids: list[Integer(ge=0)] | None = None
+    min_tokens: Integer(ge=0) = 0
     logit_bias: dict[Text, Annotated[Float, Field(ge=-100.0, le=100.0)]] | None = None
     presence_penalty: Annotated[Float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[Float, Field(ge=-2.0, le=2.0)] = 0.0
@@ -223,9 +255,9 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt
-    logprobs: Annotated[Int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    logprobs: Integer(ge=0, le=MAX_LOGPROBS) | None = None
     echo: Bool = False
-    best_of: Annotated[Int, Field(ge=1, le=MAX_CHOICES)] | None = None
+    best_of: Integer(ge=1, le=MAX_CHOICES) | None = None
 
 
 class TextPart(BaseModel):
@@ -245,9 +277,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[Int, Field(ge=1)] | None = None
+    max_completion_tokens: Integer(ge=1) | None = None
     logprobs: Bool = False
-    top_logprobs: Annotated[Int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    top_logprobs: Integer(ge=0, le=MAX_LOGPROBS) | None = None
 
 
 class ErrorDetail(BaseModel):
