@@ -131,3 +131,14 @@ def test_cost_script_dry_run(tmp_path):
     for mode in ("unconstrained", "constrained"):
         assert record[mode]["decode_tokens"] > 0 and record[mode]["ms_per_token"] > 0
     assert "overhead_per_token" in record and record["command"] and record["date"]
+
+
+def test_offline_generate_honours_the_constraint(llm):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    spec = StructuredOutput("json_schema", json.dumps(schema))
+    params = SamplingParams(max_tokens=60, temperature=1.0, seed=3, n=2, structured=spec)
+    (out,) = llm.generate(["Hello"], params, use_tqdm=False)
+    for choice in out.outputs:
+        jsonschema.validate(json.loads(choice.text), schema)
+    with pytest.raises(RequestError, match="cannot compile"):
+        llm.generate(["x"], SamplingParams(structured=StructuredOutput("regex", "(")))

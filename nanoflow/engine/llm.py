@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from nanoflow.config import EngineConfig
 from nanoflow.engine.engine_core import EngineCore
+from nanoflow.engine.grammar import GrammarCompiler, constrain
 from nanoflow.engine.sampling_params import SamplingParams
 from nanoflow.engine.tokenizer import decode, load_tokenizer
 from nanoflow.errors import RequestError
@@ -50,6 +51,9 @@ class LLM:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.engine.eos_token_ids.add(self.tokenizer.eos_token_id)
         self._ids = itertools.count()
+        self.grammars = GrammarCompiler(
+            self.tokenizer, self.engine.spec.vocab_size, sorted(self.engine.eos_token_ids)
+        )
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -75,6 +79,8 @@ class LLM:
         encoded = [self.encode(p) for p in prompts]
         for ids, p in zip(encoded, params_list, strict=True):
             p.validate()
+            if p.structured is not None:
+                self.grammars.compile(p.structured)  # a bad constraint fails before any work
             if not ids:
                 raise RequestError("a prompt is empty")
             if len(ids) + p.max_tokens > self.engine.max_model_len:
@@ -90,7 +96,10 @@ class LLM:
                 member = SamplingParams(**{**p.__dict__, "n": 1})
                 if p.seed is not None:
                     member.seed = p.seed + k
-                self.engine.add_request(f"{rid}-{k}", prompt_ids, member)
+                grammar = self.grammars.matcher(p.structured) if p.structured else None
+                seq = self.engine.add_request(f"{rid}-{k}", prompt_ids, member)
+                if grammar is not None:
+                    constrain(seq, grammar)
                 members.append(f"{rid}-{k}")
             groups.append((rid, members))
         finished = self._run(sum(p.n for p in params_list), use_tqdm)
