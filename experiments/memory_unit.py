@@ -345,7 +345,10 @@ def git_commit() -> str | None:
 def dry_run() -> dict[str, Any]:
     """CPU: the split plans a GPU launch would use, and the kernels' entry point under the
     interpreter against the reference on random lengths."""
-    plans = {f"b{b}_ctx{c}": cuda_kernel.split_plan(-(-c // PAGE), 16) for b, c in DECODE_CASES}
+    plans = {
+        f"b{b}_ctx{c}": cuda_kernel.split_plan(b, KV_HEADS, -(-c // PAGE), 132 * 8, 4)
+        for b, c in DECODE_CASES
+    }
     q = torch.randn(3, 4, 64)
     k = torch.randn(6, 2, PAGE, 64)
     v = torch.randn(6, 2, PAGE, 64)

@@ -78,7 +78,7 @@ class DecodeConfig:
 # Replaces the kernel choice in every launch, so one GPU run can time a configuration end to end
 # (throughput runs and result files record it): "block_n,num_warps,num_stages,min_split_tiles,
 # parallel_heads[,tma]" forces that Triton configuration, "triton" the Triton kernels with their
-# built-in choice, "cuda:warps,stages[,ctas_per_sm[,split_pages[,pages_per_stage]]]" the CUDA
+# built-in choice, "cuda:warps,stages[,ctas_per_sm[,items_per_warp[,pages_per_stage]]]" the CUDA
 # kernel so.
 CONFIG_ENV = "NANOFLOW_DECODE_CONFIG"
 TRITON_ONLY = "triton"
@@ -95,7 +95,7 @@ def parse_cuda_config(text: str) -> cuda_kernel.CudaDecodeConfig:
         numbers = []
     if not 2 <= len(numbers) <= 5 or any(n < 1 for n in numbers):
         raise ValueError(
-            f"{CONFIG_ENV}={text!r}: expected cuda:warps,stages[,ctas_per_sm[,split_pages"
+            f"{CONFIG_ENV}={text!r}: expected cuda:warps,stages[,ctas_per_sm[,items_per_warp"
             "[,pages_per_stage]]] of positive integers"
         )
     return cuda_kernel.CudaDecodeConfig(*numbers)
@@ -471,7 +471,9 @@ def _launch_decode_cuda(
 ) -> torch.Tensor:
     batch, num_heads, head_dim = q.shape
     grid = cuda_kernel.grid_size(q.device, num_ctas, config)
-    splits, split_pages = cuda_kernel.split_plan(block_tables.shape[1], config.split_pages)
+    splits, split_pages = cuda_kernel.split_plan(
+        batch, k_cache.shape[1], block_tables.shape[1], grid * config.warps, config.items_per_warp
+    )
     if splits == 1:
         cuda_kernel.launch_decode_cuda(
             q, k_cache, v_cache, block_tables, context_lens, scale, grid, 1, split_pages, out,

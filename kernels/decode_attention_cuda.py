@@ -30,13 +30,14 @@ class CudaDecodeConfig:
     """``warps`` per CTA, each streaming work items through ``stages`` shared-memory stages of
     ``pages_per_stage`` pages (several pages per step give a warp independent chains of MMAs
     to interleave); ``ctas_per_sm`` CTAs share an SM (their rings together bound the bytes in
-    flight); contexts are cut into items of ``split_pages`` pages, which warps draw from a
-    counter: small items keep the last warp's tail short whatever the lengths."""
+    flight); warps draw (sequence, KV head, split) items from a counter, and contexts are
+    split only as far as needed for about ``items_per_warp`` items per warp: a split costs a
+    partial output and a reduction."""
 
     warps: int
     stages: int
     ctas_per_sm: int = 1
-    split_pages: int = 16
+    items_per_warp: int = 4
     pages_per_stage: int = 1
 
 
@@ -102,12 +103,20 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> b
     )
 
 
-def split_plan(table_width: int, split_pages: int) -> tuple[int, int]:
-    """(num_splits, split_pages) for block tables ``table_width`` pages wide: the split count
-    is fixed by the width (a CUDA graph replays it), the kernel skips the splits past the
+MIN_SPLIT_PAGES = 8
+
+
+def split_plan(
+    batch: int, num_kv_heads: int, table_width: int, total_warps: int, items_per_warp: int
+) -> tuple[int, int]:
+    """(num_splits, split_pages): one split per (sequence, KV head) when they alone give every
+    warp about ``items_per_warp`` items, more for small batches. Computed from the table's
+    width, never the lengths, so a CUDA graph replays it; the kernel skips splits past the
     step's longest context."""
     pages = max(table_width, 1)
-    split_pages = min(split_pages, pages)
+    pairs = max(batch * num_kv_heads, 1)
+    splits = max(1, min(-(-items_per_warp * total_warps // pairs), -(-pages // MIN_SPLIT_PAGES)))
+    split_pages = -(-pages // splits)
     return -(-pages // split_pages), split_pages
 
 
