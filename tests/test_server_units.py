@@ -10,7 +10,7 @@ import pytest
 
 from nanoflow.server.engine_process import cpu_threads
 from nanoflow.server.errors import APIError
-from nanoflow.server.guard import _undecodable, first_bad_string
+from nanoflow.server.guard import RequestGuard, _undecodable, first_bad_string
 from nanoflow.server.protocol import refused_fields
 from nanoflow.server.streaming import openai_finish_reason
 from nanoflow.server.tokenizing import FrontEndTokenizer
@@ -80,3 +80,36 @@ def test_cpu_threads_grow_with_the_model_and_stop_at_the_cores():
     assert cpu_threads(5_000_000, cores=16) == 1
     assert cpu_threads(800_000_000, cores=16) == 8
     assert cpu_threads(8_000_000_000, cores=16) == 16
+
+
+def _call_guard(guard: RequestGuard, path: str, headers: list, body: bytes) -> tuple[int, bytes]:
+    sent: list[dict] = []
+    chunks = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict:
+        return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
+    asyncio.run(guard(scope, receive, send))
+    return sent[0]["status"], sent[1]["body"]
+
+
+def test_guard_refuses_while_draining_without_a_key_and_over_the_limit():
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": (await receive())["body"]})
+
+    key = [(b"authorization", b"Bearer k")]
+    guard = RequestGuard(app, api_key="k", max_request_bytes=10, draining=lambda: False)
+    assert _call_guard(guard, "/v1/completions", key, b"{}") == (200, b"{}")
+    assert _call_guard(guard, "/v1/completions", [], b"{}")[0] == 401
+    assert _call_guard(guard, "/health", [], b"{}")[0] == 200
+    assert _call_guard(guard, "/v1/completions", key, b"x" * 11)[0] == 413
+    declared = [*key, (b"content-length", b"1000")]
+    assert _call_guard(guard, "/v1/completions", declared, b"")[0] == 413
+    draining = RequestGuard(app, api_key=None, max_request_bytes=10, draining=lambda: True)
+    status, body = _call_guard(draining, "/v1/completions", [], b"{}")
+    assert status == 503 and b"shutting down" in body

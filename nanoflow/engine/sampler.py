@@ -156,8 +156,10 @@ def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 def _record(tokens: torch.Tensor, seqs: list[Sequence]) -> None:
-    """Count each penalized row's token on the device; advance each grammar on the host."""
+    """Count each penalized row's token on the device; advance each grammar on the host (one
+    read of the constrained rows' tokens)."""
     one = None
+    constrained = []
     for i, seq in enumerate(seqs):
         state = seq.sampler_state
         if state is None:
@@ -166,7 +168,11 @@ def _record(tokens: torch.Tensor, seqs: list[Sequence]) -> None:
             one = torch.ones(1, device=tokens.device) if one is None else one
             state.output_counts.index_add_(0, tokens[i : i + 1], one)
         if state.grammar is not None:
-            state.grammar.accept_token(int(tokens[i]))
+            constrained.append(i)
+    if constrained:
+        index = to_device(constrained, torch.int64, tokens.device)
+        for i, token in zip(constrained, tokens[index].tolist(), strict=True):
+            seqs[i].sampler_state.grammar.accept_token(token)
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample:
