@@ -12,6 +12,7 @@ from pathlib import Path
 import optuna
 import torch
 
+from nanoflow.autotune.options import TuneOptions
 from nanoflow.autotune.roofline import roofline_tables
 from nanoflow.autotune.search import (
     Candidate,
@@ -23,7 +24,7 @@ from nanoflow.autotune.search import (
 from nanoflow.autotune.steady_state import WorkloadShape, steady_batch
 from nanoflow.autotune.tables import OpTables, load_tables, save_tables
 from nanoflow.autotune.validate import Measured, validate
-from nanoflow.config import KV_CACHE_DTYPES, EngineConfig
+from nanoflow.config import KV_CACHE_DTYPES, EngineConfig, torch_dtype_named
 from nanoflow.engine.engine_core import EngineCore
 from nanoflow.errors import ConfigError, ProfileError
 from nanoflow.measure import environment
@@ -38,31 +39,6 @@ ROOFLINE = "roofline"
 
 
 @dataclass
-class TuneOptions:
-    model: str
-    load_format: str = "auto"
-    workload: str = "512/512"
-    trials: int = 200
-    top_k: int = 4
-    seed: int = 0
-    storage: str | None = None
-    tables_in: str | None = None  # a JSON file, or "roofline" for nominal tables (dry runs)
-    tables_out: str | None = None
-    device: str = "auto"
-    validate: bool | None = None  # None: only on a GPU
-    max_num_seqs: int = 512
-    max_batch: int = 16384
-    batch_step: int = 64
-    num_kv_blocks: int | None = None
-    kv_cache_dtype: str = "auto"  # the cache the profile is tuned for (and the engine must run)
-    command: str = ""
-
-    def kv_dtype(self) -> torch.dtype | None:
-        """The cache's element type; None for the model's own."""
-        return None if self.kv_cache_dtype == "auto" else KV_CACHE_DTYPES[self.kv_cache_dtype]
-
-
-@dataclass
 class TuneResult:
     profile: Profile
     tables: OpTables
@@ -72,8 +48,15 @@ class TuneResult:
     engine: EngineCore | None = field(default=None, repr=False)
 
 
+def _kv_dtype(opts: TuneOptions) -> torch.dtype | None:
+    """The cache's element type; None for the model's own."""
+    if opts.kv_cache_dtype == "auto":
+        return None
+    return torch_dtype_named(KV_CACHE_DTYPES[opts.kv_cache_dtype])
+
+
 def _tables(opts: TuneOptions, spec: ModelSpec, device: torch.device) -> OpTables:
-    kv_dtype = opts.kv_dtype()
+    kv_dtype = _kv_dtype(opts)
     kv_bytes = None if kv_dtype is None else kv_dtype.itemsize
     if opts.tables_in == ROOFLINE:
         return roofline_tables(spec, opts.model, kv_dtype_bytes=kv_bytes)

@@ -41,7 +41,9 @@ from common import (
 )
 from report import render
 
+from nanoflow.config import EngineConfig
 from nanoflow.kernels.decode_attention import CONFIG_ENV
+from nanoflow.options import add_options
 
 EXECUTORS = ("sequential", "nanobatch", "overlapped")
 QUICK_WORKLOADS = ("512/512",)
@@ -139,7 +141,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="512/512, 400 prompts, static peer only")
     p.add_argument("--model", default="llama-3-8b")
-    p.add_argument("--device", default="auto")
     p.add_argument("--workloads", default=None, help="comma list (default: by --quick)")
     p.add_argument("--executors", default=",".join(EXECUTORS), help="comma list ('': tuned only)")
     p.add_argument("--profile", default=None, help="also run the tuned profile")
@@ -147,30 +148,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peer-workload", default="512/512", help="constant IN/OUT lengths")
     p.add_argument("--peer-prompts", type=int, default=256)
     p.add_argument("--no-peer", action="store_true")
-    p.add_argument(
-        "--cuda-graphs",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="nanoflow replays CUDA graphs (default: on a GPU, as the engine does)",
-    )
-    p.add_argument(
-        "--kv-cache-dtype",
-        default="auto",
-        choices=["auto", "fp8"],
-        help="nanoflow's KV cache element type (fp8 runs are labelled -fp8kv)",
-    )
+    # the engine's own flags; runs with a non-default one are labelled by it (label())
+    engine_flags = ("device", "cuda_graphs", "kv_cache_dtype", "max_num_batched_tokens")
+    add_options(p, EngineConfig, only=engine_flags)
     p.add_argument(
         "--max-num-seqs",
         type=int,
         default=None,
         help="nanoflow's running-sequence limit (runs are labelled -seqsN; default: the engine's)",
-    )
-    p.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=None,
-        help="token budget, also for --profile (runs are labelled -budgetN; default: the "
-        "engine's, or the profile's)",
     )
     p.add_argument("--online", action="store_true", help="also run online latency")
     p.add_argument("--online-workload", default="sharegpt")

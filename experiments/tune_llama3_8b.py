@@ -25,7 +25,8 @@ import torch
 from common import add_out_argument, result_path, write_result
 
 from nanoflow import LLM, SamplingParams
-from nanoflow.autotune.tuner import TuneOptions, tune
+from nanoflow.autotune.options import TuneOptions
+from nanoflow.autotune.tuner import tune
 from nanoflow.engine.schedule_select import DEFAULT_TOKEN_BUDGET, architecture_schedule
 from nanoflow.measure import environment, gemm_ceiling_tflops, optimal_throughput
 from nanoflow.models.loader import resolve_model

@@ -18,8 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("throughput", help="offline throughput (input + output tokens/s)")
     add_engine_args(p)
     p.add_argument("--workload", default="512/512", help="IN/OUT lengths or a trace file")
-    p.add_argument("--num-prompts", type=int, default=1000)
-    p.add_argument("--output-json", default=None)
+    p.add_argument("--num-prompts", type=int, default=1000, help="requests in the run")
+    p.add_argument("--output-json", default=None, help="also write the result to this JSON file")
     p.set_defaults(func=run_throughput)
     bench_serve.register(kinds)
 

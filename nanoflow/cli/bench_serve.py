@@ -44,15 +44,20 @@ def parse_goodput(items: list[str]) -> dict[str, float]:
 
 def register(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("serve", help="online serving benchmark against `nanoflow serve`")
-    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server to drive")
     p.add_argument("--model", default=None, help="model name to send (default: the server's)")
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key", default=None, help="the server's API key, if it has one")
     p.add_argument("--workload", default="512/512", help="IN/OUT lengths or a trace file")
-    p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--num-prompts", type=int, default=1000, help="requests in the run")
     p.add_argument("--request-rate", default="inf", help="requests/s (Poisson) or 'inf'")
-    p.add_argument("--max-concurrency", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-json", default=None)
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=None,
+        help="most requests in flight (default: no limit)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrival times")
+    p.add_argument("--output-json", default=None, help="also write the result to this JSON file")
     p.add_argument(
         "--goodput",
         nargs="+",

@@ -178,12 +178,12 @@ class EngineCore:
         self.last_resolved: InFlight | None = None  # for the GPU's idle time between iterations
         quiet_garbage_collector()
 
-
     def reset_stats(self) -> None:
         """Count from here on only (a benchmark's measured run, after its warm-up)."""
         self.stats = RunStats()
         if self.runner.graphs is not None:
             self.runner.graphs.stats = GraphStats()
+
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> Sequence:
