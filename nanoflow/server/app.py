@@ -1,7 +1,8 @@
-"""The HTTP front end: routes, API-key check, and errors in OpenAI's shape.
+"""The HTTP front end: routes, errors in OpenAI's shape, and the OpenAPI schema they follow.
 
-The engine process is started in the app's lifespan, so uvicorn accepts connections only once the
-model is loaded, and stops it on the way out.
+The request guard (``guard.py``) runs in front of the routes. The engine process is started in
+the app's lifespan, so uvicorn accepts connections only once the model is loaded (the port itself
+is bound before, see ``http_server.py``), and stops it on the way out.
 """
 
 from __future__ import annotations
