@@ -9,11 +9,12 @@ import torch
 
 from nanoflow import LLM, SamplingParams
 from nanoflow.engine.batch import lay_out
-from nanoflow.engine.cuda_graphs import CHUNK_SLOTS, DECODE_ROUND, PREFILL_ROUND, _write_tables
+from nanoflow.engine.cuda_graphs import DECODE_ROUND, PREFILL_ROUND, _write_tables
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.sequence import Sequence
 from nanoflow.engine.upload import copy_to, to_device
 from nanoflow.errors import ConfigError
+from nanoflow.runtime.static_step import CHUNK_SLOTS
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 64, 12, 7], [11, 23, 5], [3, 9, 27, 81, 14] * 3, [77], [1, 2]]
 

@@ -6,12 +6,11 @@ only on its shape: each nano-batch's decode rows and prefill rows, and which nan
 another's KV write. Rounding the decode count up to a multiple of ``DECODE_ROUND`` and the prefill
 tokens to one of ``PREFILL_ROUND`` leaves few shapes; each is captured once (its pipeline with all
 streams and events) and replayed, and the host only writes the step's ids, positions, cache slots
-and attention metadata into static buffers.
+and attention metadata into static buffers (``nanoflow.runtime.static_step``).
 
 Padding rows are token 0 at position 0 and write their K/V to a scratch block no sequence owns;
-padded decode rows attend to that one token, padded prefill rows belong to no chunk. Each
-nano-batch's prefill attention has ``CHUNK_SLOTS`` chunk slots; unused ones hold no queries. The
-kernels size their grids from these padded shapes, never from the data.
+padded decode rows attend to that one token, padded prefill rows belong to no chunk. The kernels
+size their grids from these padded shapes, never from the data.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -30,36 +28,19 @@ from nanoflow.engine.sampling_params import SamplingParams
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.sequence import Sequence
 from nanoflow.engine.upload import copy_to, to_device
-from nanoflow.runtime.batch import AttentionChunks, NanoBatch, StepBuffers
+from nanoflow.runtime.batch import NanoBatch, StepBuffers
 from nanoflow.runtime.schedule import PipelineSchedule, split_counts
+from nanoflow.runtime.static_step import CHUNK_SLOTS, Capture, Run, StaticStep
 
 logger = logging.getLogger(__name__)
 
-Run = Callable[[], None]
-Capture = Callable[[Run], Run]
 ShapeKey = tuple[tuple[int, ...], tuple[int, ...], tuple[tuple[int, ...], ...]]
 
 DECODE_ROUND = 16
 PREFILL_ROUND = 64
-CHUNK_SLOTS = 8
 MAX_GRAPHS = 256
 # rows the step buffers need beyond the token budget, for the rounding up
 PADDING_ROWS = DECODE_ROUND + PREFILL_ROUND
-
-
-def cuda_capture(pool: object) -> Capture:
-    """Capture ``run`` into a CUDA graph (after one eager run that compiles and warms up) sharing
-    one memory pool with the other shapes' graphs."""
-
-    def capture(run: Run) -> Run:
-        run()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            run()
-        return graph.replay
-
-    return capture
 
 
 @dataclass
@@ -142,26 +123,9 @@ class StepGraphs:
         self.graphs: dict[ShapeKey, Run] = {}
         self._nano_batches: dict[ShapeKey, list[NanoBatch]] = {}
         self.rows = buffers.hidden.shape[0]
-        slots = schedule.num_nano_batches * CHUNK_SLOTS
-        device = buffers.hidden.device
-
-        def static(*shape: int, fill: int = 0, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-            return torch.full(shape, fill, dtype=dtype, device=device)
-
-        self.ids = static(self.rows, dtype=torch.int64)
-        self.decode_tables = static(self.rows, self.width, fill=scratch_block)
-        self.decode_lens = static(self.rows, fill=1)
-        self.decode_cu = torch.arange(self.rows + 1, dtype=torch.int32, device=device)
-        self.prefill_tables = static(slots, self.width, fill=scratch_block)
-        self.prefill_lens = static(slots)
-        self.prefill_cu = static(schedule.num_nano_batches, CHUNK_SLOTS + 1)
-        # Host copies of the metadata, rewritten in place each step (only the rows in use);
-        # each upload goes through a pinned block of its own.
-        self.host_decode_tables = self.decode_tables.cpu()
-        self.host_decode_lens = self.decode_lens.cpu()
-        self.host_prefill_tables = self.prefill_tables.cpu()
-        self.host_prefill_lens = self.prefill_lens.cpu()
-        self.host_prefill_cu = self.prefill_cu.cpu()
+        self.static = StaticStep(
+            self.rows, self.width, schedule.num_nano_batches, scratch_block, buffers.hidden.device
+        )
 
     def shape_of(self, plan: BatchPlan) -> tuple[list[int], list[int]] | None:
         """Decode and prefill rows of each nano-batch for the plan, rounded up; None when the
@@ -226,9 +190,10 @@ class StepGraphs:
             return None
         self._upload(layout)
         n = len(layout.input_ids)
-        device = self.ids.device
+        st = self.static
+        device = st.ids.device
         return PreparedStep(
-            input_ids=self.ids[:n],
+            input_ids=st.ids[:n],
             nano_batches=self._static_nano_batches(key, layout),
             sample_rows=to_device(layout.sample_rows, torch.int64, device),
             sampling_chunks=layout.sampling_chunks,
@@ -239,16 +204,17 @@ class StepGraphs:
 
     def _upload(self, layout: RowLayout) -> None:
         """Write the step's rows and attention metadata into the static device buffers."""
+        st = self.static
         n = len(layout.input_ids)
         for dst, values in (
-            (self.ids, layout.input_ids),
+            (st.ids, layout.input_ids),
             (self.buffers.positions, layout.positions),
             (self.buffers.slot_mapping, layout.slots),
         ):  # numpy builds an array from a list several times faster than torch.tensor
             copy_to(dst[:n], torch.from_numpy(np.array(values, dtype=np.int64)))
-        tables, lens = self.host_decode_tables.numpy(), self.host_decode_lens.numpy()
-        p_tables, p_lens = self.host_prefill_tables.numpy(), self.host_prefill_lens.numpy()
-        p_cu = self.host_prefill_cu.numpy()
+        tables, lens = st.host_decode_tables.numpy(), st.host_decode_lens.numpy()
+        p_tables, p_lens = st.host_prefill_tables.numpy(), st.host_prefill_lens.numpy()
+        p_cu = st.host_prefill_cu.numpy()
         decode_rows, width = 0, 1
         for i, rows in enumerate(layout.nano_batches):
             real = decode_rows + len(rows.decodes)
@@ -265,49 +231,25 @@ class StepGraphs:
             p_cu[i, len(ends) + 1 :] = ends[-1] if len(ends) else 0
         # only the columns some table reaches: a kernel never reads past a sequence's length
         used = slice(0, decode_rows)
-        copy_to(self.decode_tables[used, :width], self.host_decode_tables[used, :width])
-        copy_to(self.decode_lens[used], self.host_decode_lens[used])
-        copy_to(self.prefill_tables[:, :width], self.host_prefill_tables[:, :width])
-        copy_to(self.prefill_lens, self.host_prefill_lens)
-        copy_to(self.prefill_cu, self.host_prefill_cu)
+        copy_to(st.decode_tables[used, :width], st.host_decode_tables[used, :width])
+        copy_to(st.decode_lens[used], st.host_decode_lens[used])
+        copy_to(st.prefill_tables[:, :width], st.host_prefill_tables[:, :width])
+        copy_to(st.prefill_lens, st.host_prefill_lens)
+        copy_to(st.prefill_cu, st.host_prefill_cu)
 
     def _static_nano_batches(self, key: ShapeKey, layout: RowLayout) -> list[NanoBatch]:
-        """The shape's nano-batches, views of the static buffers (the same objects every step,
-        as the captured graph reads them)."""
-        if key in self._nano_batches:
-            return self._nano_batches[key]
-        nano_batches, decode_rows = [], 0
-        for i, rows in enumerate(layout.nano_batches):
-            decode = prefill = None
-            if rows.decode_rows:
-                span = slice(decode_rows, decode_rows + rows.decode_rows)
-                decode = AttentionChunks(
-                    self.decode_tables[span],
-                    self.decode_lens[span],
-                    self.decode_cu[: rows.decode_rows + 1],
-                    max_q_len=1,
-                )
-                decode_rows += rows.decode_rows
-            if rows.prefill_rows:
-                span = slice(i * CHUNK_SLOTS, (i + 1) * CHUNK_SLOTS)
-                prefill = AttentionChunks(
-                    self.prefill_tables[span],
-                    self.prefill_lens[span],
-                    self.prefill_cu[i],
-                    max_q_len=rows.prefill_rows,
-                )
-            nano_batches.append(
-                NanoBatch(i, rows.start, rows.end, rows.decode_rows, decode, prefill, rows.kv_deps)
-            )
-        self._nano_batches[key] = nano_batches
-        return nano_batches
+        """The shape's nano-batches (the same objects every step, as the captured graph reads
+        them)."""
+        if key not in self._nano_batches:
+            self._nano_batches[key] = self.static.nano_batches(layout.nano_batches)
+        return self._nano_batches[key]
 
     def _replay(self, key: ShapeKey, num_rows: int) -> Run:
         """The shape's graph, captured on first use (capturing runs the step once eagerly, and
         replaying then runs it again: the same K/V land in the same slots, so that is harmless)."""
         if key in self.graphs:
             return self.graphs[key]
-        nano_batches, ids = self._nano_batches[key], self.ids[:num_rows]
+        nano_batches, ids = self._nano_batches[key], self.static.ids[:num_rows]
 
         def run() -> None:
             self.model.embed(ids, self.buffers)

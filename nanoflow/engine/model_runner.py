@@ -14,7 +14,7 @@ from nanoflow.config import EngineConfig
 from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.engine.batch import PreparedStep, prepare_step
 from nanoflow.engine.block_manager import BlockCopy
-from nanoflow.engine.cuda_graphs import PADDING_ROWS, Capture, StepGraphs, cuda_capture
+from nanoflow.engine.cuda_graphs import PADDING_ROWS, StepGraphs
 from nanoflow.engine.host_kv_cache import HostKVCache
 from nanoflow.engine.sampler import DeviceSample, sample
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
@@ -27,6 +27,7 @@ from nanoflow.models.spec import ModelSpec
 from nanoflow.runtime.batch import StepBuffers
 from nanoflow.runtime.executors import Executor, make_executor
 from nanoflow.runtime.schedule import PipelineSchedule
+from nanoflow.runtime.static_step import Capture, cuda_capture
 
 logger = logging.getLogger(__name__)
 
