@@ -142,3 +142,25 @@ def test_offline_generate_honours_the_constraint(llm):
         jsonschema.validate(json.loads(choice.text), schema)
     with pytest.raises(RequestError, match="cannot compile"):
         llm.generate(["x"], SamplingParams(structured=StructuredOutput("regex", "(")))
+
+
+def test_batched_bitmask_matches_one_fill_per_row(llm, compiler):
+    import torch
+    import xgrammar
+
+    from nanoflow.engine.grammar import token_bitmask
+
+    done = compiler.matcher(StructuredOutput("regex", "a"))
+    for token in llm.tokenizer.encode("a", add_special_tokens=False) + compiler.stop_token_ids[:1]:
+        done.accept_token(token)
+    assert done.is_terminated()
+    grammars = [
+        compiler.matcher(StructuredOutput("json")),
+        done,
+        compiler.matcher(StructuredOutput("regex", "[0-9]+")),
+    ]
+    vocab = llm.engine.spec.vocab_size
+    expected = xgrammar.allocate_token_bitmask(len(grammars), vocab)
+    for row, grammar in enumerate(grammars):
+        grammar.fill_next_token_bitmask(expected, row)
+    assert torch.equal(token_bitmask(grammars, vocab), expected)

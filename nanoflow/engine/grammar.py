@@ -96,6 +96,30 @@ class Grammar:
             self.matcher.accept_token(token)
 
 
+_batch_matcher: Any = None
+
+
+def token_bitmask(grammars: list[Grammar], vocab_size: int) -> Any:
+    """The allowed tokens of each grammar's next step, one bitmask row each; the live grammars
+    are filled together by xgrammar's batch matcher (native threads), not one call per row."""
+    global _batch_matcher
+    import xgrammar
+
+    bitmask = xgrammar.allocate_token_bitmask(len(grammars), vocab_size)
+    live = []
+    for row, grammar in enumerate(grammars):
+        if grammar.is_terminated():
+            grammar.fill_next_token_bitmask(bitmask, row)
+        else:
+            live.append(row)
+    if live:
+        if _batch_matcher is None:
+            _batch_matcher = xgrammar.BatchGrammarMatcher()
+        matchers = [grammars[row].matcher for row in live]
+        _batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, indices=live)
+    return bitmask
+
+
 def constrain(seq: Sequence, grammar: Grammar) -> None:
     """Make the sampler keep ``seq``'s output inside ``grammar``."""
     state_of(seq).grammar = grammar

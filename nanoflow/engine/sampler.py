@@ -110,9 +110,9 @@ def _ban_endings(logits: torch.Tensor, seqs: list[Sequence]) -> None:
 def _constrain(logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> None:
     import xgrammar
 
-    bitmask = xgrammar.allocate_token_bitmask(len(rows), logits.shape[1])
-    for j, i in enumerate(rows):
-        state_of(seqs[i]).grammar.fill_next_token_bitmask(bitmask, j)
+    from nanoflow.engine.grammar import token_bitmask
+
+    bitmask = token_bitmask([state_of(seqs[i]).grammar for i in rows], logits.shape[1])
     index = to_device(rows, torch.int64, logits.device)
     sub = logits[index]
     xgrammar.apply_token_bitmask_inplace(sub, bitmask.to(logits.device))
