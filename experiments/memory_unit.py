@@ -12,10 +12,12 @@
 4. llama-3-8b 512/512 offline (dummy weights, fp8 cache, 1024 sequences, sequential executor)
    with the Triton decode kernels and with the CUDA one, in the same call.
 
-Writes DIR/memory_unit.json (every row) and DIR/memory-unit.json (the targets). Without a GPU it
-checks the split planning and the Triton kernels under the interpreter and writes no targets.
+Writes every row to DIR/<gpu>/memory_unit/llama-3-8b-shapes.json (the two end-to-end runs beside
+it) and the targets to DIR/targets/memory-unit.json, DIR defaulting to experiments/results.
+Without a GPU it checks the split planning and the Triton kernels under the interpreter and
+writes no targets.
 
-Usage: python experiments/memory_unit.py --out DIR [--sections read,decode,small,throughput]
+Usage: python experiments/memory_unit.py [--out DIR] [--sections read,decode,small,throughput]
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ GPU = torch.cuda.is_available()
 if not GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from common import add_out_argument, commit, gpu_name, result_path, write_json  # noqa: E402
+
 from nanoflow.kernels import decode_attention_cuda as cuda_kernel  # noqa: E402
 from nanoflow.kernels.activation import silu_and_mul_triton  # noqa: E402
 from nanoflow.kernels.decode_attention import (  # noqa: E402
@@ -53,6 +57,8 @@ from nanoflow.kernels.decode_attention import (  # noqa: E402
 from nanoflow.kernels.norm import rms_norm_triton  # noqa: E402
 from nanoflow.kernels.rotary import rope_kv_write_triton  # noqa: E402
 from nanoflow.measure import environment, time_cuda  # noqa: E402
+
+EXPERIMENT = "memory_unit"
 
 DEVICE = torch.device("cuda" if GPU else "cpu")
 CTA_BUDGETS = (16, 24, 32, 48, 66, 132)
@@ -289,7 +295,8 @@ def small_kernels(curve: dict[str, Any]) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------- 4. end to end
 def throughput(num_prompts: int, kernel: str, out_dir: Path) -> dict[str, Any]:
-    path = out_dir / f"throughput-512_512-fp8kv-{kernel}.json"
+    path = result_path(out_dir, gpu_name(), EXPERIMENT, f"throughput-512_512-fp8kv-{kernel}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.pop(CONFIG_ENV, None)
     if kernel == "triton":
@@ -333,15 +340,6 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def dry_run() -> dict[str, Any]:
     """CPU: the split plans a GPU launch would use, and the kernels' entry point under the
     interpreter against the reference on random lengths."""
@@ -366,18 +364,18 @@ def dry_run() -> dict[str, Any]:
 def write(out_dir: Path, record: dict[str, Any], started: float) -> list[dict[str, Any]]:
     """Both JSON files from what has been measured so far; returns the target rows."""
     record.update(RESULTS, total_seconds=time.perf_counter() - started)
-    (out_dir / "memory_unit.json").write_text(json.dumps(record, indent=1, default=str))
+    write_json(result_path(out_dir, record.get("gpu"), EXPERIMENT, "llama-3-8b-shapes"), record)
     if not GPU:
         return []
     summary = {key: record.get(key) for key in ("gpu", "device", "command", "commit", "date")}
     summary["targets"] = targets(RESULTS)
-    (out_dir / "memory-unit.json").write_text(json.dumps(summary, indent=1))
+    write_json(out_dir / "targets" / "memory-unit.json", summary)
     return summary["targets"]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="folder for the two JSON files")
+    add_out_argument(parser)
     parser.add_argument("--sections", default="read,decode,small,throughput")
     parser.add_argument(
         "--kernels",
@@ -387,12 +385,8 @@ def main() -> int:
     parser.add_argument("--num-prompts", type=int, default=2000)
     parser.add_argument("--cta-budgets", default=",".join(map(str, CTA_BUDGETS)))
     parser.add_argument("--green-budgets", default=",".join(map(str, GREEN_BUDGETS)))
-    parser.add_argument(
-        "--commit", default=None, help="the code's commit (default: git rev-parse HEAD here)"
-    )
     args = parser.parse_args()
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     sections = set(args.sections.split(","))
     budgets = {
         "cta_limited": tuple(int(k) for k in args.cta_budgets.split(",")),
@@ -403,7 +397,7 @@ def main() -> int:
         **environment(DEVICE),
         "experiment": "memory_unit",
         "command": " ".join(sys.argv),
-        "commit": args.commit or git_commit(),
+        "commit": commit(),
     }
     if not GPU:
         RESULTS["dry_run"] = dry_run()
