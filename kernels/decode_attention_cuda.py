@@ -115,7 +115,7 @@ def split_plan(
     step's longest context."""
     pages = max(table_width, 1)
     pairs = max(batch * num_kv_heads, 1)
-    splits = max(1, min(-(-items_per_warp * total_warps // pairs), -(-pages // MIN_SPLIT_PAGES)))
+    splits = max(1, min(-(-items_per_warp * total_warps // pairs), pages // MIN_SPLIT_PAGES))
     split_pages = -(-pages // splits)
     return -(-pages // split_pages), split_pages
 
