@@ -391,12 +391,25 @@ def _launch_decode(
             HEADS=heads_per_item, **shape,
         )  # fmt: skip
     if partials:
-        rows = batch * num_heads
-        _decode_reduce_kernel[(min(rows, num_ctas or rows),)](
-            part_out, part_lse, context_lens, out, batch, num_heads, splits, split_len,
-            out.stride(0), out.stride(1), HEAD_DIM=head_dim, SPLITS_PAD=next_pow2(splits),
-        )  # fmt: skip
+        reduce_splits(part_out, part_lse, context_lens, out, split_len, num_ctas)
     return out
+
+
+def reduce_splits(
+    part_out: torch.Tensor,
+    part_lse: torch.Tensor,
+    context_lens: torch.Tensor,
+    out: torch.Tensor,
+    split_len: int,
+    num_ctas: int | None,
+) -> None:
+    """``out`` from the partials of splits of ``split_len`` tokens, by their log-sum-exps."""
+    batch, num_heads, splits, head_dim = part_out.shape
+    rows = batch * num_heads
+    _decode_reduce_kernel[(min(rows, num_ctas or rows),)](
+        part_out, part_lse, context_lens, out, batch, num_heads, splits, split_len,
+        out.stride(0), out.stride(1), HEAD_DIM=head_dim, SPLITS_PAD=next_pow2(splits),
+    )  # fmt: skip
 
 
 def paged_decode_attention_triton(
@@ -486,9 +499,5 @@ def _launch_decode_cuda(
         q, k_cache, v_cache, block_tables, context_lens, scale, grid, splits, split_pages, out,
         part_out, part_lse, config,
     )  # fmt: skip
-    rows = batch * num_heads
-    _decode_reduce_kernel[(min(rows, num_ctas or rows),)](
-        part_out, part_lse, context_lens, out, batch, num_heads, splits, split_pages * 16,
-        out.stride(0), out.stride(1), HEAD_DIM=head_dim, SPLITS_PAD=next_pow2(splits),
-    )  # fmt: skip
+    reduce_splits(part_out, part_lse, context_lens, out, split_pages * cuda_kernel.PAGE, num_ctas)
     return out
