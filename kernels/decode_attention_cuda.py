@@ -22,6 +22,9 @@ SOURCE = Path(__file__).with_name("cuda") / "decode_attention.cu"
 PAGE = 16
 HEAD_DIM = 128
 MAX_GROUP = 8  # query heads per KV head that one MMA column block holds
+# GQA groups the engine sends here: those checked against the reference on a GPU (the kernel
+# compiles for any group up to MAX_GROUP; the others go to the Triton kernels until checked)
+CHECKED_GROUPS = frozenset({4})
 SMEM_PER_SM = 227 * 1024  # the opt-in maximum of one SM on Hopper
 
 
@@ -78,8 +81,14 @@ def available(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """The shapes and layouts the kernel is written for; others go to the Triton kernels."""
+def supports(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    groups: frozenset[int] = CHECKED_GROUPS,
+) -> bool:
+    """The shapes and layouts the kernel is written for, in ``groups``; others go to the
+    Triton kernels."""
     num_heads, head_dim = q.shape[1:]
     num_kv_heads, page, _ = k_cache.shape[1:]
     group = num_heads // num_kv_heads
@@ -87,6 +96,7 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> b
     return (
         head_dim == HEAD_DIM
         and page == PAGE
+        and group in groups
         and 1 <= group <= MAX_GROUP
         and q.dtype in (torch.bfloat16, torch.float16)
         and kv_ok

@@ -127,3 +127,24 @@ def test_cuda_decode_matches_the_reference(kv_dtype, num_ctas, config, monkeypat
         ref = paged_decode_attention_ref(*args, 0.088)  # a zero-length row: zeros
         err = (out.float() - ref.float()).norm() / ref.float().norm()
         assert torch.isfinite(out).all() and err < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU of SM 8.9+ and CuPy")
+@pytest.mark.parametrize("group", [1, 2, 7, 8])
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_other_gqa_groups_match_the_reference(group, kv_dtype) -> None:
+    """The groups the engine does not send to the kernel yet, launched directly: the check
+    that lets CHECKED_GROUPS grow."""
+    lens = torch.randint(1, 900, (40,), generator=torch.Generator().manual_seed(group)).tolist()
+    q, k, v, tables, lens_t = paged_inputs(lens, kv_dtype, "cuda", width=64)
+    q = torch.randn(len(lens), 8 * group, 128, device="cuda", dtype=torch.bfloat16)
+    assert cuda_kernel.supports(q, k, v, groups=frozenset({group}))
+    config = cuda_kernel.default_config(k.element_size(), group)
+    out = torch.full_like(q, float("nan"))
+    cuda_kernel.launch_decode_cuda(
+        q, k, v, tables, lens_t, 0.088, 132, 1, 64, out, None, None, config
+    )  # one split: the output is written directly
+    ref = paged_decode_attention_ref(q, k, v, tables, lens_t, 0.088)
+    err = (out.float() - ref.float()).norm() / ref.float().norm()
+    assert torch.isfinite(out).all() and err < 2e-2
