@@ -31,4 +31,5 @@ class TuneOptions:
     batch_step: int = option(64, "the dense batches tried are multiples of this")
     num_kv_blocks: int | None = option_like(EngineConfig, "num_kv_blocks")
     kv_cache_dtype: str = option_like(EngineConfig, "kv_cache_dtype")
+    quantization: str | None = option_like(EngineConfig, "quantization")
     command: str = ""  # the command line, recorded in the profile

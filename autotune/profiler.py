@@ -21,6 +21,7 @@ from nanoflow.autotune.tables import SHARED_SMS, OpTable, OpTables
 from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.measure import time_cuda
 from nanoflow.models.loader import build_model
+from nanoflow.models.quantization import quantize_linears
 from nanoflow.models.spec import ModelSpec
 from nanoflow.models.weights import dummy_weights
 from nanoflow.runtime.batch import AttentionChunks, NanoBatch, StepBuffers
@@ -58,10 +59,13 @@ class LayerBench:
         device: torch.device,
         dtype: torch.dtype,
         kv_dtype: torch.dtype | None = None,
+        quantization: str | None = None,
     ) -> None:
         self.device = device
         self.spec = dataclasses.replace(spec, num_layers=1)
         weights = dummy_weights(self.spec, device, dtype, seed=0)
+        if quantization == "fp8":
+            weights = quantize_linears(weights)
         self.num_blocks = max(DECODES) * max(CONTEXTS) // BLOCK_SIZE
         self.model = build_model(
             self.spec,
@@ -224,11 +228,12 @@ def profile_op_tables(
     device: torch.device,
     dtype: torch.dtype = torch.bfloat16,
     kv_dtype: torch.dtype | None = None,
+    quantization: str | None = None,
 ) -> OpTables:
     """Measure everything the cost model needs on ``device`` (a CUDA GPU), attention over a KV
-    cache of ``kv_dtype`` (default: the model's)."""
+    cache of ``kv_dtype`` (default: the model's), GEMMs over ``quantization``'s weights."""
     total = device_sm_count(device)
-    bench = LayerBench(spec, device, dtype, kv_dtype)
+    bench = LayerBench(spec, device, dtype, kv_dtype, quantization)
     units = {s: _unit(device, None if s == total else s) for s in _sm_grid(total)}
     points = sum(
         len(GRID_TOKENS[op.spec.rows]) * (1 if op.spec.rows is Rows.ALL else len(CONTEXTS))

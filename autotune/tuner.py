@@ -81,7 +81,9 @@ def _tables(opts: TuneOptions, spec: ModelSpec, device: torch.device) -> OpTable
         )
     from nanoflow.autotune.profiler import profile_op_tables
 
-    return profile_op_tables(spec, opts.model, device, kv_dtype=kv_dtype)
+    return profile_op_tables(
+        spec, opts.model, device, kv_dtype=kv_dtype, quantization=opts.quantization
+    )
 
 
 def _space(
@@ -132,6 +134,7 @@ def tune(opts: TuneOptions) -> TuneResult:
                 executor="sequential",
                 max_num_seqs=opts.max_num_seqs,
                 kv_cache_dtype=opts.kv_cache_dtype,
+                quantization=opts.quantization,
             )
         )
         measured = validate(engine, candidates, shape)
@@ -163,6 +166,7 @@ def _profile(
         triton_version=env["triton"],
         workload=opts.workload,
         kv_cache_dtype=opts.kv_cache_dtype,
+        quantization=opts.quantization,
         predicted_iteration_s=best.predicted_iteration_s,
         measured_iteration_s=measured[0].iteration_s if measured else None,
         measured_tokens_per_s=measured[0].tokens_per_s if measured else None,

@@ -21,6 +21,7 @@ import torch
 
 from nanoflow.kernels.activation import silu_and_mul_ref
 from nanoflow.kernels.decode_attention import paged_decode_attention_ref
+from nanoflow.kernels.fp8_linear import Fp8Weight, fp8_linear_cublas, fp8_linear_ref
 from nanoflow.kernels.gemm import linear_cublas, linear_ref
 from nanoflow.kernels.moe import fused_moe_ref
 from nanoflow.kernels.norm import rms_norm_ref
@@ -77,11 +78,17 @@ fused_moe = _dispatch(fused_moe_ref, "moe")
 _linear = _dispatch(linear_ref, "gemm")
 
 
-@functools.wraps(linear_ref)
-def linear(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``linear_ref``'s ``x @ weight.T (+ bias)``; ``weight`` is a tensor, or an
+    :class:`Fp8Weight` (e4m3 GEMM through cuBLASLt on a GPU whichever GEMM backend is set,
+    the reference elsewhere)."""
+    if isinstance(weight, Fp8Weight):
+        if x.is_cuda:
+            return fp8_linear_cublas(x, weight, *args, **kwargs)
+        return fp8_linear_ref(x, weight, *args, **kwargs)
     if x.is_cuda and _CUBLAS_GEMM:
-        return linear_cublas(x, *args, **kwargs)
-    return _linear(x, *args, **kwargs)
+        return linear_cublas(x, weight, *args, **kwargs)
+    return _linear(x, weight, *args, **kwargs)
 
 
 linear.__name__ = linear.__qualname__ = "linear"

@@ -17,6 +17,9 @@ DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 # the KV cache's element type: the model's, or 8-bit floats (e4m3, unscaled), which halve what
 # decode attention reads and double the sequences the cache holds
 KV_CACHE_DTYPES = {"fp8": "float8_e4m3fn"}
+# weight and activation quantization: fp8 is e4m3 W8A8 (per-output-channel weight scales, per-token
+# activation scales) for the dense layers' GEMMs
+QUANTIZATIONS = ("fp8",)
 EXECUTORS = ("auto", "sequential", "nanobatch", "overlapped")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 BLOCK_SIZES = (8, 16, 32, 64, 128)
@@ -105,8 +108,20 @@ class EngineConfig:
         "bytes decode attention reads and doubles the sequences the cache holds",
         ("auto", *KV_CACHE_DTYPES),
     )
+    quantization: str | None = option(
+        None,
+        "fp8: e4m3 weights with per-channel scales (computed at load time from an unquantized "
+        "checkpoint) and per-token activation scales for the dense GEMMs (default: the "
+        "checkpoint's own quantization_config, else none)",
+        QUANTIZATIONS,
+    )
 
     def __post_init__(self) -> None:
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise ConfigError(
+                f"quantization must be None or {', '.join(QUANTIZATIONS)}, "
+                f"not {self.quantization!r}"
+            )
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError(
                 f"load_format must be auto, safetensors or dummy, not {self.load_format!r}"

@@ -23,6 +23,7 @@ from nanoflow.errors import ConfigError
 from nanoflow.measure import time_cuda
 from nanoflow.models.loader import build_model, load_weights
 from nanoflow.models.offload import plan_offload
+from nanoflow.models.quantization import Weight, effective_quantization
 from nanoflow.models.spec import ModelSpec
 from nanoflow.runtime.batch import StepBuffers
 from nanoflow.runtime.executors import Executor, make_executor
@@ -124,9 +125,11 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.offload = plan_offload(config, spec, self.device, self.dtype, group)
         host_layers = self.offload.host_layers if self.offload else ()
+        self.quantization = effective_quantization(config.quantization, checkpoint)
         weights = load_weights(
-            spec, checkpoint, config.load_format, self.device, self.dtype, config.seed, host_layers
-        )
+            spec, checkpoint, config.load_format, self.device, self.dtype, config.seed,
+            host_layers, self.quantization,
+        )  # fmt: skip
         # rows past the token budget: room for the padding of CUDA-graph shapes
         self.buffers = StepBuffers.allocate(
             spec, max_num_batched_tokens + PADDING_ROWS, self.device, self.dtype, group.size
@@ -189,7 +192,7 @@ class ModelRunner:
             width, self.num_blocks, capture,
         )  # fmt: skip
 
-    def _num_kv_blocks(self, weights: dict[str, torch.Tensor]) -> int:
+    def _num_kv_blocks(self, weights: dict[str, Weight]) -> int:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         block_bytes = kv_block_bytes(
@@ -198,9 +201,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # what the allocator caches is free for the KV cache
             free, total = torch.cuda.mem_get_info(self.device)
-            fused_copy = sum(w.numel() * w.element_size() for w in weights.values()) // max(
-                1, self.spec.num_layers
-            )
+            fused_copy = sum(w.nbytes for w in weights.values()) // max(1, self.spec.num_layers)
             budget = free - total * (1 - self.config.gpu_memory_utilization)
             budget -= _ACTIVATION_SLACK_BYTES + 2 * fused_copy
         else:

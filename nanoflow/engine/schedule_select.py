@@ -35,6 +35,12 @@ def select_schedule(
                 f"the engine is set to {config.kv_cache_dtype!r}: pass --kv-cache-dtype "
                 f"{profile.kv_cache_dtype} or tune with --kv-cache-dtype {config.kv_cache_dtype}"
             )
+        if profile.quantization != config.quantization:
+            raise ProfileError(
+                f"profile {config.profile} was tuned with quantization={profile.quantization!r}, "
+                f"the engine is set to {config.quantization!r}: run with the profile's "
+                "--quantization, or tune a profile with the engine's"
+            )
         budget = config.max_num_batched_tokens or profile.dense_batch_size
         schedule = profile.schedule
         if executor == "sequential":

@@ -12,6 +12,7 @@ from nanoflow.models.builtin import BUILTIN_NAME, builtin_model_path
 from nanoflow.models.llama import LlamaModel
 from nanoflow.models.mixtral import MixtralModel
 from nanoflow.models.offload import load_split_weights
+from nanoflow.models.quantization import Weight, quantize_linears
 from nanoflow.models.registry import KNOWN_MODELS, get_known_model
 from nanoflow.models.spec import ModelSpec
 from nanoflow.models.weights import dummy_weights, load_safetensors
@@ -43,18 +44,23 @@ def load_weights(
     dtype: torch.dtype,
     seed: int,
     host_layers: tuple[int, ...] = (),
-) -> dict[str, torch.Tensor]:
-    """Every tensor on ``device``, except the ``host_layers``' (weight offload) in host memory."""
+    quantization: str | None = None,
+) -> dict[str, Weight]:
+    """Every tensor on ``device``, except the ``host_layers``' (weight offload) in host memory;
+    with ``quantization="fp8"`` the dense GEMM weights as e4m3 with per-channel scales."""
+    weights: dict[str, Weight]
     if host_layers and (load_format == "dummy" or path is not None):
-        return load_split_weights(spec, path, load_format, device, dtype, seed, host_layers)
-    if load_format == "dummy":
-        return dummy_weights(spec, device, dtype, seed)
-    if path is None:
+        weights = load_split_weights(spec, path, load_format, device, dtype, seed, host_layers)
+    elif load_format == "dummy":
+        weights = dummy_weights(spec, device, dtype, seed)  # type: ignore[assignment]
+    elif path is None:
         raise ConfigError(
             "a registry model name has no checkpoint: pass load_format='dummy' "
             "(--load-format dummy) or a checkpoint folder"
         )
-    return load_safetensors(spec, path, device, dtype)
+    else:
+        weights = load_safetensors(spec, path, device, dtype)
+    return quantize_linears(weights) if quantization == "fp8" else weights
 
 
 def build_model(

@@ -25,6 +25,7 @@ import torch
 from nanoflow.config import EngineConfig
 from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.errors import ConfigError
+from nanoflow.models.quantization import flat_tensors, from_flat
 from nanoflow.models.spec import ModelSpec
 from nanoflow.models.weights import expected_shapes, load_safetensors
 from nanoflow.runtime.batch import NanoBatch, StepBuffers
@@ -292,7 +293,7 @@ class OffloadPlan:
     def attach(self, model: Any) -> None:
         """Pack each offloaded layer's (fused, host) weights into one pinned buffer, point the
         layer at its slot and wrap its ops between ``weights_in`` and ``weights_out``."""
-        layout = layout_of(model.layers[self.host_layers[0]].w)
+        layout = layout_of(flat_tensors(model.layers[self.host_layers[0]].w))
         if layout_bytes(layout) > self.slot_bytes:
             raise ConfigError("offloaded layers are larger than their GPU slots")
         slot_views = [views(s, layout) for s in self.slots]
@@ -306,13 +307,14 @@ class OffloadPlan:
         pin = self.device.type == "cuda"
         for j, index in enumerate(self.host_layers):
             layer = model.layers[index]
-            if layout_of(layer.w) != layout:
+            tensors = flat_tensors(layer.w)
+            if layout_of(tensors) != layout:
                 raise ConfigError(f"layer {index} differs in shape from the other offloaded ones")
             flat = pinned_bytes(nbytes, pin)
             for name, t in views(flat, layout).items():
-                t.copy_(layer.w[name])
+                t.copy_(tensors[name])
             self.host.append(flat)
-            layer.w = slot_views[self.planner.slot_of(j)]
+            layer.w = from_flat(slot_views[self.planner.slot_of(j)])
             model.layer_ops[index] = [
                 Op(OpSpec("weights_in", Resource.MEMORY), self._acquire_fn(j)),
                 *model.layer_ops[index],

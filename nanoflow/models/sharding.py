@@ -10,6 +10,7 @@ import torch
 
 from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.errors import ConfigError
+from nanoflow.models.quantization import Weight, cat, part
 from nanoflow.models.spec import ModelSpec
 
 
@@ -25,10 +26,9 @@ def check_divisible(group: ParallelGroup, spec: ModelSpec) -> None:
             raise ConfigError(f"tensor-parallel size {group.size} does not divide {what} ({count})")
 
 
-def shard_weights(
-    group: ParallelGroup, spec: ModelSpec, w: dict[str, torch.Tensor]
-) -> dict[Any, Any]:
-    """Fuse QKV and gate-up and keep this rank's shard; consumes ``w`` to free memory early.
+def shard_weights(group: ParallelGroup, spec: ModelSpec, w: dict[str, Weight]) -> dict[Any, Any]:
+    """Fuse QKV and gate-up and keep this rank's shard (an FP8 weight with its scales);
+    consumes ``w`` to free memory early.
 
     Returns ``{layer_index: layer weights, "embed", "lm_head", "final_norm"}``.
     """
@@ -36,12 +36,12 @@ def shard_weights(
     out: dict[Any, Any] = {}
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
-        qkv = [group.part(w.pop(f"{p}self_attn.{n}_proj.weight"), 0) for n in "qkv"]
+        qkv = [part(group, w.pop(f"{p}self_attn.{n}_proj.weight"), 0) for n in "qkv"]
         layer = {
             "input_norm": w.pop(p + "input_layernorm.weight"),
             "post_norm": w.pop(p + "post_attention_layernorm.weight"),
-            "qkv": torch.cat(qkv),
-            "o": group.part(w.pop(p + "self_attn.o_proj.weight"), 1),
+            "qkv": cat(qkv),
+            "o": part(group, w.pop(p + "self_attn.o_proj.weight"), 1),
         }
         if spec.qkv_bias:
             layer["qkv_bias"] = torch.cat(
@@ -50,10 +50,10 @@ def shard_weights(
         if spec.is_moe:
             out[i] = layer | _shard_experts(group, spec, w, p + "block_sparse_moe.")
             continue
-        gate = group.part(w.pop(p + "mlp.gate_proj.weight"), 0)
-        up = group.part(w.pop(p + "mlp.up_proj.weight"), 0)
-        layer["gate_up"] = torch.cat([gate, up])
-        layer["down"] = group.part(w.pop(p + "mlp.down_proj.weight"), 1)
+        gate = part(group, w.pop(p + "mlp.gate_proj.weight"), 0)
+        up = part(group, w.pop(p + "mlp.up_proj.weight"), 0)
+        layer["gate_up"] = cat([gate, up])
+        layer["down"] = part(group, w.pop(p + "mlp.down_proj.weight"), 1)
         out[i] = layer
     embed = w.pop("model.embed_tokens.weight")
     lm_head = w.pop("lm_head.weight", embed)

@@ -12,6 +12,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from nanoflow.errors import CheckpointError
+from nanoflow.models.quantization import (
+    FP8_DTYPE,
+    SCALE_SUFFIXES,
+    Weight,
+    checkpoint_fp8,
+    join_fp8,
+    quantize_linears,
+)
 from nanoflow.models.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -83,11 +91,19 @@ def _iter_tensors(files: list[Path], device: torch.device) -> Iterator[tuple[str
 
 def load_safetensors(
     spec: ModelSpec, path: str | Path, device: torch.device, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder, checked against the architecture's expected shapes."""
+) -> dict[str, Weight]:
+    """All tensors of a checkpoint folder, checked against the architecture's expected shapes.
+
+    An FP8 checkpoint (``quantization_config`` in its config.json) keeps its e4m3 GEMM weights
+    with their scales, and its unquantized GEMM weights are quantized like theirs."""
     expected = expected_shapes(spec)
+    fp8 = checkpoint_fp8(Path(path))
     weights: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
     for name, tensor in _iter_tensors(_shard_files(Path(path)), device):
+        if fp8 is not None and name.endswith(SCALE_SUFFIXES):
+            scales[name] = tensor.to(device)
+            continue
         if name not in expected:
             if "rotary_emb" not in name:
                 logger.warning("ignoring tensor %s, which the architecture does not use", name)
@@ -96,12 +112,15 @@ def load_safetensors(
             raise CheckpointError(
                 f"tensor {name} has shape {tuple(tensor.shape)}, expected {expected[name]}"
             )
-        weights[name] = tensor.to(device=device, dtype=dtype)
+        keep = fp8 is not None and tensor.dtype == FP8_DTYPE
+        weights[name] = tensor.to(device=device, dtype=None if keep else dtype)
     missing = [n for n in expected if n not in weights]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise CheckpointError(f"checkpoint {path} lacks tensor {missing[0]}{more}")
-    return weights
+    if fp8 is None:
+        return weights  # type: ignore[return-value]
+    return quantize_linears(join_fp8(weights, scales))
 
 
 def dummy_weights(

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from nanoflow.config import KV_CACHE_DTYPES
+from nanoflow.config import KV_CACHE_DTYPES, QUANTIZATIONS
 from nanoflow.errors import ProfileError, ScheduleError
 from nanoflow.runtime.schedule import Mechanism, PipelineSchedule
 
@@ -34,6 +34,7 @@ class Profile:
     triton_version: str | None = None
     workload: str = ""
     kv_cache_dtype: str = "auto"  # the KV cache it was tuned with; the engine must run the same
+    quantization: str | None = None  # the weights' quantization it was tuned with, likewise
     predicted_iteration_s: float | None = None
     measured_iteration_s: float | None = None
     measured_tokens_per_s: float | None = None
@@ -61,6 +62,7 @@ class Profile:
             "schedule": self.schedule.to_dict(),
             "workload": self.workload,
             "kv_cache_dtype": self.kv_cache_dtype,
+            "quantization": self.quantization,
             "predicted_iteration_s": self.predicted_iteration_s,
             "measured_iteration_s": self.measured_iteration_s,
             "measured_tokens_per_s": self.measured_tokens_per_s,
@@ -82,6 +84,9 @@ class Profile:
         kv_cache_dtype = str(data.get("kv_cache_dtype", "auto"))
         if kv_cache_dtype != "auto" and kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}")
+        quantization = data.get("quantization")
+        if quantization is not None and quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {quantization!r}")
         sm_count = data.get("sm_count")
         wanted = max((u.num_sms or 0) for u in schedule.units)
         if sm_count is not None and wanted > int(sm_count):
@@ -97,6 +102,7 @@ class Profile:
             triton_version=data.get("triton_version"),
             workload=str(data.get("workload", "")),
             kv_cache_dtype=kv_cache_dtype,
+            quantization=quantization,
             predicted_iteration_s=_optional_float(data.get("predicted_iteration_s")),
             measured_iteration_s=_optional_float(data.get("measured_iteration_s")),
             measured_tokens_per_s=_optional_float(data.get("measured_tokens_per_s")),
