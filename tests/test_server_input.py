@@ -56,6 +56,16 @@ HOSTILE = [
     (C, {"prompt": "hi", "stream": 1}, "stream", "valid boolean"),
     (C, {"prompt": "hi", "tools": [{"type": "function"}]}, "tools", "not supported"),
     (CHAT, _chat("x") | {"tool_choice": "auto"}, "tool_choice", "not supported"),
+    (CHAT, _chat("x") | {"top_logprobs": 2}, "top_logprobs", "needs logprobs"),
+    (C, {"prompt": "hi", "best_of": 1, "n": 2}, "best_of", "at least n"),
+    (C, {"prompt": "hi", "echo": True, "logprobs": 1}, "echo", "not supported"),
+    (C, {"prompt": "hi", "logit_bias": {"999999": 1}}, "logit_bias", "token ids below"),
+    (
+        C,
+        {"prompt": "hi", "response_format": {"type": "json_schema"}},
+        "response_format.json_schema",
+        "Field required",
+    ),
 ]
 
 

@@ -82,13 +82,15 @@ def _error(exc: APIError) -> JSONResponse:
 
 def field_path(loc: tuple) -> str | None:
     """``messages.0.content`` from a pydantic location, without the union members' type tags
-    (``str``, ``list[int]``, model names) that pydantic puts between field names."""
-    parts = [
-        str(part)
-        for part in loc[1:]
-        if isinstance(part, int)
-        or (re.fullmatch(r"[a-z_][a-z0-9_]*", part) and part not in _TYPE_TAGS)
-    ]
+    (``str``, ``list[int]``, model names) that pydantic puts between field names, nor a tagged
+    union's tag (``response_format.json_schema.json_schema`` names one field)."""
+    parts: list[str] = []
+    for part in loc[1:]:
+        keep = isinstance(part, int) or (
+            re.fullmatch(r"[a-z_][a-z0-9_]*", part) and part not in _TYPE_TAGS
+        )
+        if keep and (not parts or parts[-1] != str(part)):
+            parts.append(str(part))
     return ".".join(parts) or None
 
 

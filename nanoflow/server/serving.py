@@ -210,6 +210,8 @@ class OpenAIServing:
         ids = await self.text.chat_prompt(messages, self.client.info.max_model_len)
         self._check_prompt(ids, "messages")
         max_tokens = req.max_completion_tokens or req.max_tokens
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = [self._params(req, len(ids), max_tokens, logprobs)]
         fmt = ChatFormat(self.model_name, self.token_text, req.logprobs)
