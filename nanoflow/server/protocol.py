@@ -59,6 +59,8 @@ Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 Bool = Annotated[bool, Strict()]
 Text = Annotated[str, Strict(), AfterValidator(_valid_unicode)]
 NonEmptyText = Annotated[Text, Field(min_length=1)]
+
+
 def _integral_items(value: Any) -> Any:
     """``_integral`` over a token list, in one pass (long lists are the common case)."""
     if isinstance(value, list) and any(type(v) is float for v in value):
