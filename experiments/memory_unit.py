@@ -50,6 +50,8 @@ from nanoflow.kernels.decode_attention import (  # noqa: E402
     CUDA_PREFIX,
     TRITON_ONLY,
     _cuda_choice,
+    force_config,
+    forced_config,
     paged_decode_attention_ref,
     paged_decode_attention_triton,
     parse_cuda_config,
@@ -175,15 +177,12 @@ def run_decode(kernel: str, args: tuple, num_ctas: int | None, out: torch.Tensor
     forced = {"cuda": None, "triton": TRITON_ONLY}.get(kernel, kernel)
     if kernel.startswith("cuda") and _cuda_choice(*args[:5]) is None:
         raise RuntimeError("the CUDA decode kernel does not apply here (CuPy, GPU or layout)")
-    previous = os.environ.pop(CONFIG_ENV, None)
-    if forced is not None:
-        os.environ[CONFIG_ENV] = forced
+    previous = forced_config()
+    force_config(forced)
     try:
         return paged_decode_attention_triton(*args, num_ctas=num_ctas, out=out)
     finally:
-        os.environ.pop(CONFIG_ENV, None)
-        if previous is not None:
-            os.environ[CONFIG_ENV] = previous
+        force_config(previous)
 
 
 def fits(kernel: str, kv_dtype: torch.dtype) -> bool:

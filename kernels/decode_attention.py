@@ -83,6 +83,19 @@ class DecodeConfig:
 CONFIG_ENV = "NANOFLOW_DECODE_CONFIG"
 TRITON_ONLY = "triton"
 CUDA_PREFIX = "cuda:"
+_forced = os.environ.get(CONFIG_ENV, "")  # read once: launches consult this, not the environment
+
+
+def force_config(text: str | None) -> None:
+    """What ``CONFIG_ENV`` says at start-up, set in a running process (None: the built-in
+    choice again). Malformed values raise at the next launch, naming the variable."""
+    global _forced
+    _forced = text or ""
+
+
+def forced_config() -> str | None:
+    """The forced launch configuration in effect, None where the built-in choice applies."""
+    return _forced or None
 
 
 @functools.lru_cache(maxsize=8)
@@ -142,7 +155,7 @@ def decode_config(
     sequence's KV heads (up to 8) in one register-fed tile of 32 tokens, 8 warps; an fp8 cache
     there takes 16 tokens of 4 heads, 4 warps (more spills registers).
     Tiny tiles on CPU so the interpreter exercises every loop. ``CONFIG_ENV`` overrides all."""
-    forced = os.environ.get(CONFIG_ENV, "")
+    forced = _forced
     if forced and forced != TRITON_ONLY and not forced.startswith(CUDA_PREFIX):
         return parse_config(forced)
     if device.type != "cuda":
@@ -454,7 +467,7 @@ def _cuda_choice(
     context_lens: torch.Tensor,
 ) -> cuda_kernel.CudaDecodeConfig | None:
     """The CUDA kernel's configuration where it applies (and nothing forces Triton)."""
-    forced = os.environ.get(CONFIG_ENV, "")
+    forced = _forced
     if forced and not forced.startswith(CUDA_PREFIX):
         return None
     if not (

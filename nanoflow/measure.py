@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import datetime
-import os
 import platform
 from typing import Any
 
 import torch
 
-from nanoflow.kernels.decode_attention import CONFIG_ENV
+from nanoflow.kernels.decode_attention import forced_config
 from nanoflow.models.spec import ModelSpec
 
 
@@ -27,8 +26,8 @@ def environment(device: torch.device) -> dict[str, Any]:
     except ImportError:
         env["triton"] = None
     env["versions"] = {"torch": env["torch"], "triton": env["triton"], "python": env["python"]}
-    if os.environ.get(CONFIG_ENV):  # a decode launch configuration forced for an experiment
-        env["decode_config_override"] = os.environ[CONFIG_ENV]
+    if forced_config():  # a decode launch configuration forced for an experiment
+        env["decode_config_override"] = forced_config()
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(

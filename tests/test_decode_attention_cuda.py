@@ -12,10 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanoflow.kernels import decode_attention
 from nanoflow.kernels import decode_attention_cuda as cuda_kernel
 from nanoflow.kernels.decode_attention import (
     CONFIG_ENV,
     _cuda_choice,
+    force_config,
+    forced_config,
     paged_decode_attention_ref,
     paged_decode_attention_triton,
     parse_cuda_config,
@@ -81,10 +84,14 @@ def paged_inputs(lens: list[int], kv_dtype: torch.dtype, device: str, width: int
 
 
 def test_the_cuda_kernel_is_chosen_only_where_it_runs(monkeypatch) -> None:
+    monkeypatch.setattr(decode_attention, "_forced", "")  # restored after the test
     args = paged_inputs([5, 40], torch.bfloat16, "cpu")
     assert _cuda_choice(*args) is None  # CPU tensors: never
-    monkeypatch.setenv(CONFIG_ENV, "triton")
+    force_config("triton")
     assert _cuda_choice(*args) is None  # forced off
+    assert forced_config() == "triton"
+    force_config(None)
+    assert forced_config() is None
 
 
 def test_memory_unit_script_dry_run(tmp_path) -> None:
@@ -113,8 +120,7 @@ def test_memory_unit_script_dry_run(tmp_path) -> None:
 def test_cuda_decode_matches_the_reference(kv_dtype, num_ctas, config, monkeypatch) -> None:
     """Fresh random lengths (zero, one token, partial pages, long rows) in a wide table; every
     element written (the output starts as NaN)."""
-    if config is not None:
-        monkeypatch.setenv(CONFIG_ENV, config)
+    monkeypatch.setattr(decode_attention, "_forced", config or "")
     gen = torch.Generator().manual_seed(0)
     for batch, max_len in ((3, 40), (64, 3000), (300, 700)):
         lens = torch.randint(1, max_len + 1, (batch,), generator=gen).tolist()

@@ -165,13 +165,17 @@ def test_decode_config_feeds_hopper_by_tma(monkeypatch) -> None:
 
 
 def test_decode_config_can_be_forced_for_an_experiment(monkeypatch) -> None:
-    """NANOFLOW_DECODE_CONFIG replaces the built-in choice in every launch (and says plainly
-    what is wrong with a malformed value); the result files record it."""
-    from nanoflow.kernels.decode_attention import CONFIG_ENV, decode_config
+    """NANOFLOW_DECODE_CONFIG (read at start-up, or set by force_config) replaces the built-in
+    choice in every launch (and says plainly what is wrong with a malformed value); the result
+    files record it."""
+    from nanoflow.kernels import decode_attention
+    from nanoflow.kernels.decode_attention import decode_config, force_config
     from nanoflow.measure import environment
 
+    monkeypatch.setattr(decode_attention, "_forced", "")  # restored after the test
+
     cpu = torch.device("cpu")
-    monkeypatch.setenv(CONFIG_ENV, "16, 4, 2, 1, 2, tma")
+    force_config("16, 4, 2, 1, 2, tma")
     forced = decode_config(64, torch.float16, cpu)
     assert forced == DecodeConfig(16, 4, 2, 1, 2, tma=True)
     assert environment(cpu)["decode_config_override"] == "16, 4, 2, 1, 2, tma"
@@ -181,10 +185,10 @@ def test_decode_config_can_be_forced_for_an_experiment(monkeypatch) -> None:
     torch.testing.assert_close(out, expected, **tolerance(torch.float16))
     for bad, message in (("16,4,2", "expected block_n"), ("16,4,x,1,2", "integers"),
                          ("16,4,0,1,2", "positive"), ("16,4,2,1,2,fast", "expected")):  # fmt: skip
-        monkeypatch.setenv(CONFIG_ENV, bad)
+        force_config(bad)
         with pytest.raises(ValueError, match=message):
             decode_config(64, torch.float16, cpu)
-    monkeypatch.delenv(CONFIG_ENV)
+    force_config(None)
     assert not decode_config(64, torch.float16, cpu).tma
     assert "decode_config_override" not in environment(cpu)
 
