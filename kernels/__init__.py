@@ -26,6 +26,7 @@ from nanoflow.kernels.gemm import linear_cublas, linear_ref
 from nanoflow.kernels.moe import fused_moe_ref
 from nanoflow.kernels.norm import rms_norm_ref
 from nanoflow.kernels.prefill_attention import paged_prefill_attention_ref
+from nanoflow.kernels.quant import quantize_fp8_ref, rms_norm_quant_ref, silu_and_mul_quant_ref
 from nanoflow.kernels.rotary import rope_kv_write_ref
 
 BACKENDS = ("auto", "reference", "triton")
@@ -75,6 +76,9 @@ rms_norm = _dispatch(rms_norm_ref, "norm")
 rope_kv_write = _dispatch(rope_kv_write_ref, "rotary")
 silu_and_mul = _dispatch(silu_and_mul_ref, "activation")
 fused_moe = _dispatch(fused_moe_ref, "moe")
+rms_norm_quant = _dispatch(rms_norm_quant_ref, "quant")
+silu_and_mul_quant = _dispatch(silu_and_mul_quant_ref, "quant")
+quantize_fp8 = _dispatch(quantize_fp8_ref, "quant")
 _linear = _dispatch(linear_ref, "gemm")
 
 
