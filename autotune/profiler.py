@@ -79,7 +79,8 @@ class LayerBench:
         )
         self.ops: list[Op] = self.model.layer_ops[0]
         rows = max(TOKENS + DECODES + PREFILL_TOKENS)
-        self.buffers = StepBuffers.allocate(self.spec, rows, device, dtype)
+        fp8 = quantization == "fp8"
+        self.buffers = StepBuffers.allocate(self.spec, rows, device, dtype, fp8_activations=fp8)
         for name in ("hidden", "residual", "normed", "qkv", "attn", "gate_up", "act"):
             getattr(self.buffers, name).normal_(0.0, 0.5)
         self.buffers.positions.copy_(torch.arange(rows) % 1024)

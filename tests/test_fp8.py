@@ -224,3 +224,40 @@ def test_profiles_record_the_quantization_and_the_engine_checks_it(tmp_path):
     assert budget == 64
     with pytest.raises(ProfileError, match="quantization"):
         select_schedule(EngineConfig(profile=str(path)), BUILTIN_SPEC, cpu)
+
+
+def test_fused_quantization_gives_the_tokens_of_quantizing_in_the_gemm(
+    llama_checkpoint, fp8_tokens
+):
+    """In float32 the norms and SiLU-mul that emit e4m3 compute what the GEMM would quantize
+    itself, so dropping the step's e4m3 buffers (each GEMM then quantizes its input) changes
+    nothing; with them, the producers wrote every buffer the GEMMs read."""
+    import dataclasses
+
+    folder, _ = llama_checkpoint
+    llm = LLM(str(folder), dtype="float32", device="cpu", quantization="fp8")
+    runner = llm.engine.runner
+    fused = runner.buffers
+    assert fused.normed_q is not None and fused.attn_q is not None and fused.act_q is not None
+    runner.buffers = dataclasses.replace(fused, normed_q=None, attn_q=None, act_q=None)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    assert got == fp8_tokens
+    assert all(bool((q.scale == 1.0).all()) for q in (fused.normed_q, fused.attn_q, fused.act_q))
+    _, used = _tokens(folder, quantization="fp8")
+    for q in (used.engine.runner.buffers.normed_q, used.engine.runner.buffers.attn_q,
+              used.engine.runner.buffers.act_q):  # fmt: skip
+        assert bool((q.scale[:10] != 1.0).all())
+
+
+def test_mixtral_quantizes_its_attention_and_keeps_its_experts(tmp_path):
+    import transformers
+    from conftest import TINY
+
+    config = transformers.MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tokens, llm = _tokens(tmp_path, quantization="fp8")
+    layer = llm.engine.runner.model.layers[0]
+    assert isinstance(layer.w["qkv"], Fp8Weight) and isinstance(layer.w["w13"], torch.Tensor)
+    assert all(len(t) == 10 for t in tokens)

@@ -132,8 +132,9 @@ class ModelRunner:
         )  # fmt: skip
         # rows past the token budget: room for the padding of CUDA-graph shapes
         self.buffers = StepBuffers.allocate(
-            spec, max_num_batched_tokens + PADDING_ROWS, self.device, self.dtype, group.size
-        )
+            spec, max_num_batched_tokens + PADDING_ROWS, self.device, self.dtype, group.size,
+            fp8_activations=self.quantization == "fp8",
+        )  # fmt: skip
         self.num_blocks = self._num_kv_blocks(weights)
         # one block more than the block manager hands out: the scratch block CUDA-graph padding
         # rows write to

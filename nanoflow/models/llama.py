@@ -10,10 +10,11 @@ import torch
 
 from nanoflow import kernels
 from nanoflow.distributed.parallel import ParallelGroup
+from nanoflow.kernels.fp8_linear import Fp8Weight
 from nanoflow.models.rope import cos_sin_cache
 from nanoflow.models.sharding import shard_weights
 from nanoflow.models.spec import ModelSpec
-from nanoflow.runtime.batch import NanoBatch, StepBuffers
+from nanoflow.runtime.batch import NanoBatch, QuantizedRows, StepBuffers
 from nanoflow.runtime.graph import LayerGraph, llama_graph
 from nanoflow.runtime.ops import bind
 
@@ -43,19 +44,42 @@ class DecoderLayer:
         self.kv_size = self.num_kv_heads * spec.head_dim
         self.scale = spec.head_dim**-0.5
 
+    def _fp8_input(self, weight: str, q: QuantizedRows | None) -> QuantizedRows | None:
+        """The e4m3 buffer the GEMM of ``weight`` reads, when it is an FP8 GEMM and the step
+        has one (else the GEMM quantizes its input itself)."""
+        return q if isinstance(self.w.get(weight), Fp8Weight) else None
+
+    def _gemm(
+        self,
+        weight: str,
+        x: torch.Tensor,
+        q: QuantizedRows | None,
+        rows: slice,
+        sms: int | None,
+        out: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        if self._fp8_input(weight, q) is None:
+            kernels.linear(x[rows], self.w[weight], bias, sms, out)
+        else:
+            kernels.linear(q.data[rows], self.w[weight], bias, sms, out, x_scale=q.scale[rows])
+
+    def _norm(self, b: StepBuffers, rows: slice, weight: str, consumer: str) -> None:
+        """Residual add + RMSNorm into ``normed``, or into its e4m3 copy when ``consumer``'s
+        GEMM reads that."""
+        args = (b.hidden[rows], self.w[weight], self.spec.rms_norm_eps, b.residual[rows])
+        q = self._fp8_input(consumer, b.normed_q)
+        if q is None:
+            kernels.rms_norm(*args, b.normed[rows])
+        else:
+            kernels.rms_norm_quant(*args, q.data[rows], q.scale[rows])
+
     def input_norm(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
-        rows = slice(nb.start, nb.end)
-        kernels.rms_norm(
-            b.hidden[rows],
-            self.w["input_norm"],
-            self.spec.rms_norm_eps,
-            b.residual[rows],
-            b.normed[rows],
-        )
+        self._norm(b, slice(nb.start, nb.end), "input_norm", "qkv")
 
     def qkv_proj(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
         rows = slice(nb.start, nb.end)
-        kernels.linear(b.normed[rows], self.w["qkv"], self.w.get("qkv_bias"), sms, b.qkv[rows])
+        self._gemm("qkv", b.normed, b.normed_q, rows, sms, b.qkv[rows], self.w.get("qkv_bias"))
 
     def _qkv_views(self, b: StepBuffers, rows: slice) -> tuple[torch.Tensor, ...]:
         qkv = b.qkv[rows]
@@ -118,7 +142,10 @@ class DecoderLayer:
 
     def o_proj(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
         rows = slice(nb.start, nb.end)
-        kernels.linear(b.attn[rows], self.w["o"], None, sms, b.hidden[rows])
+        q = self._fp8_input("o", b.attn_q)
+        if q is not None:  # decode and prefill attention write their rows separately
+            kernels.quantize_fp8(b.attn[rows], q.data[rows], q.scale[rows])
+        self._gemm("o", b.attn, b.attn_q, rows, sms, b.hidden[rows])
 
     def all_reduce(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
         self.group.all_reduce(b.hidden[nb.start : nb.end])
@@ -126,26 +153,23 @@ class DecoderLayer:
     attn_all_reduce = mlp_all_reduce = all_reduce
 
     def post_attn_norm(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
-        rows = slice(nb.start, nb.end)
-        kernels.rms_norm(
-            b.hidden[rows],
-            self.w["post_norm"],
-            self.spec.rms_norm_eps,
-            b.residual[rows],
-            b.normed[rows],
-        )
+        self._norm(b, slice(nb.start, nb.end), "post_norm", "gate_up")
 
     def gate_up_proj(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
         rows = slice(nb.start, nb.end)
-        kernels.linear(b.normed[rows], self.w["gate_up"], None, sms, b.gate_up[rows])
+        self._gemm("gate_up", b.normed, b.normed_q, rows, sms, b.gate_up[rows])
 
     def silu_mul(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
         rows = slice(nb.start, nb.end)
-        kernels.silu_and_mul(b.gate_up[rows], b.act[rows])
+        q = self._fp8_input("down", b.act_q)
+        if q is None:
+            kernels.silu_and_mul(b.gate_up[rows], b.act[rows])
+        else:
+            kernels.silu_and_mul_quant(b.gate_up[rows], q.data[rows], q.scale[rows])
 
     def down_proj(self, b: StepBuffers, nb: NanoBatch, sms: int | None) -> None:
         rows = slice(nb.start, nb.end)
-        kernels.linear(b.act[rows], self.w["down"], None, sms, b.hidden[rows])
+        self._gemm("down", b.act, b.act_q, rows, sms, b.hidden[rows])
 
 
 class LlamaModel:

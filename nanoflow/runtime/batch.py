@@ -51,8 +51,25 @@ class NanoBatch:
 
 
 @dataclass
+class QuantizedRows:
+    """An activation as e4m3 rows and one fp32 scale per row, for the FP8 GEMM that reads it."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+
+    @classmethod
+    def empty(cls, rows: int, width: int, device: torch.device) -> QuantizedRows:
+        return cls(
+            torch.zeros(rows, width, device=device, dtype=torch.float8_e4m3fn),
+            torch.ones(rows, device=device, dtype=torch.float32),
+        )
+
+
+@dataclass
 class StepBuffers:
-    """Activations of one iteration, shared by all layers; each op touches its nano-batch's rows."""
+    """Activations of one iteration, shared by all layers; each op touches its nano-batch's rows.
+    With FP8 GEMMs the activations they read also have e4m3 copies, written by the ops that
+    produce them (norms, SiLU-mul, the O projection's quantizing pass)."""
 
     hidden: torch.Tensor
     residual: torch.Tensor
@@ -63,6 +80,9 @@ class StepBuffers:
     act: torch.Tensor
     positions: torch.Tensor
     slot_mapping: torch.Tensor
+    normed_q: QuantizedRows | None = None
+    attn_q: QuantizedRows | None = None
+    act_q: QuantizedRows | None = None
 
     @classmethod
     def allocate(
@@ -72,9 +92,13 @@ class StepBuffers:
         device: torch.device,
         dtype: torch.dtype,
         tp_size: int = 1,
+        fp8_activations: bool = False,
     ) -> StepBuffers:
         def empty(width: int) -> torch.Tensor:
             return torch.empty(max_tokens, width, device=device, dtype=dtype)
+
+        def quantized(width: int) -> QuantizedRows | None:
+            return QuantizedRows.empty(max_tokens, width, device) if fp8_activations else None
 
         q, kv, inter = spec.q_size // tp_size, spec.kv_size // tp_size, spec.intermediate_size
         return cls(
@@ -87,4 +111,7 @@ class StepBuffers:
             act=empty(inter // tp_size),
             positions=torch.empty(max_tokens, device=device, dtype=torch.int64),
             slot_mapping=torch.empty(max_tokens, device=device, dtype=torch.int64),
+            normed_q=quantized(spec.hidden_size),
+            attn_q=quantized(q),
+            act_q=quantized(inter // tp_size),
         )
