@@ -261,3 +261,13 @@ def test_mixtral_quantizes_its_attention_and_keeps_its_experts(tmp_path):
     layer = llm.engine.runner.model.layers[0]
     assert isinstance(layer.w["qkv"], Fp8Weight) and isinstance(layer.w["w13"], torch.Tensor)
     assert all(len(t) == 10 for t in tokens)
+
+
+def test_offload_slots_are_sized_for_fp8_layers():
+    from nanoflow.models.offload import layer_bytes
+    from nanoflow.models.registry import get_known_model
+
+    spec = get_known_model("llama-3-8b")
+    bf16 = layer_bytes(spec, torch.bfloat16)
+    fp8 = layer_bytes(spec, torch.bfloat16, fp8=True)
+    assert 0.5 * bf16 < fp8 < 0.51 * bf16  # norms stay bf16, scales are a row each

@@ -123,9 +123,9 @@ class ModelRunner:
         self.on_plan: Callable[[BatchPlan], None] | None = None
         self.on_schedule: Callable[[PipelineSchedule], None] | None = None
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.offload = plan_offload(config, spec, self.device, self.dtype, group)
-        host_layers = self.offload.host_layers if self.offload else ()
         self.quantization = effective_quantization(config.quantization, checkpoint)
+        self.offload = plan_offload(config, spec, self.device, self.dtype, group, self.quantization)
+        host_layers = self.offload.host_layers if self.offload else ()
         weights = load_weights(
             spec, checkpoint, config.load_format, self.device, self.dtype, config.seed,
             host_layers, self.quantization,

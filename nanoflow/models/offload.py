@@ -25,7 +25,7 @@ import torch
 from nanoflow.config import EngineConfig
 from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.errors import ConfigError
-from nanoflow.models.quantization import flat_tensors, from_flat
+from nanoflow.models.quantization import flat_tensors, from_flat, is_quantized_linear
 from nanoflow.models.spec import ModelSpec
 from nanoflow.models.weights import expected_shapes, load_safetensors
 from nanoflow.runtime.batch import NanoBatch, StepBuffers
@@ -42,15 +42,18 @@ _REPLICATED = ("layernorm.weight", "block_sparse_moe.gate.weight")
 Layout = tuple[tuple[str, tuple[int, ...], torch.dtype, int], ...]
 
 
-def layer_bytes(spec: ModelSpec, dtype: torch.dtype, tp_size: int = 1) -> int:
-    """Bytes of one layer's weight shard once packed (with alignment padding)."""
-    size = dtype.itemsize
+def layer_bytes(spec: ModelSpec, dtype: torch.dtype, tp_size: int = 1, fp8: bool = False) -> int:
+    """Bytes of one layer's weight shard once packed (with alignment padding); with ``fp8`` the
+    dense GEMM weights are one byte an element plus an fp32 scale a row."""
     total = 0
     for name, shape in expected_shapes(spec).items():
         if name.startswith("model.layers.0."):
             numel = torch.Size(shape).numel()
-            total += (numel if name.endswith(_REPLICATED) else numel // tp_size) * size
-            total += ALIGN_BYTES
+            numel = numel if name.endswith(_REPLICATED) else numel // tp_size
+            if fp8 and is_quantized_linear(name):
+                total += numel + 4 * shape[0] + 2 * ALIGN_BYTES
+            else:
+                total += numel * dtype.itemsize + ALIGN_BYTES
     return total
 
 
@@ -61,7 +64,12 @@ def spread_layers(count: int, num_layers: int) -> tuple[int, ...]:
 
 
 def num_offloaded_layers(
-    config: EngineConfig, spec: ModelSpec, device: torch.device, dtype: torch.dtype, tp: int
+    config: EngineConfig,
+    spec: ModelSpec,
+    device: torch.device,
+    dtype: torch.dtype,
+    tp: int,
+    fp8: bool = False,
 ) -> int:
     """``offload_fraction`` of the layers if given; else all on CPU; else as few as leave room
     for the slots, the activations and a KV cache of ``KV_RESERVE_FRACTION`` of the GPU."""
@@ -70,7 +78,7 @@ def num_offloaded_layers(
     if device.type != "cuda":
         return spec.num_layers
     free, total = torch.cuda.mem_get_info(device)
-    per_layer = layer_bytes(spec, dtype, tp)
+    per_layer = layer_bytes(spec, dtype, tp, fp8)
     embed = spec.vocab_size * spec.hidden_size * dtype.itemsize // tp
     reserve = (
         total * (1 - config.gpu_memory_utilization + KV_RESERVE_FRACTION)
@@ -88,16 +96,19 @@ def plan_offload(
     device: torch.device,
     dtype: torch.dtype,
     group: ParallelGroup,
+    quantization: str | None = None,
 ) -> OffloadPlan | None:
     """The offload plan for an engine (None: offload off, or every layer fits). Allocates the GPU
     slots now, before the KV cache is sized from what memory is left."""
     if config.offload_weights is None:
         return None
-    count = num_offloaded_layers(config, spec, device, dtype, group.size)
+    fp8 = quantization == "fp8"
+    count = num_offloaded_layers(config, spec, device, dtype, group.size, fp8)
     if count == 0:
         logger.info("weight offload: every layer fits on the device, none offloaded")
         return None
-    plan = OffloadPlan(spread_layers(count, spec.num_layers), device, dtype, group.size, spec)
+    layers = spread_layers(count, spec.num_layers)
+    plan = OffloadPlan(layers, device, dtype, group.size, spec, fp8)
     logger.info(
         "weight offload: %d of %d layers in host memory, %d GPU slots of %.2f GiB",
         count, spec.num_layers, plan.num_slots, plan.slot_bytes / 2**30,
@@ -274,6 +285,7 @@ class OffloadPlan:
     dtype: torch.dtype
     tp_size: int
     spec: ModelSpec
+    fp8: bool = False
     num_slots = 2
     slot_bytes: int = 0
     slots: list[torch.Tensor] = field(default_factory=list)
@@ -281,7 +293,7 @@ class OffloadPlan:
     copier: Any = None
 
     def __post_init__(self) -> None:
-        self.slot_bytes = layer_bytes(self.spec, self.dtype, self.tp_size)
+        self.slot_bytes = layer_bytes(self.spec, self.dtype, self.tp_size, self.fp8)
         self.slots = [
             torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
             for _ in range(self.num_slots)
