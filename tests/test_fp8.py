@@ -271,3 +271,18 @@ def test_offload_slots_are_sized_for_fp8_layers():
     bf16 = layer_bytes(spec, torch.bfloat16)
     fp8 = layer_bytes(spec, torch.bfloat16, fp8=True)
     assert 0.5 * bf16 < fp8 < 0.51 * bf16  # norms stay bf16, scales are a row each
+
+
+def test_tune_records_fp8_in_the_profile_and_serve_passes_it_to_the_engine(tmp_path):
+    from nanoflow.cli.main import build_parser, engine_kwargs
+    from nanoflow.models.builtin import BUILTIN_SPEC
+    from nanoflow.runtime.profile import load_profile
+
+    out = tmp_path / "fp8.json"
+    argv = ["tune", "--model", "builtin", "--out", str(out), "--trials", "5", "--device", "cpu",
+            "--max-batch", "128", "--tables-in", "roofline", "--quantization", "fp8"]  # fmt: skip
+    assert cli_main(argv) == 0
+    profile = load_profile(out, BUILTIN_SPEC.architecture_hash(), torch.device("cpu"))
+    assert profile.quantization == "fp8"
+    args = build_parser().parse_args(["serve", "builtin", "--quantization", "fp8"])
+    assert engine_kwargs(args)["quantization"] == "fp8"
