@@ -142,15 +142,11 @@ def decode_config(
     budgeted: bool = False,
     tma: bool = True,
 ) -> DecodeConfig:
-    """On Hopper and later: TMA-fed pages (decode_attention_tma.py). On the H200 sweep of
-    experiments/bench_kernels.py (kernels_decode_tma_h200.json), 8 heads per 16-token page, two
-    buffers read 0.44-0.53 of copy bandwidth on a quarter of the SMs, 0.75-0.91 on half and
-    0.92-1.02 on the full grid, against 0.31-0.32, 0.57-0.60 and 0.71-0.80 for the register-fed
-    kernel below; a budgeted grid was where it mattered, as a plain copy confined to 32 SMs
-    reaches only 0.53. An fp8 (``narrow_cache``) cache widens each staged page: 4 heads, 12
-    stages on a full grid (0.73-0.85 against 0.52-0.55), 8 heads, 8 stages on a budgeted one
-    (0.17-0.19 on a quarter of the SMs against 0.10).
-    Boxes hold 128 rows of a page's heads, so larger pages take fewer heads.
+    """The Triton kernels' launch choice (the CUDA kernel, where it applies, is chosen before
+    this). On Hopper and later: TMA-fed pages (decode_attention_tma.py), 8 heads per 16-token
+    page, which on a budgeted grid read far more than the register-fed kernel; an fp8
+    (``narrow_cache``) cache widens each staged page, so a full grid takes fewer heads and more
+    stages. Boxes hold 128 rows of a page's heads, so larger pages take fewer heads.
     Before Hopper, or without ``tma`` (caches that are not whole contiguous pages): all of a
     sequence's KV heads (up to 8) in one register-fed tile of 32 tokens, 8 warps; an fp8 cache
     there takes 16 tokens of 4 heads, 4 warps (more spills registers).

@@ -6,8 +6,8 @@ of ``head_dim``: one TMA copy fetches it, where the default kernel issues a load
 computes every address, and stages several pages ahead in shared memory. With fewer
 instructions per byte and more bytes in flight, the few SMs the pipeline leaves decode attention
 may pull more of HBM; an fp8 cache, whose default kernel holds one tile in registers, gains the
-staging most. A launch configuration (``DecodeConfig(tma=True)``) that the kernel benchmark times
-beside the default one; the engine does not choose it.
+staging most. The Triton kernels' choice on Hopper (``DecodeConfig(tma=True)``) where the CUDA
+kernel (decode_attention_cuda.py) does not apply.
 """
 
 from __future__ import annotations
