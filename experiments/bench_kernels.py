@@ -11,24 +11,21 @@
 
 Usage: python experiments/bench_kernels.py [--out DIR]
 Without a GPU it is a dry run: tiny shapes, fp32, Triton's interpreter, host-clock timings.
-Writes DIR/kernels.json, $OUT/kernels.json, or experiments/results/kernels_<gpu>.json; exits 1 if a
-check failed or a section raised (the rest still runs).
+Writes DIR/<gpu>/kernels/<label>.json (DIR defaults to experiments/results); exits 1 if a check
+failed or a section raised (the rest still runs).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import re
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, astuple, dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,14 +37,15 @@ if not GPU:  # a dry run: the kernels run in Triton's interpreter (set before th
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402
+from common import add_out_argument, write_result  # noqa: E402
 
 from nanoflow.kernels._compat import sm_count  # noqa: E402
 from nanoflow.kernels.activation import silu_and_mul_ref, silu_and_mul_triton  # noqa: E402
 from nanoflow.kernels.decode_attention import (  # noqa: E402
-    CONFIG_ENV,
     DecodeConfig,
     _launch_decode,
     decode_config,
+    forced_config,
     paged_decode_attention_ref,
     paged_decode_attention_triton,
 )
@@ -608,17 +606,10 @@ def print_table() -> None:
     print(f"section errors: {list(RESULTS['errors']) or 'none'}")
 
 
-def output_path(out_dir: str | None) -> Path:
-    folder = out_dir or os.environ.get("OUT")
-    if folder:
-        return Path(folder) / "kernels.json"
-    name = re.sub(r"[^a-z0-9]+", "_", RESULTS["device"].lower()).strip("_")
-    return Path(__file__).resolve().parent / "results" / f"kernels_{name}.json"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="folder for kernels.json (default: $OUT or results/)")
+    add_out_argument(parser)
+    parser.add_argument("--label", default="llama-3-8b-shapes", help="the result file's name")
     parser.add_argument(
         "--sections", default=None, help="comma list of timed sections to run (default: all)"
     )
@@ -632,11 +623,10 @@ def main() -> int:
         torch=torch.__version__,
         triton=triton.__version__,
         cuda=torch.version.cuda,
-        command=[sys.executable, *sys.argv],
-        date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        gpu=torch.cuda.get_device_name(DEVICE) if GPU else None,
         dtype=str(DTYPE),
         sizes=asdict(SIZES),
-        decode_config_override=os.environ.get(CONFIG_ENV),
+        decode_config_override=forced_config(),
     )
     start = time.perf_counter()
     run_section("ceilings", ceilings)
@@ -660,9 +650,7 @@ def main() -> int:
         run_section(name, sections[name])
     RESULTS["total_seconds"] = round(time.perf_counter() - start, 1)
     print_table()
-    path = output_path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(RESULTS, indent=1, default=str))
+    path = write_result(args.out, "kernels", args.label, RESULTS)
     print(f"wrote {path} in {RESULTS['total_seconds']} s")
     failed = any(not c["ok"] for c in RESULTS["checks"]) or RESULTS["errors"]
     if failed:

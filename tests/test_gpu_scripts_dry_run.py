@@ -19,7 +19,7 @@ def _run(script: str, args: list[str], out: Path, where: str | None = None) -> d
     cmd = [sys.executable, str(EXPERIMENTS / script), *args, "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    folder = out / where if where else out  # bench_kernels.py writes <out>/kernels.json
+    folder = out / where if where else out
     found = sorted(folder.glob("*.json"))
     assert len(found) == 1, sorted(out.rglob("*.json"))
     return json.loads(found[0].read_text())
@@ -105,7 +105,7 @@ def test_moe_offload_bench_dry_run(tmp_path, mode):
 @pytest.mark.timeout(300)
 def test_bench_kernels_dry_run(tmp_path):
     """On CPU the kernel benchmark checks every kernel (interpreter, tiny shapes, fp32)."""
-    record = _run("bench_kernels.py", [], tmp_path)
+    record = _run("bench_kernels.py", [], tmp_path, "cpu/kernels")
     assert record["checks"] and all(check["ok"] for check in record["checks"])
     assert not record["errors"]
     for key in ("date", "versions", "command", "device"):
@@ -118,7 +118,7 @@ def test_bench_kernels_dry_run(tmp_path):
 
 
 def test_bench_kernels_runs_the_chosen_sections_and_rejects_unknown_ones(tmp_path):
-    record = _run("bench_kernels.py", ["--sections", "check_pointwise"], tmp_path)
+    record = _run("bench_kernels.py", ["--sections", "check_pointwise"], tmp_path, "cpu/kernels")
     assert "ceilings" in record["section_seconds"]
     assert set(record["section_seconds"]) == {"ceilings", "check_pointwise"}
     cmd = [sys.executable, str(EXPERIMENTS / "bench_kernels.py"), "--sections", "nope"]
