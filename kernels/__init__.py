@@ -84,8 +84,8 @@ _linear = _dispatch(linear_ref, "gemm")
 
 def linear(x: torch.Tensor, weight: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
     """``linear_ref``'s ``x @ weight.T (+ bias)``; ``weight`` is a tensor, or an
-    :class:`Fp8Weight` (e4m3 GEMM through cuBLASLt on a GPU whichever GEMM backend is set,
-    the reference elsewhere)."""
+    :class:`Fp8Weight` (``torch._scaled_mm`` on a GPU whichever GEMM backend is set, the
+    reference elsewhere)."""
     if isinstance(weight, Fp8Weight):
         if x.is_cuda:
             return fp8_linear_cublas(x, weight, *args, **kwargs)
