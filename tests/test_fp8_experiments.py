@@ -62,7 +62,7 @@ def test_fp8_bench_targets_come_from_the_record_with_the_issue_names():
     import fp8_bench
 
     record = {
-        "gemm": {"layer_gemm_speedup": 1.7, "layer_linear_speedup": 1.4},
+        "gemm": {"tokens": 2048, "layer_gemm_speedup": 1.7, "layer_linear_speedup": 1.4},
         "throughput": {"runs": {"fp8": {"tokens_per_s": 45000.0}}, "fp8_over_bf16": 1.5},
         "accuracy": {"builtin": {"logits_rel_err": 0.2}},
     }
@@ -79,3 +79,7 @@ def test_fp8_bench_targets_come_from_the_record_with_the_issue_names():
     }  # fmt: skip
     assert rows["fp8_weights_tokens_per_s"]["target"] == 44000.0
     assert fp8_bench.targets({}) == []  # nothing measured, nothing claimed
+    record["gemm"]["tokens"] = 1024
+    assert "fp8_gemm_speedup_2048" not in {r["name"] for r in fp8_bench.targets(record)}
+    failed = {"throughput": {"error": "CalledProcessError(...)", "checks_ok": False}}
+    assert fp8_bench.targets(failed) == []
