@@ -17,7 +17,12 @@ to experiments/results). Without a GPU it does a dry run of every section (tiny 
 references and the Triton kernels under the interpreter, the builtin model on CPU) into
 DIR/cpu/fp8/dry-run.json and writes no targets.
 
+``--extra-workloads 128/1024,sharegpt`` adds the pair on a decode-heavy and a dataset-shaped
+workload (minutes each on the GPU: with the default sections the call is about six minutes, so
+give the extra pairs a call of their own with ``--sections gemm,throughput``).
+
 Usage: python experiments/fp8_bench.py [--out DIR] [--sections gemm,kernels,accuracy,throughput]
+           [--extra-workloads W,W]
 """
 
 from __future__ import annotations
@@ -233,10 +238,26 @@ def accuracy_section(out: Path, tiny: bool) -> dict[str, Any]:
 
 
 def throughput_section(args: argparse.Namespace, tiny: bool, gemm: dict | None) -> dict[str, Any]:
+    """The pair at ``--workload`` (the targets'), then at each of ``--extra-workloads``."""
+    out = weights_pair(args, args.workload, tiny, gemm)
+    extra = [w for w in args.extra_workloads.split(",") if w]
+    if extra:
+        out["other_workloads"] = {}
+    for workload in extra:
+        try:
+            out["other_workloads"][workload] = weights_pair(args, workload, tiny, gemm)
+        except (subprocess.CalledProcessError, OSError, KeyError) as exc:
+            out["other_workloads"][workload] = {"error": repr(exc)}
+    return out
+
+
+def weights_pair(
+    args: argparse.Namespace, workload: str, tiny: bool, gemm: dict | None
+) -> dict[str, Any]:
     model = "builtin" if tiny else MODEL
     spec = get_known_model(MODEL) if not tiny else None
     base = [nanoflow_exe(), "bench", "throughput", model, "--load-format", "dummy",
-            "--executor", "sequential", "--workload", args.workload,
+            "--executor", "sequential", "--workload", workload,
             "--num-prompts", str(args.num_prompts), "--kv-cache-dtype", "fp8",
             "--max-num-seqs", "1024"]  # fmt: skip
     base += ["--cuda-graphs", "--device", "cuda"] if GPU else ["--device", "cpu"]
@@ -250,15 +271,15 @@ def throughput_section(args: argparse.Namespace, tiny: bool, gemm: dict | None) 
             runs[weights] = {"command": " ".join(command[1:]), "tokens_per_s":
                              result["tokens_per_s"], "result": result}  # fmt: skip
             print(
-                f"{args.workload} {weights} weights: {result['tokens_per_s']:.0f} tokens/s",
+                f"{workload} {weights} weights: {result['tokens_per_s']:.0f} tokens/s",
                 flush=True,
             )
     out = {
-        "workload": args.workload,
+        "workload": workload,
         "runs": runs,
         "fp8_over_bf16": runs["fp8"]["tokens_per_s"] / runs["bf16"]["tokens_per_s"],
     }
-    if spec is not None and gemm is not None:
+    if spec is not None and gemm and "bf16_tflops" in gemm:
         for rate in ("bf16", "fp8"):
             bound = optimal_throughput(spec, gemm[f"{rate}_tflops"] * 1e12)
             out[f"optimal_at_{rate}_gemm_rate"] = bound
@@ -296,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default="gemm,kernels,accuracy,throughput")
     parser.add_argument("--tokens", type=int, default=2048 if GPU else 64)
     parser.add_argument("--workload", default="512/512" if GPU else "16/8")
+    parser.add_argument(
+        "--extra-workloads",
+        default="",
+        help="more workloads for the bf16/FP8 pair, e.g. 128/1024,sharegpt (a decode-heavy and "
+        "a dataset-shaped one; each pair takes minutes on the GPU)",
+    )
     parser.add_argument("--num-prompts", type=int, default=2000 if GPU else 4)
     args = parser.parse_args(argv)
     tiny = not GPU

@@ -54,6 +54,7 @@ def test_fp8_bench_dry_run_checks_every_section_and_writes_no_targets(tmp_path):
     runs = record["throughput"]["runs"]
     assert runs["bf16"]["tokens_per_s"] > 0 and runs["fp8"]["tokens_per_s"] > 0
     assert "--quantization fp8" in runs["fp8"]["command"]
+    assert "other_workloads" not in record["throughput"]
     assert not (tmp_path / "targets").exists()
 
 
