@@ -112,6 +112,10 @@ def test_a_bad_schema_is_a_request_error(compiler):
         compiler.matcher(StructuredOutput("json_schema", '{"type": "bogus"}'))
     with pytest.raises(RequestError, match="regex"):
         compiler.matcher(StructuredOutput("regex", "("))
+    # a grammar of non-ASCII text, as a fuzzer sent it: xgrammar's own error message about it
+    # is not valid UTF-8, which once escaped as UnicodeDecodeError and stopped the engine loop
+    with pytest.raises(RequestError, match="cannot compile the grammar constraint"):
+        compiler.matcher(StructuredOutput("grammar", "\U00021310\x98\xec\f\x9c\x8e}y\x8fmTI"))
 
 
 def test_after_the_grammar_ends_only_its_stop_tokens_follow(llm, compiler):

@@ -60,7 +60,9 @@ class GrammarCompiler:
             if spec.kind == "regex":
                 return self.compiler.compile_regex(spec.spec)
             return self.compiler.compile_grammar(spec.spec)
-        except RuntimeError as exc:
+        except UnicodeDecodeError:  # xgrammar's message about a non-ASCII spec is not UTF-8
+            raise RequestError(f"cannot compile the {spec.kind} constraint") from None
+        except (RuntimeError, ValueError) as exc:
             reason = _LOG_PREFIX.sub("", str(exc).strip().splitlines()[0])
             raise RequestError(f"cannot compile the {spec.kind} constraint: {reason}") from None
 
