@@ -59,6 +59,7 @@ from nanoflow.kernels.prefill_attention import (  # noqa: E402
 )
 from nanoflow.kernels.rotary import rope_kv_write_ref, rope_kv_write_triton  # noqa: E402
 from nanoflow.measure import time_cuda  # noqa: E402
+from nanoflow.runtime.graph import DECODE_ATTENTION  # noqa: E402
 from nanoflow.runtime.ops import Resource  # noqa: E402
 from nanoflow.runtime.schedule import Mechanism, PipelineSchedule, UnitSpec  # noqa: E402
 from nanoflow.runtime.units import build_units  # noqa: E402
@@ -563,7 +564,7 @@ def print_table() -> None:
     c = RESULTS.get("ceilings", {})
     print(f"\nceilings: copy {c.get('copy_gbs')} GB/s, GEMM {c.get('gemm_bf16_tflops')} TFLOP/s")
     print("decode attention, GB/s of K/V read (fraction of copy bandwidth):")
-    for r in RESULTS.get("decode_attention", {}).get("rows", []):
+    for r in RESULTS.get(DECODE_ATTENTION, {}).get("rows", []):
         where = f"ctx {r['context']:>5} num_ctas {r['num_ctas']!s:>4}"
         print(f"  {where}: {r['gbs']:8.0f} ({r['frac_copy_bw']})")
     for section in ("decode_attention_fp8", "decode_attention_tma"):
@@ -634,7 +635,7 @@ def main() -> int:
         "check_attention": check_attention,
         "check_pointwise": check_pointwise,
         "check_linear": check_linear,
-        "decode_attention": decode_attention,
+        DECODE_ATTENTION: decode_attention,
         "decode_attention_fp8": decode_attention_fp8,
         "decode_attention_tma": decode_attention_tma,
         **({"decode_green_context": decode_green_context} if GPU else {}),

@@ -15,6 +15,8 @@ from typing import Any
 
 from common import RESULTS, ROOT, gpu_of, load_results
 
+from nanoflow.runtime.graph import DECODE_ATTENTION
+
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 RESULTS_DOC = ROOT / "docs" / "results.md"
 
@@ -365,7 +367,7 @@ def _tile(config: dict[str, Any]) -> str:
 def _decode_lines(record: dict[str, Any]) -> list[str]:
     """Decode attention of one kernels run against the copy rate measured in it (none if the
     run timed no decode attention)."""
-    section = record.get("decode_attention", {})
+    section = record.get(DECODE_ATTENTION, {})  # kernel runs name sections by op
     decode = section.get("rows", [])
     what = "Decode attention, batch 256"
     if not decode:  # an fp8-only run: its default launch's rows
