@@ -33,11 +33,25 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, eps, n_cols, stride_x, stride_r, stride_o,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One row per program: the sum is rounded to the residual's dtype before the norm, exactly as
-    the reference's in-place ``residual.add_``."""
+    """One row per program."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    x, y = residual_rms_norm_row(
+        x_ptr, res_ptr, w_ptr, row, cols, mask, eps, n_cols, stride_x, stride_r, HAS_RESIDUAL
+    )
+    y = y.to(x.dtype)
+    tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@jit
+def residual_rms_norm_row(
+    x_ptr, res_ptr, w_ptr, row, cols, mask, eps, n_cols, stride_x, stride_r,
+    HAS_RESIDUAL: tl.constexpr,
+):  # fmt: skip
+    """A row's input (the residual sum, stored, where there is one) and its normalised values in
+    fp32. The sum is rounded to the residual's dtype before the norm, exactly as the
+    reference's in-place ``residual.add_``."""
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -46,8 +60,7 @@ def _rms_norm_kernel(
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, 0) / n_cols + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = (xf * rstd * w).to(x.dtype)
-    tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    return x, xf * rstd * w
 
 
 def rms_norm_triton(

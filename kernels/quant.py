@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from nanoflow.kernels._compat import as_rows, jit, next_pow2, num_warps_for, tl
 from nanoflow.kernels.fp8_linear import FP8_DTYPE, FP8_MAX, MIN_SCALE, quantize_rows
+from nanoflow.kernels.norm import residual_rms_norm_row
 
 Quantized = tuple[torch.Tensor, torch.Tensor]
 _CHUNK = 2048  # columns per loop step of the two-pass kernels
@@ -76,20 +77,14 @@ def _rms_norm_quant_kernel(
     FP8_MAX_: tl.constexpr, MIN_SCALE_: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One row per program, the whole row in registers: the sum is rounded to the residual's
-    dtype (as the reference's in-place add), the norm and the scale computed in fp32."""
+    """One row per program, the whole row in registers: the norm (as RMSNorm's) and the scale
+    computed in fp32."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(res_ptr.dtype.element_ty)
-        tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(xf * xf, 0) / n_cols + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = xf * rstd * w
+    _, y = residual_rms_norm_row(
+        x_ptr, res_ptr, w_ptr, row, cols, mask, eps, n_cols, stride_x, stride_r, HAS_RESIDUAL
+    )
     scale = tl.maximum(tl.max(tl.abs(y), 0) / FP8_MAX_, MIN_SCALE_)
     q = tl.clamp(y / scale, -FP8_MAX_, FP8_MAX_)
     tl.store(out_ptr + row * stride_o + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
