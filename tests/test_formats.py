@@ -3,6 +3,8 @@ their streamed chunks, logprobs objects and usage."""
 
 from __future__ import annotations
 
+import json
+
 from nanoflow.engine.engine_core import RequestOutput
 from nanoflow.server.formats import ChatFormat, CompletionFormat, usage
 from nanoflow.server.streaming import ChoiceState, Delta
@@ -70,3 +72,11 @@ def test_chat_response_and_chunks() -> None:
     assert first["choices"][0]["delta"] == {"content": "He", "role": "assistant"}
     later = fmt.chunk(0, Delta("!", [7], [-0.4], 2, "stop"), first=False)
     assert later["choices"][0]["delta"] == {"content": "!"}
+
+
+def test_ruled_out_tokens_have_a_finite_logprob() -> None:
+    """JSON has no -inf: a token the sampler ruled out (top-p, a grammar) reads as -9999."""
+    for fmt in (CompletionFormat("m", token_text, True), ChatFormat("m", token_text, True)):
+        state = state_with([1], [float("-inf")], [[(1, float("-inf")), (7, float("nan"))]])
+        text = json.dumps(fmt.response([state], usage(1, 1)), allow_nan=False)
+        assert "-9999.0" in text

@@ -7,6 +7,7 @@ as OpenAI's does, so it may hold k + 1 entries.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -17,6 +18,13 @@ from nanoflow.server.streaming import ChoiceState, Delta
 
 TokenText = Callable[[int], str]
 Top = list[list[tuple[int, float]]]
+# JSON has no infinities: a token the sampler ruled out (a constraint, top-p) gets this instead,
+# as vLLM reports it
+LOWEST_LOGPROB = -9999.0
+
+
+def finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else LOWEST_LOGPROB
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
@@ -63,11 +71,13 @@ class CompletionFormat:
             offset += len(tok)
         tops = []
         for i, (tok, lp) in enumerate(zip(tokens, logprobs, strict=False)):
-            alternatives = {self.token_text(t): v for t, v in top[i]} if i < len(top) else {}
-            tops.append({**alternatives, tok: lp})
+            alternatives = (
+                {self.token_text(t): finite(v) for t, v in top[i]} if i < len(top) else {}
+            )
+            tops.append({**alternatives, tok: finite(lp)})
         return {
             "tokens": tokens,
-            "token_logprobs": logprobs,
+            "token_logprobs": [finite(lp) for lp in logprobs],
             "top_logprobs": tops,
             "text_offset": offsets,
         }
@@ -119,7 +129,7 @@ class ChatFormat(CompletionFormat):
 
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
         tok = self.token_text(token_id)
-        return {"token": tok, "logprob": logprob, "bytes": list(tok.encode())}
+        return {"token": tok, "logprob": finite(logprob), "bytes": list(tok.encode())}
 
     def _logprobs(
         self, token_ids: list[int], logprobs: list[float], offset: int, top: Top
