@@ -8,6 +8,7 @@
    profiled tables, DIR/<gpu>/tune/<model>-tables.json (DIR: --out, default experiments/results).
 
 Usage: python experiments/tune_llama3_8b.py [--num-prompts N] [--trials N] [--profile-out PATH]
+           [--quantization fp8]   (profile: profiles/<model>/<gpu>-fp8.json)
        python experiments/tune_llama3_8b.py --device cpu --model builtin --tables-in roofline \
            --workload 24/6 --num-prompts 4 --trials 20 --max-batch 128   (a dry run)
 """
@@ -62,6 +63,7 @@ def compare(args: argparse.Namespace, profile_file: Path, device: torch.device) 
         num_kv_blocks=args.num_kv_blocks,
         max_num_seqs=args.max_num_seqs,
         kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization,
     )
     runs = {
         "sequential": (sequential_schedule(), DEFAULT_TOKEN_BUDGET),
@@ -103,10 +105,16 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-num-seqs", type=int, default=512)
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    parser.add_argument("--quantization", default=None, choices=["fp8"])
     args = parser.parse_args()
     device = torch.device(args.device)
-    record = {**environment(device), "experiment": "tune", "model": args.model}
-    label = Path(args.model).name
+    record = {
+        **environment(device),
+        "experiment": "tune",
+        "model": args.model,
+        "quantization": args.quantization,
+    }
+    label = Path(args.model).name + (f"-{args.quantization}" if args.quantization else "")
     tables = result_path(args.out, record["gpu"], "tune", f"{label}-tables")
     tables.parent.mkdir(parents=True, exist_ok=True)
     result = tune(
@@ -125,11 +133,14 @@ def main() -> int:
             num_kv_blocks=args.num_kv_blocks,
             max_num_seqs=args.max_num_seqs,
             kv_cache_dtype=args.kv_cache_dtype,
+            quantization=args.quantization,
             command=" ".join([sys.executable, *sys.argv]),
         )
     )
     profile = result.profile
-    profile_file = Path(args.profile_out or profile_path(args.model, record["gpu"]))
+    profile_file = Path(
+        args.profile_out or profile_path(args.model, record["gpu"], variant=args.quantization)
+    )
     save_profile(profile, profile_file)
     result.engine = None  # free the validation engine before the throughput engine loads
     gc.collect()

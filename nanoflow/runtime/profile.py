@@ -123,9 +123,13 @@ def gpu_slug(name: str | None) -> str:
     return re.sub(r"[^a-z0-9]+", "-", (name or "cpu").lower()).strip("-")
 
 
-def profile_path(model: str, gpu_name: str | None, root: str | Path = "profiles") -> Path:
-    """The conventional place: ``profiles/<model>/<gpu>.json``."""
-    return Path(root) / Path(model).name / f"{gpu_slug(gpu_name)}.json"
+def profile_path(
+    model: str, gpu_name: str | None, root: str | Path = "profiles", variant: str | None = None
+) -> Path:
+    """The conventional place: ``profiles/<model>/<gpu>.json``, or ``<gpu>-<variant>.json`` for
+    a profile tuned with other weights (e.g. ``fp8``) beside the default one."""
+    stem = gpu_slug(gpu_name) if variant is None else f"{gpu_slug(gpu_name)}-{variant}"
+    return Path(root) / Path(model).name / f"{stem}.json"
 
 
 def save_profile(profile: Profile, path: str | Path) -> None:
