@@ -2,7 +2,10 @@
 ``nanoflow serve MODEL --load-format dummy``, drive it with ``nanoflow bench serve`` at increasing
 Poisson request rates on a dataset-shaped workload, and report per rate the normalized latency
 (mean over requests of end-to-end latency / output tokens, the metric NanoFlow's README defines)
-and TTFT p99, plus the highest rate whose normalized latency meets the SLO (--slo, s/token).
+and TTFT p99, plus the highest rate whose normalized latency meets the SLO (--slo, s/token),
+and beside the raw request throughput the goodput: the rate of requests that met every latency
+SLO of ``--goodput`` (DeepSpeed-FastGen's effective throughput, in vLLM's spelling, counted by
+``nanoflow bench serve --goodput``).
 
 Each rate runs ``nanoflow bench serve --save-detailed``, whose JSON lists every request
 (``latency_s``, ``ttft_s``, ``output_tokens``), so the normalized latency is the mean of
@@ -11,7 +14,8 @@ option existed) gives the ratio of the summary's means (mean_e2el_ms over mean o
 each point says which it is.
 
 Usage: python experiments/online_latency.py [--model llama-3-8b] [--workload sharegpt]
-           [--rates 2,4,8,16,32] [--duration-s 30] [--slo 0.2] [--out DIR | --output-json PATH]
+           [--rates 2,4,8,16,32] [--duration-s 30] [--slo 0.2] [--goodput ttft:MS tpot:MS]
+           [--out DIR | --output-json PATH]
            [--kv-cache-dtype fp8] [--max-num-seqs N]                  (server settings)
 """
 
@@ -28,6 +32,8 @@ from typing import Any
 import torch
 from common import add_out_argument, nanoflow_exe, result_path, server, slug, write_json
 
+from nanoflow.cli.bench_serve import parse_goodput
+from nanoflow.errors import ConfigError
 from nanoflow.measure import environment
 
 
@@ -41,6 +47,14 @@ def summarize(bench: dict[str, Any], rate: float) -> dict[str, Any]:
     """One point of the curve from a ``bench serve`` result: the mean of per-request ratios when
     the result lists requests, else the ratio of the means its summary gives (labelled so)."""
     result = bench["result"]
+    return _point(result, rate) | {
+        key: result[key]
+        for key in ("request_throughput", "request_goodput", "goodput_fraction")
+        if key in result
+    }
+
+
+def _point(result: dict[str, Any], rate: float) -> dict[str, Any]:
     reqs = [r for r in result.get("requests", []) if r.get("ok", True) and r["output_tokens"] > 0]
     if reqs:
         normalized = [r["latency_s"] / r["output_tokens"] for r in reqs]
@@ -92,11 +106,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration-s", type=float, default=30.0, help="arrivals per rate ≈ rate × this")
     p.add_argument("--min-prompts", type=int, default=20)
     p.add_argument("--slo", type=float, default=0.2, help="normalized latency bound, s/token")
+    p.add_argument(
+        "--goodput",
+        nargs="+",
+        default=["ttft:2000", "tpot:100"],
+        metavar="METRIC:MS",
+        help="latency SLOs (ttft, tpot, e2el in ms) a request must all meet to count toward "
+        "the goodput, passed to bench serve",
+    )
     p.add_argument("--port", type=int, default=None, help="default: a free port")
     p.add_argument("--startup-timeout-s", type=float, default=300.0)
     add_out_argument(p)
     p.add_argument("--output-json", type=Path, default=None, help="this file instead of --out's")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.goodput_slos_ms = parse_goodput(args.goodput)
+    except ConfigError as exc:
+        p.error(str(exc))
+    return args
 
 
 def serve_args(args: argparse.Namespace) -> list[str]:
@@ -127,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             bench = [nanoflow_exe(), "bench", "serve", "--base-url", url, "--workload"]
             bench += [args.workload, "--num-prompts", str(n), "--request-rate", str(rate)]
             # bench serve exits 1 when some requests failed; its JSON says how many
-            done = subprocess.run([*bench, "--save-detailed", "--output-json", str(raw)])
+            bench += ["--goodput", *args.goodput, "--save-detailed", "--output-json", str(raw)]
+            done = subprocess.run(bench)
             if not raw.is_file():
                 raise SystemExit(f"bench serve at {rate:g} req/s wrote no result: {done}")
             points.append(summarize(json.loads(raw.read_text()), rate))
@@ -143,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_command": server_command,
         "result": {
             "slo_s_per_token": args.slo,
+            "goodput_slos_ms": args.goodput_slos_ms,
             "points": points,
             "max_rate_under_slo": max_rate_under_slo(points, args.slo),
         },

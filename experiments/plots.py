@@ -179,44 +179,85 @@ def ablation_bars(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def latency_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """Normalized latency and TTFT p99 against request rate, one line per server run."""
+    """Normalized latency and TTFT p99 against request rate, one line per server run, and where
+    the runs measured it the request throughput with the goodput beside it (the rate of requests
+    that met every latency SLO)."""
     runs = [r for r in records if r.get("experiment") == "online_latency"]
     if not runs:
         return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for record in runs:
+    rated = any("request_throughput" in p for r in runs for p in r["result"]["points"])
+    fig, axes = plt.subplots(1, 3 if rated else 2, figsize=(15 if rated else 10, 3.8))
+    left, middle = axes[:2]
+    for i, record in enumerate(runs):
         points = record["result"]["points"]
         rates = [p["request_rate"] for p in points]
         label = f"{record.get('model', '')} {record.get('workload', '')}, {min(rates):g}-"
         label += f"{max(rates):g} req/s"
         left.plot(rates, [p["normalized_latency_s"] for p in points], marker="o", label=label)
-        right.plot(rates, [p["ttft_p99_s"] for p in points], marker="o", label=label)
+        middle.plot(rates, [p["ttft_p99_s"] for p in points], marker="o", label=label)
         slo = record["result"].get("slo_s_per_token")
         if slo is not None:
             left.axhline(slo, color="grey", linestyle="--", linewidth=0.8)
+        if rated:
+            _throughput_and_goodput(axes[2], points, record["result"], f"C{i}")
     left.set(xlabel="request rate (req/s)", ylabel="normalized latency (s/token)")
-    right.set(xlabel="request rate (req/s)", ylabel="TTFT p99 (s)")
+    middle.set(xlabel="request rate (req/s)", ylabel="TTFT p99 (s)")
     left.legend(fontsize=7)
+    if rated:  # colours are the runs of the left legend; one entry per kind of line
+        axes[2].set(xlabel="request rate (req/s)", ylabel="completed requests/s")
+        handles, labels = axes[2].get_legend_handles_labels()
+        kinds = dict(zip(labels, handles, strict=True))
+        axes[2].legend(kinds.values(), kinds.keys(), fontsize=7)
     return _save(fig, path)
 
 
-def timelines(records: list[dict[str, Any]], figures: Path) -> list[Path]:
-    """One Gantt chart per timeline result: layers 0-3 of one iteration, per execution unit."""
+def _throughput_and_goodput(
+    ax: plt.Axes, points: list[dict[str, Any]], result: dict[str, Any], colour: str
+) -> None:
+    """One run's raw request throughput (solid) and goodput (dashed), where its points hold
+    them (results of runs before goodput was measured hold neither)."""
+    measured = [p for p in points if "request_throughput" in p]
+    if not measured:
+        return
+    rates = [p["request_rate"] for p in measured]
+    ax.plot(rates, [p["request_throughput"] for p in measured], marker="o", color=colour,
+            label="throughput")  # fmt: skip
+    with_goodput = [p for p in measured if "request_goodput" in p]
+    if with_goodput:
+        slos = result.get("goodput_slos_ms") or {}
+        rule = ", ".join(f"{name} ≤ {ms:g} ms" for name, ms in slos.items())
+        ax.plot([p["request_rate"] for p in with_goodput],
+                [p["request_goodput"] for p in with_goodput], marker="s", linestyle="--",
+                color=colour, label=f"goodput ({rule})" if rule else "goodput")  # fmt: skip
+
+
+def timeline_figure(record: dict[str, Any], label: str, path: Path) -> Path:
+    """A timeline result's Gantt chart, titled with its span beside the untimed iteration: the
+    span of CUDA events inside the iteration (which perturb it) or of the profiler's trace."""
     from nanoflow.runtime.timeline import TimelineRecord, draw_timeline
 
+    records = [TimelineRecord(**r) for r in record["records"]]
+    layers = max(r.layer for r in records) + 1
+    title = f"{_gpu(record)}: {label}, layers 0-{layers - 1} of one iteration"
+    for span, untimed, what in (
+        ("timed_span_ms", "untimed_gpu_ms", "timed span"),
+        ("traced_span_ms", "untimed_ms", "traced span"),
+    ):
+        if record.get(span) is not None and record.get(untimed) is not None:
+            title += f"\n{what} {record[span]:.2f} ms, untimed iteration {record[untimed]:.2f} ms"
+    draw_timeline(records, path, title)
+    return path
+
+
+def timelines(records: list[dict[str, Any]], figures: Path) -> list[Path]:
+    """One Gantt chart per timeline result, per execution unit."""
     made = []
     for record in records:
         if record.get("experiment") != "timeline" or not record.get("records"):
             continue
         label = Path(record["_file"]).stem
         path = figures / f"timeline_{label}_{_gpu_name(_gpu(record))}.png"
-        span = record.get("timed_span_ms")
-        untimed = record.get("untimed_gpu_ms")
-        title = f"{_gpu(record)}: {label}, layers 0-3 of one iteration"
-        if span is not None and untimed is not None:
-            title += f" (timed span {span:.1f} ms, untimed iteration {untimed:.1f} ms)"
-        draw_timeline([TimelineRecord(**r) for r in record["records"]], path, title)
-        made.append(path)
+        made.append(timeline_figure(record, label, path))
     return made
 
 

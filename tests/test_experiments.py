@@ -284,6 +284,27 @@ def test_online_latency_summary():
     assert online_latency.max_rate_under_slo(points, 0.2) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_online_latency_dry_run_records_and_draws_the_goodput(tmp_path):
+    """On CPU with the builtin model: each rate's point holds bench serve's request throughput and
+    goodput (SLOs no CPU run can miss, so every completed request counts), the record names the
+    SLOs, and the latency figure draws from it."""
+    out = tmp_path / "latency.json"
+    argv = ["--model", "builtin", "--workload", "16/4", "--rates", "2,4", "--duration-s", "0.5"]
+    argv += ["--min-prompts", "3", "--slo", "1e9", "--goodput", "ttft:1e9", "tpot:1e9"]
+    assert online_latency.main([*argv, "--output-json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["result"]["goodput_slos_ms"] == {"ttft": 1e9, "tpot": 1e9}
+    for point in record["result"]["points"]:
+        assert point["completed"] == 3 and point["goodput_fraction"] == 1.0
+        assert point["request_goodput"] == pytest.approx(point["request_throughput"])
+    with pytest.raises(SystemExit):
+        online_latency.parse_args(["--goodput", "ttft"])
+    png = plots.latency_curves([record], tmp_path / "latency.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_detailed_bench_serve_results_give_the_papers_normalized_latency():
     """bench serve --save-detailed lists every request; the latency curve then averages each
     request's latency per output token instead of dividing the means (which weighs long requests
