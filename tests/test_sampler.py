@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanoflow import LLM, SamplingParams
-from nanoflow.engine.sampler import SamplerState, process_logits, sample
+from nanoflow.engine.sampler import SamplerState, process_logits, sample, score_prompt
 from nanoflow.engine.sequence import Sequence
 
 VOCAB = 8
@@ -67,3 +67,79 @@ def test_min_tokens_and_top_logprobs_through_the_engine():
     params = SamplingParams(max_tokens=3, temperature=0.0, logit_bias={eos: 100.0})
     (out,) = llm.generate([[5, 6, 7]], params, use_tqdm=False)
     assert out.outputs[0].token_ids == [eos]
+
+
+def test_score_prompt_reads_each_rows_target_and_top_k():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2] + [1e-9] * (VOCAB - 3)] * 2))
+    a = Sequence("a", [0, 1, 2], SamplingParams(prompt_logprobs=2))
+    b = Sequence("b", [0, 2], SamplingParams(prompt_logprobs=0))
+    out = score_prompt(logits, [(a, 2), (b, 1)])
+    assert out.token_ids.tolist() == [2, 2]
+    assert out.logprobs.tolist() == pytest.approx([math.log(0.2)] * 2)
+    assert out.top_ids.tolist() == [[0, 1], [0, 1]]  # the widest asked; b's is cut to none later
+
+
+def _run(engine, requests) -> dict[str, list]:
+    """Add ``(id, prompt, params)`` requests, run them to the end; each one's outputs."""
+    for request_id, prompt, params in requests:
+        engine.add_request(request_id, prompt, params)
+    outputs: dict[str, list] = {r[0]: [] for r in requests}
+    for _ in range(500):
+        if not engine.has_unfinished:
+            break
+        for out in engine.step():
+            assert out.error is None, out.error
+            outputs[out.request_id].append(out)
+    assert not engine.has_unfinished
+    return outputs
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_prompt_logprobs_are_those_of_generating_the_prompt(async_scheduling):
+    """A prompt made of greedily generated tokens scores each token as its generation did,
+    whatever the prompt chunking, batch neighbours and prefix cache (bypassed for it)."""
+    engine = LLM(
+        "builtin", max_model_len=64, max_num_batched_tokens=16, enable_prefix_caching=True,
+        async_scheduling=async_scheduling,
+    ).engine  # fmt: skip
+    greedy = SamplingParams(max_tokens=20, temperature=0.0, logprobs=3, ignore_eos=True)
+    (generated,) = _run(engine, [("gen", [5, 6], greedy)]).values()
+    tokens = [t for out in generated for t in out.new_token_ids]
+    logprobs = [v for out in generated for v in out.new_logprobs]
+    top = [t for out in generated for t in out.new_top_logprobs]
+    prompt = [5, 6, *tokens]  # 22 tokens: two prompt chunks under a budget of 16
+    scored = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3)
+    requests = [("a", prompt, scored), ("b", [9] * 12, greedy), ("c", prompt, scored)]
+    outputs = _run(engine, requests)
+    for request_id in ("a", "c"):
+        first, *rest = outputs[request_id]
+        assert all(out.prompt_logprobs is None for out in rest)
+        entries = first.prompt_logprobs
+        assert len(entries) == len(prompt) and entries[0] is None and all(entries[1:])
+        assert [e[0] for e in entries[2:]] == pytest.approx(logprobs, abs=1e-4)
+        for entry, alternatives in zip(entries[2:], top, strict=True):
+            assert [t for t, _ in entry[1]] == [t for t, _ in alternatives]
+            assert entry[1][0][1] == pytest.approx(entry[0], abs=1e-6)  # greedy: the top-1
+    assert outputs["b"][0].prompt_logprobs is None
+    assert engine.blocks.cached_tokens_served == 0  # "c" recomputed the prompt "a" had
+
+
+def _prompt_scores(folder, **kwargs) -> list:
+    engine = LLM(str(folder), dtype="float32", device="cpu", max_num_batched_tokens=8, **kwargs)
+    try:
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=2)
+        (outputs,) = _run(engine.engine, [("a", [5, 17, 99, 3, 42, 8, 64, 12, 7], params)]).values()
+        return outputs[0].prompt_logprobs
+    finally:
+        engine.engine.shutdown()
+
+
+@pytest.mark.timeout(300)
+def test_prompt_logprobs_under_tensor_parallelism(llama_checkpoint):
+    """Every rank computes the logits of the scored rows (the lm_head gathers across ranks)."""
+    folder, _ = llama_checkpoint
+    one, two = _prompt_scores(folder), _prompt_scores(folder, tensor_parallel_size=2)
+    assert one[0] is None and two[0] is None
+    for a, b in zip(one[1:], two[1:], strict=True):
+        assert a[0] == pytest.approx(b[0], abs=1e-4)
+        assert [t for t, _ in a[1]] == [t for t, _ in b[1]]

@@ -7,16 +7,19 @@ so every op of a nano-batch works on one contiguous slice of the step buffers.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
-from nanoflow.engine.sequence import PLACEHOLDER
+from nanoflow.engine.sequence import PLACEHOLDER, Sequence
 from nanoflow.engine.upload import copy_to, to_device
 from nanoflow.runtime.batch import AttentionChunks, NanoBatch, StepBuffers
 from nanoflow.runtime.graph import kv_dependencies
 from nanoflow.runtime.schedule import PipelineSchedule, split_counts
+
+# (row, sequence, position): the row's logits score the sequence's prompt token at ``position``
+PromptRow = tuple[int, Sequence, int]
 
 
 @dataclass
@@ -28,6 +31,7 @@ class PreparedStep:
     num_tokens: int
     placeholder_rows: list[tuple[int, str]]  # (row, request) whose input is still on the GPU
     replay: Callable[[], None] | None = None  # a CUDA graph of embed + layers, when one fits
+    prompt_rows: list[PromptRow] = field(default_factory=list)  # as RowLayout.prompt_rows
 
 
 @dataclass
@@ -58,6 +62,8 @@ class RowLayout:
     sample_rows: list[int]
     sampling_chunks: list[ScheduledChunk]
     placeholder_rows: list[tuple[int, str]]
+    # the rows of prompts whose logprobs are asked, except each prompt's last (it samples)
+    prompt_rows: list[PromptRow] = field(default_factory=list)
 
 
 def _pieces(prefills: list[ScheduledChunk], counts: list[int]) -> list[list[ScheduledChunk]]:
@@ -124,6 +130,11 @@ def lay_out(
         for chunk in chunks:
             seq, end = chunk.seq, chunk.start + chunk.num_tokens
             table = seq.block_table
+            first_row = len(layout.input_ids) - chunk.start
+            layout.prompt_rows.extend(
+                (first_row + p, seq, p + 1)
+                for p in range(chunk.start, min(end, seq.scored_prompt_len - 1))
+            )
             layout.input_ids.extend(seq.token_slice(chunk.start, end))
             layout.positions.extend(range(chunk.start, end))
             layout.slots.extend(
@@ -209,4 +220,5 @@ def prepare_step(
         sampling_chunks=layout.sampling_chunks,
         num_tokens=n,
         placeholder_rows=layout.placeholder_rows,
+        prompt_rows=layout.prompt_rows,
     )

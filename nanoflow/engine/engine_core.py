@@ -17,7 +17,7 @@ from nanoflow.engine.sampler import SamplerState
 from nanoflow.engine.sampling_params import SamplingParams
 from nanoflow.engine.schedule_select import select_schedule
 from nanoflow.engine.scheduler import ScheduledChunk, Scheduler
-from nanoflow.engine.sequence import PLACEHOLDER, Sequence
+from nanoflow.engine.sequence import PLACEHOLDER, PromptLogprob, Sequence
 from nanoflow.errors import RequestError
 from nanoflow.measure import iteration_bound_seconds
 from nanoflow.models.loader import resolve_model
@@ -48,6 +48,8 @@ class RequestOutput:
     metrics: dict[str, float] = field(default_factory=dict)
     # per new token, its most likely alternatives as (token id, logprob), when logprobs > 0
     new_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # with the first token, when prompt_logprobs is set: per prompt position (None at the first)
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
 
 @dataclass
@@ -265,6 +267,8 @@ class EngineCore:
         if previous is not None:
             waiting = time.perf_counter()
             tokens, logprobs = previous.results()
+            for seq, position, scored in previous.prompt_logprobs():
+                seq.prompt_logprobs[position] = scored
             self._time_gpu(previous)
             resolving = time.perf_counter()
             outputs += self._resolve(previous.chunks, tokens, logprobs, previous.top_logprobs())
@@ -304,12 +308,15 @@ class EngineCore:
             if seq.is_finished:  # aborted or stopped while this token was in flight
                 continue
             logprob = logprobs[i] if logprobs is not None else None
+            first = seq.first_token_time is None
             try:
                 if self.on_token is not None:
                     self.on_token(seq, tokens[i])
                 out = self._append_token(seq, tokens[i], logprob, now)
                 if top is not None and seq.params.logprobs:
                     out.new_top_logprobs = [top[i][: seq.params.logprobs]]
+                if first:
+                    out.prompt_logprobs = seq.prompt_logprobs
                 outputs.append(out)
             except Exception as exc:
                 logger.exception("post-processing %s failed", seq.request_id)

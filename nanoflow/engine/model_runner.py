@@ -16,8 +16,9 @@ from nanoflow.engine.batch import PreparedStep, prepare_step
 from nanoflow.engine.block_manager import BlockCopy
 from nanoflow.engine.cuda_graphs import PADDING_ROWS, StepGraphs
 from nanoflow.engine.host_kv_cache import HostKVCache
-from nanoflow.engine.sampler import DeviceSample, sample
+from nanoflow.engine.sampler import DeviceSample, sample, score_prompt
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
+from nanoflow.engine.sequence import PromptLogprob, Sequence
 from nanoflow.engine.upload import to_device
 from nanoflow.errors import ConfigError
 from nanoflow.measure import time_cuda
@@ -52,6 +53,8 @@ class InFlight:
     started: torch.cuda.Event | None  # recorded before the iteration's first upload
     copied: torch.cuda.Event | None
     host_top: tuple[torch.Tensor, torch.Tensor] | None = None  # top-k ids and logprobs
+    scored: list[tuple[Sequence, int]] | None = None  # prompt tokens scored: sequence, position
+    host_scores: list[torch.Tensor] | None = None  # their logprobs (and top-k ids, logprobs)
 
     @staticmethod
     def timing_event(device: torch.device) -> torch.cuda.Event | None:
@@ -74,16 +77,26 @@ class InFlight:
         chunks: list[ScheduledChunk],
         sampled: DeviceSample,
         started: torch.cuda.Event | None,
+        scores: tuple[list[tuple[Sequence, int]], DeviceSample] | None = None,
     ) -> InFlight:
+        """``scores``: the prompt tokens scored this iteration and their ``score_prompt``."""
         tokens = sampled.token_ids
         host = cls._to_host(tokens)
         host_logprobs = None if sampled.logprobs is None else cls._to_host(sampled.logprobs)
         host_top = None
         if sampled.top_ids is not None:
             host_top = (cls._to_host(sampled.top_ids), cls._to_host(sampled.top_logprobs))
+        scored, host_scores = None, None
+        if scores is not None:
+            scored, prompt = scores
+            found = (prompt.logprobs, prompt.top_ids, prompt.top_logprobs)
+            host_scores = [cls._to_host(t) for t in found if t is not None]
         row_of = {c.seq.request_id: i for i, c in enumerate(chunks)}
         copied = cls.timing_event(tokens.device)
-        return cls(chunks, tokens, row_of, host, host_logprobs, started, copied, host_top)
+        return cls(
+            chunks, tokens, row_of, host, host_logprobs, started, copied, host_top, scored,
+            host_scores,
+        )  # fmt: skip
 
     def results(self) -> tuple[list[int], list[float] | None]:
         """Wait for the copy (only this iteration, not later ones) and read the tokens."""
@@ -98,6 +111,19 @@ class InFlight:
             return None
         ids, values = (t.tolist() for t in self.host_top)
         return [list(zip(i, v, strict=True)) for i, v in zip(ids, values, strict=True)]
+
+    def prompt_logprobs(self) -> list[tuple[Sequence, int, PromptLogprob]]:
+        """The prompt tokens scored by this iteration, each with its sequence, position and
+        logprobs (its top-k cut to what the sequence asked); read after ``results``."""
+        if self.scored is None:
+            return []
+        logprobs, *top = (t.tolist() for t in self.host_scores)
+        out = []
+        for i, (seq, position) in enumerate(self.scored):
+            k = seq.params.prompt_logprobs
+            alternatives = list(zip(top[0][i][:k], top[1][i][:k], strict=True)) if k else []
+            out.append((seq, position, (logprobs[i], alternatives)))
+        return out
 
 
 class ModelRunner:
@@ -222,21 +248,27 @@ class ModelRunner:
         return blocks
 
     def prepare(self, plan: BatchPlan) -> PreparedStep:
-        """The step in a graph's padded shape when graphs are on and one fits, else unpadded."""
-        if self.graphs is not None:
+        """The step in a graph's padded shape when graphs are on and one fits, else unpadded;
+        a step that scores prompt tokens runs unpadded (a graph's layout names no scored rows)."""
+        scores_prompt = any(c.start < c.seq.scored_prompt_len - 1 for c in plan.prefills)
+        if self.graphs is not None and not scores_prompt:
             step = self.graphs.prepare(plan)
             if step is not None:
                 return step
         return prepare_step(plan, self.schedule, self.buffers, self.config.block_size, self.device)
 
     def forward(self, step: PreparedStep) -> torch.Tensor:
-        """Float32 logits of the sampling rows."""
+        """Float32 logits of the sampling rows, then of the prompt rows scored."""
         if step.replay is not None:
             step.replay()
         else:
             self.model.embed(step.input_ids, self.buffers)
             self.executor.run(self.model.layer_ops, self.buffers, step.nano_batches)
-        return self.model.logits(self.buffers, step.sample_rows)
+        rows = step.sample_rows
+        if step.prompt_rows:
+            prompt_rows = [row for row, _, _ in step.prompt_rows]
+            rows = torch.cat([rows, to_device(prompt_rows, torch.int64, self.device)])
+        return self.model.logits(self.buffers, rows)
 
     @torch.inference_mode()
     def time_forward(self, plan: BatchPlan, iters: int = 10) -> float:
@@ -283,5 +315,10 @@ class ModelRunner:
                 to_device(sources, torch.int64, self.device)
             ]
         logits = self.forward(step)
-        result = sample(logits, [c.seq for c in step.sampling_chunks])
-        return InFlight.start(step.sampling_chunks, result, started)
+        n = len(step.sampling_chunks)
+        result = sample(logits[:n], [c.seq for c in step.sampling_chunks])
+        scores = None
+        if step.prompt_rows:
+            scored = [(seq, position) for _, seq, position in step.prompt_rows]
+            scores = (scored, score_prompt(logits[n:], scored))
+        return InFlight.start(step.sampling_chunks, result, started, scores)

@@ -10,7 +10,8 @@ constrained rows reads their tokens back at once. Non-greedy rows are filtered i
 and sampled with the exponential-race trick (argmax of p / E, E ~ Exp(1)); seeded requests draw E
 from their own generator, so a seed gives the same text whatever else shares the batch.
 Reported log-probabilities are those of the processed logits (before temperature), so a masked
-token never appears among the alternatives.
+token never appears among the alternatives; a prompt's tokens are scored under the model's own
+logits, as no request rule applies to them.
 """
 
 from __future__ import annotations
@@ -197,4 +198,18 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample:
         k = max(s.params.logprobs or 0 for s in seqs)
         if k:
             result.top_logprobs, result.top_ids = all_logprobs.topk(k, dim=-1)
+    return result
+
+
+def score_prompt(logits: torch.Tensor, scored: list[tuple[Sequence, int]]) -> DeviceSample:
+    """Per row of ``logits``, the log-probability of the prompt token it predicts (``scored``:
+    the sequence and the token's position) and the k most likely tokens, k the largest
+    ``prompt_logprobs`` asked."""
+    targets = [seq.prompt_token_ids[position] for seq, position in scored]
+    token_ids = to_device(targets, torch.int64, logits.device)
+    all_logprobs = torch.log_softmax(logits, dim=-1)
+    result = DeviceSample(token_ids, all_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1))
+    k = max(seq.params.prompt_logprobs for seq, _ in scored)
+    if k:
+        result.top_logprobs, result.top_ids = all_logprobs.topk(k, dim=-1)
     return result

@@ -35,6 +35,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # how many top alternatives to report beside each sampled token
+    # the same for each prompt token after the first (vLLM's name; what echo with logprobs shows)
+    prompt_logprobs: int | None = None
     min_tokens: int = 0  # EOS and stop tokens are masked, and stop strings ignored, until then
     logit_bias: dict[int, float] = field(default_factory=dict)
     presence_penalty: float = 0.0  # subtracted once from every token already generated
@@ -58,8 +60,10 @@ class SamplingParams:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise RequestError(f"top_k must be 0 (off) or positive, got {self.top_k}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise RequestError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 20:
+                raise RequestError(f"{name} must be between 0 and 20, got {value}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise RequestError("stop must be a list of non-empty strings")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:

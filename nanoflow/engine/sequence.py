@@ -12,6 +12,8 @@ import torch
 from nanoflow.engine.sampling_params import SamplingParams
 
 PLACEHOLDER = -1  # an output token sampled on the GPU whose value the host has not read yet
+# a prompt token's log-probability and its most likely alternatives as (token id, logprob)
+PromptLogprob = tuple[float, list[tuple[int, float]]]
 
 
 class SequenceStatus(enum.Enum):
@@ -47,6 +49,20 @@ class Sequence:
     finishing: bool = False  # its last token is in flight; schedule it no more
     generator: torch.Generator | None = None
     sampler_state: Any = None  # the sampler's per-request state (penalty counts, grammar)
+    # per prompt position, filled as the prompt is computed when params.prompt_logprobs is set
+    # (the first token has none: nothing comes before it)
+    prompt_logprobs: list[PromptLogprob | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * len(self.prompt_token_ids)
+            # no prefix-cache keys: a prompt block served from the cache would have no logits
+            self.prompt_block_keys = []
+
+    @property
+    def scored_prompt_len(self) -> int:
+        """Prompt tokens whose logprobs are asked for: all of them, or none."""
+        return 0 if self.prompt_logprobs is None else len(self.prompt_token_ids)
 
     def generator_on(self, device: torch.device) -> torch.Generator | None:
         """The request's seeded generator, made on first use on the sampling device."""

@@ -38,6 +38,7 @@ class WireSequence:
     start: int
     tokens: list[int]
     num_tokens: int
+    scored_prompt_len: int  # the rows the lm_head computes must match rank 0's
 
     def token_slice(self, start: int, end: int) -> list[int]:
         return self.tokens[start - self.start : end - self.start]
@@ -55,6 +56,7 @@ def to_wire(plan: BatchPlan) -> BatchPlan:
             c.start,
             c.seq.token_slice(c.start, end),
             c.seq.num_tokens,
+            c.seq.scored_prompt_len,
         )
         return ScheduledChunk(seq, c.start, c.num_tokens)  # type: ignore[arg-type]
 
