@@ -26,7 +26,9 @@ class TimelineRecord:
 
 
 class TimelineRecorder:
-    """Executor hook that brackets each launch with CUDA events on the unit's stream.
+    """Executor hook that brackets each launch with CUDA events on the unit's stream. The events
+    take time of their own between the kernels; ``trace_timeline`` records the same timeline
+    from the profiler's kernel records without them.
 
     ``in_graph``: the iteration is being captured into a CUDA graph, so the events are made
     external (recorded as graph nodes that fire on every replay) and ``attach`` belongs inside
