@@ -14,7 +14,7 @@ from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.sequence import Sequence
 from nanoflow.engine.upload import copy_to, to_device
 from nanoflow.errors import ConfigError
-from nanoflow.runtime.static_step import CHUNK_SLOTS
+from nanoflow.runtime.static_step import CHUNK_SLOTS, chunk_slots
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 64, 12, 7], [11, 23, 5], [3, 9, 27, 81, 14] * 3, [77], [1, 2]]
 
@@ -49,22 +49,24 @@ def test_graph_path_gives_the_same_tokens(llama_checkpoint, executor, async_sche
     shapes = set(graphs.graphs)
     assert graphs.stats.shapes_captured == len(shapes)
     assert graphs.stats.eager_steps == 0 and graphs.stats.graph_steps > len(shapes)
-    decode_rows = [sum(decodes) for decodes, _, _ in shapes]
-    prefill_rows = [sum(prefills) for _, prefills, _ in shapes]
+    decode_rows = [sum(shape.decode_rows) for shape in shapes]
+    prefill_rows = [sum(shape.prefill_rows) for shape in shapes]
     assert all(d % DECODE_ROUND == 0 for d in decode_rows)
     assert all(p % PREFILL_ROUND == 0 for p in prefill_rows)
     mixed = [d and p for d, p in zip(decode_rows, prefill_rows, strict=True)]
     assert any(mixed) and 0 in prefill_rows  # mixed and decode-only steps both went through
 
 
-def test_a_step_with_more_chunks_than_slots_runs_eagerly(llama_checkpoint):
+@pytest.mark.parametrize("executor", ["sequential", "nanobatch"])
+def test_a_step_with_more_chunks_than_the_smallest_bucket_replays(llama_checkpoint, executor):
     folder, _ = llama_checkpoint
-    prompts = [[3 + i, 5, 7 + i] for i in range(CHUNK_SLOTS + 4)]  # all prefill in one step
-    kwargs = {"executor": "sequential", "max_num_batched_tokens": 64}
+    prompts = [[3 + i, 5, 7 + i] for i in range(3 * CHUNK_SLOTS)]  # all prefill in one step
+    kwargs = {"executor": executor, "max_num_batched_tokens": 96}
     plain, _ = _generate(folder, False, prompts, **kwargs)
     replayed, graphs = _generate(folder, True, prompts, **kwargs)
     assert replayed == plain
-    assert graphs.stats.eager_steps >= 1 and graphs.stats.graph_steps >= 1
+    assert graphs.stats.eager_steps == 0 and graphs.stats.graph_steps >= 1
+    assert max(max(shape.chunk_slots) for shape in graphs.graphs) > CHUNK_SLOTS
 
 
 def test_past_the_graph_cap_new_shapes_run_eagerly(llama_checkpoint, monkeypatch):
@@ -158,7 +160,7 @@ def test_shapes_captured_up_front_serve_the_run(llama_checkpoint):
     kwargs = {"executor": "sequential", "max_num_batched_tokens": 8, "max_num_seqs": 40}
     plain, llm, captured = _capture_up_front(folder, 40, **kwargs)
     graphs = llm.engine.runner.graphs
-    shapes = sorted((sum(decodes), sum(prefills)) for decodes, prefills, _ in graphs.graphs)
+    shapes = sorted((sum(s.decode_rows), sum(s.prefill_rows)) for s in graphs.graphs)
     # 8 tokens at most: 1-7 decodes beside 1-7 prompt tokens round up to 16 and 64 rows
     assert shapes == [(0, 64), (16, 0), (16, 64), (32, 0), (48, 0)] and captured == 5
     assert _greedy(llm) == plain
@@ -190,7 +192,7 @@ def test_start_up_capture_stops_at_the_graph_cap(llama_checkpoint, monkeypatch):
     plain, llm, captured = _capture_up_front(folder, 64, **kwargs)
     graphs = llm.engine.runner.graphs
     assert captured == 2
-    assert sorted(sum(d) for d, _, _ in graphs.graphs) == [16, 32]
+    assert sorted(sum(s.decode_rows) for s in graphs.graphs) == [16, 32]
     assert _greedy(llm) == plain
     assert len(graphs.graphs) == 2 and graphs.stats.eager_steps > 0
 
@@ -214,3 +216,128 @@ def test_block_tables_are_scattered_row_by_row_and_leave_other_rows_alone():
         assert lens[row] == chunk.start + chunk.num_tokens
     assert (tables[:2] == -7).all() and (tables[5] == -7).all()
     assert lens[[0, 1, 5]].tolist() == [-7, -7, -7]
+
+
+BLOCK = 8
+
+
+class _Blocks:
+    """Hands out fresh KV blocks, so each stand-in sequence owns its cache slots."""
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def sequence(self, rid: str, prompt: list[int], extra: int = 0) -> Sequence:
+        seq = Sequence(rid, prompt, SamplingParams(max_tokens=4))
+        count = -(-(len(prompt) + extra) // BLOCK)
+        seq.block_table = list(range(self.next, self.next + count))
+        self.next += count
+        return seq
+
+
+def _random_plans(rng: np.random.Generator, prompts: int, decodes: int, continued: int):
+    """An earlier plan that computes some K/V, then a plan over it: ``decodes`` decodes,
+    ``continued`` prompts whose start was computed before, ``prompts`` fresh ones (short, so a
+    nano-batch holds many chunks), in random order with random tokens."""
+    blocks, before, plan = _Blocks(), BatchPlan(), BatchPlan()
+
+    def tokens(n: int) -> list[int]:
+        return rng.integers(3, 128, n).tolist()
+
+    for i in range(decodes):
+        seq = blocks.sequence(f"d{i}", tokens(int(rng.integers(1, 9))), extra=1)
+        before.prefills.append(ScheduledChunk(seq, 0, seq.num_tokens))
+        seq.output_token_ids = tokens(1)
+        plan.decodes.append(ScheduledChunk(seq, seq.num_tokens - 1, 1))
+    for i in range(continued):
+        seq = blocks.sequence(f"c{i}", tokens(int(rng.integers(4, 13))))
+        done = int(rng.integers(1, seq.num_tokens))
+        before.prefills.append(ScheduledChunk(seq, 0, done))
+        plan.prefills.append(ScheduledChunk(seq, done, seq.num_tokens - done))
+    for i in range(prompts):
+        seq = blocks.sequence(f"p{i}", tokens(int(rng.integers(1, 6))))
+        plan.prefills.append(ScheduledChunk(seq, 0, seq.num_tokens))
+    plan.prefills = [plan.prefills[i] for i in rng.permutation(len(plan.prefills))]
+    return before, plan
+
+
+def _chunks_in_slots(step) -> list[tuple[int, int, int]]:
+    """Each nano-batch's (chunks with queries, chunk slots, prefill rows)."""
+    out = []
+    for nb in step.nano_batches:
+        if nb.prefill is not None:
+            lens = nb.prefill.cu_q_lens.diff()
+            out.append((int((lens > 0).sum()), len(lens), nb.num_tokens - nb.num_decode))
+    return out
+
+
+@pytest.fixture
+def kernel_backend(request):
+    from nanoflow import kernels
+
+    kernels.set_backend(request.param)
+    yield request.param
+    kernels.set_backend("auto")
+
+
+@pytest.mark.parametrize(
+    ("kernel_backend", "executor", "seed", "prompts"),
+    [("reference", "sequential", 0, 36), ("reference", "nanobatch", 1, 36),
+     ("triton", "sequential", 2, 12)],  # the interpreter is slow: one bucket of 32 slots
+    indirect=["kernel_backend"],
+)  # fmt: skip
+@torch.inference_mode()
+def test_many_chunk_steps_replay_with_the_eager_logits(
+    llama_checkpoint, kernel_backend, executor, seed, prompts
+):
+    """Steps of more chunks per nano-batch than the smallest bucket, on fresh random tokens, K/V
+    and chunk positions, go through the graph path; the prefill kernels see each nano-batch's
+    bucket of slots, and the logits are the unpadded eager step's."""
+    folder, _ = llama_checkpoint
+    llm = LLM(str(folder), dtype="float32", device="cpu", executor=executor, block_size=BLOCK,
+              max_num_batched_tokens=160, num_kv_blocks=256)  # fmt: skip
+    runner = llm.engine.runner
+    graphs = runner.step_graphs(_eager)
+    rng = np.random.default_rng(seed)
+    before, plan = _random_plans(rng, prompts, decodes=5, continued=4)
+    runner.forward(runner.prepare(before))
+    eager = runner.forward(runner.prepare(plan))
+    step = graphs.prepare(plan)
+    assert step is not None and graphs.stats.eager_steps == 0
+    slots = _chunks_in_slots(step)
+    assert all(n == chunk_slots(chunks, rows) for chunks, n, rows in slots)
+    assert max(n for _, n, _ in slots) > CHUNK_SLOTS
+    assert sum(chunks for chunks, _, _ in slots) >= len(plan.prefills)
+    torch.testing.assert_close(runner.forward(step), eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("executor", ["sequential", "nanobatch"])
+def test_no_plan_within_the_token_budget_runs_eagerly(llama_checkpoint, executor):
+    """Every prompt-chunk count from one to the whole budget (one-token prompts), beside random
+    decode counts and prompt lengths, gets a graph shape with a bucket that holds its chunks."""
+    folder, _ = llama_checkpoint
+    budget = 96
+    llm = LLM(str(folder), dtype="float32", device="cpu", executor=executor, block_size=BLOCK,
+              max_num_batched_tokens=budget)  # fmt: skip
+    graphs = llm.engine.runner.step_graphs(_eager)
+    rng = np.random.default_rng(0)
+    blocks = _Blocks()
+    for prompts in range(1, budget + 1):
+        decodes = 0 if prompts % 4 == 0 else int(rng.integers(0, budget - prompts + 1))
+        tokens = int(rng.integers(prompts, budget - decodes + 1))
+        cuts = np.sort(rng.choice(np.arange(1, tokens), prompts - 1, replace=False))
+        lengths = np.diff([0, *cuts.tolist(), tokens])
+        plan = BatchPlan()
+        for i in range(decodes):
+            seq = blocks.sequence(f"d{i}", [5], extra=1)
+            seq.output_token_ids = [7]
+            plan.decodes.append(ScheduledChunk(seq, 1, 1))
+        for i, length in enumerate(lengths.tolist()):
+            seq = blocks.sequence(f"p{i}", [5] * length)
+            plan.prefills.append(ScheduledChunk(seq, 0, length))
+        step = graphs.prepare(plan)
+        assert step is not None, (prompts, decodes, tokens)
+        slots = _chunks_in_slots(step)
+        assert sum(chunks for chunks, _, _ in slots) >= prompts
+        assert all(n == chunk_slots(chunks, rows) for chunks, n, rows in slots)
+    assert graphs.stats.eager_steps == 0 and graphs.stats.graph_steps == budget

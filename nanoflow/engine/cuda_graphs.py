@@ -2,11 +2,14 @@
 
 Launching a layer's ops from Python costs more host time than many of them take on the GPU, and
 an overlapped pipeline launches each op once per nano-batch. What an iteration launches depends
-only on its shape: each nano-batch's decode rows and prefill rows, and which nano-batches wait for
-another's KV write. Rounding the decode count up to a multiple of ``DECODE_ROUND`` and the prefill
-tokens to one of ``PREFILL_ROUND`` leaves few shapes; each is captured once (its pipeline with all
-streams and events) and replayed, and the host only writes the step's ids, positions, cache slots
-and attention metadata into static buffers (``nanoflow.runtime.static_step``).
+only on its shape: each nano-batch's decode rows, prefill rows and prompt chunk slots, and which
+nano-batches wait for another's KV write. Rounding the decode count up to a multiple of
+``DECODE_ROUND``, the prefill tokens to one of ``PREFILL_ROUND`` and each nano-batch's chunk
+count to a bucket (``nanoflow.runtime.static_step.chunk_slots``, with one for every chunk count
+the rows can hold, so no plan that fits the rows runs eagerly for its chunks) leaves few shapes;
+each is captured once (its pipeline with all streams and events) and replayed, and the host only
+writes the step's ids, positions, cache slots and attention metadata into static buffers
+(``nanoflow.runtime.static_step``).
 
 Padding rows are token 0 at position 0 and write their K/V to a scratch block no sequence owns;
 padded decode rows attend to that one token, padded prefill rows belong to no chunk. The kernels
@@ -19,6 +22,7 @@ import itertools
 import logging
 import time
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,17 +34,24 @@ from nanoflow.engine.sequence import Sequence
 from nanoflow.engine.upload import copy_to, to_device
 from nanoflow.runtime.batch import NanoBatch, StepBuffers
 from nanoflow.runtime.schedule import PipelineSchedule, split_counts
-from nanoflow.runtime.static_step import CHUNK_SLOTS, Capture, Run, StaticStep
+from nanoflow.runtime.static_step import Capture, Run, StaticStep, chunk_slots, slot_ranges
 
 logger = logging.getLogger(__name__)
-
-ShapeKey = tuple[tuple[int, ...], tuple[int, ...], tuple[tuple[int, ...], ...]]
 
 DECODE_ROUND = 16
 PREFILL_ROUND = 64
 MAX_GRAPHS = 256
 # rows the step buffers need beyond the token budget, for the rounding up
 PADDING_ROWS = DECODE_ROUND + PREFILL_ROUND
+
+
+class ShapeKey(NamedTuple):
+    """What a captured step's launches depend on, per nano-batch of its layout."""
+
+    decode_rows: tuple[int, ...]
+    prefill_rows: tuple[int, ...]
+    kv_deps: tuple[tuple[int, ...], ...]
+    chunk_slots: tuple[int, ...]
 
 
 @dataclass
@@ -98,8 +109,11 @@ def _scratch_plan(decodes: int, prefill: int, scratch_block: int, block_size: in
 
 class StepGraphs:
     """Lays steps out in padded shapes and replays one captured graph per shape; ``prepare``
-    returns None for a plan no graph can take (too many chunks, too long a block table, or the
-    graph count is at its cap), which then runs eagerly."""
+    returns None for a plan no graph can take (more rows than the buffers, too long a block
+    table, or the graph count is at its cap), which then runs eagerly. Shapes with more chunk
+    slots than the smallest bucket are captured when a step first needs them: which buckets a
+    run reaches depends on its prompt lengths, and capturing all of them up front would multiply
+    the start-up captures by the bucket count."""
 
     def __init__(
         self,
@@ -180,15 +194,19 @@ class StepGraphs:
             return None
         pad_slot = self.scratch_block * self.block_size
         layout = lay_out(plan, *shape, self.block_size, pad_slot)
-        if any(len(rows.pieces) > CHUNK_SLOTS for rows in layout.nano_batches):
-            return None
-        key = (tuple(shape[0]), tuple(shape[1]), tuple(r.kv_deps for r in layout.nano_batches))
+        batches = layout.nano_batches
+        key = ShapeKey(
+            tuple(shape[0]),
+            tuple(shape[1]),
+            tuple(r.kv_deps for r in batches),
+            tuple(chunk_slots(len(r.pieces), r.prefill_rows) for r in batches),
+        )
         if key not in self.graphs and len(self.graphs) >= MAX_GRAPHS:
             if not self._cap_reported:
                 self._cap_reported = True
                 logger.warning("%d CUDA graphs captured; new shapes run eagerly", MAX_GRAPHS)
             return None
-        self._upload(layout)
+        self._upload(layout, key.chunk_slots)
         n = len(layout.input_ids)
         st = self.static
         device = st.ids.device
@@ -202,8 +220,9 @@ class StepGraphs:
             replay=self._replay(key, n),
         )
 
-    def _upload(self, layout: RowLayout) -> None:
-        """Write the step's rows and attention metadata into the static device buffers."""
+    def _upload(self, layout: RowLayout, slots: tuple[int, ...]) -> None:
+        """Write the step's rows and attention metadata into the static device buffers, each
+        nano-batch's prompt chunks into its ``slots`` chunk slots."""
         st = self.static
         n = len(layout.input_ids)
         for dst, values in (
@@ -216,32 +235,35 @@ class StepGraphs:
         p_tables, p_lens = st.host_prefill_tables.numpy(), st.host_prefill_lens.numpy()
         p_cu = st.host_prefill_cu.numpy()
         decode_rows, width = 0, 1
-        for i, rows in enumerate(layout.nano_batches):
+        ranges = slot_ranges(slots)
+        for rows, (chunks, offsets) in zip(layout.nano_batches, ranges, strict=True):
             real = decode_rows + len(rows.decodes)
             width = max(width, _write_tables(tables, lens, decode_rows, rows.decodes))
             tables[real : decode_rows + rows.decode_rows, 0] = self.scratch_block
             lens[real : decode_rows + rows.decode_rows] = 1
             decode_rows += rows.decode_rows
-            first = i * CHUNK_SLOTS
-            p_lens[first : first + CHUNK_SLOTS] = 0
-            width = max(width, _write_tables(p_tables, p_lens, first, rows.pieces))
+            p_lens[chunks] = 0
+            width = max(width, _write_tables(p_tables, p_lens, chunks.start, rows.pieces))
+            cu = p_cu[offsets]
             ends = np.cumsum([c.num_tokens for c in rows.pieces], dtype=np.int64)
-            p_cu[i, 0] = 0
-            p_cu[i, 1 : len(ends) + 1] = ends
-            p_cu[i, len(ends) + 1 :] = ends[-1] if len(ends) else 0
+            cu[0] = 0
+            cu[1 : len(ends) + 1] = ends
+            cu[len(ends) + 1 :] = ends[-1] if len(ends) else 0
         # only the columns some table reaches: a kernel never reads past a sequence's length
-        used = slice(0, decode_rows)
+        used, slots_used = slice(0, decode_rows), slice(0, sum(slots))
+        offsets_used = slice(0, sum(slots) + len(slots))
         copy_to(st.decode_tables[used, :width], st.host_decode_tables[used, :width])
         copy_to(st.decode_lens[used], st.host_decode_lens[used])
-        copy_to(st.prefill_tables[:, :width], st.host_prefill_tables[:, :width])
-        copy_to(st.prefill_lens, st.host_prefill_lens)
-        copy_to(st.prefill_cu, st.host_prefill_cu)
+        copy_to(st.prefill_tables[slots_used, :width], st.host_prefill_tables[slots_used, :width])
+        copy_to(st.prefill_lens[slots_used], st.host_prefill_lens[slots_used])
+        copy_to(st.prefill_cu[offsets_used], st.host_prefill_cu[offsets_used])
 
     def _static_nano_batches(self, key: ShapeKey, layout: RowLayout) -> list[NanoBatch]:
         """The shape's nano-batches (the same objects every step, as the captured graph reads
         them)."""
         if key not in self._nano_batches:
-            self._nano_batches[key] = self.static.nano_batches(layout.nano_batches)
+            spans, slots = layout.nano_batches, key.chunk_slots
+            self._nano_batches[key] = self.static.nano_batches(spans, slots)
         return self._nano_batches[key]
 
     def _replay(self, key: ShapeKey, num_rows: int) -> Run:

@@ -2,8 +2,8 @@
 and each nano-batch's attention metadata, the nano-batch views of them, and the capture itself.
 
 A graph replays the same kernels on the same addresses, so the host rewrites these tensors in
-place each step and the views stay the same objects. Each nano-batch's prefill attention has
-``CHUNK_SLOTS`` chunk slots; unused ones hold no queries.
+place each step and the views stay the same objects. Each nano-batch's prefill attention has a
+bucket of chunk slots (``chunk_slots``), part of the graph's shape; unused slots hold no queries.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 
 from nanoflow.runtime.batch import AttentionChunks, NanoBatch
 
-CHUNK_SLOTS = 8
+CHUNK_SLOTS = 8  # the smallest bucket
+SLOT_GROWTH = 4
 
 Run = Callable[[], None]
 Capture = Callable[[Run], Run]
@@ -31,6 +32,34 @@ class RowSpan(Protocol):
 
     @property
     def end(self) -> int: ...
+
+
+def chunk_slots(chunks: int, prefill_rows: int) -> int:
+    """Chunk slots for a nano-batch of ``chunks`` prompt chunks in ``prefill_rows`` rows: the
+    smallest ``CHUNK_SLOTS * SLOT_GROWTH**k`` that holds them, never more than ``prefill_rows``.
+
+    The prefill kernel's grid grows with the slot count, so one size for every step would make
+    short-prompt steps launch mostly empty work, and a size per chunk count would capture a graph
+    per count. Growing by 4 keeps a slot count under four times the chunks while a 2048-token
+    nano-batch has five buckets (8 to 2048), each captured only when a step first needs it. A
+    chunk has at least one token, so ``prefill_rows`` slots always suffice: every plan that fits
+    the rows has a bucket, and a step's slots together never outnumber its rows."""
+    if not 0 <= chunks <= prefill_rows:
+        raise ValueError(f"{chunks} prompt chunks cannot fill {prefill_rows} prefill rows")
+    slots = CHUNK_SLOTS
+    while slots < chunks:
+        slots *= SLOT_GROWTH
+    return min(slots, prefill_rows)
+
+
+def slot_ranges(slots: Sequence[int]) -> list[tuple[slice, slice]]:
+    """Where each nano-batch's chunk slots and their ``slots + 1`` query offsets lie in the
+    static tensors: back to back, so a step uploads one prefix of each."""
+    out, first = [], 0
+    for i, count in enumerate(slots):
+        out.append((slice(first, first + count), slice(first + i, first + i + count + 1)))
+        first += count
+    return out
 
 
 def cuda_capture(pool: object) -> Capture:
@@ -49,9 +78,10 @@ def cuda_capture(pool: object) -> Capture:
 
 
 class StaticStep:
-    """``rows`` token ids and decode rows, ``CHUNK_SLOTS`` prompt chunks per nano-batch, block
-    tables ``width`` wide; padding attends to ``scratch_block``. Host copies of the metadata
-    are the staging area the host fills before each upload."""
+    """``rows`` token ids and decode rows, as many prompt chunk slots (the most the nano-batches'
+    buckets can take together), block tables ``width`` wide; padding attends to
+    ``scratch_block``. Host copies of the metadata are the staging area the host fills before
+    each upload."""
 
     def __init__(
         self,
@@ -61,8 +91,6 @@ class StaticStep:
         scratch_block: int,
         device: torch.device,
     ) -> None:
-        slots = num_nano_batches * CHUNK_SLOTS
-
         def static(*shape: int, fill: int = 0, dtype: torch.dtype = torch.int32) -> torch.Tensor:
             return torch.full(shape, fill, dtype=dtype, device=device)
 
@@ -70,20 +98,24 @@ class StaticStep:
         self.decode_tables = static(rows, width, fill=scratch_block)
         self.decode_lens = static(rows, fill=1)
         self.decode_cu = torch.arange(rows + 1, dtype=torch.int32, device=device)
-        self.prefill_tables = static(slots, width, fill=scratch_block)
-        self.prefill_lens = static(slots)
-        self.prefill_cu = static(num_nano_batches, CHUNK_SLOTS + 1)
+        self.prefill_tables = static(rows, width, fill=scratch_block)
+        self.prefill_lens = static(rows)
+        self.prefill_cu = static(rows + num_nano_batches)
         self.host_decode_tables = self.decode_tables.cpu()
         self.host_decode_lens = self.decode_lens.cpu()
         self.host_prefill_tables = self.prefill_tables.cpu()
         self.host_prefill_lens = self.prefill_lens.cpu()
         self.host_prefill_cu = self.prefill_cu.cpu()
 
-    def nano_batches(self, spans: Sequence[RowSpan]) -> list[NanoBatch]:
+    def nano_batches(self, spans: Sequence[RowSpan], slots: Sequence[int]) -> list[NanoBatch]:
         """Nano-batches over these tensors: decode rows in order, each nano-batch's prompt
-        chunks in its own ``CHUNK_SLOTS`` slots."""
+        chunks in its own ``slots`` (as ``slot_ranges`` places them)."""
+        if len(slots) != len(spans) or any(
+            n > span.prefill_rows for n, span in zip(slots, spans, strict=True)
+        ):
+            raise ValueError("each nano-batch needs a chunk-slot count of at most its prefill rows")
         out, decode_rows = [], 0
-        for i, span in enumerate(spans):
+        for i, (span, (chunks, offsets)) in enumerate(zip(spans, slot_ranges(slots), strict=True)):
             decode = prefill = None
             if span.decode_rows:
                 rows = slice(decode_rows, decode_rows + span.decode_rows)
@@ -95,11 +127,10 @@ class StaticStep:
                 )
                 decode_rows += span.decode_rows
             if span.prefill_rows:
-                slots = slice(i * CHUNK_SLOTS, (i + 1) * CHUNK_SLOTS)
                 prefill = AttentionChunks(
-                    self.prefill_tables[slots],
-                    self.prefill_lens[slots],
-                    self.prefill_cu[i],
+                    self.prefill_tables[chunks],
+                    self.prefill_lens[chunks],
+                    self.prefill_cu[offsets],
                     max_q_len=span.prefill_rows,
                 )
             out.append(
