@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanoflow import LLM, SamplingParams
-from nanoflow.engine.batch import lay_out
+from nanoflow.engine.batch import lay_out, prepare_step
 from nanoflow.engine.cuda_graphs import DECODE_ROUND, PREFILL_ROUND, _write_tables
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.sequence import Sequence
@@ -235,11 +235,13 @@ class _Blocks:
         return seq
 
 
-def _random_plans(rng: np.random.Generator, prompts: int, decodes: int, continued: int):
+def _random_plans(
+    rng: np.random.Generator, blocks: _Blocks, prompts: int, decodes: int, continued: int
+) -> tuple[BatchPlan, BatchPlan]:
     """An earlier plan that computes some K/V, then a plan over it: ``decodes`` decodes,
     ``continued`` prompts whose start was computed before, ``prompts`` fresh ones (short, so a
     nano-batch holds many chunks), in random order with random tokens."""
-    blocks, before, plan = _Blocks(), BatchPlan(), BatchPlan()
+    before, plan = BatchPlan(), BatchPlan()
 
     def tokens(n: int) -> list[int]:
         return rng.integers(3, 128, n).tolist()
@@ -299,7 +301,7 @@ def test_many_chunk_steps_replay_with_the_eager_logits(
     runner = llm.engine.runner
     graphs = runner.step_graphs(_eager)
     rng = np.random.default_rng(seed)
-    before, plan = _random_plans(rng, prompts, decodes=5, continued=4)
+    before, plan = _random_plans(rng, _Blocks(), prompts, decodes=5, continued=4)
     runner.forward(runner.prepare(before))
     eager = runner.forward(runner.prepare(plan))
     step = graphs.prepare(plan)
@@ -341,3 +343,35 @@ def test_no_plan_within_the_token_budget_runs_eagerly(llama_checkpoint, executor
         assert sum(chunks for chunks, _, _ in slots) >= prompts
         assert all(n == chunk_slots(chunks, rows) for chunks, n, rows in slots)
     assert graphs.stats.eager_steps == 0 and graphs.stats.graph_steps == budget
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@torch.inference_mode()
+def test_captured_buckets_replay_the_eager_logits_on_a_gpu(llama_checkpoint):
+    """Real CUDA graphs, one pool: a shape of the smallest bucket and one of larger buckets,
+    replayed in turn, each after the other rewrote the static tensors they share, give the
+    logits of the unpadded eager steps."""
+    folder, _ = llama_checkpoint
+    llm = LLM(str(folder), dtype="float32", device="cuda", executor="overlapped",
+              block_size=BLOCK, max_num_batched_tokens=160, num_kv_blocks=256,
+              cuda_graphs=True)  # fmt: skip
+    runner = llm.engine.runner
+    rng, blocks = np.random.default_rng(3), _Blocks()
+    plans = [_random_plans(rng, blocks, n, decodes=5, continued=4) for n in (36, 2)]
+
+    def eager(plan: BatchPlan) -> torch.Tensor:
+        step = prepare_step(plan, runner.schedule, runner.buffers, BLOCK, runner.device)
+        return runner.forward(step).clone()
+
+    for before, _ in plans:
+        eager(before)
+    expected = [eager(plan) for _, plan in plans]
+    for _ in range(2):
+        for (_, plan), logits in zip(plans, expected, strict=True):
+            step = runner.graphs.prepare(plan)
+            assert step is not None and step.replay is not None
+            torch.testing.assert_close(runner.forward(step), logits, rtol=2e-3, atol=2e-3)
+    shapes = list(runner.graphs.graphs)
+    assert runner.graphs.stats.shapes_captured == len(shapes) == 2
+    assert sorted(max(shape.chunk_slots) for shape in shapes) == [CHUNK_SLOTS, 32]
