@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nanoflow.autotune.steady_state import SteadyBatch
@@ -139,12 +140,18 @@ def nano_batch_shapes(batch: SteadyBatch, schedule: PipelineSchedule) -> list[Na
     return [s for s in shapes if s.tokens]
 
 
-def _op_seconds(op: OpTable, nb: NanoBatchShape, batch: SteadyBatch, sms: int) -> float:
+# seconds of an op at (tokens, context, SMs): the table's own time, or another reading of it
+OpTime = Callable[[OpTable, float, float, int], float]
+
+
+def _op_seconds(
+    op: OpTable, nb: NanoBatchShape, batch: SteadyBatch, sms: int, time: OpTime
+) -> float:
     if op.spec.rows is Rows.DECODE:
-        return op.time(nb.decodes, batch.decode_context, sms)
+        return time(op, nb.decodes, batch.decode_context, sms)
     if op.spec.rows is Rows.PREFILL:
-        return op.time(nb.prefill_tokens, batch.prompt_len, sms)
-    return op.time(nb.tokens, 0, sms)
+        return time(op, nb.prefill_tokens, batch.prompt_len, sms)
+    return time(op, nb.tokens, 0, sms)
 
 
 def _iteration_order(
@@ -171,9 +178,14 @@ def steady_kv_deps(shapes: list[NanoBatchShape]) -> list[tuple[int, ...]]:
 
 
 def build_tasks(
-    tables: OpTables, schedule: PipelineSchedule, batch: SteadyBatch, num_layers: int
+    tables: OpTables,
+    schedule: PipelineSchedule,
+    batch: SteadyBatch,
+    num_layers: int,
+    time: OpTime = OpTable.time,
 ) -> list[Task]:
-    """The launches of ``num_layers`` layers in executor order, with their dependencies."""
+    """The launches of ``num_layers`` layers in executor order, with their dependencies, each
+    op timed by ``time`` at its unit's SM budget."""
     shapes = nano_batch_shapes(batch, schedule)
     units, sms = [], []
     for op in tables.ops:
@@ -181,7 +193,8 @@ def build_tasks(
         units.append(unit.name if unit else "main")
         sms.append((unit.num_sms or tables.sm_count) if unit else tables.sm_count)
     seconds = [
-        [_op_seconds(op, nb, batch, sms[k]) for nb in shapes] for k, op in enumerate(tables.ops)
+        [_op_seconds(op, nb, batch, sms[k], time) for nb in shapes]
+        for k, op in enumerate(tables.ops)
     ]
     graph, kv_deps = tables.graph, steady_kv_deps(shapes)
     tasks: list[Task] = []

@@ -1,7 +1,8 @@
 """Measure the op tables on the GPU: the real ops of one decoder layer (dummy weights, synthetic
 nano-batches) timed under each SM budget the way the executor runs them (the unit's stream and
-cuBLASLt carve-out active, the budget passed to the kernels), plus one co-running compute +
-memory pair per mechanism for the interference factor and the host cost of one launch.
+cuBLASLt carve-out active, the budget passed to the kernels), plus, per mechanism, one co-running
+pair of ops for each pair of resource classes a schedule can put on two units (the interference
+factors) and the host cost of one launch.
 
 A couple of minutes for an 8B model: a coarse grid, few repetitions, one layer.
 """
@@ -26,7 +27,7 @@ from nanoflow.models.spec import ModelSpec
 from nanoflow.models.weights import dummy_weights
 from nanoflow.runtime.batch import AttentionChunks, NanoBatch, StepBuffers
 from nanoflow.runtime.executors import OverlappedExecutor
-from nanoflow.runtime.graph import OpSpec, Resource, Rows
+from nanoflow.runtime.graph import DECODE_ATTENTION, PREFILL_ATTENTION, OpSpec, Resource, Rows
 from nanoflow.runtime.ops import Op
 from nanoflow.runtime.schedule import (
     Mechanism,
@@ -48,6 +49,14 @@ GRID_TOKENS = {Rows.ALL: TOKENS, Rows.DECODE: DECODES, Rows.PREFILL: PREFILL_TOK
 BLOCK_SIZE = 16
 LM_HEAD = OpSpec("lm_head", Resource.COMPUTE)
 PAIR_SPLITS = {Mechanism.CTA_LIMIT: 32, Mechanism.GREEN_CONTEXT: 32}  # memory unit's SMs
+# (op name, tokens, context) timed on the first unit and beside it on the second, per class pair:
+# GEMMs beside decode attention, the small memory-bound ops beside it (two readers of one memory
+# system), and GEMMs beside prefill attention placed on the memory unit
+PAIR_OPS = {
+    "compute+memory": (("gate_up_proj", 2048, 0), (DECODE_ATTENTION, 256, 1024)),
+    "memory+memory": (("silu_mul", 2048, 0), (DECODE_ATTENTION, 256, 1024)),
+    "compute+compute": (("gate_up_proj", 2048, 0), (PREFILL_ATTENTION, 1024, 1024)),
+}
 
 
 class LayerBench:
@@ -151,8 +160,8 @@ def _op_table(bench: LayerBench, op: Op, units: dict[int, ExecutionUnit], bar: t
     return OpTable(op.spec, tokens, contexts, tuple(units), tuple(seconds))
 
 
-def _interference(bench: LayerBench, mechanism: Mechanism, total: int) -> float:
-    """The pair's slowdown on two disjoint partitions of the SMs."""
+def _interference(bench: LayerBench, mechanism: Mechanism, total: int) -> dict[str, float]:
+    """Each class pair's slowdown on two disjoint partitions of the SMs."""
     memory_sms = PAIR_SPLITS[mechanism]
     schedule = PipelineSchedule(
         units=(UnitSpec("compute", total - memory_sms), UnitSpec("memory", memory_sms)),
@@ -161,46 +170,50 @@ def _interference(bench: LayerBench, mechanism: Mechanism, total: int) -> float:
         overlap=True,
     )
     units = build_units(schedule, bench.device)
-    return _pair_slowdown(bench, units["compute"], units["memory"])
+    return _pair_factors(bench, units["compute"], units["memory"])
 
 
-def _shared_interference(bench: LayerBench, total: int) -> float:
-    """The pair's slowdown when the GEMM keeps the whole GPU and decode attention runs beside it,
-    CTA-limited on a high-priority stream (the hand-written overlapped layout)."""
+def _shared_interference(bench: LayerBench, total: int) -> dict[str, float]:
+    """Each class pair's slowdown when the first op keeps the whole GPU and the second runs
+    beside it, CTA-limited on a high-priority stream (the hand-written overlapped layout)."""
     units = build_units(shared_sm_schedule(total), bench.device)
-    return _pair_slowdown(bench, units["compute"], units["attention"])
+    return _pair_factors(bench, units["compute"], units["attention"])
 
 
-def _pair_ops(ops: list[Op]) -> tuple[Op, Op]:
-    """The pair timed together: a dense layer's gate-up GEMM and its op over the decode rows
-    (decode attention)."""
-    by_name = {op.name: op for op in ops}
-    return by_name["gate_up_proj"], next(op for op in ops if op.spec.rows is Rows.DECODE)
+def _pair_factors(
+    bench: LayerBench, first: ExecutionUnit, second: ExecutionUnit
+) -> dict[str, float]:
+    """The slowdown of every pair in ``PAIR_OPS`` whose ops the layer has (a Mixtral layer has
+    no dense MLP: its pairs are left out, and count as no slowdown)."""
+    by_name = {op.name: op for op in bench.ops}
+    return {
+        pair: _pair_slowdown(bench, (first, by_name[a], *a_size), (second, by_name[b], *b_size))
+        for pair, ((a, *a_size), (b, *b_size)) in PAIR_OPS.items()
+        if a in by_name and b in by_name
+    }
 
 
-def _pair_slowdown(bench: LayerBench, cu: ExecutionUnit, mu: ExecutionUnit) -> float:
-    """Slowdown of a gate-up GEMM on ``cu`` and a decode attention on ``mu`` while they overlap:
-    with both slowed by f while the shorter runs, together = f * shorter + (longer - shorter)."""
-    gemm_op, attn_op = _pair_ops(bench.ops)
-    gemm_nb = bench.nano_batch(Rows.ALL, 2048)
-    attn_nb = bench.nano_batch(Rows.DECODE, 256, 1024)
+PairSide = tuple[ExecutionUnit, Op, int, int]  # the unit, the op, its tokens and context
 
-    def gemm(sms: int | None) -> None:
-        gemm_op.fn(bench.buffers, gemm_nb, sms)
 
-    def attn(sms: int | None) -> None:
-        attn_op.fn(bench.buffers, attn_nb, sms)
+def _pair_slowdown(bench: LayerBench, *sides: PairSide) -> float:
+    """Slowdown of two ops on their units while they overlap: with both slowed by f while the
+    shorter runs, together = f * shorter + (longer - shorter)."""
+    runs = []
+    for unit, op, tokens, context in sides:
+        nb = bench.nano_batch(op.spec.rows, tokens, context)
+        runs.append((unit, lambda sms, op=op, nb=nb: op.fn(bench.buffers, nb, sms)))
 
     def both() -> None:
         main = torch.cuda.current_stream()
-        for unit, fn in ((cu, gemm), (mu, attn)):
+        for unit, fn in runs:
             unit.stream.wait_stream(main)
             with unit.active():
                 fn(unit.num_sms)
-        main.wait_stream(cu.stream)
-        main.wait_stream(mu.stream)
+        for unit, _ in runs:
+            main.wait_stream(unit.stream)
 
-    a, b = _time_on(cu, gemm), _time_on(mu, attn)
+    a, b = (_time_on(unit, fn) for unit, fn in runs)
     together = time_cuda(both, iters=10, warmup=3, queue_ahead=True)
     shorter, longer = min(a, b), max(a, b)
     return max(1.0, (together - longer + shorter) / shorter)
@@ -248,14 +261,15 @@ def profile_op_tables(
     interference = {}
     for mechanism in Mechanism:
         try:
-            factor = _interference(bench, mechanism, total)
+            factors = _interference(bench, mechanism, total)
         except Exception as exc:  # a mechanism the machine lacks is left out of the search
             logger.warning("no %s interference measured (%s); not searching it", mechanism, exc)
             continue
-        interference[mechanism.value] = {"compute+memory": factor}
+        if factors:
+            interference[mechanism.value] = factors
     if Mechanism.CTA_LIMIT.value in interference:
         try:
-            interference[SHARED_SMS] = {"compute+memory": _shared_interference(bench, total)}
+            interference[SHARED_SMS] = _shared_interference(bench, total)
         except Exception as exc:  # as above: the layout is then left out of the search
             logger.warning("no shared-SM interference measured (%s); not searching it", exc)
     props = torch.cuda.get_device_properties(device)

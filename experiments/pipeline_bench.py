@@ -8,7 +8,9 @@
    ``--context`` + 1536 prefill tokens) timed per schedule (GPU time and CPU launch time; with
    ``--cuda-graphs`` also launched eagerly, and the replayed logits compared with the eager ones),
    greedy tokens of the executors compared, and offline 512/512 throughput for every schedule
-   (``--skip throughput`` leaves it out, ``--schedules`` picks schedules by name).
+   (``--skip throughput`` leaves it out, ``--schedules`` picks schedules by name). With
+   ``--tables`` each schedule's iteration time is set beside its overlap bound from the op
+   tables (``measured_over_bound``).
 4. The timeline of one overlapped iteration, recorded inside the graph when graphs are on
    (``plots.py`` draws it).
 
@@ -16,7 +18,7 @@ Writes DIR/<gpu>/pipeline/<label>.json and DIR/<gpu>/timeline/<label>.json; the 
 defaults to the sections run and the fixed iteration's shape.
 
 Usage: python experiments/pipeline_bench.py [--out DIR] [--label L] [--num-prompts N]
-           [--cuda-graphs]
+           [--cuda-graphs] [--tables FILE|profile|roofline]
        python experiments/pipeline_bench.py --device cpu --model builtin ...   (a dry run)
 """
 
@@ -37,6 +39,9 @@ from common import add_out_argument, result_path, stamp, write_json
 from overlap_bench import overlap_microbench
 
 from nanoflow import LLM, SamplingParams
+from nanoflow.autotune.bound import compare, describe, iteration_bound, plan_batch, tables_for
+from nanoflow.autotune.tables import OpTables
+from nanoflow.config import EngineConfig
 from nanoflow.engine.batch import PreparedStep, prepare_step
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.sequence import Sequence
@@ -48,6 +53,8 @@ from nanoflow.measure import (
     time_cuda,
     token_agreement,
 )
+from nanoflow.models.loader import resolve_model
+from nanoflow.runtime.schedule import PipelineSchedule
 from nanoflow.runtime.timeline import TimelineRecorder, save_timeline
 from nanoflow.workloads import constant, random_prompts
 
@@ -263,7 +270,30 @@ def throughput(llm: LLM, num_prompts: int, in_len: int, out_len: int) -> dict:
     return result
 
 
+def bound_tables(args: argparse.Namespace) -> OpTables | None:
+    """The op tables of ``--tables``, measured before the engine takes the GPU's memory."""
+    if args.tables is None:
+        print("no op tables (--tables): no overlap bound beside the iteration times")
+        return None
+    config = EngineConfig(model=args.model, device=str(DEVICE), kv_cache_dtype=args.kv_cache_dtype)
+    spec, _ = resolve_model(args.model)
+    dtype, kv_dtype = config.torch_dtype(DEVICE), config.torch_kv_dtype(DEVICE)
+    return tables_for(args.tables, spec, args.model, DEVICE, dtype, kv_dtype)
+
+
+def overlap_bound(
+    tables: OpTables, name: str, schedule: PipelineSchedule, plan: BatchPlan, timed: dict
+) -> dict:
+    """The fixed iteration's bound under ``schedule`` beside its untimed GPU time."""
+    batch, rows = plan_batch(plan)
+    bound = iteration_bound(tables, schedule, batch, rows)
+    summary = compare([bound], timed["gpu_ms"] / 1e3)
+    print(f"{name}: {describe(summary)}", flush=True)
+    return {**summary, "terms": bound.to_dict()}
+
+
 def end_to_end(timeline: Path, args: argparse.Namespace, gemm_tflops: float | None) -> dict:
+    tables = bound_tables(args)
     dummy = "auto" if args.model == "builtin" else "dummy"
     llm = LLM(
         args.model,
@@ -285,6 +315,8 @@ def end_to_end(timeline: Path, args: argparse.Namespace, gemm_tflops: float | No
     prompts = random_prompts(constant(64, 1, 24), llm.engine.spec.vocab_size, seed=2)
     greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     result: dict = {"num_kv_blocks": llm.engine.runner.num_blocks, "schedules": {}}
+    result["bound_tables"] = args.tables
+    result["bound_interference"] = tables.interference if tables is not None else None
     reference_tokens = None
     if llm.engine.runner.graphs is not None:  # the reference runs eagerly, graphs are checked
         llm.engine.runner.graphs = None
@@ -298,6 +330,8 @@ def end_to_end(timeline: Path, args: argparse.Namespace, gemm_tflops: float | No
         try:
             llm.engine.runner.set_schedule(schedule)
             row["iteration"] = time_iteration(llm, plan)
+            if tables is not None:
+                row["overlap_bound"] = overlap_bound(tables, name, schedule, plan, row["iteration"])
             if llm.engine.runner.graphs is not None:
                 row["iteration_eager"] = time_iteration(llm, plan, eager=True)
                 row["graph_check"] = graph_check(llm, plan)
@@ -399,6 +433,12 @@ def main() -> int:
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     parser.add_argument("--max-num-seqs", type=int, default=512)
     parser.add_argument("--timeline", default=None, help="schedule whose timeline to draw")
+    parser.add_argument(
+        "--tables",
+        default=None,
+        help="op tables for the overlap bound: a JSON file from `nanoflow tune --tables-out`, "
+        "'profile' to measure them in this run (GPU) or 'roofline'",
+    )
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)

@@ -7,9 +7,16 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nanoflow.cli import bench_serve
 from nanoflow.cli.main import add_engine_args, engine_kwargs
+
+if TYPE_CHECKING:
+    from nanoflow.autotune.steady_state import SteadyBatch
+    from nanoflow.autotune.tables import OpTables
+    from nanoflow.engine.model_runner import ModelRunner
+    from nanoflow.engine.scheduler import BatchPlan
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,6 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workload", default="512/512", help="IN/OUT lengths or a trace file")
     p.add_argument("--num-prompts", type=int, default=1000, help="requests in the run")
     p.add_argument("--output-json", default=None, help="also write the result to this JSON file")
+    p.add_argument(
+        "--tables",
+        default=None,
+        help="op tables for the overlap bound per iteration: a JSON file from `nanoflow tune "
+        "--tables-out`, 'profile' to measure them before the run (GPU) or 'roofline'",
+    )
     p.set_defaults(func=run_throughput)
     bench_serve.register(kinds)
 
@@ -28,6 +41,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     import torch
 
     from nanoflow import LLM, SamplingParams
+    from nanoflow.autotune.bound import compare, describe, iteration_bound
     from nanoflow.jit_log import CompileLog
     from nanoflow.measure import (
         copy_bandwidth_gbs,
@@ -37,6 +51,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     )
     from nanoflow.workloads import load_workload, random_prompts
 
+    tables = _bound_tables(args)  # profiling needs the memory the engine's KV cache takes
     llm = LLM(args.model, **engine_kwargs(args))
     engine = llm.engine
     requests = load_workload(args.workload, args.num_prompts, args.seed)
@@ -51,6 +66,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     # decode-only shapes are captured at start-up, outside the timing
     startup_graphs = graphs.stats.summary() if graphs is not None else None
     engine.reset_stats()  # count the measured run only
+    plans = _record_plans(engine.runner) if tables is not None else None
     with CompileLog() as compiles:
         started = time.perf_counter()
         outputs = llm.generate(prompts, params)
@@ -106,6 +122,13 @@ def run_throughput(args: argparse.Namespace) -> int:
             result.update(
                 copy_gbs=copy_gbs, roofline_seconds=bound, fraction_of_roofline=bound / elapsed
             )
+    if plans is not None:
+        bounds = [iteration_bound(tables, engine.schedule, b, rows) for b, rows in plans]
+        result["overlap_bound"] = {
+            "tables": args.tables,
+            "interference": tables.interference,  # what the pair terms read
+            **compare(bounds, elapsed),
+        }
     record = {
         **environment(device),
         "experiment": "throughput",
@@ -148,6 +171,10 @@ def run_throughput(args: argparse.Namespace) -> int:
             f"whichever binds each): {result['roofline_seconds']:.1f} s; reached "
             f"{100 * result['fraction_of_roofline']:.1f}%"
         )
+    if "overlap_bound" in result:
+        print(f"Overlap (op tables {args.tables}): {describe(result['overlap_bound'])}")
+    else:
+        print(f"No overlap bound: {_no_tables_reason(args)}")
     if "cuda_graphs" in result:
         g = result["cuda_graphs"]
         print(
@@ -171,3 +198,45 @@ def run_throughput(args: argparse.Namespace) -> int:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(json.dumps(record, indent=2, default=str))
     return 0
+
+
+def _no_tables_reason(args: argparse.Namespace) -> str | None:
+    if args.tables is None:
+        return "no op tables (--tables)"
+    if args.tensor_parallel_size > 1:
+        return "op tables time one GPU's whole layer, not a tensor-parallel shard"
+    return None
+
+
+def _bound_tables(args: argparse.Namespace) -> OpTables | None:
+    """The op tables the overlap bound reads, or None (``_no_tables_reason`` says why)."""
+    if _no_tables_reason(args):
+        return None
+    from nanoflow.autotune.bound import tables_for
+    from nanoflow.config import EngineConfig
+    from nanoflow.models.loader import resolve_model
+
+    config = EngineConfig(model=args.model, **engine_kwargs(args))
+    device = config.torch_device()
+    spec, _ = resolve_model(args.model)
+    return tables_for(
+        args.tables, spec, args.model, device, config.torch_dtype(device),
+        config.torch_kv_dtype(device), config.quantization,
+    )  # fmt: skip
+
+
+def _record_plans(runner: ModelRunner) -> list[tuple[SteadyBatch, int]]:
+    """Each launched iteration's shape as the op tables read it, through the runner's plan hook
+    (a hook already there, tensor parallelism's broadcast, still runs)."""
+    from nanoflow.autotune.bound import plan_batch
+
+    plans: list[tuple[SteadyBatch, int]] = []
+    previous = runner.on_plan
+
+    def record(plan: BatchPlan) -> None:
+        plans.append(plan_batch(plan))
+        if previous is not None:
+            previous(plan)
+
+    runner.on_plan = record
+    return plans
