@@ -16,9 +16,10 @@ def token_text(token_id: int) -> str:
     return VOCAB[token_id]
 
 
-def state_with(ids: list[int], logprobs: list[float], top) -> ChoiceState:
+def state_with(ids: list[int], logprobs: list[float], top, prompt_logprobs=None) -> ChoiceState:
     state = ChoiceState(lambda t: "".join(VOCAB[i] for i in t), stops=[])
     out = RequestOutput("r", ids, logprobs, 2, len(ids), True, "length", new_top_logprobs=top)
+    out.prompt_logprobs = prompt_logprobs
     state.update(out)
     return state
 
@@ -41,9 +42,31 @@ def test_completion_response_with_legacy_logprobs() -> None:
     assert choice["text"] == "Say: Hello" and choice["finish_reason"] == "length"
     lp = choice["logprobs"]
     assert lp["tokens"] == ["He", "llo"] and lp["token_logprobs"] == [-0.1, -0.2]
-    assert lp["text_offset"] == [0, 2]  # characters into the generated text
+    assert lp["text_offset"] == [5, 7]  # characters into the returned text, echo included
     assert lp["top_logprobs"] == [{"He": -0.1, "!": -3.0}, {"llo": -0.2, " there": -1.5}]
     assert body["usage"]["total_tokens"] == 4
+
+
+def test_echo_with_logprobs_lists_the_prompt_tokens_first() -> None:
+    """As OpenAI's: the first prompt token has a null logprob and no alternatives; offsets run
+    through the echoed prompt into the generated text."""
+    scores = [None, (-0.5, [(7, -0.3), (2, -0.5)]), (-2.0, [(7, -0.1)])]
+    fmt = CompletionFormat("m", token_text, logprobs=True, prefixes=["Hello there"])
+    fmt.prompt_ids = [[1, 2, 3]]
+    state = state_with([7], [-0.1], [[(7, -0.1)]], scores)
+    (choice,) = fmt.response([state], usage(3, 1))["choices"]
+    assert choice["text"] == "Hello there!"
+    lp = choice["logprobs"]
+    assert lp["tokens"] == ["He", "llo", " there", "!"]
+    assert lp["token_logprobs"] == [None, -0.5, -2.0, -0.1]
+    assert lp["top_logprobs"] == [None, {"!": -0.3, "llo": -0.5}, {"!": -0.1, " there": -2.0},
+                                  {"!": -0.1}]  # fmt: skip
+    assert lp["text_offset"] == [0, 2, 5, 11]
+    first = fmt.chunk(0, Delta("!", [7], [-0.1], 0, None, [[(7, -0.1)]], scores), first=True)
+    assert first["choices"][0]["logprobs"] == lp
+    later = fmt.chunk(0, Delta("!", [7], [-0.1], 1, None, [[(7, -0.1)]]), first=False)
+    assert later["choices"][0]["logprobs"]["tokens"] == ["!"]
+    assert later["choices"][0]["logprobs"]["text_offset"] == [12]
 
 
 def test_completion_chunks_echo_only_first_and_carry_no_logprobs_unless_asked() -> None:

@@ -66,13 +66,45 @@ def test_echo_prefixes_the_prompt(client):
     assert echoed.choices[0].text == "Hello there" + plain.choices[0].text
 
 
-def test_best_of_returns_n_of_more_candidates(client):
+def test_echo_with_logprobs_scores_the_prompt(client):
+    """The prompt's tokens come first, the first with a null logprob; each later one carries
+    the top-k a generation from the tokens before it reports, in one body and in a stream."""
+    ids = [5, 6, 7, 8, 9]
+    body = {"prompt": ids, "max_tokens": 2, "logprobs": 2, **GREEDY}
+    plain = client.completions.create(**body)
+    out = client.completions.create(**body, echo=True)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 2 and lp.token_logprobs[0] is None
+    assert lp.top_logprobs[0] is None
+    assert lp.tokens[len(ids) :] == plain.choices[0].logprobs.tokens
+    prefix_len = len(out.choices[0].text) - len(plain.choices[0].text)
+    assert lp.text_offset[0] == 0 and lp.text_offset[len(ids)] == prefix_len
+    for k in range(1, len(ids)):
+        step = client.completions.create(prompt=ids[:k], max_tokens=1, logprobs=2, **GREEDY)
+        (expected,) = step.choices[0].logprobs.top_logprobs
+        scored = lp.top_logprobs[k]
+        assert {t: scored[t] for t in expected} == pytest.approx(expected, abs=1e-4)
+        assert scored[lp.tokens[k]] == lp.token_logprobs[k]
+    chunks = [c for c in client.completions.create(**body, echo=True, stream=True) if c.choices]
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert streamed == lp.tokens and chunks[0].choices[0].logprobs.token_logprobs[0] is None
+
+
+def test_best_of_returns_n_of_more_candidates_and_chat_takes_n(client):
     out = client.completions.create(
         model="builtin", prompt="Hello", max_tokens=4, n=2, best_of=4, seed=3
     )
     assert len(out.choices) == 2 and out.usage.completion_tokens == 16
     with pytest.raises(openai.BadRequestError, match="best_of"):
         client.completions.create(model="builtin", prompt="x", max_tokens=2, n=3, best_of=2)
+    chat = client.chat.completions.create(
+        model="builtin",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        n=2,
+        extra_body={"ignore_eos": True},
+    )
+    assert [c.index for c in chat.choices] == [0, 1] and chat.usage.completion_tokens == 6
 
 
 def test_penalties_change_greedy_output(client):

@@ -58,7 +58,10 @@ HOSTILE = [
     (CHAT, _chat("x") | {"tool_choice": "auto"}, "tool_choice", "not supported"),
     (CHAT, _chat("x") | {"top_logprobs": 2}, "top_logprobs", "needs logprobs"),
     (C, {"prompt": "hi", "best_of": 1, "n": 2}, "best_of", "at least n"),
-    (C, {"prompt": "hi", "echo": True, "logprobs": 1}, "echo", "not supported"),
+    (C, {"prompt": "hi", "best_of": 3, "stream": True}, "best_of", "cannot be streamed"),
+    (C, {"prompt": "hi", "functions": [{"name": "f"}]}, "functions", "not supported"),
+    (CHAT, _chat("x") | {"function_call": "auto"}, "function_call", "not supported"),
+    (CHAT, _chat("x") | {"parallel_tool_calls": True}, "parallel_tool_calls", "not supported"),
     (C, {"prompt": "hi", "logit_bias": {"999999": 1}}, "logit_bias", "token ids below"),
     (
         C,

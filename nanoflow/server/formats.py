@@ -2,7 +2,9 @@
 
 ``top_logprobs`` lists the k most likely tokens the engine reported at each step (k = the
 request's ``logprobs`` / ``top_logprobs``); the completions shape also keeps the sampled token,
-as OpenAI's does, so it may hold k + 1 entries.
+as OpenAI's does, so it may hold k + 1 entries. A completion that echoes its prompt with logprobs
+lists the prompt's tokens first, the first of them with a null logprob (nothing precedes it), and
+its ``text_offset`` counts characters of the returned text, echo included.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from nanoflow.engine.sequence import PromptLogprob
 from nanoflow.server.streaming import ChoiceState, Delta
 
 TokenText = Callable[[int], str]
@@ -25,6 +28,15 @@ LOWEST_LOGPROB = -9999.0
 
 def finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else LOWEST_LOGPROB
+
+
+def _offsets(tokens: list[str], start: int) -> list[int]:
+    """Where each token's text starts, in characters, the first starting at ``start``."""
+    out = []
+    for tok in tokens:
+        out.append(start)
+        start += len(tok)
+    return out
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
@@ -45,6 +57,7 @@ class CompletionFormat:
     logprobs: bool
     object_name: str = "text_completion"
     prefixes: list[str] | None = None  # per choice, the echoed prompt
+    prompt_ids: list[list[int]] | None = None  # per choice, its tokens, if their logprobs show
 
     def __post_init__(self) -> None:
         self.id = f"cmpl-{uuid.uuid4().hex}"
@@ -65,10 +78,6 @@ class CompletionFormat:
         if not self.logprobs:
             return None
         tokens = [self.token_text(t) for t in token_ids]
-        offsets = []
-        for tok in tokens:
-            offsets.append(offset)
-            offset += len(tok)
         tops = []
         for i, (tok, lp) in enumerate(zip(tokens, logprobs, strict=False)):
             alternatives = (
@@ -79,18 +88,57 @@ class CompletionFormat:
             "tokens": tokens,
             "token_logprobs": [finite(lp) for lp in logprobs],
             "top_logprobs": tops,
-            "text_offset": offsets,
+            "text_offset": _offsets(tokens, offset),
         }
 
     def _prefix(self, index: int) -> str:
         return self.prefixes[index] if self.prefixes else ""
 
+    def _echoed(self, index: int, scores: list[PromptLogprob | None]) -> dict[str, list]:
+        """The legacy logprobs object of choice ``index``'s prompt tokens."""
+        tokens = [self.token_text(t) for t in self.prompt_ids[index]]
+        tops: list[dict | None] = []
+        for tok, score in zip(tokens, scores, strict=True):
+            if score is None:
+                tops.append(None)
+            else:
+                alternatives = {self.token_text(t): finite(v) for t, v in score[1]}
+                tops.append({**alternatives, tok: finite(score[0])})
+        return {
+            "tokens": tokens,
+            "token_logprobs": [None if score is None else finite(score[0]) for score in scores],
+            "top_logprobs": tops,
+            "text_offset": _offsets(tokens, 0),
+        }
+
+    def _choice_logprobs(
+        self,
+        index: int,
+        token_ids: list[int],
+        logprobs: list[float],
+        offset: int,
+        top: Top,
+        scores: list[PromptLogprob | None] | None,
+    ) -> dict | None:
+        """The generated tokens' logprobs, offset past the echoed prompt, after the prompt's
+        own when they are asked for and ``scores`` (given with the first tokens) holds them."""
+        generated = self._logprobs(token_ids, logprobs, offset + len(self._prefix(index)), top)
+        if generated is None or self.prompt_ids is None or scores is None:
+            return generated
+        echoed = self._echoed(index, scores)
+        return {key: echoed[key] + generated[key] for key in generated}
+
     def chunk(self, index: int, delta: Delta, first: bool) -> dict[str, Any]:
         choice = {
             "index": index,
             "text": (self._prefix(index) if first else "") + delta.text,
-            "logprobs": self._logprobs(
-                delta.token_ids, delta.logprobs, delta.text_offset, delta.top_logprobs
+            "logprobs": self._choice_logprobs(
+                index,
+                delta.token_ids,
+                delta.logprobs,
+                delta.text_offset,
+                delta.top_logprobs,
+                delta.prompt_logprobs if first else None,
             ),
             "finish_reason": delta.finish_reason,
         }
@@ -101,7 +149,9 @@ class CompletionFormat:
             {
                 "index": i,
                 "text": self._prefix(i) + s.emitted,
-                "logprobs": self._logprobs(s.token_ids, s.logprobs, 0, s.top_logprobs),
+                "logprobs": self._choice_logprobs(
+                    i, s.token_ids, s.logprobs, 0, s.top_logprobs, s.prompt_logprobs
+                ),
                 "finish_reason": s.finish_reason,
             }
             for i, s in enumerate(states)

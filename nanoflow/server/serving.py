@@ -175,12 +175,11 @@ class OpenAIServing:
         params = [self._params(req, len(ids), req.max_tokens, logprobs) for ids in encoded]
         fmt = CompletionFormat(self.model_name, self.token_text, req.logprobs is not None)
         if req.echo:
-            if req.logprobs is not None:
-                raise APIError(
-                    400, "echo with logprobs (prompt logprobs) is not supported", param="echo"
-                )
             texts = [p if isinstance(p, str) else self.decode_prompt(p) for p in prompts]
             fmt.prefixes = [text for text in texts for _ in range(req.n)]
+            if req.logprobs is not None:  # the prompt's tokens are scored by the engine
+                params = [replace(p, prompt_logprobs=req.logprobs) for p in params]
+                fmt.prompt_ids = [ids for ids in encoded for _ in range(req.n)]
         return await self._generate(req, fmt, encoded, params, raw, fan_out)
 
     def decode_prompt(self, ids: list[int]) -> str:

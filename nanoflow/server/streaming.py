@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nanoflow.engine.engine_core import RequestOutput
+from nanoflow.engine.sequence import PromptLogprob
 
 Decode = Callable[[list[int]], str]
 _REPLACEMENT = "\ufffd"
@@ -27,6 +28,7 @@ class Delta:
     text_offset: int
     finish_reason: str | None = None
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: list[PromptLogprob | None] | None = None  # with the first token, if asked
 
 
 class IncrementalDecoder:
@@ -90,6 +92,7 @@ class ChoiceState:
     last_token_time: float | None = None
     inter_token_seconds: list[float] = field(default_factory=list)
     cached_prompt_tokens: int = 0  # served from the prefix cache
+    prompt_logprobs: list[PromptLogprob | None] | None = None  # per prompt position, if asked
 
     def __post_init__(self) -> None:
         self.decoder = IncrementalDecoder(self.decode)
@@ -113,6 +116,8 @@ class ChoiceState:
         self.decoder.add(out.new_token_ids)
         self.logprobs += out.new_logprobs
         self.top_logprobs += out.new_top_logprobs
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.cached_prompt_tokens = int(out.metrics.get("num_cached_tokens", 0))
         offset = len(self.emitted)
         if out.finished:
@@ -130,6 +135,7 @@ class ChoiceState:
             offset,
             self.finish_reason,
             out.new_top_logprobs,
+            out.prompt_logprobs,
         )
 
     @property
