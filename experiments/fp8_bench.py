@@ -18,8 +18,8 @@ references and the Triton kernels under the interpreter, the builtin model on CP
 DIR/cpu/fp8/dry-run.json and writes no targets.
 
 ``--extra-workloads`` (on a GPU ``512/1024,sharegpt``) adds the pair on a decode-heavy and a
-dataset-shaped workload, ``--extra-num-prompts`` (1000) prompts each, so the whole call stays under ten
-minutes on an H200.
+dataset-shaped workload, ``--extra-num-prompts`` (1000) prompts each, so the whole call stays
+under ten minutes on an H200.
 
 Usage: python experiments/fp8_bench.py [--out DIR] [--sections gemm,kernels,accuracy,throughput]
            [--extra-workloads W,W]
