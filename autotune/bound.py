@@ -239,11 +239,13 @@ def tables_for(
     tables = load_tables(Path(source))
     if tables.architecture_hash != spec.architecture_hash():
         raise ProfileError(
-            f"op tables {source} were measured for model {tables.model!r}, not {model!r}"
+            f"op tables {source} were measured for model {tables.model!r}, not {model!r}; "
+            "profile this model"
         )
     if tables.kv_element_bytes != (kv_bytes or tables.dtype_bytes):
         raise ProfileError(
             f"op tables {source} were measured with a {tables.kv_element_bytes}-byte KV cache, "
-            f"not this run's {kv_bytes or tables.dtype_bytes}-byte one"
+            f"not the {'auto' if kv_bytes is None else f'{kv_bytes}-byte'!r} cache asked for; "
+            "profile again with that cache"
         )
     return tables

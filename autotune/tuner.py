@@ -12,8 +12,8 @@ from pathlib import Path
 import optuna
 import torch
 
+from nanoflow.autotune.bound import PROFILE, tables_for
 from nanoflow.autotune.options import TuneOptions
-from nanoflow.autotune.roofline import roofline_tables
 from nanoflow.autotune.search import (
     Candidate,
     SearchSpace,
@@ -22,11 +22,11 @@ from nanoflow.autotune.search import (
     top_candidates,
 )
 from nanoflow.autotune.steady_state import WorkloadShape, steady_batch
-from nanoflow.autotune.tables import OpTables, load_tables, save_tables
+from nanoflow.autotune.tables import OpTables, save_tables
 from nanoflow.autotune.validate import Measured, validate
 from nanoflow.config import KV_CACHE_DTYPES, EngineConfig, torch_dtype_named
 from nanoflow.engine.engine_core import EngineCore
-from nanoflow.errors import ConfigError, ProfileError
+from nanoflow.errors import ConfigError
 from nanoflow.measure import environment
 from nanoflow.models.loader import resolve_model
 from nanoflow.models.spec import ModelSpec
@@ -56,34 +56,11 @@ def _kv_dtype(opts: TuneOptions) -> torch.dtype | None:
 
 
 def _tables(opts: TuneOptions, spec: ModelSpec, device: torch.device) -> OpTables:
-    kv_dtype = _kv_dtype(opts)
-    kv_bytes = None if kv_dtype is None else kv_dtype.itemsize
-    if opts.tables_in == ROOFLINE:
-        return roofline_tables(spec, opts.model, kv_dtype_bytes=kv_bytes)
-    if opts.tables_in:
-        tables = load_tables(opts.tables_in)
-        if tables.architecture_hash != spec.architecture_hash():
-            raise ProfileError(
-                f"op tables {opts.tables_in} were measured for model {tables.model!r}, not "
-                f"{opts.model!r}; profile this model"
-            )
-        if tables.kv_element_bytes != (kv_bytes or tables.dtype_bytes):
-            raise ProfileError(
-                f"op tables {opts.tables_in} were measured with a {tables.kv_element_bytes}-byte "
-                f"KV cache, not the {opts.kv_cache_dtype!r} cache asked for; profile again with "
-                "that cache"
-            )
-        return tables
-    if device.type != "cuda":
-        raise ConfigError(
-            "profiling the ops needs a GPU: pass --tables-in with tables measured on one "
-            f"(or --tables-in {ROOFLINE} for nominal ones)"
-        )
-    from nanoflow.autotune.profiler import profile_op_tables
-
-    return profile_op_tables(
-        spec, opts.model, device, kv_dtype=kv_dtype, quantization=opts.quantization
-    )
+    """``--tables-in`` (a file or ``roofline``), else the ops profiled on ``device``."""
+    return tables_for(
+        opts.tables_in or PROFILE, spec, opts.model, device,
+        kv_dtype=_kv_dtype(opts), quantization=opts.quantization,
+    )  # fmt: skip
 
 
 def _space(
