@@ -145,6 +145,7 @@ def fused_moe_kernel(spec) -> list[dict]:
     """The fused MoE kernel on the model's expert shapes: error vs the reference, TFLOP/s."""
     from nanoflow import kernels
     from nanoflow.kernels import moe
+
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     e, k, h, i = (
         spec.num_experts,
