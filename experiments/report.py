@@ -452,11 +452,45 @@ def kernel_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines).strip()
 
 
+def fp8_table(records: list[dict[str, Any]]) -> str:
+    """FP8 weights against bf16 weights, each pair from one run, beside that run's GEMM rates."""
+    lines = []
+    for record in records:
+        pair = record.get("throughput") or {}
+        if record.get("experiment") != "fp8" or record.get("dry_run") or "runs" not in pair:
+            continue
+        gemm = record.get("gemm") or {}
+        lines += [
+            f"FP8 (W8A8) against bf16 weights, llama-3-8b, fp8 KV cache, {_source(record)}; "
+            f"GEMMs at {gemm.get('tokens')} tokens: bf16 {_fmt(gemm.get('bf16_tflops'), '.0f')}, "
+            f"FP8 {_fmt(gemm.get('fp8_tflops'), '.0f')} TFLOP/s "
+            f"({_fmt(gemm.get('layer_gemm_speedup'), '.2f')}x; with the quantizing pass "
+            f"{_fmt(gemm.get('layer_linear_speedup'), '.2f')}x):",
+            "",
+            "| workload | prompts | bf16 weights tokens/s | FP8 weights tokens/s | FP8 / bf16 "
+            "| FP8 % of optimal at the FP8 GEMM rate |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for w in [pair, *(pair.get("other_workloads") or {}).values()]:
+            runs = w.get("runs", {})
+            if not all("tokens_per_s" in runs.get(k, {}) for k in ("bf16", "fp8")):
+                continue
+            frac = w.get("fp8_weights_fraction_of_optimal_at_fp8")
+            percent = _fmt(None if frac is None else 100 * frac, ".1f")
+            lines.append(
+                f"| {w['workload']} | {w.get('num_prompts', '')}"
+                f" | {runs['bf16']['tokens_per_s']:,.0f} | {runs['fp8']['tokens_per_s']:,.0f}"
+                f" | {w['fp8_over_bf16']:.2f}x | {percent}% |"
+            )
+        lines.append("")
+    return "\n".join(lines).strip()
+
+
 def render(folder: Path) -> str:
     """Every table the results in ``folder`` allow, headline first."""
     records = load_results(folder)
     parts = [p for p in (headline_table(records), throughput_table(records)) if p]
-    tables = (pipeline_table, overlap_table, serve_table, kernel_table)
+    tables = (pipeline_table, overlap_table, fp8_table, serve_table, kernel_table)
     for extra in (table(records) for table in tables):
         if extra:
             parts.append(extra)
