@@ -164,7 +164,29 @@ def test_batched_bitmask_matches_one_fill_per_row(llm, compiler):
         compiler.matcher(StructuredOutput("regex", "[0-9]+")),
     ]
     vocab = llm.engine.spec.vocab_size
-    expected = xgrammar.allocate_token_bitmask(len(grammars), vocab)
-    for row, grammar in enumerate(grammars):
+    rows = {0: grammars[0], 1: grammars[1], 3: grammars[2]}  # row 2 is unconstrained
+    expected = xgrammar.allocate_token_bitmask(4, vocab)
+    for row, grammar in rows.items():
         grammar.fill_next_token_bitmask(expected, row)
-    assert torch.equal(token_bitmask(grammars, vocab), expected)
+    assert torch.equal(token_bitmask(rows, 4, vocab), expected)
+    assert torch.all(expected[2] == -1)
+
+
+def test_deferred_token_is_accepted_once_when_the_grammar_is_next_asked(llm, compiler):
+    grammar = compiler.matcher(StructuredOutput("regex", "ab"))
+    a, b = (llm.tokenizer.encode(t, add_special_tokens=False)[0] for t in "ab")
+    reads = []
+
+    def reader(token):
+        return lambda: reads.append(token) or token
+
+    grammar.defer(reader(a))
+    assert reads == []  # nothing is read until the grammar is asked
+    grammar.defer(reader(b))  # a new token first takes the one before
+    assert reads == [a]
+    grammar.catch_up()
+    grammar.catch_up()
+    assert reads == [a, b]
+    stop = compiler.stop_token_ids[0]
+    grammar.accept_token(stop)
+    assert grammar.is_terminated()

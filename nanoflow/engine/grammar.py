@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from nanoflow.engine.sampler import state_of
 from nanoflow.engine.sampling_params import StructuredOutput
@@ -77,12 +80,29 @@ class GrammarCompiler:
 
 class Grammar:
     """One request's matcher as the sampler uses it. Once the grammar is complete only its stop
-    tokens may follow (a request that ignores EOS keeps generating them)."""
+    tokens may follow (a request that ignores EOS keeps generating them).
+
+    A sampled token is accepted late: the sampler leaves a reader of it (``defer``), and the
+    next step reads it (``catch_up``) only after that step's forward pass is queued, so the
+    GPU runs the next forward while the host waits for the token and fills the next mask.
+    """
 
     def __init__(self, matcher: Any, stop_token_ids: list[int]) -> None:
         self.matcher, self.stop_token_ids = matcher, stop_token_ids
+        self._pending: Callable[[], int] | None = None
+
+    def defer(self, read_token: Callable[[], int]) -> None:
+        """Accept the token ``read_token`` returns when the grammar is next asked anything."""
+        self.catch_up()
+        self._pending = read_token
+
+    def catch_up(self) -> None:
+        if self._pending is not None:
+            read_token, self._pending = self._pending, None
+            self.accept_token(read_token())
 
     def is_terminated(self) -> bool:
+        self.catch_up()
         return self.matcher.is_terminated()
 
     def fill_next_token_bitmask(self, bitmask: Any, row: int) -> None:
@@ -94,22 +114,28 @@ class Grammar:
             self.matcher.fill_next_token_bitmask(bitmask, row)
 
     def accept_token(self, token: int) -> None:
-        if not self.is_terminated():
+        self.catch_up()
+        if not self.matcher.is_terminated():
             self.matcher.accept_token(token)
 
 
 _batch_matcher: Any = None
 
 
-def token_bitmask(grammars: list[Grammar], vocab_size: int) -> Any:
-    """The allowed tokens of each grammar's next step, one bitmask row each; the live grammars
-    are filled together by xgrammar's batch matcher (native threads), not one call per row."""
+def token_bitmask(
+    grammars: dict[int, Grammar], num_rows: int, vocab_size: int, pinned: bool = False
+) -> torch.Tensor:
+    """A bitmask of ``num_rows`` rows holding, at each row of ``grammars``, the tokens its
+    grammar allows next (other rows allow all). The live grammars are filled together by
+    xgrammar's batch matcher (native threads), not one call per row. ``pinned``: in page-locked
+    memory, so the copy to the GPU does not stall the host."""
     global _batch_matcher
     import xgrammar
 
-    bitmask = xgrammar.allocate_token_bitmask(len(grammars), vocab_size)
+    shape = xgrammar.get_bitmask_shape(num_rows, vocab_size)
+    bitmask = torch.full(shape, -1, dtype=torch.int32, pin_memory=pinned)
     live = []
-    for row, grammar in enumerate(grammars):
+    for row, grammar in grammars.items():
         if grammar.is_terminated():
             grammar.fill_next_token_bitmask(bitmask, row)
         else:

@@ -16,7 +16,7 @@ from nanoflow.engine.batch import PreparedStep, prepare_step
 from nanoflow.engine.block_manager import BlockCopy
 from nanoflow.engine.cuda_graphs import PADDING_ROWS, StepGraphs
 from nanoflow.engine.host_kv_cache import HostKVCache
-from nanoflow.engine.sampler import DeviceSample, sample, score_prompt
+from nanoflow.engine.sampler import DeviceSample, defer_grammar_tokens, sample, score_prompt
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.sequence import PromptLogprob, Sequence
 from nanoflow.engine.upload import to_device
@@ -104,6 +104,12 @@ class InFlight:
             self.copied.synchronize()
         logprobs = None if self.host_logprobs is None else self.host_logprobs.tolist()
         return self.host_tokens.tolist(), logprobs
+
+    def token(self, row: int) -> int:
+        """Row ``row``'s token, waiting for this iteration's copy only."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return int(self.host_tokens[row])
 
     def top_logprobs(self) -> list[list[tuple[int, float]]] | None:
         """Per row, its top-k (token id, logprob) pairs; read after ``results``."""
@@ -321,4 +327,6 @@ class ModelRunner:
         if step.prompt_rows:
             scored = [(seq, position) for _, seq, position in step.prompt_rows]
             scores = (scored, score_prompt(logits[n:], scored))
-        return InFlight.start(step.sampling_chunks, result, started, scores)
+        flight = InFlight.start(step.sampling_chunks, result, started, scores)
+        defer_grammar_tokens([c.seq for c in step.sampling_chunks], flight.token)
+        return flight

@@ -5,8 +5,9 @@ Everything stays on the GPU (no host sync), so the next iteration can be launche
 has read these tokens. Processing is batched over the rows that ask for it: ``logit_bias`` as one
 indexed add, presence / frequency / repetition penalties from per-sequence token counts kept on the
 device, ``min_tokens`` as a mask of the ending tokens, and grammar constraints as xgrammar token
-bitmasks. A grammar needs the sampled token on the host to advance, so an iteration with
-constrained rows reads their tokens back at once. Non-greedy rows are filtered in one batched pass
+bitmasks. A grammar needs the sampled token on the host to advance: it reads it at the next
+step, once that step's forward pass is queued, so the wait and the next mask's fill overlap
+the GPU's work. Non-greedy rows are filtered in one batched pass
 and sampled with the exponential-race trick (argmax of p / E, E ~ Exp(1)); seeded requests draw E
 from their own generator, so a seed gives the same text whatever else shares the batch.
 Reported log-probabilities are those of the processed logits (before temperature), so a masked
@@ -16,6 +17,8 @@ logits, as no request rule applies to them.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,15 +112,16 @@ def _ban_endings(logits: torch.Tensor, seqs: list[Sequence]) -> None:
 
 
 def _constrain(logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> None:
+    """Mask each constrained row to its grammar's next tokens. Called after the forward pass is
+    queued, so the host's mask fill (and its wait for the last tokens) overlaps the GPU's work."""
     import xgrammar
 
     from nanoflow.engine.grammar import token_bitmask
 
-    bitmask = token_bitmask([state_of(seqs[i]).grammar for i in rows], logits.shape[1])
-    index = to_device(rows, torch.int64, logits.device)
-    sub = logits[index]
-    xgrammar.apply_token_bitmask_inplace(sub, bitmask.to(logits.device))
-    logits[index] = sub
+    grammars = {i: state_of(seqs[i]).grammar for i in rows}
+    bitmask = token_bitmask(grammars, logits.shape[0], logits.shape[1], pinned=logits.is_cuda)
+    bitmask = bitmask.to(logits.device, non_blocking=True)
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
 
 
 def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -157,23 +161,23 @@ def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 def _record(tokens: torch.Tensor, seqs: list[Sequence]) -> None:
-    """Count each penalized row's token on the device; advance each grammar on the host (one
-    read of the constrained rows' tokens)."""
+    """Count each penalized row's token on the device (grammars take theirs later, through
+    ``defer_grammar_tokens``, so sampling never waits for the GPU)."""
     one = None
-    constrained = []
     for i, seq in enumerate(seqs):
         state = seq.sampler_state
-        if state is None:
-            continue
-        if state.output_counts is not None:
+        if state is not None and state.output_counts is not None:
             one = torch.ones(1, device=tokens.device) if one is None else one
             state.output_counts.index_add_(0, tokens[i : i + 1], one)
-        if state.grammar is not None:
-            constrained.append(i)
-    if constrained:
-        index = to_device(constrained, torch.int64, tokens.device)
-        for i, token in zip(constrained, tokens[index].tolist(), strict=True):
-            seqs[i].sampler_state.grammar.accept_token(token)
+
+
+def defer_grammar_tokens(seqs: list[Sequence], read_token: Callable[[int], int]) -> None:
+    """Hand each constrained row's sampled token to its grammar as a reader (``read_token(row)``
+    gives the token once it is on the host); the grammar reads it when next asked."""
+    for i, seq in enumerate(seqs):
+        grammar = _grammar(seq)
+        if grammar is not None:
+            grammar.defer(functools.partial(read_token, i))
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample:
