@@ -5,8 +5,10 @@ The functions here pick the implementation: Triton for CUDA tensors, the referen
 ablation); ``NANOFLOW_KERNELS=triton`` forces Triton, which with ``TRITON_INTERPRET=1`` runs on CPU
 tensors in tests. GEMMs on a GPU go to cuBLAS (SM-limited by the execution unit's carve-out or
 green context) unless ``NANOFLOW_GEMM=persistent`` picks the persistent Triton GEMM, whose
-program count is the SM budget itself. Both switches are read once, at import; ``set_backend``
-changes the first in a running process.
+program count is the SM budget itself. MoE experts in bf16 on a GPU run on grouped GEMMs
+(``moe_grouped.py``) unless ``NANOFLOW_MOE=triton`` picks the fused Triton kernel; FP8 experts
+always take the grouped path. The switches are read once, at import; ``set_backend`` and
+``set_moe_backend`` change them in a running process.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from nanoflow.kernels.quant import quantize_fp8_ref, rms_norm_quant_ref, silu_an
 from nanoflow.kernels.rotary import rope_kv_write_ref
 
 BACKENDS = ("auto", "reference", "triton")
+MOE_BACKENDS = ("grouped", "triton")
 _CUBLAS_GEMM = os.environ.get("NANOFLOW_GEMM", "cublas") == "cublas"
 _forced = os.environ.get("NANOFLOW_KERNELS", "auto")
+_moe_backend = os.environ.get("NANOFLOW_MOE", "grouped")
 
 
 def set_backend(name: str) -> None:
@@ -40,6 +44,14 @@ def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"kernel backend must be one of {BACKENDS}, got {name!r}")
     _forced = name
+
+
+def set_moe_backend(name: str) -> None:
+    """``grouped`` (grouped GEMMs) or ``triton`` (the fused Triton kernel) for bf16 experts."""
+    global _moe_backend
+    if name not in MOE_BACKENDS:
+        raise ValueError(f"MoE backend must be one of {MOE_BACKENDS}, got {name!r}")
+    _moe_backend = name
 
 
 def backend_for(tensor: torch.Tensor) -> str:
@@ -75,7 +87,7 @@ paged_prefill_attention = _dispatch(paged_prefill_attention_ref, "prefill_attent
 rms_norm = _dispatch(rms_norm_ref, "norm")
 rope_kv_write = _dispatch(rope_kv_write_ref, "rotary")
 silu_and_mul = _dispatch(silu_and_mul_ref, "activation")
-fused_moe = _dispatch(fused_moe_ref, "moe")
+_fused_moe = _dispatch(fused_moe_ref, "moe")
 rms_norm_quant = _dispatch(rms_norm_quant_ref, "quant")
 silu_and_mul_quant = _dispatch(silu_and_mul_quant_ref, "quant")
 quantize_fp8 = _dispatch(quantize_fp8_ref, "quant")
@@ -96,3 +108,26 @@ def linear(x: torch.Tensor, weight: Any, *args: Any, **kwargs: Any) -> torch.Ten
 
 
 linear.__name__ = linear.__qualname__ = "linear"
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: Any,
+    w2: Any,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    num_ctas: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``fused_moe_ref``'s MoE MLP; ``w13`` and ``w2`` are tensors, or :class:`Fp8Weight`
+    stacks of e4m3 experts (the grouped path on every device, its references off the GPU)."""
+    args = (x, w13, w2, topk_weights, topk_ids, num_ctas, out)
+    if isinstance(w13, Fp8Weight):
+        return _triton("moe_grouped", "fused_moe_fp8")(*args)
+    grouped = x.is_cuda and x.dtype == torch.bfloat16 and _moe_backend == "grouped"
+    if grouped and backend_for(x) == "triton":
+        return _triton("moe_grouped", "fused_moe_grouped")(*args)
+    return _fused_moe(*args)
+
+
+fused_moe.__name__ = fused_moe.__qualname__ = "fused_moe"

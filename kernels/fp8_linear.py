@@ -17,17 +17,18 @@ MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
 @dataclass(frozen=True)
 class Fp8Weight:
     """An ``[N, K]`` weight as e4m3 ``data`` with an fp32 ``scale`` per output channel
-    (``[N]``): ``w ≈ data * scale[:, None]``."""
+    (``[N]``): ``w ≈ data * scale[:, None]``; or a stack of experts' weights, ``[E, N, K]``
+    with scales ``[E, N]``."""
 
     data: torch.Tensor
     scale: torch.Tensor
 
     def __post_init__(self) -> None:
-        if self.data.dtype != FP8_DTYPE or self.data.dim() != 2:
-            raise ValueError(f"data must be a 2-D {FP8_DTYPE} tensor, got {self.data.dtype}")
-        if self.scale.dtype != torch.float32 or self.scale.shape != self.data.shape[:1]:
+        if self.data.dtype != FP8_DTYPE or self.data.dim() not in (2, 3):
+            raise ValueError(f"data must be a 2-D or 3-D {FP8_DTYPE} tensor, got {self.data.dtype}")
+        if self.scale.dtype != torch.float32 or self.scale.shape != self.data.shape[:-1]:
             raise ValueError(
-                f"scale must be float32 [{self.data.shape[0]}], got {self.scale.dtype} "
+                f"scale must be float32 {list(self.data.shape[:-1])}, got {self.scale.dtype} "
                 f"{tuple(self.scale.shape)}"
             )
 
@@ -47,7 +48,7 @@ class Fp8Weight:
         return Fp8Weight(self.data.to(device), self.scale.to(device))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.data.float() * self.scale[:, None]).to(dtype)
+        return (self.data.float() * self.scale.unsqueeze(-1)).to(dtype)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -104,12 +104,14 @@ def test_fused_weights_and_packing_keep_scales_with_their_rows():
     assert torch.equal(back["qkv"].data.float(), fused.data.float())
 
 
-def test_only_the_dense_gemm_weights_are_quantized():
+def test_only_the_gemm_weights_are_quantized():
     weights = {
         "model.layers.0.self_attn.q_proj.weight": torch.randn(8, 8),
         "model.layers.0.mlp.down_proj.weight": torch.randn(8, 8),
         "model.layers.0.input_layernorm.weight": torch.ones(8),
         "model.layers.0.block_sparse_moe.experts.0.w1.weight": torch.randn(8, 8),
+        "model.layers.0.block_sparse_moe.experts.3.w2.weight": torch.randn(8, 8),
+        "model.layers.0.block_sparse_moe.gate.weight": torch.randn(4, 8),
         "model.embed_tokens.weight": torch.randn(8, 8),
         "lm_head.weight": torch.randn(8, 8),
     }
@@ -118,6 +120,8 @@ def test_only_the_dense_gemm_weights_are_quantized():
     assert quantized == {
         "model.layers.0.self_attn.q_proj.weight",
         "model.layers.0.mlp.down_proj.weight",
+        "model.layers.0.block_sparse_moe.experts.0.w1.weight",
+        "model.layers.0.block_sparse_moe.experts.3.w2.weight",
     }
 
 
@@ -250,17 +254,26 @@ def test_fused_quantization_gives_the_tokens_of_quantizing_in_the_gemm(
         assert bool((q.scale[:10] != 1.0).all())
 
 
-def test_mixtral_quantizes_its_attention_and_keeps_its_experts(tmp_path):
+def test_mixtral_runs_fp8_experts_and_reads_them_from_an_fp8_checkpoint(tmp_path):
+    """Load-time quantization stacks each layer's e4m3 experts with a scale per expert and
+    channel; an FP8 checkpoint with per-channel expert scales gives the same tokens; both stay
+    close to the float32 model's greedy tokens."""
     import transformers
     from conftest import TINY
+    from test_fp8_checkpoints import _compressed_tensors, write_fp8_checkpoint
 
     config = transformers.MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2)
     torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    tokens, llm = _tokens(tmp_path, quantization="fp8")
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "float")
+    tokens, llm = _tokens(tmp_path / "float", quantization="fp8")
     layer = llm.engine.runner.model.layers[0]
-    assert isinstance(layer.w["qkv"], Fp8Weight) and isinstance(layer.w["w13"], torch.Tensor)
-    assert all(len(t) == 10 for t in tokens)
+    assert isinstance(layer.w["qkv"], Fp8Weight) and isinstance(layer.w["w13"], Fp8Weight)
+    assert layer.w["w13"].scale.shape == (4, 2 * TINY["intermediate_size"])
+    assert isinstance(layer.w["router"], torch.Tensor)
+    channel = _compressed_tensors("channel", static_input=False)
+    write_fp8_checkpoint(tmp_path / "float", tmp_path / "fp8", channel, per_channel=True)
+    assert _tokens(tmp_path / "fp8")[0] == tokens
+    assert _agreement(tokens, _tokens(tmp_path / "float")[0]) >= 0.5
 
 
 def test_offload_slots_are_sized_for_fp8_layers():

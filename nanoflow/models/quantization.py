@@ -22,7 +22,8 @@ from nanoflow.kernels.fp8_linear import FP8_DTYPE, Fp8Weight, quantize_weight
 
 logger = logging.getLogger(__name__)
 
-# the dense layers' GEMM weights; embeddings, norms, the LM head and MoE experts stay unquantized
+# the GEMM weights, dense layers' and MoE experts'; embeddings, norms, the router and the LM head
+# stay unquantized
 _LINEARS = (
     "self_attn.q_proj.weight",
     "self_attn.k_proj.weight",
@@ -32,6 +33,7 @@ _LINEARS = (
     "mlp.up_proj.weight",
     "mlp.down_proj.weight",
 )
+_EXPERT_LINEARS = (".w1.weight", ".w2.weight", ".w3.weight")
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_inv", "input_scale")
 
 Weight = torch.Tensor | Fp8Weight
@@ -45,7 +47,10 @@ def effective_quantization(quantization: str | None, checkpoint: Path | None) ->
 
 
 def is_quantized_linear(name: str) -> bool:
-    return name.startswith("model.layers.") and name.endswith(_LINEARS)
+    if not name.startswith("model.layers."):
+        return False
+    expert = ".block_sparse_moe.experts." in name and name.endswith(_EXPERT_LINEARS)
+    return expert or name.endswith(_LINEARS)
 
 
 def quantize_linears(weights: dict[str, Weight]) -> dict[str, Weight]:
@@ -73,6 +78,15 @@ def cat(ws: list[Weight]) -> Weight:
     if not all(isinstance(w, Fp8Weight) for w in ws):
         raise CheckpointError("a fused weight mixes FP8 and unquantized parts")
     return Fp8Weight(torch.cat([w.data for w in ws]), torch.cat([w.scale for w in ws]))
+
+
+def stack(ws: list[Weight]) -> Weight:
+    """The experts' weights as one ``[E, N, K]`` stack (FP8 scales ``[E, N]``)."""
+    if all(isinstance(w, torch.Tensor) for w in ws):
+        return torch.stack(ws)  # type: ignore[arg-type]
+    if not all(isinstance(w, Fp8Weight) for w in ws):
+        raise CheckpointError("the experts of one layer mix FP8 and unquantized weights")
+    return Fp8Weight(torch.stack([w.data for w in ws]), torch.stack([w.scale for w in ws]))
 
 
 def flat_tensors(weights: dict[str, Weight]) -> dict[str, torch.Tensor]:
@@ -202,7 +216,7 @@ def join_fp8(
             out[name] = w
             continue
         if not is_quantized_linear(name):
-            raise CheckpointError(f"tensor {name} is FP8; nanoflow reads FP8 dense GEMMs only")
+            raise CheckpointError(f"tensor {name} is FP8; nanoflow reads FP8 GEMM weights only")
         base = name.removesuffix("weight")
         scale_name = next((base + s for s in SCALE_SUFFIXES[:2] if base + s in scales), None)
         if scale_name is None:

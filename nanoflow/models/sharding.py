@@ -10,7 +10,7 @@ import torch
 
 from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.errors import ConfigError
-from nanoflow.models.quantization import Weight, cat, part
+from nanoflow.models.quantization import Weight, cat, part, stack
 from nanoflow.models.spec import ModelSpec
 
 
@@ -64,21 +64,19 @@ def shard_weights(group: ParallelGroup, spec: ModelSpec, w: dict[str, Weight]) -
 
 
 def _shard_experts(
-    group: ParallelGroup, spec: ModelSpec, w: dict[str, torch.Tensor], p: str
-) -> dict[str, torch.Tensor]:
+    group: ParallelGroup, spec: ModelSpec, w: dict[str, Weight], p: str
+) -> dict[str, Weight]:
     """Each expert split like the dense MLP (w1/w3 by rows, w2 by columns), so the MoE output
     is a partial sum that the same all-reduce joins; the router is replicated.
 
     Returns ``router`` ``[E, h]``, ``w13`` ``[E, 2*I/tp, h]`` (gate rows then up rows) and
-    ``w2`` ``[E, h, I/tp]``, the layouts the fused MoE kernel reads.
+    ``w2`` ``[E, h, I/tp]`` (FP8 experts as stacks with their scales), the layouts the MoE
+    kernels read.
     """
-    inter, h = spec.intermediate_size // group.size, spec.hidden_size
-    like = w[f"{p}experts.0.w1.weight"]
-    w13 = like.new_empty(spec.num_experts, 2 * inter, h)
-    w2 = like.new_empty(spec.num_experts, h, inter)
+    w13, w2 = [], []
     for e in range(spec.num_experts):
         q = f"{p}experts.{e}."
-        w13[e, :inter] = group.part(w.pop(q + "w1.weight"), 0)
-        w13[e, inter:] = group.part(w.pop(q + "w3.weight"), 0)
-        w2[e] = group.part(w.pop(q + "w2.weight"), 1)
-    return {"router": w.pop(p + "gate.weight"), "w13": w13, "w2": w2}
+        gate = part(group, w.pop(q + "w1.weight"), 0)
+        w13.append(cat([gate, part(group, w.pop(q + "w3.weight"), 0)]))
+        w2.append(part(group, w.pop(q + "w2.weight"), 1))
+    return {"router": w.pop(p + "gate.weight"), "w13": stack(w13), "w2": stack(w2)}
