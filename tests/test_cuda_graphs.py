@@ -123,7 +123,7 @@ def test_cuda_graphs_refuse_weight_offload():
         LLM("builtin", device="cpu", cuda_graphs=True, offload_weights="cpu")
 
 
-def test_graphs_are_on_by_default_only_for_a_dense_model_on_one_gpu(llama_checkpoint):
+def test_graphs_are_on_by_default_on_one_gpu_for_dense_and_moe_models(llama_checkpoint):
     import dataclasses
 
     folder, _ = llama_checkpoint
@@ -132,7 +132,7 @@ def test_graphs_are_on_by_default_only_for_a_dense_model_on_one_gpu(llama_checkp
     runner.device = torch.device("cuda")  # the rule alone: nothing is captured here
     assert runner._use_cuda_graphs()
     runner.spec = dataclasses.replace(runner.spec, num_experts=8, num_experts_per_token=2)
-    assert not runner._use_cuda_graphs()  # MoE routing has not been captured on a GPU yet
+    assert runner._use_cuda_graphs()  # MoE routing and experts read nothing back to the host
 
 
 def _capture_up_front(folder, max_decodes: int, **kwargs):

@@ -118,3 +118,49 @@ def test_tp2_experts_sharded_give_tp1_tokens(mixtral_checkpoint):
         finally:
             llm.engine.shutdown()
     assert tokens[0] == tokens[1]
+
+
+def test_step_graph_path_gives_the_eager_tokens(mixtral_checkpoint):
+    """Padded graph shapes (here replayed eagerly) route their padding rows too; the real
+    rows' tokens are those of the unpadded steps."""
+    folder, _ = mixtral_checkpoint
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    tokens = []
+    for graphs in (False, True):
+        llm = LLM(str(folder), dtype="float32", device="cpu", max_num_batched_tokens=8)
+        runner = llm.engine.runner
+        if graphs:
+            runner.graphs = runner.step_graphs(lambda run: run)
+        tokens.append(
+            [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        )
+    assert tokens[0] == tokens[1]
+    assert runner.graphs.stats.graph_steps > 0 and runner.graphs.stats.eager_steps == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("moe_backend", ["grouped", "triton"])
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_cuda_graphs_replay_the_eager_tokens_on_a_gpu(
+    mixtral_checkpoint, moe_backend, quantization
+):
+    from nanoflow import kernels
+
+    if quantization == "fp8" and moe_backend == "triton":
+        pytest.skip("FP8 experts always take the grouped path")
+    folder, _ = mixtral_checkpoint
+    kernels.set_moe_backend(moe_backend)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    tokens = []
+    try:
+        for graphs in (False, True):
+            llm = LLM(str(folder), dtype="bfloat16", device="cuda", cuda_graphs=graphs,
+                      quantization=quantization, max_num_batched_tokens=64)  # fmt: skip
+            outs = llm.generate(PROMPTS, params, use_tqdm=False)
+            tokens.append([o.outputs[0].token_ids for o in outs])
+            if graphs:
+                assert llm.engine.runner.graphs.stats.graph_steps > 0
+    finally:
+        kernels.set_moe_backend("grouped")
+    assert tokens[0] == tokens[1]

@@ -201,8 +201,8 @@ class ModelRunner:
             raise ConfigError("cuda_graphs needs a CUDA device")
         if wanted is not None:
             return wanted
-        dense_single_gpu = self.group.size == 1 and not self.spec.is_moe
-        return self.device.type == "cuda" and dense_single_gpu and self.offload is None
+        single_gpu = self.group.size == 1
+        return self.device.type == "cuda" and single_gpu and self.offload is None
 
     @torch.inference_mode()
     def capture_startup_graphs(self, max_decodes: int, budget: int) -> None:
