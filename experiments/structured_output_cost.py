@@ -57,6 +57,35 @@ def synthetic_info(vocab_size: int, stop_token_ids: list[int]) -> object:
     )
 
 
+class HostClock:
+    """Host seconds of the constrained steps' two host phases, timed around the sampler's mask
+    fill: waiting for the last step's tokens (the grammars' catch-up) and filling the masks."""
+
+    def __init__(self) -> None:
+        from nanoflow.engine import grammar
+
+        self.wait_seconds = self.fill_seconds = 0.0
+        self.calls = 0
+        self._fill = grammar.token_bitmask
+        grammar.token_bitmask = self.token_bitmask
+
+    def token_bitmask(self, grammars: dict, *args: object, **kwargs: object) -> object:
+        started = time.perf_counter()
+        for g in grammars.values():
+            g.catch_up()
+        waited = time.perf_counter()
+        bitmask = self._fill(grammars, *args, **kwargs)
+        self.wait_seconds += waited - started
+        self.fill_seconds += time.perf_counter() - waited
+        self.calls += 1
+        return bitmask
+
+    def summary(self) -> dict[str, float]:
+        calls = max(1, self.calls)
+        return {"mask_steps": self.calls, "wait_ms_per_step": 1e3 * self.wait_seconds / calls,
+                "fill_ms_per_step": 1e3 * self.fill_seconds / calls}  # fmt: skip
+
+
 def decode_cost(
     engine: EngineCore,
     compiler: GrammarCompiler | None,
@@ -123,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     compiler = GrammarCompiler(tokenizer, vocab, stops, tokenizer_info=info)
     decode_cost(engine, None, args, "warmup")
     free = decode_cost(engine, None, args, "free")
-    constrained = decode_cost(engine, compiler, args, "constrained")
+    clock = HostClock()
+    constrained = decode_cost(engine, compiler, args, "constrained") | clock.summary()
     record = {
         **environment(engine.runner.device),
         "args": {k: str(v) for k, v in vars(args).items()},
@@ -135,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     label = args.label or f"{args.model}-b{args.batch}"
     path = write_result(args.out, "structured_output", label, record, " ".join(sys.argv))
-    print(f"wrote {path}: overhead per token {record['overhead_per_token']:+.1%}")
+    print(f"wrote {path}: overhead per token {record['overhead_per_token']:+.1%}; per step "
+          f"{1e3 * free['decode_seconds'] / max(1, free['decode_iterations']):.2f} ms free, "
+          f"host wait {constrained['wait_ms_per_step']:.2f} ms and mask fill "
+          f"{constrained['fill_ms_per_step']:.2f} ms when constrained")  # fmt: skip
     return 0
 
 

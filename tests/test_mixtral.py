@@ -156,7 +156,8 @@ def test_cuda_graphs_replay_the_eager_tokens_on_a_gpu(
     try:
         for graphs in (False, True):
             llm = LLM(str(folder), dtype="bfloat16", device="cuda", cuda_graphs=graphs,
-                      quantization=quantization, max_num_batched_tokens=64)  # fmt: skip
+                      quantization=quantization, max_num_batched_tokens=64,
+                      num_kv_blocks=256)  # fmt: skip
             outs = llm.generate(PROMPTS, params, use_tqdm=False)
             tokens.append([o.outputs[0].token_ids for o in outs])
             if graphs:

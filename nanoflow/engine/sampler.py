@@ -121,7 +121,9 @@ def _constrain(logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> N
     grammars = {i: state_of(seqs[i]).grammar for i in rows}
     bitmask = token_bitmask(grammars, logits.shape[0], logits.shape[1], pinned=logits.is_cuda)
     bitmask = bitmask.to(logits.device, non_blocking=True)
-    xgrammar.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+    # every row (unconstrained rows allow all): row indices would be a pageable upload, which
+    # can stall the host until the GPU reaches it
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask)
 
 
 def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
