@@ -49,13 +49,15 @@ GRID_TOKENS = {Rows.ALL: TOKENS, Rows.DECODE: DECODES, Rows.PREFILL: PREFILL_TOK
 BLOCK_SIZE = 16
 LM_HEAD = OpSpec("lm_head", Resource.COMPUTE)
 PAIR_SPLITS = {Mechanism.CTA_LIMIT: 32, Mechanism.GREEN_CONTEXT: 32}  # memory unit's SMs
-# (op name, tokens, context) timed on the first unit and beside it on the second, per class pair:
-# GEMMs beside decode attention, the small memory-bound ops beside it (two readers of one memory
-# system), and GEMMs beside prefill attention placed on the memory unit
+# (op names, tokens, context) timed on the first unit and beside it on the second, per class
+# pair: the MLP's GEMMs (a dense layer's gate-up, a MoE layer's experts) beside decode attention,
+# the small memory-bound ops beside it (two readers of one memory system), and the GEMMs beside
+# prefill attention placed on the memory unit; the first name the layer has is taken
+MLP_GEMMS = ("gate_up_proj", "experts")
 PAIR_OPS = {
-    "compute+memory": (("gate_up_proj", 2048, 0), (DECODE_ATTENTION, 256, 1024)),
-    "memory+memory": (("silu_mul", 2048, 0), (DECODE_ATTENTION, 256, 1024)),
-    "compute+compute": (("gate_up_proj", 2048, 0), (PREFILL_ATTENTION, 1024, 1024)),
+    "compute+memory": ((MLP_GEMMS, 2048, 0), ((DECODE_ATTENTION,), 256, 1024)),
+    "memory+memory": ((("silu_mul", "post_attn_norm"), 2048, 0), ((DECODE_ATTENTION,), 256, 1024)),
+    "compute+compute": ((MLP_GEMMS, 2048, 0), ((PREFILL_ATTENTION,), 1024, 1024)),
 }
 
 
@@ -94,6 +96,13 @@ class LayerBench:
             getattr(self.buffers, name).normal_(0.0, 0.5)
         self.buffers.positions.copy_(torch.arange(rows) % 1024)
         self.buffers.slot_mapping.copy_(torch.arange(rows) % (self.num_blocks * BLOCK_SIZE))
+        routing = getattr(self.model, "routing", None)
+        if routing is not None:  # a MoE layer's experts read what its router wrote: fill it once
+            routing.fit(rows)
+            scores = torch.rand(rows, self.spec.num_experts, device=device)
+            top, ids = torch.topk(scores, routing.top_k, dim=-1)
+            routing.weights.copy_(top / top.sum(-1, keepdim=True))
+            routing.ids.copy_(ids)
 
     def _chunks(self, q_lens: list[int], context: int) -> AttentionChunks:
         blocks = -(-context // BLOCK_SIZE)
@@ -180,16 +189,29 @@ def _shared_interference(bench: LayerBench, total: int) -> dict[str, float]:
     return _pair_factors(bench, units["compute"], units["attention"])
 
 
+def pair_ops(op_names: list[str]) -> dict[str, tuple[tuple[str, int, int], ...]]:
+    """Each class pair of ``PAIR_OPS`` as the ops of this layer that stand for it, (name,
+    tokens, context) per side; a pair whose side the layer lacks is left out (no slowdown)."""
+    pairs = {}
+    for pair, sides in PAIR_OPS.items():
+        chosen = []
+        for names, tokens, context in sides:
+            name = next((n for n in names if n in op_names), None)
+            if name is not None:
+                chosen.append((name, tokens, context))
+        if len(chosen) == len(sides):
+            pairs[pair] = tuple(chosen)
+    return pairs
+
+
 def _pair_factors(
     bench: LayerBench, first: ExecutionUnit, second: ExecutionUnit
 ) -> dict[str, float]:
-    """The slowdown of every pair in ``PAIR_OPS`` whose ops the layer has (a Mixtral layer has
-    no dense MLP: its pairs are left out, and count as no slowdown)."""
+    """The slowdown of every class pair the layer's ops stand for (``pair_ops``)."""
     by_name = {op.name: op for op in bench.ops}
     return {
         pair: _pair_slowdown(bench, (first, by_name[a], *a_size), (second, by_name[b], *b_size))
-        for pair, ((a, *a_size), (b, *b_size)) in PAIR_OPS.items()
-        if a in by_name and b in by_name
+        for pair, ((a, *a_size), (b, *b_size)) in pair_ops(list(by_name)).items()
     }
 
 
