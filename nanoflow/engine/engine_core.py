@@ -12,6 +12,7 @@ from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.engine.block_manager import BlockManager
 from nanoflow.engine.cuda_graphs import GraphStats
 from nanoflow.engine.host_gc import quiet_garbage_collector
+from nanoflow.engine.masked_sampling import DeferredFlight
 from nanoflow.engine.model_runner import InFlight, ModelRunner
 from nanoflow.engine.sampler import SamplerState
 from nanoflow.engine.sampling_params import SamplingParams
@@ -176,7 +177,7 @@ class EngineCore:
         self.last_step = StepStats()
         self.stats = RunStats()
         self.async_scheduling = config.use_async_scheduling()
-        self.in_flight: InFlight | None = None
+        self.in_flight: InFlight | DeferredFlight | None = None
         self.last_resolved: InFlight | None = None  # for the GPU's idle time between iterations
         quiet_garbage_collector()
 
@@ -219,7 +220,8 @@ class EngineCore:
         return self.runner.schedule
 
     def shutdown(self) -> None:
-        """Release the tensor-parallel workers (no-op without tensor parallelism)."""
+        """Release the mask-filling thread and the tensor-parallel workers."""
+        self.runner.mask_filler.shutdown()
         if self.launcher is not None:
             self.launcher.shutdown()
             self.launcher = None
@@ -266,7 +268,13 @@ class EngineCore:
             previous, self.in_flight = launched, None
         if previous is not None:
             waiting = time.perf_counter()
-            tokens, logprobs = previous.results()
+            try:
+                tokens, logprobs = previous.results()
+            except Exception as exc:  # its sampling failed late (a deferred, constrained step)
+                logger.exception("sampling failed; failing its %d requests", len(previous.chunks))
+                return outputs + [
+                    self._fail(c.seq, exc) for c in previous.chunks if not c.seq.is_finished
+                ]
             for seq, position, scored in previous.prompt_logprobs():
                 seq.prompt_logprobs[position] = scored
             self._time_gpu(previous)

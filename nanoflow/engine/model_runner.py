@@ -16,6 +16,7 @@ from nanoflow.engine.batch import PreparedStep, prepare_step
 from nanoflow.engine.block_manager import BlockCopy
 from nanoflow.engine.cuda_graphs import PADDING_ROWS, StepGraphs
 from nanoflow.engine.host_kv_cache import HostKVCache
+from nanoflow.engine.masked_sampling import DeferredFlight, MaskFiller, constrained_rows
 from nanoflow.engine.sampler import DeviceSample, defer_grammar_tokens, sample, score_prompt
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.sequence import PromptLogprob, Sequence
@@ -184,6 +185,7 @@ class ModelRunner:
                 raise ConfigError(f"kv_offload_gib={config.kv_offload_gib} holds no KV block")
             self.host_kv = HostKVCache(caches, slots)
         self.last_prepare_seconds = 0.0  # host time the last launch spent in prepare()
+        self.mask_filler = MaskFiller()
         self.set_schedule(schedule)
 
     def set_schedule(self, schedule: PipelineSchedule) -> None:
@@ -302,16 +304,22 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def launch(self, plan: BatchPlan, previous: InFlight | None) -> InFlight:
+    def launch(
+        self, plan: BatchPlan, previous: InFlight | DeferredFlight | None
+    ) -> InFlight | DeferredFlight:
         """Queue an iteration on the GPU and return at once; its tokens arrive in the host
         buffer of the returned InFlight. Inputs still in flight from ``previous`` are read on
-        the GPU."""
+        the GPU. With grammar-constrained rows the sampling waits for their masks, filled on a
+        host thread meanwhile (``masked_sampling``): a DeferredFlight stands for the InFlight
+        until the next launch, after its prepare, or a read of its results queues it."""
         if self.on_plan is not None:
             self.on_plan(plan)
         started = InFlight.timing_event(self.device)
         preparing = time.perf_counter()
         step = self.prepare(plan)
         self.last_prepare_seconds = time.perf_counter() - preparing
+        if isinstance(previous, DeferredFlight):  # its sampling goes ahead of this forward
+            previous = previous.done()
         if step.placeholder_rows:
             if previous is None:
                 raise RuntimeError("a sequence waits on a token from no iteration in flight")
@@ -322,11 +330,20 @@ class ModelRunner:
             ]
         logits = self.forward(step)
         n = len(step.sampling_chunks)
-        result = sample(logits[:n], [c.seq for c in step.sampling_chunks])
+        seqs = [c.seq for c in step.sampling_chunks]
         scores = None
         if step.prompt_rows:
             scored = [(seq, position) for _, seq, position in step.prompt_rows]
             scores = (scored, score_prompt(logits[n:], scored))
-        flight = InFlight.start(step.sampling_chunks, result, started, scores)
-        defer_grammar_tokens([c.seq for c in step.sampling_chunks], flight.token)
-        return flight
+
+        def finish(bitmask: torch.Tensor | None = None) -> InFlight:
+            result = sample(logits[:n], seqs, bitmask)
+            flight = InFlight.start(step.sampling_chunks, result, started, scores)
+            defer_grammar_tokens(seqs, flight.token)
+            return flight
+
+        grammars = constrained_rows(seqs)
+        if not grammars:
+            return finish()
+        masks = self.mask_filler.submit(grammars, n, logits.shape[1], pinned=logits.is_cuda)
+        return DeferredFlight(step.sampling_chunks, lambda: finish(masks.result()))

@@ -6,10 +6,11 @@ has read these tokens. Processing is batched over the rows that ask for it: ``lo
 indexed add, presence / frequency / repetition penalties from per-sequence token counts kept on the
 device, ``min_tokens`` as a mask of the ending tokens, and grammar constraints as xgrammar token
 bitmasks. A grammar needs the sampled token on the host to advance: it reads it at the next
-step, once that step's forward pass is queued, so the wait and the next mask's fill overlap
-the GPU's work. Non-greedy rows are filtered in one batched pass
-and sampled with the exponential-race trick (argmax of p / E, E ~ Exp(1)); seeded requests draw E
-from their own generator, so a seed gives the same text whatever else shares the batch.
+step, once that step's forward pass is queued, and the runner fills the masks on a host thread
+(``masked_sampling``), so neither the wait nor the fill holds up the GPU. Non-greedy rows are
+filtered in one batched pass and sampled with the exponential-race trick (argmax of p / E,
+E ~ Exp(1)); seeded requests draw E from their own generator, so a seed gives the same text
+whatever else shares the batch.
 Reported log-probabilities are those of the processed logits (before temperature), so a masked
 token never appears among the alternatives; a prompt's tokens are scored under the model's own
 logits, as no request rule applies to them.
@@ -111,23 +112,29 @@ def _ban_endings(logits: torch.Tensor, seqs: list[Sequence]) -> None:
         logits.index_put_(index, torch.tensor(float("-inf"), device=logits.device))
 
 
-def _constrain(logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> None:
-    """Mask each constrained row to its grammar's next tokens. Called after the forward pass is
-    queued, so the host's mask fill (and its wait for the last tokens) overlaps the GPU's work."""
+def _constrain(
+    logits: torch.Tensor, rows: list[int], seqs: list[Sequence], bitmask: torch.Tensor | None
+) -> None:
+    """Mask each constrained row to its grammar's next tokens: ``bitmask`` when the caller
+    filled it (``masked_sampling``), else filled here."""
     import xgrammar
 
     from nanoflow.engine.grammar import token_bitmask
 
-    grammars = {i: state_of(seqs[i]).grammar for i in rows}
-    bitmask = token_bitmask(grammars, logits.shape[0], logits.shape[1], pinned=logits.is_cuda)
+    if bitmask is None:
+        grammars = {i: state_of(seqs[i]).grammar for i in rows}
+        bitmask = token_bitmask(grammars, logits.shape[0], logits.shape[1], pinned=logits.is_cuda)
     bitmask = bitmask.to(logits.device, non_blocking=True)
     # every row (unconstrained rows allow all): row indices would be a pageable upload, which
     # can stall the host until the GPU reaches it
     xgrammar.apply_token_bitmask_inplace(logits, bitmask)
 
 
-def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """The logits the request's rules leave (a new tensor when any rule applies)."""
+def process_logits(
+    logits: torch.Tensor, seqs: list[Sequence], bitmask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The logits the request's rules leave (a new tensor when any rule applies); ``bitmask``:
+    the constrained rows' token masks, if already filled (one row per row of ``logits``)."""
     penalized = [i for i, s in enumerate(seqs) if s.params.has_penalties]
     constrained = [i for i, s in enumerate(seqs) if _grammar(s) is not None]
     banning = any(s.params.min_tokens for s in seqs)
@@ -140,7 +147,7 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     if banning:
         _ban_endings(logits, seqs)
     if constrained:
-        _constrain(logits, constrained, seqs)
+        _constrain(logits, constrained, seqs, bitmask)
     return logits
 
 
@@ -182,9 +189,12 @@ def defer_grammar_tokens(seqs: list[Sequence], read_token: Callable[[int], int])
             grammar.defer(functools.partial(read_token, i))
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample:
-    """One token per row of float32 ``logits`` ([rows, vocab]) under each row's params."""
-    logits = process_logits(logits, seqs)
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence], bitmask: torch.Tensor | None = None
+) -> DeviceSample:
+    """One token per row of float32 ``logits`` ([rows, vocab]) under each row's params
+    (``bitmask``: as for ``process_logits``)."""
+    logits = process_logits(logits, seqs, bitmask)
     tokens = torch.argmax(logits, dim=-1)
     random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if random_rows:

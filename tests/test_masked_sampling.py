@@ -1,0 +1,64 @@
+"""Deferred sampling of grammar-constrained steps: the stand-in queues its step once, on first
+use; with async scheduling and without, constrained outputs equal those of filling the masks
+inline; a mask fill that fails fails its step's requests and the engine goes on serving."""
+
+from __future__ import annotations
+
+import pytest
+
+from nanoflow import LLM, SamplingParams
+from nanoflow.engine import grammar, model_runner
+from nanoflow.engine.masked_sampling import DeferredFlight
+from nanoflow.engine.sampling_params import StructuredOutput
+
+REGEX = StructuredOutput("regex", "[a-e]{3,9}")
+
+
+def test_the_stand_in_queues_its_step_once_and_keeps_a_failure():
+    calls = []
+
+    class Flight:
+        token_ids = "tokens"
+
+    flight = DeferredFlight(["chunk"], lambda: calls.append(1) or Flight())
+    assert flight.chunks == ["chunk"] and calls == []
+    assert flight.token_ids == "tokens" and flight.done() is flight.done() and calls == [1]
+
+    def boom():
+        raise ValueError("no mask")
+
+    failing = DeferredFlight([], boom)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="no mask"):
+            failing.done()
+
+
+def _outputs(llm: LLM, seeds: range) -> list[str]:
+    params = [SamplingParams(max_tokens=12, temperature=1.0, seed=s, structured=REGEX)
+              for s in seeds]  # fmt: skip
+    outs = llm.generate(["ab"] * len(params), params, use_tqdm=False)
+    return [o.outputs[0].text for o in outs]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_deferred_masks_give_the_inline_outputs(monkeypatch, async_scheduling):
+    llm = LLM("builtin", device="cpu", async_scheduling=async_scheduling)
+    deferred = _outputs(llm, range(4))
+    monkeypatch.setattr(model_runner, "constrained_rows", lambda seqs: {})  # fill inline
+    assert _outputs(llm, range(4)) == deferred
+    assert all(3 <= len(text) <= 9 and set(text) <= set("abcde") for text in deferred)
+
+
+def test_a_failed_mask_fill_fails_its_requests_and_the_engine_serves_on(monkeypatch):
+    llm = LLM("builtin", device="cpu")
+    real = grammar.token_bitmask
+    monkeypatch.setattr(grammar, "token_bitmask", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("mask fill broke")))  # fmt: skip
+    params = SamplingParams(max_tokens=6, temperature=0.0, structured=REGEX)
+    with pytest.raises(RuntimeError, match="failed: RuntimeError: mask fill broke"):
+        llm.generate(["ab"], params, use_tqdm=False)
+    assert not llm.engine.has_unfinished
+    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+    monkeypatch.setattr(grammar, "token_bitmask", real)
+    (again,) = llm.generate(["ab"], params, use_tqdm=False)
+    assert 3 <= len(again.outputs[0].text) <= 9
