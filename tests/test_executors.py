@@ -21,9 +21,9 @@ from nanoflow.runtime.schedule import (
 PROMPTS = [[5, 17, 99, 3, 42, 8, 64, 12, 7, 1, 2, 3, 4], [11, 23, 5], [3, 9, 27, 81, 14] * 5, [77]]
 
 
-def _generate(folder, executor: str, **kwargs) -> list[list[int]]:
+def _generate(folder, executor: str, max_tokens: int = 10, **kwargs) -> list[list[int]]:
     llm = LLM(str(folder), dtype="float32", device="cpu", executor=executor, **kwargs)
-    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
 
 
