@@ -55,29 +55,50 @@ def test_server_flags_reach_server_config():
     assert ServerConfig(port=9001, engine_restarts=2).max_request_bytes > 0
 
 
+BAD_FLAGS = [
+    ["generate", "--num-kv-blocks", "0", "--prompt", "x"],
+    ["generate", "--max-model-len", "0", "--prompt", "x"],
+    ["generate", "--device", "cuda", "--prompt", "x"],
+    ["generate", "--device", "tpu", "--prompt", "x"],
+    ["generate", "--block-size", "12"],
+    ["serve", "--port", "70000"],
+    ["serve", "--max-request-bytes", "0"],
+    ["generate", "--max-num-seqs", "many"],
+]
+
+
+@pytest.fixture(scope="module")
+def bad_flag_runs() -> dict[int, subprocess.Popen]:
+    """Every bad command line, each in its own ``nanoflow`` process, all started at once (the
+    processes spend their time importing, so they overlap instead of queueing)."""
+    procs = {
+        i: subprocess.Popen(
+            [sys.executable, "-m", "nanoflow.cli.main", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, argv in enumerate(BAD_FLAGS)
+    }
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
 @pytest.mark.parametrize(
-    "argv",
-    [
-        ["generate", "--num-kv-blocks", "0", "--prompt", "x"],
-        ["generate", "--max-model-len", "0", "--prompt", "x"],
-        ["generate", "--device", "cuda", "--prompt", "x"],
-        ["generate", "--device", "tpu", "--prompt", "x"],
-        ["generate", "--block-size", "12"],
-        ["serve", "--port", "70000"],
-        ["serve", "--max-request-bytes", "0"],
-        ["generate", "--max-num-seqs", "many"],
-    ],
+    "index", range(len(BAD_FLAGS)), ids=[f"argv{i}" for i in range(len(BAD_FLAGS))]
 )
-def test_a_bad_flag_value_is_one_line_and_status_2(argv):
-    if "cuda" in argv:
+def test_a_bad_flag_value_is_one_line_and_status_2(bad_flag_runs, index):
+    if "cuda" in BAD_FLAGS[index]:
         pytest.importorskip("torch")
         import torch
 
         if torch.cuda.is_available():
             pytest.skip("this machine has a GPU")
-    proc = subprocess.run(
-        [sys.executable, "-m", "nanoflow.cli.main", *argv], capture_output=True, text=True
-    )
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "error" in lines[0], proc.stderr
+    proc = bad_flag_runs[index]
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0], stderr

@@ -66,7 +66,7 @@ def test_torchrun_style_launch_matches_single_process(llama_checkpoint, tmp_path
     folder, _ = llama_checkpoint
     prompt = " ".join(str(t) for t in PROMPTS[0])
 
-    def generate(extra: list[str], launcher: list[str]) -> list[int]:
+    def start(extra: list[str], launcher: list[str]) -> subprocess.Popen:
         cmd = [
             *launcher,
             "-m",
@@ -84,9 +84,13 @@ def test_torchrun_style_launch_matches_single_process(llama_checkpoint, tmp_path
             prompt,
             *extra,
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        out = subprocess.PIPE
+        return subprocess.Popen(cmd, stdout=out, stderr=out, text=True, cwd=tmp_path)
+
+    def tokens(proc: subprocess.Popen) -> list[int]:
+        stdout, stderr = proc.communicate(timeout=240)
+        assert proc.returncode == 0, stderr[-2000:]
+        lines = [line for line in stdout.splitlines() if line.startswith("{")]
         return json.loads(lines[0])["token_ids"]
 
     torchrun = [
@@ -98,5 +102,13 @@ def test_torchrun_style_launch_matches_single_process(llama_checkpoint, tmp_path
         "--master-port",
         "29533",
     ]
-    single = generate([], [sys.executable])
-    assert generate(["--tensor-parallel-size", "2"], torchrun) == single
+    # both launches at once: the single process and the two ranks share nothing
+    single = start([], [sys.executable])
+    ranks = start(["--tensor-parallel-size", "2"], torchrun)
+    try:
+        assert tokens(ranks) == tokens(single)
+    finally:
+        for proc in (single, ranks):
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
