@@ -79,3 +79,19 @@ def llama_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llama3-single")
     model = make_checkpoint("llama3", folder)
     return folder, model
+
+
+# One live `nanoflow serve builtin` for the modules that only send it requests (the request
+# fields, hostile input): a 256-token context, an API key and a 12 MiB request limit.
+SERVER_API_KEY = "input-key"
+SERVER_MAX_MODEL_LEN = 256
+SERVER_REQUEST_LIMIT = 12 * 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def request_server():
+    from nanoflow.server.launch import ServerProcess
+
+    args = ["builtin", "--max-model-len", str(SERVER_MAX_MODEL_LEN), "--api-key", SERVER_API_KEY]
+    with ServerProcess([*args, "--max-request-bytes", str(SERVER_REQUEST_LIMIT)]) as srv:
+        yield srv

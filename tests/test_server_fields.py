@@ -8,19 +8,21 @@ import re
 
 import openai
 import pytest
-
-from nanoflow.server.launch import ServerProcess
+from conftest import SERVER_API_KEY
 
 TIMEOUT = 60.0
 GREEDY = {"model": "builtin", "temperature": 0.0}
 
 
 @pytest.fixture(scope="module")
-def client():
-    with ServerProcess(["builtin", "--max-model-len", "256"]) as srv:
-        yield openai.OpenAI(
-            base_url=f"{srv.url}/v1", api_key="unused", timeout=TIMEOUT, max_retries=0
-        )
+def client(request_server):
+    """A client of the session's request server (conftest: builtin, a 256-token context)."""
+    return openai.OpenAI(
+        base_url=f"{request_server.url}/v1",
+        api_key=SERVER_API_KEY,
+        timeout=TIMEOUT,
+        max_retries=0,
+    )
 
 
 def test_completion_logprobs_are_the_top_k(client):

@@ -10,21 +10,19 @@ import time
 
 import httpx
 import pytest
+from conftest import SERVER_API_KEY, SERVER_MAX_MODEL_LEN, SERVER_REQUEST_LIMIT
 
-from nanoflow.server.launch import ServerProcess
-
-API_KEY = "input-key"
-MAX_MODEL_LEN = 256
-LIMIT = 12 * 1024 * 1024
+API_KEY = SERVER_API_KEY
+MAX_MODEL_LEN = SERVER_MAX_MODEL_LEN
+LIMIT = SERVER_REQUEST_LIMIT
 TIMEOUT = 60.0
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def server():
-    args = ["builtin", "--max-model-len", str(MAX_MODEL_LEN), "--api-key", API_KEY]
-    with ServerProcess([*args, "--max-request-bytes", str(LIMIT)]) as srv:
-        yield srv
+def server(request_server):
+    """The session's request server (conftest), shared with the request-field tests."""
+    return request_server
 
 
 def post(server, path: str, body: object, headers: dict | None = None) -> httpx.Response:
