@@ -18,10 +18,12 @@ Usage: python experiments/structured_output_cost.py [--model llama-3-8b] [--batc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
 import time
+from typing import Any
 
 from common import add_out_argument, write_result
 
@@ -104,11 +106,18 @@ def decode_cost(
         if compiler is not None:
             constrain(seq, compiler.matcher(StructuredOutput("json_schema", json.dumps(SCHEMA))))
     seconds, tokens, iterations = 0.0, 0, 0
+    engine.reset_stats()
+    traced: list[Any] = []
     while engine.has_unfinished:
+        tracing = iterations == TRACE_AT and len(traced) < args.trace_steps
+        trace = _trace(engine) if tracing else contextlib.nullcontext()
         started = time.perf_counter()
-        outputs = engine.step()  # no device sync: the engine's own pipelining is what is timed
+        with trace as profile:
+            outputs = engine.step()  # no device sync: the engine's own pipelining is timed
         elapsed = time.perf_counter() - started
-        if engine.last_step.num_prefill_tokens == 0 and outputs:
+        if profile is not None:
+            traced.append(profile)
+        elif engine.last_step.num_prefill_tokens == 0 and outputs:
             seconds += elapsed
             tokens += sum(len(o.new_token_ids) for o in outputs)
             iterations += 1
@@ -117,7 +126,35 @@ def decode_cost(
         "decode_tokens": tokens,
         "decode_iterations": iterations,
         "ms_per_token": 1e3 * seconds / max(1, tokens),
+        "engine": engine.stats.summary(),
+        "traced_steps": len(traced),
+        "kernels_ms_per_traced_step": _kernel_totals(traced),
     }
+
+
+TRACE_AT = 64  # decode steps into a run, where the profiler watches ``--trace-steps`` steps
+
+
+def _trace(engine: EngineCore) -> Any:
+    """A profiler around one step on a GPU (it yields the profile), else a no-op context
+    (yields None); traced steps are left out of the timed ones."""
+    if engine.runner.device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+
+def _kernel_totals(profiles: list[Any], top: int = 12) -> dict[str, float]:
+    """GPU milliseconds per traced step of the kernels that took most, by name."""
+    totals: dict[str, float] = {}
+    for prof in profiles:
+        for event in prof.key_averages():
+            device_us = getattr(event, "self_device_time_total", 0.0)
+            if device_us > 0:
+                totals[event.key] = totals.get(event.key, 0.0) + device_us / 1e3
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    return {name[:80]: ms / max(1, len(profiles)) for name, ms in ranked}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--label", default=None)
+    p.add_argument("--trace-steps", type=int, default=3,
+                   help="decode steps of each run traced by the profiler on a GPU (left out of "
+                   "the timing); their kernels' GPU time is recorded")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="builtin model on CPU, a tiny batch")
     add_out_argument(p)
     args = p.parse_args(argv)
