@@ -446,9 +446,10 @@ def paged_decode_attention_triton(
             q, k_cache, v_cache, block_tables, context_lens, scale, num_ctas, out, cuda_config
         )
     whole_pages = k_cache.is_contiguous() and v_cache.is_contiguous()  # what a TMA box needs
+    tma = whole_pages and k_cache.element_size() <= 2  # its tiles are written for 8/16-bit caches
     config = decode_config(
         q.shape[2], q.dtype, q.device, k_cache.dtype != q.dtype, k_cache.shape[2],
-        budgeted=num_ctas is not None, tma=whole_pages,
+        budgeted=num_ctas is not None, tma=tma,
     )  # fmt: skip
     return _launch_decode(
         q, k_cache, v_cache, block_tables, context_lens, scale, num_ctas, out, config

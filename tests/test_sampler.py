@@ -143,3 +143,31 @@ def test_prompt_logprobs_under_tensor_parallelism(llama_checkpoint):
     for a, b in zip(one[1:], two[1:], strict=True):
         assert a[0] == pytest.approx(b[0], abs=1e-4)
         assert [t for t, _ in a[1]] == [t for t, _ in b[1]]
+
+
+def _random(**params) -> Sequence:
+    return Sequence("r", [0], SamplingParams(temperature=1.0, **params))
+
+
+def test_unfiltered_rows_sample_the_softmax_and_filtered_rows_keep_their_filters():
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.1] + [1e-9] * (VOCAB - 3))).repeat(3000, 1)
+    tokens = sample(logits.clone(), [_random() for _ in range(3000)]).token_ids
+    freq = torch.bincount(tokens, minlength=VOCAB).float() / 3000
+    assert torch.allclose(freq[:3], torch.tensor([0.6, 0.3, 0.1]), atol=0.03)
+    mixed = [_random(top_k=2), _random(top_p=0.5), _random()] * 200  # one batch, both paths
+    tokens = sample(logits[:600].clone(), mixed).token_ids.view(200, 3)
+    assert set(tokens[:, 0].tolist()) == {0, 1}  # top-2 only
+    assert set(tokens[:, 1].tolist()) == {0}  # the top token holds more than half the mass
+    assert 2 in set(tokens[:, 2].tolist())  # the unfiltered row reaches the third token
+
+
+def test_a_seeded_row_draws_the_same_token_whatever_shares_its_batch():
+    logits = torch.zeros(3, VOCAB)
+
+    def seeded() -> Sequence:
+        return Sequence("s", [0], SamplingParams(temperature=1.0, seed=7))
+
+    alone = sample(logits[:1].clone(), [seeded()]).token_ids.tolist()
+    beside = sample(logits.clone(), [_random(), seeded(), _random(top_k=3)]).token_ids.tolist()
+    assert beside[1] == alone[0]

@@ -8,6 +8,7 @@ vocabulary once, caches them, and fills the token bitmasks of a batch in native 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -141,8 +142,8 @@ def token_bitmask(
         else:
             live.append(row)
     if live:
-        if _batch_matcher is None:
-            _batch_matcher = xgrammar.BatchGrammarMatcher()
+        if _batch_matcher is None:  # every core but two (the engine's threads), at least one
+            _batch_matcher = xgrammar.BatchGrammarMatcher(max(1, (os.cpu_count() or 1) - 2))
         matchers = [grammars[row].matcher for row in live]
         _batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, indices=live)
     return bitmask

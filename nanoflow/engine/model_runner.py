@@ -17,7 +17,13 @@ from nanoflow.engine.block_manager import BlockCopy
 from nanoflow.engine.cuda_graphs import PADDING_ROWS, StepGraphs
 from nanoflow.engine.host_kv_cache import HostKVCache
 from nanoflow.engine.masked_sampling import DeferredFlight, MaskFiller, constrained_rows
-from nanoflow.engine.sampler import DeviceSample, defer_grammar_tokens, sample, score_prompt
+from nanoflow.engine.sampler import (
+    DeviceSample,
+    defer_grammar_tokens,
+    sample,
+    sampling_noise,
+    score_prompt,
+)
 from nanoflow.engine.scheduler import BatchPlan, ScheduledChunk
 from nanoflow.engine.sequence import PromptLogprob, Sequence
 from nanoflow.engine.upload import to_device
@@ -336,8 +342,10 @@ class ModelRunner:
             scored = [(seq, position) for _, seq, position in step.prompt_rows]
             scores = (scored, score_prompt(logits[n:], scored))
 
+        noise = sampling_noise(logits[:n].shape, seqs, self.device)
+
         def finish(bitmask: torch.Tensor | None = None) -> InFlight:
-            result = sample(logits[:n], seqs, bitmask)
+            result = sample(logits[:n], seqs, bitmask, noise)
             flight = InFlight.start(step.sampling_chunks, result, started, scores)
             defer_grammar_tokens(seqs, flight.token)
             return flight

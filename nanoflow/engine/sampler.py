@@ -8,9 +8,10 @@ device, ``min_tokens`` as a mask of the ending tokens, and grammar constraints a
 bitmasks. A grammar needs the sampled token on the host to advance: it reads it at the next
 step, once that step's forward pass is queued, and the runner fills the masks on a host thread
 (``masked_sampling``), so neither the wait nor the fill holds up the GPU. Non-greedy rows are
-filtered in one batched pass and sampled with the exponential-race trick (argmax of p / E,
-E ~ Exp(1)); seeded requests draw E from their own generator, so a seed gives the same text
-whatever else shares the batch.
+filtered in one batched pass (the top-k / top-p sort only when a row asks for it) and sampled
+with the exponential-race trick (argmax of p / E, E ~ Exp(1)); E is drawn when the step is
+launched, before its logits are processed, and seeded requests draw it from their own
+generator, so a seed gives the same text whatever else shares the batch.
 Reported log-probabilities are those of the processed logits (before temperature), so a masked
 token never appears among the alternatives; a prompt's tokens are scored under the model's own
 logits, as no request rule applies to them.
@@ -156,17 +157,45 @@ def _grammar(seq: Sequence) -> Any:
 
 
 def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    device = logits.device
+    """Temperature, then top-k and top-p where a row asks for them: the sort they need (the
+    largest part of sampling at a full vocabulary) is skipped when no row does."""
+    device, vocab = logits.device, logits.shape[1]
     temps = to_device([s.params.temperature for s in seqs], torch.float32, device).unsqueeze(1)
-    top_k = to_device([s.params.top_k or logits.shape[1] for s in seqs], torch.int64, device)
+    if all(s.params.top_p >= 1.0 and s.params.top_k in (0, vocab) for s in seqs):
+        return torch.softmax(logits / temps, dim=-1)
+    top_k = to_device([s.params.top_k or vocab for s in seqs], torch.int64, device)
     top_p = to_device([s.params.top_p for s in seqs], torch.float32, device).unsqueeze(1)
     sorted_logits, order = torch.sort(logits / temps, dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[1], device=device).unsqueeze(0)
+    ranks = torch.arange(vocab, device=device).unsqueeze(0)
     sorted_logits = sorted_logits.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = probs.cumsum(-1) - probs
     probs = probs.masked_fill(mass_before >= top_p, 0.0)
     return torch.zeros_like(probs).scatter_(-1, order, probs)
+
+
+@dataclass
+class SamplingNoise:
+    """The exponential race's draws for a step's random rows, drawn before its logits are
+    ready (they do not depend on them), so a step that waits for grammar masks has them."""
+
+    rows: list[int]
+    index: torch.Tensor | None  # the rows, on the device
+    race: torch.Tensor | None  # [len(rows), vocab] Exp(1) draws
+
+
+def sampling_noise(shape: torch.Size, seqs: list[Sequence], device: torch.device) -> SamplingNoise:
+    """Draws for each non-greedy row of a ``shape`` ([rows, vocab]) step: from the request's
+    own generator when it has a seed, else the device's."""
+    rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if not rows:
+        return SamplingNoise(rows, None, None)
+    race = torch.empty(len(rows), shape[1], device=device).exponential_()
+    for j, i in enumerate(rows):
+        gen = seqs[i].generator_on(device)
+        if gen is not None:
+            race[j].exponential_(generator=gen)
+    return SamplingNoise(rows, to_device(rows, torch.int64, device), race)
 
 
 def _record(tokens: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -190,22 +219,21 @@ def defer_grammar_tokens(seqs: list[Sequence], read_token: Callable[[int], int])
 
 
 def sample(
-    logits: torch.Tensor, seqs: list[Sequence], bitmask: torch.Tensor | None = None
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    bitmask: torch.Tensor | None = None,
+    noise: SamplingNoise | None = None,
 ) -> DeviceSample:
     """One token per row of float32 ``logits`` ([rows, vocab]) under each row's params
-    (``bitmask``: as for ``process_logits``)."""
+    (``bitmask``: as for ``process_logits``; ``noise``: the step's ``sampling_noise`` if drawn
+    already)."""
+    if noise is None:
+        noise = sampling_noise(logits.shape, seqs, logits.device)
     logits = process_logits(logits, seqs, bitmask)
     tokens = torch.argmax(logits, dim=-1)
-    random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-    if random_rows:
-        index = to_device(random_rows, torch.int64, logits.device)
-        probs = _filtered_probs(logits[index], [seqs[i] for i in random_rows])
-        race = torch.empty_like(probs).exponential_()
-        for j, i in enumerate(random_rows):
-            gen = seqs[i].generator_on(logits.device)
-            if gen is not None:
-                race[j].exponential_(generator=gen)
-        tokens[index] = torch.argmax(probs / race, dim=-1)
+    if noise.rows:
+        probs = _filtered_probs(logits[noise.index], [seqs[i] for i in noise.rows])
+        tokens[noise.index] = torch.argmax(probs / noise.race, dim=-1)
     _record(tokens, seqs)
     result = DeviceSample(tokens, None)
     if any(s.params.logprobs is not None for s in seqs):
