@@ -372,6 +372,6 @@ def test_captured_buckets_replay_the_eager_logits_on_a_gpu(llama_checkpoint):
             step = runner.graphs.prepare(plan)
             assert step is not None and step.replay is not None
             torch.testing.assert_close(runner.forward(step), logits, rtol=2e-3, atol=2e-3)
-    shapes = list(runner.graphs.graphs)
-    assert runner.graphs.stats.shapes_captured == len(shapes) == 2
-    assert sorted(max(shape.chunk_slots) for shape in shapes) == [CHUNK_SLOTS, 32]
+    shapes = list(runner.graphs.graphs)  # the start-up shapes (decode-only, full budget) too
+    assert runner.graphs.stats.shapes_captured == len(shapes)
+    assert {CHUNK_SLOTS, 32} <= {max(shape.chunk_slots) for shape in shapes}

@@ -173,20 +173,21 @@ def test_batched_bitmask_matches_one_fill_per_row(llm, compiler):
 
 
 def test_deferred_token_is_accepted_once_when_the_grammar_is_next_asked(llm, compiler):
+    from nanoflow.engine.grammar import catch_up_all
+
     grammar = compiler.matcher(StructuredOutput("regex", "ab"))
     a, b = (llm.tokenizer.encode(t, add_special_tokens=False)[0] for t in "ab")
     reads = []
 
-    def reader(token):
-        return lambda: reads.append(token) or token
+    def step(tokens):
+        return lambda: reads.append(tokens) or tokens
 
-    grammar.defer(reader(a))
+    grammar.defer(step([7, a]), 1)
     assert reads == []  # nothing is read until the grammar is asked
-    grammar.defer(reader(b))  # a new token first takes the one before
-    assert reads == [a]
-    grammar.catch_up()
-    grammar.catch_up()
-    assert reads == [a, b]
-    stop = compiler.stop_token_ids[0]
-    grammar.accept_token(stop)
+    grammar.defer(step([b]), 0)  # a new token first takes the one before
+    assert reads == [[7, a]]
+    catch_up_all([grammar])
+    catch_up_all([grammar])
+    assert reads == [[7, a], [b]]
+    grammar.accept_token(compiler.stop_token_ids[0])
     assert grammar.is_terminated()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -90,17 +90,25 @@ class Grammar:
 
     def __init__(self, matcher: Any, stop_token_ids: list[int]) -> None:
         self.matcher, self.stop_token_ids = matcher, stop_token_ids
-        self._pending: Callable[[], int] | None = None
+        self._pending: tuple[Callable[[], list[int]], int] | None = None
 
-    def defer(self, read_token: Callable[[], int]) -> None:
-        """Accept the token ``read_token`` returns when the grammar is next asked anything."""
+    def defer(self, tokens_of: Callable[[], list[int]], row: int) -> None:
+        """Accept row ``row`` of the tokens ``tokens_of`` returns (a step's, once on the host)
+        when the grammar is next asked anything."""
         self.catch_up()
-        self._pending = read_token
+        self._pending = (tokens_of, row)
+
+    def take_pending(self) -> int | None:
+        """The deferred token, read now (None if there is none); the caller accepts it."""
+        if self._pending is None:
+            return None
+        (tokens_of, row), self._pending = self._pending, None
+        return tokens_of()[row]
 
     def catch_up(self) -> None:
-        if self._pending is not None:
-            read_token, self._pending = self._pending, None
-            self.accept_token(read_token())
+        token = self.take_pending()
+        if token is not None:
+            self.accept_token(token)
 
     def is_terminated(self) -> bool:
         self.catch_up()
@@ -123,6 +131,28 @@ class Grammar:
 _batch_matcher: Any = None
 
 
+def _batch() -> Any:
+    """xgrammar's batch matcher, on every core but two (the engine's threads), at least one."""
+    global _batch_matcher
+    if _batch_matcher is None:
+        import xgrammar
+
+        _batch_matcher = xgrammar.BatchGrammarMatcher(max(1, (os.cpu_count() or 1) - 2))
+    return _batch_matcher
+
+
+def catch_up_all(grammars: Iterable[Grammar]) -> None:
+    """Accept every grammar's deferred token, the live ones in one native call."""
+    matchers, tokens = [], []
+    for grammar in grammars:
+        token = grammar.take_pending()
+        if token is not None and not grammar.matcher.is_terminated():
+            matchers.append(grammar.matcher)
+            tokens.append(token)
+    if matchers:
+        _batch().batch_accept_token(matchers, tokens)
+
+
 def token_bitmask(
     grammars: dict[int, Grammar], num_rows: int, vocab_size: int, pinned: bool = False
 ) -> torch.Tensor:
@@ -130,9 +160,9 @@ def token_bitmask(
     grammar allows next (other rows allow all). The live grammars are filled together by
     xgrammar's batch matcher (native threads), not one call per row. ``pinned``: in page-locked
     memory, so the copy to the GPU does not stall the host."""
-    global _batch_matcher
     import xgrammar
 
+    catch_up_all(grammars.values())
     shape = xgrammar.get_bitmask_shape(num_rows, vocab_size)
     bitmask = torch.full(shape, -1, dtype=torch.int32, pin_memory=pinned)
     live = []
@@ -142,10 +172,8 @@ def token_bitmask(
         else:
             live.append(row)
     if live:
-        if _batch_matcher is None:  # every core but two (the engine's threads), at least one
-            _batch_matcher = xgrammar.BatchGrammarMatcher(max(1, (os.cpu_count() or 1) - 2))
         matchers = [grammars[row].matcher for row in live]
-        _batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, indices=live)
+        _batch().batch_fill_next_token_bitmask(matchers, bitmask, indices=live)
     return bitmask
 
 

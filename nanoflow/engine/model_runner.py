@@ -62,6 +62,7 @@ class InFlight:
     host_top: tuple[torch.Tensor, torch.Tensor] | None = None  # top-k ids and logprobs
     scored: list[tuple[Sequence, int]] | None = None  # prompt tokens scored: sequence, position
     host_scores: list[torch.Tensor] | None = None  # their logprobs (and top-k ids, logprobs)
+    token_list: list[int] | None = None  # host_tokens read, once the copy is done
 
     @staticmethod
     def timing_event(device: torch.device) -> torch.cuda.Event | None:
@@ -107,16 +108,17 @@ class InFlight:
 
     def results(self) -> tuple[list[int], list[float] | None]:
         """Wait for the copy (only this iteration, not later ones) and read the tokens."""
-        if self.copied is not None:
-            self.copied.synchronize()
+        tokens = self.tokens()
         logprobs = None if self.host_logprobs is None else self.host_logprobs.tolist()
-        return self.host_tokens.tolist(), logprobs
+        return tokens, logprobs
 
-    def token(self, row: int) -> int:
-        """Row ``row``'s token, waiting for this iteration's copy only."""
-        if self.copied is not None:
-            self.copied.synchronize()
-        return int(self.host_tokens[row])
+    def tokens(self) -> list[int]:
+        """The sampled tokens, waiting for this iteration's copy only (read once, then kept)."""
+        if self.token_list is None:
+            if self.copied is not None:
+                self.copied.synchronize()
+            self.token_list = self.host_tokens.tolist()
+        return self.token_list
 
     def top_logprobs(self) -> list[list[tuple[int, float]]] | None:
         """Per row, its top-k (token id, logprob) pairs; read after ``results``."""
@@ -347,7 +349,7 @@ class ModelRunner:
         def finish(bitmask: torch.Tensor | None = None) -> InFlight:
             result = sample(logits[:n], seqs, bitmask, noise)
             flight = InFlight.start(step.sampling_chunks, result, started, scores)
-            defer_grammar_tokens(seqs, flight.token)
+            defer_grammar_tokens(seqs, flight.tokens)
             return flight
 
         grammars = constrained_rows(seqs)

@@ -19,7 +19,6 @@ logits, as no request rule applies to them.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -209,13 +208,13 @@ def _record(tokens: torch.Tensor, seqs: list[Sequence]) -> None:
             state.output_counts.index_add_(0, tokens[i : i + 1], one)
 
 
-def defer_grammar_tokens(seqs: list[Sequence], read_token: Callable[[int], int]) -> None:
-    """Hand each constrained row's sampled token to its grammar as a reader (``read_token(row)``
-    gives the token once it is on the host); the grammar reads it when next asked."""
+def defer_grammar_tokens(seqs: list[Sequence], tokens_of: Callable[[], list[int]]) -> None:
+    """Hand each constrained row's sampled token to its grammar as a reader (``tokens_of()``
+    gives the step's tokens once they are on the host); the grammar reads it when next asked."""
     for i, seq in enumerate(seqs):
         grammar = _grammar(seq)
         if grammar is not None:
-            grammar.defer(functools.partial(read_token, i))
+            grammar.defer(tokens_of, i)
 
 
 def sample(
