@@ -23,6 +23,7 @@ import json
 import random
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from common import add_out_argument, write_result
@@ -108,7 +109,9 @@ def decode_cost(
     seconds, tokens, iterations = 0.0, 0, 0
     engine.reset_stats()
     traced: list[Any] = []
+    timeline = _Timeline(engine, args.timeline_dir, label)
     while engine.has_unfinished:
+        timeline.at(iterations)
         tracing = iterations == TRACE_AT and len(traced) < args.trace_steps
         trace = _trace(engine) if tracing else contextlib.nullcontext()
         started = time.perf_counter()
@@ -133,6 +136,31 @@ def decode_cost(
 
 
 TRACE_AT = 64  # decode steps into a run, where the profiler watches ``--trace-steps`` steps
+TIMELINE_AT, TIMELINE_STEPS = 80, 4  # the consecutive decode steps a timeline trace covers
+
+
+class _Timeline:
+    """With ``--timeline-dir`` on a GPU, a profiler trace (host threads and GPU streams) of a
+    few consecutive decode steps, written as DIR/<label>-timeline.json for a trace viewer."""
+
+    def __init__(self, engine: EngineCore, folder: str | None, label: str) -> None:
+        self.folder, self.label, self.profile = folder, label, None
+        self.enabled = folder is not None and engine.runner.device.type == "cuda"
+
+    def at(self, decode_steps: int) -> None:
+        if not self.enabled:
+            return
+        if decode_steps == TIMELINE_AT and self.profile is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.profile = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.profile.start()
+        elif decode_steps == TIMELINE_AT + TIMELINE_STEPS and self.profile is not None:
+            self.profile.stop()
+            folder = Path(self.folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            self.profile.export_chrome_trace(str(folder / f"{self.label}-timeline.json"))
+            self.enabled = False
 
 
 def _trace(engine: EngineCore) -> Any:
@@ -167,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--label", default=None)
+    p.add_argument("--timeline-dir", default=None,
+                   help="write a profiler trace of a few consecutive decode steps of each run "
+                   "there (GPU only)")  # fmt: skip
     p.add_argument("--trace-steps", type=int, default=3,
                    help="decode steps of each run traced by the profiler on a GPU (left out of "
                    "the timing); their kernels' GPU time is recorded")  # fmt: skip
