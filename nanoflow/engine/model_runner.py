@@ -339,11 +339,14 @@ class ModelRunner:
         logits = self.forward(step)
         n = len(step.sampling_chunks)
         seqs = [c.seq for c in step.sampling_chunks]
+        grammars = constrained_rows(seqs)
+        masks = None  # filling from now on, beside the host work below and the GPU's forward
+        if grammars:
+            masks = self.mask_filler.submit(grammars, n, logits.shape[1], pinned=logits.is_cuda)
         scores = None
         if step.prompt_rows:
             scored = [(seq, position) for _, seq, position in step.prompt_rows]
             scores = (scored, score_prompt(logits[n:], scored))
-
         noise = sampling_noise(logits[:n].shape, seqs, self.device)
 
         def finish(bitmask: torch.Tensor | None = None) -> InFlight:
@@ -352,8 +355,6 @@ class ModelRunner:
             defer_grammar_tokens(seqs, flight.tokens)
             return flight
 
-        grammars = constrained_rows(seqs)
-        if not grammars:
+        if masks is None:
             return finish()
-        masks = self.mask_filler.submit(grammars, n, logits.shape[1], pinned=logits.is_cuda)
         return DeferredFlight(step.sampling_chunks, lambda: finish(masks.result()))
