@@ -486,11 +486,50 @@ def fp8_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines).strip()
 
 
+def moe_table(records: list[dict[str, Any]]) -> str:
+    """Mixtral's expert GEMMs per path and its offline pair, from one ``moe_bench.py`` run."""
+    lines = []
+    for record in records:
+        kernels = (record.get("kernels") or {}).get("tokens")
+        if record.get("experiment") != "moe" or record.get("dry_run") or not kernels:
+            continue
+        lines += [
+            f"Mixtral 8x7B expert GEMMs (TFLOP/s of the active FLOPs; fraction of the dense "
+            f"bf16 GEMM rate, {_fmt(record.get('gemm_tflops'), '.0f')} TFLOP/s in the same run), "
+            f"{_source(record)}:",
+            "",
+            "| tokens | fused Triton | grouped bf16 | grouped FP8 |",
+            "| ---: | ---: | ---: | ---: |",
+        ]
+        for tokens, row in kernels.items():
+            cells = [
+                f"{row[path]['tflops']:.0f} ({_fmt(row[path].get('frac_of_dense_gemm'), '.2f')})"
+                for path in ("triton", "grouped", "fp8_grouped")
+            ]
+            lines.append(f"| {tokens} | " + " | ".join(cells) + " |")
+        pair = record.get("throughput") or {}
+        runs = pair.get("runs") or {}
+        if all("tokens_per_s" in runs.get(k, {}) for k in ("bf16", "fp8")):
+            frac = pair.get("bf16_fraction_of_optimal")
+            fp8_frac = pair.get("fp8_fraction_of_optimal")
+            lines += [
+                "",
+                f"Offline 512/512, {pair.get('num_prompts')} prompts, fp8 KV cache, sequential "
+                f"with CUDA graphs: bf16 weights {runs['bf16']['tokens_per_s']:,.0f} tokens/s "
+                f"({_fmt(None if frac is None else 100 * frac, '.1f')}% of optimal), FP8 weights "
+                f"{runs['fp8']['tokens_per_s']:,.0f} "
+                f"({_fmt(None if fp8_frac is None else 100 * fp8_frac, '.1f')}% of the bf16 "
+                "optimal).",
+            ]
+        lines.append("")
+    return "\n".join(lines).strip()
+
+
 def render(folder: Path) -> str:
     """Every table the results in ``folder`` allow, headline first."""
     records = load_results(folder)
     parts = [p for p in (headline_table(records), throughput_table(records)) if p]
-    tables = (pipeline_table, overlap_table, fp8_table, serve_table, kernel_table)
+    tables = (pipeline_table, overlap_table, fp8_table, moe_table, serve_table, kernel_table)
     for extra in (table(records) for table in tables):
         if extra:
             parts.append(extra)
