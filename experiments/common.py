@@ -230,3 +230,15 @@ def server(
         yield process
     finally:
         process.stop()
+
+
+def target_rows(
+    measured: dict[str, float | None], goals: dict[str, tuple[float, str]]
+) -> list[dict[str, Any]]:
+    """A targets file's rows: each value a run measured beside its goal and direction (a
+    target the run did not measure, its section failed, gives no row)."""
+    return [
+        {"name": name, "measured": value, "target": goals[name][0], "direction": goals[name][1]}
+        for name, value in measured.items()
+        if value is not None
+    ]

@@ -45,7 +45,14 @@ if not GPU:  # the Triton kernels run under the interpreter on CPU tensors
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fp8_accuracy  # noqa: E402
-from common import add_out_argument, commit, nanoflow_exe, result_path, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_out_argument,
+    commit,
+    nanoflow_exe,
+    result_path,
+    target_rows,
+    write_json,
+)
 
 from nanoflow.kernels.activation import silu_and_mul_ref, silu_and_mul_triton  # noqa: E402
 from nanoflow.kernels.fp8_linear import (  # noqa: E402
@@ -306,11 +313,7 @@ def targets(record: dict[str, Any]) -> list[dict[str, Any]]:
         "fp8_logits_rel_err": (record.get("accuracy") or {}).get("builtin", {})
         .get("logits_rel_err"),
     }  # fmt: skip
-    return [
-        {"name": name, "measured": value, "target": TARGETS[name][0],
-         "direction": TARGETS[name][1]}
-        for name, value in measured.items() if value is not None
-    ]  # fmt: skip
+    return target_rows(measured, TARGETS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,14 @@ GPU = torch.cuda.is_available()
 if not GPU:  # the Triton kernels run under the interpreter on CPU tensors
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from common import add_out_argument, commit, nanoflow_exe, result_path, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_out_argument,
+    commit,
+    nanoflow_exe,
+    result_path,
+    target_rows,
+    write_json,
+)
 from moe_offload_bench import tiny_checkpoint  # noqa: E402
 
 from nanoflow import LLM, SamplingParams  # noqa: E402
@@ -200,11 +207,7 @@ def targets(record: dict[str, Any]) -> list[dict[str, Any]]:
         ),
         "mixtral_fp8_tokens_per_s": runs.get("fp8", {}).get("tokens_per_s"),
     }
-    return [
-        {"name": name, "measured": value, "target": TARGETS[name][0],
-         "direction": TARGETS[name][1]}
-        for name, value in measured.items() if value is not None
-    ]  # fmt: skip
+    return target_rows(measured, TARGETS)
 
 
 def main(argv: list[str] | None = None) -> int:

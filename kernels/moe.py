@@ -15,6 +15,7 @@ the kernel can be launched ahead of the GPU inside the pipeline.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,18 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tens
     offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
     torch.cumsum(counts, 0, out=offsets[1:])
     return order, offsets
+
+
+def check_moe_shapes(x: torch.Tensor, w13: Any, w2: Any, topk_ids: torch.Tensor) -> None:
+    """Refuse an ``x``, ``w13`` ``[E, 2I, H]``, ``w2`` ``[E, H, I]`` and ``topk_ids`` that do
+    not describe one MoE MLP (the weights tensors or FP8 stacks)."""
+    tokens, _ = topk_ids.shape
+    num_experts, two_inter, hidden = w13.shape
+    if x.shape != (tokens, hidden) or tuple(w2.shape) != (num_experts, hidden, two_inter // 2):
+        raise ValueError(
+            f"fused_moe: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} and "
+            f"topk_ids {tuple(topk_ids.shape)} do not fit together"
+        )
 
 
 def fused_moe_ref(
@@ -203,13 +216,9 @@ def fused_moe_triton(
     """Same contract as :func:`fused_moe_ref`; ``num_ctas`` caps the persistent grid (the SM
     budget of the op's execution unit)."""
     check_num_ctas(num_ctas)
+    check_moe_shapes(x, w13, w2, topk_ids)
     tokens, top_k = topk_ids.shape
     num_experts, two_inter, hidden = w13.shape
-    if x.shape != (tokens, hidden) or w2.shape != (num_experts, hidden, two_inter // 2):
-        raise ValueError(
-            f"fused_moe: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} and "
-            f"topk_ids {tuple(topk_ids.shape)} do not fit together"
-        )
     if x.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
         raise ValueError("fused_moe needs x, w13 and w2 contiguous in their last dimension")
     if out is None:

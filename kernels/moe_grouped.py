@@ -27,6 +27,7 @@ import torch
 from nanoflow.kernels._compat import cdiv, jit, next_pow2, tl
 from nanoflow.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
 from nanoflow.kernels.fp8_linear import Fp8Weight
+from nanoflow.kernels.moe import check_moe_shapes
 from nanoflow.kernels.quant import (
     quantize_fp8_ref,
     quantize_fp8_triton,
@@ -133,21 +134,6 @@ def _scaled_grouped(
     return _grouped(dequantized, w.dequantize(), ends).to(torch.bfloat16)
 
 
-def _check(
-    x: torch.Tensor,
-    w13: torch.Tensor | Fp8Weight,
-    w2: torch.Tensor | Fp8Weight,
-    topk_ids: torch.Tensor,
-) -> None:
-    tokens, _ = topk_ids.shape
-    num_experts, two_inter, hidden = w13.shape
-    if x.shape != (tokens, hidden) or tuple(w2.shape) != (num_experts, hidden, two_inter // 2):
-        raise ValueError(
-            f"fused_moe: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} and "
-            f"topk_ids {tuple(topk_ids.shape)} do not fit together"
-        )
-
-
 def fused_moe_grouped(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -159,7 +145,7 @@ def fused_moe_grouped(
 ) -> torch.Tensor:
     """``fused_moe_ref``'s contract on grouped GEMMs (``num_ctas`` is left to the execution
     unit). Triton kernels on CUDA tensors, the references elsewhere."""
-    _check(x, w13, w2, topk_ids)
+    check_moe_shapes(x, w13, w2, topk_ids)
     out = torch.empty_like(x) if out is None else out
     if topk_ids.shape[0] == 0:
         return out
@@ -182,7 +168,7 @@ def fused_moe_fp8(
     """The MoE MLP with e4m3 experts (``w13`` ``[E, 2I, H]``, ``w2`` ``[E, H, I]``, a scale per
     expert and output channel) and activations quantized per row: the tokens once before the
     gather, the SiLU-and-mul output in its own pass."""
-    _check(x, w13, w2, topk_ids)
+    check_moe_shapes(x, w13, w2, topk_ids)
     out = torch.empty_like(x) if out is None else out
     if topk_ids.shape[0] == 0:
         return out
