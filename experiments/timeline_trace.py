@@ -154,6 +154,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=512)
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    parser.add_argument("--quantization", default=None, choices=["fp8"], help="FP8 weights")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     args.launch = (args.launch or ("graph,eager" if cuda else "eager")).split(",")
@@ -176,6 +177,7 @@ def main() -> int:
         max_num_seqs=args.max_num_seqs,
         cuda_graphs=False,  # each schedule's graph is captured here, not at start-up
         kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization,
     )
     schedules = candidate_schedules(llm.engine.config, device)
     names = args.schedules.split(",")
@@ -186,6 +188,7 @@ def main() -> int:
     env = environment(device)
     base = args.label or f"ctx{args.context}-chunks{args.prefill_chunks}-budget{args.budget}"
     base += "-fp8kv" if args.kv_cache_dtype == "fp8" else ""
+    base += "-fp8" if args.quantization else ""
     for name in names:
         traced = trace_schedule(llm.engine.runner, plan, schedules[name], args.launch)
         for mode, one in traced.items():
