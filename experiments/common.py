@@ -242,3 +242,23 @@ def target_rows(
         for name, value in measured.items()
         if value is not None
     ]
+
+
+def queued_seconds(fn: Callable[[], Any], iters: int = 20) -> float:
+    """Median seconds of ``fn``'s GPU work, launched behind a spin kernel so a kernel shorter
+    than its Python launch is not timed as the launch (the engine replays these from CUDA
+    graphs); off the GPU one run's wall clock, as a dry run checks the path, not the speed."""
+    import torch
+
+    from nanoflow.measure import time_cuda
+
+    if torch.cuda.is_available():
+        return time_cuda(fn, iters=iters, warmup=3, queue_ahead=True)
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def rel_err(got: Any, want: Any) -> float:
+    """Relative Frobenius error of ``got`` against ``want`` (tensors), in fp32."""
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()

@@ -49,6 +49,8 @@ from common import (  # noqa: E402
     add_out_argument,
     commit,
     nanoflow_exe,
+    queued_seconds,
+    rel_err,
     result_path,
     target_rows,
     write_json,
@@ -70,7 +72,7 @@ from nanoflow.kernels.quant import (  # noqa: E402
     silu_and_mul_quant_ref,
     silu_and_mul_quant_triton,
 )
-from nanoflow.measure import environment, optimal_throughput, time_cuda  # noqa: E402
+from nanoflow.measure import environment, optimal_throughput  # noqa: E402
 from nanoflow.models.registry import get_known_model  # noqa: E402
 
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -94,21 +96,6 @@ def layer_shapes(tiny: bool) -> dict[str, tuple[int, int]]:
             "gate_up": (2 * i, h), "down": (h, i)}  # fmt: skip
 
 
-def timed(fn: Callable[[], Any]) -> float:
-    """Median seconds of the GPU's work on a GPU, launched behind a spin kernel so a kernel
-    shorter than its Python launch is not timed as the launch (the engine replays these from
-    CUDA graphs); one run's wall clock in the CPU dry run, which checks the path, not the speed."""
-    if GPU:
-        return time_cuda(fn, iters=20, warmup=3, queue_ahead=True)
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.float() - want.float()).norm() / want.float().norm()).item()
-
-
 def carveout_slowdown(
     fns: dict[str, Callable[[], Any]], full: dict[str, float], sms: int
 ) -> dict[str, float]:
@@ -116,7 +103,7 @@ def carveout_slowdown(
     the GEMM honours the carve-out an execution unit sets."""
     torch._C._set_sm_carveout_experimental(sms)
     try:
-        return {name: timed(fn) / full[name] for name, fn in fns.items()}
+        return {name: queued_seconds(fn) / full[name] for name, fn in fns.items()}
     finally:
         torch._C._set_sm_carveout_experimental(None)
 
@@ -133,10 +120,11 @@ def gemm_section(tokens: int, tiny: bool) -> dict[str, Any]:
         wq = quantize_weight(w)
         out = torch.empty(tokens, n, device=DEVICE, dtype=dtype)
         xq, xs = quantize_fp8_triton(x)
-        t_bf16 = timed(lambda x=x, w=w, out=out: bf16_gemm(x, w, None, None, out))
-        t_gemm = timed(lambda xq=xq, wq=wq, xs=xs, out=out: fp8_gemm(xq, wq, None, None, out,
-                                                                    x_scale=xs))  # fmt: skip
-        t_quant = timed(lambda x=x: quantize_fp8_triton(x))
+        t_bf16 = queued_seconds(lambda x=x, w=w, out=out: bf16_gemm(x, w, None, None, out))
+        t_gemm = queued_seconds(
+            lambda xq=xq, wq=wq, xs=xs, out=out: fp8_gemm(xq, wq, None, None, out, x_scale=xs)
+        )
+        t_quant = queued_seconds(lambda x=x: quantize_fp8_triton(x))
         got = fp8_gemm(xq, wq, None, None, out.clone(), x_scale=xs)
         want = fp8_linear_ref(xq, wq, None, None, torch.empty_like(out), x_scale=xs)
         flops = 2 * tokens * n * k
@@ -220,9 +208,9 @@ def kernel_section(tokens: int, tiny: bool) -> dict[str, Any]:
     rows = {}
     for name, (kernel, reference, unquantized) in cases.items():
         rows[name] = e4m3_check(kernel(), reference())
-        rows[name]["seconds"] = timed(lambda kernel=kernel: kernel(timed_res))
+        rows[name]["seconds"] = queued_seconds(lambda kernel=kernel: kernel(timed_res))
         if unquantized is not None:
-            rows[name]["unquantized_seconds"] = timed(unquantized)
+            rows[name]["unquantized_seconds"] = queued_seconds(unquantized)
         print(f"{name:20s} {'ok' if rows[name]['ok'] else 'MISMATCH'} "
               f"{rows[name]['seconds'] * 1e6:.1f} us", flush=True)  # fmt: skip
     return {"tokens": tokens, "kernels": rows, "checks_ok": all(r["ok"] for r in rows.values())}

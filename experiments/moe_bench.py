@@ -45,6 +45,8 @@ from common import (  # noqa: E402
     add_out_argument,
     commit,
     nanoflow_exe,
+    queued_seconds,
+    rel_err,
     result_path,
     target_rows,
     write_json,
@@ -60,7 +62,6 @@ from nanoflow.measure import (  # noqa: E402
     environment,
     gemm_ceiling_tflops,
     optimal_throughput,
-    time_cuda,
 )
 from nanoflow.models.registry import get_known_model  # noqa: E402
 from nanoflow.workloads import constant, random_prompts  # noqa: E402
@@ -74,20 +75,6 @@ TARGETS = {  # name: (goal, direction)
 }
 BF16_TOLERANCE = 0.02  # relative error of a bf16 MoE against the fp32 reference
 FP8_TOLERANCE = 0.12  # e4m3 weights and activations against the unquantized reference
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    """Median seconds of the GPU's work (queued behind a spin kernel, as graphs replay it);
-    one run's wall clock in the dry run, which checks the path, not the speed."""
-    if GPU:
-        return time_cuda(fn, iters=10, warmup=2, queue_ahead=True)
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
 def kernel_section(tiny: bool, gemm_tflops: float | None, copy_gbs: float | None) -> dict:
@@ -117,7 +104,7 @@ def kernel_section(tiny: bool, gemm_tflops: float | None, copy_gbs: float | None
         row: dict[str, Any] = {}
         for name, (run, tolerance) in paths.items():
             err = rel_err(run(), want)
-            seconds = timed(run)
+            seconds = queued_seconds(run)
             entry = {"ms": seconds * 1e3, "tflops": flops / seconds / 1e12, "rel_err_vs_ref": err,
                      "ok": err <= tolerance}  # fmt: skip
             if gemm_tflops:
