@@ -262,3 +262,14 @@ def queued_seconds(fn: Callable[[], Any], iters: int = 20) -> float:
 def rel_err(got: Any, want: Any) -> float:
     """Relative Frobenius error of ``got`` against ``want`` (tensors), in fp32."""
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def write_targets(out: Path, slug: str, record: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
+    """``out/targets/<slug>.json``: the run's device, command, commit and date beside the
+    target rows computed from its own measurements; each row printed."""
+    summary = {key: record.get(key) for key in ("gpu", "device", "command", "commit", "date")}
+    summary["targets"] = rows
+    path = write_json(Path(out) / "targets" / f"{slug}.json", summary)
+    for row in rows:
+        print(f"{row['name']:42s} {row['measured']:.3f} (target {row['target']})")
+    return path

@@ -54,6 +54,7 @@ from common import (  # noqa: E402
     result_path,
     target_rows,
     write_json,
+    write_targets,
 )
 
 from nanoflow.kernels.activation import silu_and_mul_ref, silu_and_mul_triton  # noqa: E402
@@ -350,11 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     label = "dry-run" if tiny else MODEL
     write_json(result_path(args.out, env.get("gpu"), "fp8", label), record)
     if GPU:
-        summary = {key: record.get(key) for key in ("gpu", "device", "command", "commit", "date")}
-        summary["targets"] = targets(record)
-        write_json(Path(args.out) / "targets" / "fp8.json", summary)
-        for row in summary["targets"]:
-            print(f"{row['name']:36s} {row['measured']:.3f} (target {row['target']})")
+        write_targets(args.out, "fp8", record, targets(record))
     return 0 if all(record.get(s, {}).get("checks_ok", True) for s in sections) else 1
 
 

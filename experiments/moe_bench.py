@@ -50,6 +50,7 @@ from common import (  # noqa: E402
     result_path,
     target_rows,
     write_json,
+    write_targets,
 )
 from moe_offload_bench import tiny_checkpoint  # noqa: E402
 
@@ -242,11 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     label = "dry-run" if tiny else f"{MODEL}-grouped"
     print(write_json(result_path(args.out, env.get("gpu"), "moe", label), record))
     if GPU:
-        summary = {key: record.get(key) for key in ("gpu", "device", "command", "commit", "date")}
-        summary["targets"] = targets(record)
-        write_json(Path(args.out) / "targets" / "moe.json", summary)
-        for row in summary["targets"]:
-            print(f"{row['name']:36s} {row['measured']:.3f} (target {row['target']})")
+        write_targets(args.out, "moe", record, targets(record))
     return 0 if all(record.get(s, {}).get("checks_ok", True) for s in sections) else 1
 
 

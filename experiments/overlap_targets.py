@@ -38,7 +38,15 @@ from typing import Any
 import pipeline_bench
 import torch
 from bench_schedules import candidate_schedules
-from common import add_out_argument, commit, nanoflow_exe, result_path, target_rows, write_json
+from common import (
+    add_out_argument,
+    commit,
+    nanoflow_exe,
+    result_path,
+    target_rows,
+    write_json,
+    write_targets,
+)
 
 from nanoflow import LLM
 from nanoflow.autotune.bound import tables_for
@@ -283,11 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     label = "dry-run" if tiny else MODEL
     print(write_json(result_path(args.out, env.get("gpu"), "overlap", label), record))
     if GPU:
-        summary = {key: record.get(key) for key in ("gpu", "device", "command", "commit", "date")}
-        summary["targets"] = targets(record)
-        write_json(args.out / "targets" / "overlap.json", summary)
-        for row in summary["targets"]:
-            print(f"{row['name']:42s} {row['measured']:.3f} (target {row['target']})")
+        write_targets(args.out, "overlap", record, targets(record))
     return 0
 
 

@@ -38,3 +38,17 @@ def test_moe_targets_come_from_the_record_with_the_issue_names():
         "name": "mixtral_bf16_fraction_of_optimal", "measured": 0.3, "target": 0.35,
         "direction": "higher",
     }  # fmt: skip
+
+
+def test_targets_files_carry_the_runs_provenance_beside_its_rows(tmp_path, capsys):
+    sys.path.insert(0, str(EXPERIMENTS))
+    from common import write_targets
+
+    record = {"gpu": "NVIDIA H200", "device": "NVIDIA H200", "command": "python x.py",
+              "commit": "abc1234", "date": "2026-12-02T00:00:00+00:00", "other": 1}  # fmt: skip
+    rows = [{"name": "t", "measured": 0.5, "target": 0.6, "direction": "higher"}]
+    path = write_targets(tmp_path, "moe", record, rows)
+    written = json.loads(path.read_text())
+    assert path == tmp_path / "targets" / "moe.json"
+    assert written["targets"] == rows and written["commit"] == "abc1234"
+    assert "other" not in written and "0.500 (target 0.6)" in capsys.readouterr().out
