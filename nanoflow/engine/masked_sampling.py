@@ -10,7 +10,6 @@ when something first needs its tokens: the next step's launch, or reading its re
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -33,10 +32,6 @@ def constrained_rows(seqs: list[Sequence]) -> dict[int, Any]:
 class MaskFiller:
     """One host thread that fills the token masks of a step's constrained rows."""
 
-    # the longest the main thread may hold the GIL while this thread waits for it: Python's
-    # default, 5 ms, is half a decode step, and the thread needs the GIL a few times a step
-    SWITCH_INTERVAL_S = 0.0002
-
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
 
@@ -45,7 +40,6 @@ class MaskFiller:
         from nanoflow.engine.grammar import token_bitmask
 
         if self._pool is None:
-            sys.setswitchinterval(min(sys.getswitchinterval(), self.SWITCH_INTERVAL_S))
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         return self._pool.submit(token_bitmask, grammars, num_rows, vocab_size, pinned)
 
