@@ -16,17 +16,14 @@ from typing import Any
 
 import torch
 
+from nanoflow.engine.sampler import grammar_of
 from nanoflow.engine.sequence import Sequence
 
 
 def constrained_rows(seqs: list[Sequence]) -> dict[int, Any]:
     """Each constrained row's grammar, by row."""
-    rows = {}
-    for i, seq in enumerate(seqs):
-        grammar = None if seq.sampler_state is None else seq.sampler_state.grammar
-        if grammar is not None:
-            rows[i] = grammar
-    return rows
+    grammars = {i: grammar_of(seq) for i, seq in enumerate(seqs)}
+    return {i: grammar for i, grammar in grammars.items() if grammar is not None}
 
 
 class MaskFiller:

@@ -136,7 +136,7 @@ def process_logits(
     """The logits the request's rules leave (a new tensor when any rule applies); ``bitmask``:
     the constrained rows' token masks, if already filled (one row per row of ``logits``)."""
     penalized = [i for i, s in enumerate(seqs) if s.params.has_penalties]
-    constrained = [i for i, s in enumerate(seqs) if _grammar(s) is not None]
+    constrained = [i for i, s in enumerate(seqs) if grammar_of(s) is not None]
     banning = any(s.params.min_tokens for s in seqs)
     if not (penalized or constrained or banning or any(s.params.logit_bias for s in seqs)):
         return logits
@@ -151,7 +151,8 @@ def process_logits(
     return logits
 
 
-def _grammar(seq: Sequence) -> Any:
+def grammar_of(seq: Sequence) -> Any:
+    """The grammar constraining ``seq``'s output, if any."""
     return None if seq.sampler_state is None else seq.sampler_state.grammar
 
 
@@ -212,7 +213,7 @@ def defer_grammar_tokens(seqs: list[Sequence], tokens_of: Callable[[], list[int]
     """Hand each constrained row's sampled token to its grammar as a reader (``tokens_of()``
     gives the step's tokens once they are on the host); the grammar reads it when next asked."""
     for i, seq in enumerate(seqs):
-        grammar = _grammar(seq)
+        grammar = grammar_of(seq)
         if grammar is not None:
             grammar.defer(tokens_of, i)
 

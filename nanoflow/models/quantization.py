@@ -71,22 +71,24 @@ def part(group: ParallelGroup, w: Weight, dim: int) -> Weight:
     return Fp8Weight(group.part(w.data, dim), scale)
 
 
+def _join(ws: list[Weight], join: Any, mixed: str) -> Weight:
+    """``join`` (``torch.cat`` or ``torch.stack``) of plain weights, or of FP8 weights' data and
+    scales alike; refuses a mix, saying ``mixed``."""
+    if all(isinstance(w, torch.Tensor) for w in ws):
+        return join(ws)
+    if not all(isinstance(w, Fp8Weight) for w in ws):
+        raise CheckpointError(mixed)
+    return Fp8Weight(join([w.data for w in ws]), join([w.scale for w in ws]))
+
+
 def cat(ws: list[Weight]) -> Weight:
     """Row-wise concatenation (the fused QKV and gate-up weights)."""
-    if all(isinstance(w, torch.Tensor) for w in ws):
-        return torch.cat(ws)  # type: ignore[arg-type]
-    if not all(isinstance(w, Fp8Weight) for w in ws):
-        raise CheckpointError("a fused weight mixes FP8 and unquantized parts")
-    return Fp8Weight(torch.cat([w.data for w in ws]), torch.cat([w.scale for w in ws]))
+    return _join(ws, torch.cat, "a fused weight mixes FP8 and unquantized parts")
 
 
 def stack(ws: list[Weight]) -> Weight:
     """The experts' weights as one ``[E, N, K]`` stack (FP8 scales ``[E, N]``)."""
-    if all(isinstance(w, torch.Tensor) for w in ws):
-        return torch.stack(ws)  # type: ignore[arg-type]
-    if not all(isinstance(w, Fp8Weight) for w in ws):
-        raise CheckpointError("the experts of one layer mix FP8 and unquantized weights")
-    return Fp8Weight(torch.stack([w.data for w in ws]), torch.stack([w.scale for w in ws]))
+    return _join(ws, torch.stack, "the experts of one layer mix FP8 and unquantized weights")
 
 
 def flat_tensors(weights: dict[str, Weight]) -> dict[str, torch.Tensor]:
