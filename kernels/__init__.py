@@ -30,6 +30,7 @@ from nanoflow.kernels.norm import rms_norm_ref
 from nanoflow.kernels.prefill_attention import paged_prefill_attention_ref
 from nanoflow.kernels.quant import quantize_fp8_ref, rms_norm_quant_ref, silu_and_mul_quant_ref
 from nanoflow.kernels.rotary import rope_kv_write_ref
+from nanoflow.kernels.seeded_noise import seeded_exponential_ref
 
 BACKENDS = ("auto", "reference", "triton")
 MOE_BACKENDS = ("grouped", "triton")
@@ -92,6 +93,7 @@ rms_norm_quant = _dispatch(rms_norm_quant_ref, "quant")
 silu_and_mul_quant = _dispatch(silu_and_mul_quant_ref, "quant")
 quantize_fp8 = _dispatch(quantize_fp8_ref, "quant")
 _linear = _dispatch(linear_ref, "gemm")
+seeded_exponential = _dispatch(seeded_exponential_ref, "seeded_noise")
 
 
 def linear(x: torch.Tensor, weight: Any, *args: Any, **kwargs: Any) -> torch.Tensor:

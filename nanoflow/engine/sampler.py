@@ -10,8 +10,8 @@ step, once that step's forward pass is queued, and the runner fills the masks on
 (``masked_sampling``), so neither the wait nor the fill holds up the GPU. Non-greedy rows are
 filtered in one batched pass (the top-k / top-p sort only when a row asks for it) and sampled
 with the exponential-race trick (argmax of p / E, E ~ Exp(1)); E is drawn when the step is
-launched, before its logits are processed, and seeded requests draw it from their own
-generator, so a seed gives the same text whatever else shares the batch.
+launched, before its logits are processed, and a seeded request's E is a hash of its seed and
+the token's index, so a seed gives the same text whatever else shares the batch.
 Reported log-probabilities are those of the processed logits (before temperature), so a masked
 token never appears among the alternatives; a prompt's tokens are scored under the model's own
 logits, as no request rule applies to them.
@@ -27,6 +27,8 @@ import torch
 
 from nanoflow.engine.sequence import Sequence
 from nanoflow.engine.upload import to_device
+from nanoflow.kernels import seeded_exponential
+from nanoflow.kernels.seeded_noise import noise_keys
 
 
 @dataclass
@@ -185,16 +187,23 @@ class SamplingNoise:
 
 
 def sampling_noise(shape: torch.Size, seqs: list[Sequence], device: torch.device) -> SamplingNoise:
-    """Draws for each non-greedy row of a ``shape`` ([rows, vocab]) step: from the request's
-    own generator when it has a seed, else the device's."""
+    """Draws for each non-greedy row of a ``shape`` ([rows, vocab]) step: a seeded request's
+    from its seed and the index of the token it samples (``seeded_exponential``, every seeded
+    row in one launch), the others' from the device's generator."""
     rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if not rows:
         return SamplingNoise(rows, None, None)
-    race = torch.empty(len(rows), shape[1], device=device).exponential_()
-    for j, i in enumerate(rows):
-        gen = seqs[i].generator_on(device)
-        if gen is not None:
-            race[j].exponential_(generator=gen)
+    seeded = [j for j, i in enumerate(rows) if seqs[i].params.seed is not None]
+    keys = [noise_keys(seqs[rows[j]].params.seed, len(seqs[rows[j]].output_token_ids))
+            for j in seeded]  # fmt: skip
+    if len(seeded) == len(rows):
+        race = seeded_exponential(to_device(keys, torch.int64, device), shape[1])
+    else:
+        race = torch.empty(len(rows), shape[1], device=device).exponential_()
+        if seeded:
+            race[to_device(seeded, torch.int64, device)] = seeded_exponential(
+                to_device(keys, torch.int64, device), shape[1]
+            )
     return SamplingNoise(rows, to_device(rows, torch.int64, device), race)
 
 

@@ -7,8 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from nanoflow.engine.sampling_params import SamplingParams
 
 PLACEHOLDER = -1  # an output token sampled on the GPU whose value the host has not read yet
@@ -47,7 +45,6 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     prompt_block_keys: list[tuple] | None = None  # prefix-cache keys of its full prompt blocks
     finishing: bool = False  # its last token is in flight; schedule it no more
-    generator: torch.Generator | None = None
     sampler_state: Any = None  # the sampler's per-request state (penalty counts, grammar)
     # per prompt position, filled as the prompt is computed when params.prompt_logprobs is set
     # (the first token has none: nothing comes before it)
@@ -63,13 +60,6 @@ class Sequence:
     def scored_prompt_len(self) -> int:
         """Prompt tokens whose logprobs are asked for: all of them, or none."""
         return 0 if self.prompt_logprobs is None else len(self.prompt_token_ids)
-
-    def generator_on(self, device: torch.device) -> torch.Generator | None:
-        """The request's seeded generator, made on first use on the sampling device."""
-        if self.params.seed is not None and self.generator is None:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(self.params.seed)
-        return self.generator
 
     @property
     def all_token_ids(self) -> list[int]:
