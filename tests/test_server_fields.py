@@ -94,7 +94,13 @@ def test_echo_with_logprobs_scores_the_prompt(client):
 
 def test_best_of_returns_n_of_more_candidates_and_chat_takes_n(client):
     out = client.completions.create(
-        model="builtin", prompt="Hello", max_tokens=4, n=2, best_of=4, seed=3
+        model="builtin",
+        prompt="Hello",
+        max_tokens=4,
+        n=2,
+        best_of=4,
+        seed=3,
+        extra_body={"ignore_eos": True},  # every candidate runs its 4 tokens, whatever it draws
     )
     assert len(out.choices) == 2 and out.usage.completion_tokens == 16
     with pytest.raises(openai.BadRequestError, match="best_of"):
