@@ -14,6 +14,8 @@ int64 masked to 32 bits, so the kernel and the reference agree up to the roundin
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 
 from nanoflow.kernels._compat import cdiv, jit, tl
@@ -22,15 +24,24 @@ MASK32 = 0xFFFFFFFF
 _MUL_1, _MUL_2 = 0x21F0AAAD, 0x735A2D97  # lowbias32's multipliers
 _SEED_SALT, _DRAW_SALT, _KEY_SALT = 0x9E3779B9, 0x85EBCA6B, 0xC2B2AE35
 _BLOCK = 1024
+IntLike = TypeVar("IntLike", int, torch.Tensor)
 
 
-def mix32(x: int) -> int:
-    """lowbias32 of the low 32 bits of ``x``."""
-    x &= MASK32
-    x ^= x >> 16
-    x = (x * _MUL_1) & MASK32
-    x ^= x >> 15
-    x = (x * _MUL_2) & MASK32
+def _mul32(x: IntLike, constant: int) -> IntLike:
+    """``x * constant`` mod 2**32 for ``x`` below 2**32, without overflowing int64."""
+    low = x * (constant & 0xFFFF)
+    high = ((x * (constant >> 16)) & 0xFFFF) << 16
+    return (low + high) & MASK32
+
+
+def mix32(x: IntLike) -> IntLike:
+    """lowbias32 of the low 32 bits of ``x``: a Python int (the host's keys) or an int64
+    tensor (the reference's draws)."""
+    x = x & MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, _MUL_1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _MUL_2)
     return x ^ (x >> 15)
 
 
@@ -41,27 +52,12 @@ def noise_keys(seed: int, draw: int) -> tuple[int, int]:
     return first, mix32(first ^ _KEY_SALT)
 
 
-def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
-    """``x * constant`` mod 2**32 for int64 ``x`` below 2**32, without overflowing int64."""
-    low = x * (constant & 0xFFFF)
-    high = ((x * (constant >> 16)) & 0xFFFF) << 16
-    return (low + high) & MASK32
-
-
-def _mix32_tensor(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = _mul32(x, _MUL_1)
-    x = x ^ (x >> 15)
-    x = _mul32(x, _MUL_2)
-    return x ^ (x >> 15)
-
-
 def seeded_exponential_ref(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     """``[rows, vocab]`` float32 Exp(1) draws, row ``r`` from ``keys[r]`` ([rows, 2] int64,
     each below 2**32, from :func:`noise_keys`)."""
     cols = torch.arange(vocab, dtype=torch.int64, device=keys.device)
     first, second = keys[:, :1], keys[:, 1:]
-    h = _mix32_tensor(_mix32_tensor((cols + first) & MASK32) ^ second)
+    h = mix32(mix32(cols + first) ^ second)
     u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
     return -torch.log(u)
 

@@ -193,17 +193,15 @@ def sampling_noise(shape: torch.Size, seqs: list[Sequence], device: torch.device
     rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if not rows:
         return SamplingNoise(rows, None, None)
-    seeded = [j for j, i in enumerate(rows) if seqs[i].params.seed is not None]
-    keys = [noise_keys(seqs[rows[j]].params.seed, len(seqs[rows[j]].output_token_ids))
-            for j in seeded]  # fmt: skip
+    seeded = [(j, seqs[i]) for j, i in enumerate(rows) if seqs[i].params.seed is not None]
+    keys = [noise_keys(seq.params.seed, len(seq.output_token_ids)) for _, seq in seeded]
     if len(seeded) == len(rows):
         race = seeded_exponential(to_device(keys, torch.int64, device), shape[1])
     else:
         race = torch.empty(len(rows), shape[1], device=device).exponential_()
         if seeded:
-            race[to_device(seeded, torch.int64, device)] = seeded_exponential(
-                to_device(keys, torch.int64, device), shape[1]
-            )
+            at = to_device([j for j, _ in seeded], torch.int64, device)
+            race[at] = seeded_exponential(to_device(keys, torch.int64, device), shape[1])
     return SamplingNoise(rows, to_device(rows, torch.int64, device), race)
 
 
