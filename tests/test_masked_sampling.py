@@ -4,11 +4,13 @@ inline; a mask fill that fails fails its step's requests and the engine goes on 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from nanoflow import LLM, SamplingParams
 from nanoflow.engine import grammar, model_runner
-from nanoflow.engine.masked_sampling import DeferredFlight
+from nanoflow.engine.masked_sampling import SWITCH_INTERVAL_S, DeferredFlight, MaskFiller
 from nanoflow.engine.sampling_params import StructuredOutput
 
 REGEX = StructuredOutput("regex", "[a-e]{3,9}")
@@ -62,3 +64,17 @@ def test_a_failed_mask_fill_fails_its_requests_and_the_engine_serves_on(monkeypa
     monkeypatch.setattr(grammar, "token_bitmask", real)
     (again,) = llm.generate(["ab"], params, use_tqdm=False)
     assert 3 <= len(again.outputs[0].text) <= 9
+
+
+def test_mask_filler_shortens_the_switch_interval_while_it_runs() -> None:
+    """The mask thread's lock hand-offs are bounded by the switch interval; shutdown gives the
+    process its own interval back."""
+    before = sys.getswitchinterval()
+    filler = MaskFiller()
+    try:
+        mask = filler.submit({}, num_rows=2, vocab_size=64, pinned=False).result()
+        assert sys.getswitchinterval() == min(before, SWITCH_INTERVAL_S)
+        assert bool((mask == -1).all())  # no constrained rows: everything allowed
+    finally:
+        filler.shutdown()
+    assert sys.getswitchinterval() == before

@@ -8,8 +8,9 @@
 //
 // Tensor cores do the math with tokens as the M dimension (16 per MMA) and the GQA group as N
 // (8, the group padded): S^T = K Q^T, then O^T = V^T P^T with P^T moved into operand layout by
-// movmatrix. Shared-memory rows are XOR-swizzled so the fragment reads of K and V are free of
-// bank conflicts. An fp8 (e4m3) cache is widened to fp16 in registers.
+// movmatrix. Operands come from shared memory by ldmatrix (V transposed by it), whose tiles
+// the rows' XOR swizzle keeps free of bank conflicts; an fp8 (e4m3) cache is widened to fp16
+// in registers. The softmax maximum moves lazily, so most pages need no reduction across lanes.
 //
 // Layouts: q [seqs, heads, D] (heads contiguous), caches [blocks, kv_heads, 16, D] with each
 // (block, head) page contiguous, block tables int32 [seqs, width], lengths int32 [seqs].
@@ -41,11 +42,7 @@ __device__ __forceinline__ void cp_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-// Plain loads (not asm), so the compiler may schedule them early but never above a wait.
-__device__ __forceinline__ uint4 lds128(const unsigned char* smem, u32 off) {
-    return *reinterpret_cast<const uint4*>(smem + off);
-}
-
+// A plain load (not asm), so the compiler may schedule it early but never above a wait.
 __device__ __forceinline__ u32 lds32(const unsigned char* smem, u32 off) {
     return *reinterpret_cast<const u32*>(smem + off);
 }
@@ -85,11 +82,17 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
     return r;
 }
 
-// Two e4m3 values (the low 16 bits of ``x`` when ``high`` is false) as an fp16 pair.
+// Two e4m3 values (the low 16 bits of ``x`` when ``high`` is false) as an fp16 pair; the half
+// is picked inside the asm, so the conversion reads it in place (no shift).
 __device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 x, bool high) {
     u32 r;
-    u16 h = high ? (u16)(x >> 16) : (u16)(x & 0xffff);
-    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(h));
+    if (high) {
+        asm("{ .reg .b16 l, h; mov.b32 {l, h}, %1; cvt.rn.f16x2.e4m3x2 %0, h; }"
+            : "=r"(r) : "r"(x));
+    } else {
+        asm("{ .reg .b16 l, h; mov.b32 {l, h}, %1; cvt.rn.f16x2.e4m3x2 %0, l; }"
+            : "=r"(r) : "r"(x));
+    }
     return r;
 }
 
@@ -103,14 +106,25 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
-// XOR swizzle of a row's low 16-byte units: the fragment reads of K (rows g, g+1 of a lane
-// quad) and of V (rows 2q + c over a quad) then hit eight distinct bank groups.
-template <int KV_ELT>
-__device__ __forceinline__ int swizzle(int row) {
-    int hi = ((row ^ (row >> 1)) & 1) << 2;
-    int lo = (row >> 2) & 1;
-    return hi | (KV_ELT == 2 ? lo : lo << 1);
+// XOR swizzle of a row's 16-byte units by the row's low three bits: the eight rows of an
+// ldmatrix tile (the same unit of eight consecutive rows) then hit eight distinct bank groups.
+__device__ __forceinline__ int swizzle(int row) { return row & 7; }
+
+// Four 8x8 tiles of 16-bit elements; lanes 8 t .. 8 t + 7 give the rows of tile t.
+__device__ __forceinline__ void ldsm_x4(u32 addr, u32 (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
 }
+
+__device__ __forceinline__ void ldsm_x4_trans(u32 addr, u32 (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// How far (log2) a score may pass the running maximum before the maximum is moved.
+#define LAZY_MAX 8.0f
 
 template <int D, int KV_ELT, int GROUP, int PPS>
 struct Layout {
@@ -121,16 +135,7 @@ struct Layout {
     static constexpr int Q_OFFSET = 2 * PPS * PAGE_BYTES;
     static constexpr int STAGE_BYTES = Q_OFFSET + ((Q_BYTES + 127) / 128) * 128;
     static constexpr int KSTEPS = D / 16;
-    static constexpr int DC = 16 / KV_ELT;          // dims in one 16-byte unit of K
-    static constexpr int KCHUNKS = D / 4 / DC;      // units of K a lane reads per row
-    static constexpr int KSTEPS_PER_CHUNK = DC / 4;
-    static constexpr int V_DIMS = D / 8;            // dims of V (and of O) a lane owns
-    static constexpr int VUNITS = V_DIMS * KV_ELT / 16;
 };
-
-__device__ __forceinline__ u32 unit_off(u32 base, int row, int unit, int units, int swz) {
-    return base + (u32)((row * units + (unit ^ swz)) * 16);
-}
 
 // Work items are (split, sequence, KV head), numbered split-major so the items with pages
 // come first. Warps take them in order from a global counter, so a warp that drew short
@@ -156,7 +161,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
     using L = Layout<D, KV_ELT, GROUP, PPS>;
     constexpr bool F16 = Q_F16 || KV_ELT == 1;  // the MMA's operand type
     constexpr int QUEUE = STAGES + 1;  // items between the producer and the consumer
-    extern __shared__ __align__(128) unsigned char smem[];
+    extern __shared__ __align__(1024) unsigned char smem[];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, qd = lane & 3;
@@ -217,7 +222,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
 #pragma unroll
     for (int k = 0; k < PERIOD; ++k) {
         const int row = k * ROWS_PER_COPY + lane / L::UNITS, unit = lane % L::UNITS;
-        dst_off[k] = (u32)((row * L::UNITS + (unit ^ swizzle<KV_ELT>(row))) * 16);
+        dst_off[k] = (u32)((row * L::UNITS + (unit ^ swizzle(row))) * 16);
     }
     auto push = [&](int item, int len) {
         if (lane == 0) {
@@ -304,16 +309,22 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
     }
     __syncwarp();
 
-    // ---- the consumer: the items the producer queued, in order
+    // ---- the consumer: the items the producer queued, in order. Fragments come from shared
+    // memory by ldmatrix (four 8x8 tiles a lane-quad row each, straight into MMA operand order);
+    // every lane's offsets inside a page are fixed, so they are computed once here.
     u32 qf[L::KSTEPS][2];
     float acc[D / 16][4];
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
     int consumed = 0;
-    const int swz_g = swizzle<KV_ELT>(g), swz_g8 = swizzle<KV_ELT>(g + 8);
-    const int vrow[4] = {2 * qd, 2 * qd + 1, 2 * qd + 8, 2 * qd + 9};
-    int swz_v[4];
-#pragma unroll
-    for (int r = 0; r < 4; ++r) swz_v[r] = swizzle<KV_ELT>(vrow[r]);
+    // K (and an fp8 V): tile t = lane / 8 holds tokens 8 (t & 1) + lane % 8 of unit 2 j + t / 2.
+    // The swizzled unit is 2 j ^ (t / 2 ^ row % 8): with pages 256-byte aligned, a lane's
+    // address for step j is its address for step 0 with 32 j XORed in.
+    static_assert(L::STAGE_BYTES % 256 == 0 && L::PAGE_BYTES % 256 == 0, "pages 256-aligned");
+    const int k_row = (lane & 7) + ((lane >> 3) & 1) * 8;
+    const u32 k_lane = (u32)((k_row * L::UNITS + ((lane >> 4) ^ swizzle(k_row))) * 16);
+    // a 16-bit V, transposed: tile t holds tokens 8 (t / 2) + lane % 8 of unit 2 mt + (t & 1)
+    const int v_row = (lane & 7) + (lane >> 4) * 8;
+    const u32 v_lane = (u32)((v_row * L::UNITS + (((lane >> 3) & 1) ^ swizzle(v_row))) * 16);
 
     // The producer runs STAGES - 1 stages ahead, so by the time an item's last stage is
     // consumed it has queued the next item (or the end) at least one stage earlier.
@@ -333,19 +344,24 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
             cp_commit();
             cp_wait<STAGES - 1>();
             __syncwarp();
-            const u32 kbase = ring + (consumed % STAGES) * L::STAGE_BYTES;
+            const u32 kbase = smem_base + ring + (consumed % STAGES) * L::STAGE_BYTES;
             const u32 vbase = kbase + L::V_OFFSET;
             const int valid_pages = min(PPS, npages - page);
-            if (page == 0) {  // this item's queries, in B-operand order (dims permuted as K's)
-                const u32 qbase = kbase + L::Q_OFFSET;
+            if (page == 0) {  // this item's queries in B-operand order (dims ordered as K's)
+                const u32 qbase = kbase + L::Q_OFFSET - smem_base + g * D * 2;
 #pragma unroll
                 for (int j = 0; j < L::KSTEPS; ++j) {
-                    const int c = j / L::KSTEPS_PER_CHUNK, hh = j % L::KSTEPS_PER_CHUNK;
-                    const int dim0 = L::DC * (4 * c + qd) + 4 * hh;
                     u32 w0 = 0, w1 = 0;
                     if (g < GROUP) {
-                        w0 = lds32(smem, qbase + (g * D + dim0) * 2);
-                        w1 = lds32(smem, qbase + (g * D + dim0 + 2) * 2);
+                        if (KV_ELT == 2) {  // k 2qd, 2qd + 8 of the step: dims 16 j + 2qd, + 8
+                            w0 = lds32(smem, qbase + (16 * j + 2 * qd) * 2);
+                            w1 = lds32(smem, qbase + (16 * j + 2 * qd + 8) * 2);
+                        } else {  // an fp8 step's k 2qd, 2qd + 8: dims 16 j + 4qd, + 2
+                            const uint2 w = *reinterpret_cast<const uint2*>(
+                                smem + qbase + (16 * j + 4 * qd) * 2);
+                            w0 = w.x;
+                            w1 = w.y;
+                        }
                         if (F16 && !Q_F16) {
                             w0 = bf16x2_to_f16x2(w0);
                             w1 = bf16x2_to_f16x2(w1);
@@ -356,58 +372,59 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
                 }
             }
             // S^T = K Q^T per page: rows are the page's 16 tokens (g and g + 8), columns heads;
-            // two accumulators per page halve the dependent chain of MMAs
+            // four accumulators keep the chains of dependent MMAs short
             float s[PPS][4];
 #pragma unroll
             for (int pp = 0; pp < PPS; ++pp) {
-                float even[4] = {0.f, 0.f, 0.f, 0.f}, odd[4] = {0.f, 0.f, 0.f, 0.f};
+                float part[4][4] = {};
                 const u32 kpage = kbase + pp * L::PAGE_BYTES;
 #pragma unroll
-                for (int c = 0; c < L::KCHUNKS; ++c) {
-                    const int unit = 4 * c + qd;
-                    const uint4 ka = lds128(smem, unit_off(kpage, g, unit, L::UNITS, swz_g));
-                    const uint4 kb = lds128(smem, unit_off(kpage, g + 8, unit, L::UNITS, swz_g8));
-                    const u32 ra[4] = {ka.x, ka.y, ka.z, ka.w};
-                    const u32 rb[4] = {kb.x, kb.y, kb.z, kb.w};
+                for (int j = 0; j < L::UNITS / 2; ++j) {
+                    u32 r[4];
+                    ldsm_x4((kpage + k_lane) ^ (32 * j), r);
+                    if (KV_ELT == 2) {
+                        mma<F16>(part[j % 4], r[0], r[1], r[2], r[3], qf[j][0], qf[j][1]);
+                    } else {  // two steps: units 2 j and 2 j + 1, low then high pairs
 #pragma unroll
-                    for (int hh = 0; hh < L::KSTEPS_PER_CHUNK; ++hh) {
-                        const int j = c * L::KSTEPS_PER_CHUNK + hh;
-                        u32 a0, a1, a2, a3;
-                        if (KV_ELT == 2) {
-                            a0 = ra[2 * hh], a2 = ra[2 * hh + 1];
-                            a1 = rb[2 * hh], a3 = rb[2 * hh + 1];
-                        } else {
-                            a0 = e4m3x2_to_f16x2(ra[hh], false);
-                            a2 = e4m3x2_to_f16x2(ra[hh], true);
-                            a1 = e4m3x2_to_f16x2(rb[hh], false);
-                            a3 = e4m3x2_to_f16x2(rb[hh], true);
-                        }
-                        mma<F16>(j % 2 ? odd : even, a0, a1, a2, a3, qf[j][0], qf[j][1]);
+                        for (int h = 0; h < 2; ++h)
+                            mma<F16>(part[(2 * j + h) % 4], e4m3x2_to_f16x2(r[2 * h], false),
+                                     e4m3x2_to_f16x2(r[2 * h + 1], false),
+                                     e4m3x2_to_f16x2(r[2 * h], true),
+                                     e4m3x2_to_f16x2(r[2 * h + 1], true), qf[2 * j + h][0],
+                                     qf[2 * j + h][1]);
                     }
                 }
                 const int tok0 = (split * split_pages + page + pp) * PAGE + g;
                 const bool ok0 = pp < valid_pages && tok0 < len;
                 const bool ok1 = pp < valid_pages && tok0 + 8 < len;
-                s[pp][0] = ok0 ? (even[0] + odd[0]) * scale_log2 : NEG_INF;
-                s[pp][1] = ok0 ? (even[1] + odd[1]) * scale_log2 : NEG_INF;
-                s[pp][2] = ok1 ? (even[2] + odd[2]) * scale_log2 : NEG_INF;
-                s[pp][3] = ok1 ? (even[3] + odd[3]) * scale_log2 : NEG_INF;
-            }
-            // online softmax over the stage, per head (columns 2 qd and 2 qd + 1 of this lane)
-            float t0 = NEG_INF, t1 = NEG_INF;
 #pragma unroll
-            for (int pp = 0; pp < PPS; ++pp) {
-                t0 = fmaxf(t0, fmaxf(s[pp][0], s[pp][2]));
-                t1 = fmaxf(t1, fmaxf(s[pp][1], s[pp][3]));
+                for (int e = 0; e < 4; ++e) {
+                    const float v = (part[0][e] + part[1][e]) + (part[2][e] + part[3][e]);
+                    s[pp][e] = (e < 2 ? ok0 : ok1) ? v * scale_log2 : NEG_INF;
+                }
             }
+            // online softmax, per head (columns 2 qd and 2 qd + 1 of this lane). The running
+            // maximum moves only when a score passes it by more than LAZY_MAX (then the exact
+            // maximum is gathered and everything rescaled); below that the probabilities are
+            // taken against the old maximum, at most 2^LAZY_MAX, exact in fp32 and fine in 16 bits
+            bool over = false;
 #pragma unroll
-            for (int off = 4; off < 32; off <<= 1) {
-                t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, off));
-                t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, off));
-            }
-            const float n0 = fmaxf(m0, t0), n1 = fmaxf(m1, t1);
-            if (__any_sync(0xffffffffu, n0 != m0 || n1 != m1)) {  // rescale only on a new max
-                const float a0 = fast_exp2(m0 - n0), a1 = fast_exp2(m1 - n1);
+            for (int pp = 0; pp < PPS; ++pp)
+                over |= s[pp][0] > m0 + LAZY_MAX || s[pp][2] > m0 + LAZY_MAX ||
+                        s[pp][1] > m1 + LAZY_MAX || s[pp][3] > m1 + LAZY_MAX;
+            if (__any_sync(0xffffffffu, over)) {
+                float t0 = m0, t1 = m1;
+#pragma unroll
+                for (int pp = 0; pp < PPS; ++pp) {
+                    t0 = fmaxf(t0, fmaxf(s[pp][0], s[pp][2]));
+                    t1 = fmaxf(t1, fmaxf(s[pp][1], s[pp][3]));
+                }
+#pragma unroll
+                for (int off = 4; off < 32; off <<= 1) {
+                    t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, off));
+                    t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, off));
+                }
+                const float a0 = fast_exp2(m0 - t0), a1 = fast_exp2(m1 - t1);
                 l0 *= a0;
                 l1 *= a1;
 #pragma unroll
@@ -417,45 +434,43 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
                     acc[mt][2] *= a0;
                     acc[mt][3] *= a1;
                 }
-                m0 = n0;
-                m1 = n1;
+                m0 = t0;
+                m1 = t1;
             }
 #pragma unroll
             for (int pp = 0; pp < PPS; ++pp) {
                 if (pp >= valid_pages) break;
-                const float p0 = fast_exp2(s[pp][0] - n0), p1 = fast_exp2(s[pp][1] - n1);
-                const float p2 = fast_exp2(s[pp][2] - n0), p3 = fast_exp2(s[pp][3] - n1);
+                const float p0 = fast_exp2(s[pp][0] - m0), p1 = fast_exp2(s[pp][1] - m1);
+                const float p2 = fast_exp2(s[pp][2] - m0), p3 = fast_exp2(s[pp][3] - m1);
                 l0 += p0 + p2;
                 l1 += p1 + p3;
                 const u32 pb0 = transpose8x8(pack2<F16>(p0, p1));  // P^T rows: heads
                 const u32 pb1 = transpose8x8(pack2<F16>(p2, p3));
-                // O^T += V^T P^T: rows are this lane's dims (V_DIMS g + 2 mt, + 1)
+                // O^T += V^T P^T, rows dims: a 16-bit V's tiles come transposed by ldmatrix;
+                // an fp8 V's come as pairs of dims (one 16-bit element a token) and are
+                // regrouped by token pairs before widening (rows 2 g and 2 g + 1 of unit mt)
                 const u32 vpage = vbase + pp * L::PAGE_BYTES;
-                uint4 vr[4][L::VUNITS];
+                if (KV_ELT == 2) {
 #pragma unroll
-                for (int r = 0; r < 4; ++r)
+                    for (int mt = 0; mt < D / 16; ++mt) {
+                        u32 r[4];
+                        ldsm_x4_trans((vpage + v_lane) ^ (32 * mt), r);
+                        mma<F16>(acc[mt], r[0], r[1], r[2], r[3], pb0, pb1);
+                    }
+                } else {
 #pragma unroll
-                    for (int u = 0; u < L::VUNITS; ++u)
-                        vr[r][u] = lds128(
-                            smem, unit_off(vpage, vrow[r], L::VUNITS * g + u, L::UNITS, swz_v[r]));
+                    for (int j = 0; j < L::UNITS / 2; ++j) {
+                        u32 r[4];
+                        ldsm_x4_trans((vpage + k_lane) ^ (32 * j), r);
 #pragma unroll
-                for (int mt = 0; mt < D / 16; ++mt) {
-                    u32 w[4];  // dims (2 mt, 2 mt + 1) of this lane's V dims, for the 4 rows
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) {
-                        if (KV_ELT == 2) {
-                            const uint4 v = vr[r][mt / 4];
-                            const u32 vv[4] = {v.x, v.y, v.z, v.w};
-                            w[r] = vv[mt % 4];
-                        } else {
-                            const uint4 v = vr[r][0];
-                            const u32 vv[4] = {v.x, v.y, v.z, v.w};
-                            w[r] = e4m3x2_to_f16x2(vv[mt / 2], mt % 2 == 1);
+                        for (int h = 0; h < 2; ++h) {
+                            const u32 lo = __byte_perm(r[2 * h], 0, 0x3120);
+                            const u32 hi = __byte_perm(r[2 * h + 1], 0, 0x3120);
+                            mma<F16>(acc[2 * j + h], e4m3x2_to_f16x2(lo, false),
+                                     e4m3x2_to_f16x2(lo, true), e4m3x2_to_f16x2(hi, false),
+                                     e4m3x2_to_f16x2(hi, true), pb0, pb1);
                         }
                     }
-                    mma<F16>(acc[mt], __byte_perm(w[0], w[1], 0x5410),
-                             __byte_perm(w[0], w[1], 0x7632), __byte_perm(w[2], w[3], 0x5410),
-                             __byte_perm(w[2], w[3], 0x7632), pb0, pb1);
                 }
             }
             __syncwarp();
@@ -474,24 +489,32 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
             if (h >= GROUP) continue;
             const float inv = hc ? inv1 : inv0;
             const int qhead = head * GROUP + h;
+            // a lane's dims of unit mt: 16 mt + g and + 8 (16-bit V), 16 mt + 2 g and + 1 (fp8)
             if (direct) {
-                u32 packed[D / 16];
+                unsigned char* o = out + (seq * stride_ob + qhead * stride_oh) * 2;
 #pragma unroll
-                for (int mt = 0; mt < D / 16; ++mt)
-                    packed[mt] = pack2<Q_F16>(acc[mt][hc] * inv, acc[mt][hc + 2] * inv);
-                uint4* o = reinterpret_cast<uint4*>(out + (seq * stride_ob + qhead * stride_oh) * 2 +
-                                                    g * L::V_DIMS * 2);
-#pragma unroll
-                for (int u = 0; u < D / 64; ++u)
-                    o[u] = make_uint4(packed[4 * u], packed[4 * u + 1], packed[4 * u + 2],
-                                      packed[4 * u + 3]);
+                for (int mt = 0; mt < D / 16; ++mt) {
+                    const u32 pair = pack2<Q_F16>(acc[mt][hc] * inv, acc[mt][hc + 2] * inv);
+                    if (KV_ELT == 2) {
+                        reinterpret_cast<u16*>(o)[16 * mt + g] = (u16)(pair & 0xffff);
+                        reinterpret_cast<u16*>(o)[16 * mt + g + 8] = (u16)(pair >> 16);
+                    } else {
+                        reinterpret_cast<u32*>(o)[8 * mt + g] = pair;
+                    }
+                }
             } else {
                 const long long part = ((long long)seq * num_heads + qhead) * num_splits + split;
-                float4* o = reinterpret_cast<float4*>(part_out + part * D + g * L::V_DIMS);
+                float* o = part_out + part * D;
 #pragma unroll
-                for (int u = 0; u < D / 32; ++u)
-                    o[u] = make_float4(acc[2 * u][hc] * inv, acc[2 * u][hc + 2] * inv,
-                                       acc[2 * u + 1][hc] * inv, acc[2 * u + 1][hc + 2] * inv);
+                for (int mt = 0; mt < D / 16; ++mt) {
+                    if (KV_ELT == 2) {
+                        o[16 * mt + g] = acc[mt][hc] * inv;
+                        o[16 * mt + g + 8] = acc[mt][hc + 2] * inv;
+                    } else {
+                        reinterpret_cast<float2*>(o)[8 * mt + g] =
+                            make_float2(acc[mt][hc] * inv, acc[mt][hc + 2] * inv);
+                    }
+                }
                 if (g == 0) part_lse[part] = (hc ? m1 : m0) + __log2f(hc ? l1 : l0);
             }
         }

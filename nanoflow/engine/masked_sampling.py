@@ -6,10 +6,16 @@ GPU. Filled inline, that host work (tens of microseconds a row) sits on the crit
 every step. Here the mask is filled on a host thread (xgrammar releases the GIL while it fills)
 while the main thread plans and prepares the next step, and the step's sampling is queued only
 when something first needs its tokens: the next step's launch, or reading its results.
+
+The mask thread needs the interpreter lock three times a step (after the token wait, between
+accepting and filling, after the fill) while the main thread runs Python; at CPython's default
+switch interval (5 ms) each hand-off can cost milliseconds of a step that lasts ~10. While the
+filler's thread exists the interval is ``SWITCH_INTERVAL_S``; the old one is restored on shutdown.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -26,11 +32,15 @@ def constrained_rows(seqs: list[Sequence]) -> dict[int, Any]:
     return {i: grammar for i, grammar in grammars.items() if grammar is not None}
 
 
+SWITCH_INTERVAL_S = 2e-4
+
+
 class MaskFiller:
     """One host thread that fills the token masks of a step's constrained rows."""
 
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
+        self._saved_interval: float | None = None
 
     def submit(self, grammars: dict[int, Any], num_rows: int, vocab_size: int, pinned: bool
                ) -> Future[torch.Tensor]:  # fmt: skip
@@ -38,12 +48,17 @@ class MaskFiller:
 
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+            self._saved_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(self._saved_interval, SWITCH_INTERVAL_S))
         return self._pool.submit(token_bitmask, grammars, num_rows, vocab_size, pinned)
 
     def shutdown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._saved_interval is not None:
+            sys.setswitchinterval(self._saved_interval)
+            self._saved_interval = None
 
 
 class DeferredFlight:
