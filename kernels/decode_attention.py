@@ -106,15 +106,10 @@ def parse_cuda_config(text: str) -> cuda_kernel.CudaDecodeConfig:
         numbers = [int(f) for f in fields]
     except ValueError:
         numbers = []
-    if not 2 <= len(numbers) <= 6 or any(n < 1 for n in numbers[:5]) or min(numbers) < 0:
+    if not 2 <= len(numbers) <= 5 or any(n < 1 for n in numbers):
         raise ValueError(
             f"{CONFIG_ENV}={text!r}: expected cuda:warps,stages[,ctas_per_sm[,items_per_warp"
-            "[,pages_per_stage[,prefetch_pages]]]] of positive integers (prefetch_pages may be 0)"
-        )
-    if len(numbers) == 6 and numbers[5] + numbers[4] > cuda_kernel.MAX_PREFETCH_REACH:
-        raise ValueError(
-            f"{CONFIG_ENV}={text!r}: prefetch_pages + pages_per_stage must be at most "
-            f"{cuda_kernel.MAX_PREFETCH_REACH}"
+            "[,pages_per_stage]]] of positive integers"
         )
     return cuda_kernel.CudaDecodeConfig(*numbers)
 

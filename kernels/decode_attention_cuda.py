@@ -35,16 +35,13 @@ class CudaDecodeConfig:
     to interleave); ``ctas_per_sm`` CTAs share an SM (their rings together bound the bytes in
     flight); warps draw (sequence, KV head, split) items from a counter, and contexts are
     split only as far as needed for about ``items_per_warp`` items per warp: a split costs a
-    partial output and a reduction. ``prefetch_pages``: how far past a stage's pages the
-    producer asks L2 for the pages after them (0: no prefetch), which puts bytes in flight
-    beyond what the shared-memory ring holds."""
+    partial output and a reduction."""
 
     warps: int
     stages: int
     ctas_per_sm: int = 1
     items_per_warp: int = 4
     pages_per_stage: int = 1
-    prefetch_pages: int = 0
 
 
 def stage_bytes(kv_elt: int, group: int, pages: int = 1) -> int:
@@ -117,7 +114,6 @@ def supports(
 
 
 MIN_SPLIT_PAGES = 8
-MAX_PREFETCH_REACH = 32  # pages a prefetch may reach past a stage: one block-table window
 
 
 def split_plan(
@@ -143,8 +139,7 @@ def _kernel(kv_elt: int, q_f16: bool, group: int, config: CudaDecodeConfig, devi
     cupy = _cupy()
     name = (
         f"decode_attention_kernel<{HEAD_DIM},{kv_elt},{'true' if q_f16 else 'false'},"
-        f"{group},{config.warps},{config.stages},{config.pages_per_stage},"
-        f"{config.prefetch_pages}>"
+        f"{group},{config.warps},{config.stages},{config.pages_per_stage}>"
     )
     with cupy.cuda.Device(device):
         module = cupy.RawModule(

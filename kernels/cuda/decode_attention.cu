@@ -35,12 +35,6 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
 
-// Ask L2 for ``bytes`` (a multiple of 16) at ``src``: no register or shared memory is held while
-// the bytes come, so pages past the ring can be on their way.
-__device__ __forceinline__ void prefetch_l2(const void* src, u32 bytes) {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
-}
-
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
 
 template <int N>
@@ -155,8 +149,7 @@ __device__ __forceinline__ Item item_of(int item, int num_kv_heads, int num_seqs
     return Item{pair / num_kv_heads, pair % num_kv_heads, item / (num_kv_heads * num_seqs)};
 }
 
-template <int D, int KV_ELT, bool Q_F16, int GROUP, int WARPS, int STAGES, int PPS,
-          int PREFETCH>
+template <int D, int KV_ELT, bool Q_F16, int GROUP, int WARPS, int STAGES, int PPS>
 __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
     const unsigned char* __restrict__ q, const unsigned char* __restrict__ k_cache,
     const unsigned char* __restrict__ v_cache, const int* __restrict__ tables,
@@ -306,19 +299,6 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
             for (int x = lane; x < L::Q_BYTES / 16; x += 32)
                 cp_async16(stage + L::Q_OFFSET + x * 16, p_q + x * 16);
         }
-        // the pages PREFETCH past this stage's, from HBM into L2 (the ring's copies of them
-        // then wait on L2, not on HBM); entries past this window come from the next one
-#pragma unroll
-        for (int pp = 0; pp < (PREFETCH > 0 ? PPS : 0); ++pp) {
-            const int ahead = p_page + PREFETCH + pp, col = ahead - p_base;
-            const int here = __shfl_sync(0xffffffffu, p_window, col & 31);
-            const int next = __shfl_sync(0xffffffffu, p_next_window, col & 31);
-            if (ahead < p_npages && lane == 0) {
-                const long long block = col < 32 ? here : next;
-                prefetch_l2(k_cache + block * stride_kb * KV_ELT + p_k_head, L::PAGE_BYTES);
-                prefetch_l2(v_cache + block * stride_vb * KV_ELT + p_v_head, L::PAGE_BYTES);
-            }
-        }
         p_page += PPS;
         ++issued;
     };
@@ -339,7 +319,6 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
     // K (and an fp8 V): tile t = lane / 8 holds tokens 8 (t & 1) + lane % 8 of unit 2 j + t / 2.
     // The swizzled unit is 2 j ^ (t / 2 ^ row % 8): with pages 256-byte aligned, a lane's
     // address for step j is its address for step 0 with 32 j XORed in.
-    static_assert(PREFETCH + PPS <= 32, "prefetches reach at most one window ahead");
     static_assert(L::STAGE_BYTES % 256 == 0 && L::PAGE_BYTES % 256 == 0, "pages 256-aligned");
     const int k_row = (lane & 7) + ((lane >> 3) & 1) * 8;
     const u32 k_lane = (u32)((k_row * L::UNITS + ((lane >> 4) ^ swizzle(k_row))) * 16);
