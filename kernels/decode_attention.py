@@ -440,7 +440,7 @@ def paged_decode_attention_triton(
         out = torch.empty_like(q)
     if q.shape[0] == 0:
         return out
-    cuda_config = _cuda_choice(q, k_cache, v_cache, block_tables, context_lens)
+    cuda_config = _cuda_choice(q, k_cache, v_cache, block_tables, context_lens, num_ctas)
     if cuda_config is not None:
         return _launch_decode_cuda(
             q, k_cache, v_cache, block_tables, context_lens, scale, num_ctas, out, cuda_config
@@ -462,8 +462,10 @@ def _cuda_choice(
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
+    num_ctas: int | None = None,
 ) -> cuda_kernel.CudaDecodeConfig | None:
-    """The CUDA kernel's configuration where it applies (and nothing forces Triton)."""
+    """The CUDA kernel's configuration where it applies (and nothing forces Triton), for a
+    budget of ``num_ctas`` CTAs or else the SMs the current stream may use."""
     forced = _forced
     if forced and not forced.startswith(CUDA_PREFIX):
         return None
@@ -478,7 +480,8 @@ def _cuda_choice(
     if forced:
         return parse_cuda_config(forced)
     group = q.shape[1] // k_cache.shape[1]
-    return cuda_kernel.default_config(k_cache.element_size(), group)
+    sms = num_ctas if num_ctas is not None else cuda_kernel.current_sm_count(q.device)
+    return cuda_kernel.default_config(k_cache.element_size(), group, sms)
 
 
 def _launch_decode_cuda(

@@ -57,12 +57,25 @@ def smem_bytes(config: CudaDecodeConfig, kv_elt: int, group: int) -> int:
     return config.warps * (config.stages * per_stage + queue)
 
 
-def default_config(kv_elt: int, group: int) -> CudaDecodeConfig:
-    """8 warps with the deepest ring one SM holds: a page a step for a 16-bit cache, two for
-    an fp8 one (whose pages are half the bytes for the same per-page work)."""
-    pages = 2 if kv_elt == 1 else 1
-    stages = SMEM_PER_SM // (8 * stage_bytes(kv_elt, group, pages))
-    return CudaDecodeConfig(warps=8, stages=max(2, min(stages, 8)), pages_per_stage=pages)
+FEW_SMS = 48  # budgets at or below this many SMs take the fp8 configuration for few SMs
+
+
+def default_config(kv_elt: int, group: int, sms: int | None = None) -> CudaDecodeConfig:
+    """The launch measured fastest on the H200 for a budget of ``sms`` SMs (None: the whole
+    GPU). Each page goes through shared memory twice (copied in, read out), so a 16-bit cache
+    on few SMs is bound by shared-memory bandwidth and wants as many warps as hold a two-stage
+    ring (12). An fp8 page costs as much work for half the bytes: on few SMs 16 warps of a page
+    a step hide its latency best; on many, 8 warps of two pages a step with the deepest ring."""
+
+    def deepest(warps: int, pages: int) -> int:
+        return SMEM_PER_SM // (warps * stage_bytes(kv_elt, group, pages))
+
+    if kv_elt == 2:
+        warps = 12 if deepest(12, 1) >= 2 else 8
+        return CudaDecodeConfig(warps=warps, stages=max(2, min(deepest(warps, 1), 8)))
+    if sms is not None and sms <= FEW_SMS:
+        return CudaDecodeConfig(warps=16, stages=2)
+    return CudaDecodeConfig(warps=8, stages=max(2, min(deepest(8, 2), 8)), pages_per_stage=2)
 
 
 @functools.cache

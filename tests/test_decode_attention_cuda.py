@@ -44,11 +44,16 @@ def test_split_plan_covers_the_table_and_splits_only_small_batches(batch, width,
 def test_default_configs_fit_one_sm() -> None:
     for kv_elt in (1, 2):
         for group in range(1, cuda_kernel.MAX_GROUP + 1):
-            config = cuda_kernel.default_config(kv_elt, group)
-            assert config.stages >= 2
-            assert cuda_kernel.smem_bytes(config, kv_elt, group) <= cuda_kernel.SMEM_PER_SM
-    # an fp8 page is half the bytes of a 16-bit one: two pages a step, as deep a ring
+            for sms in (None, 16, cuda_kernel.FEW_SMS, 132):
+                config = cuda_kernel.default_config(kv_elt, group, sms)
+                assert config.stages >= 2
+                assert cuda_kernel.smem_bytes(config, kv_elt, group) <= cuda_kernel.SMEM_PER_SM
+    # a 16-bit cache: 12 warps where a two-stage ring fits (the usual GQA group of 4)
+    assert cuda_kernel.default_config(2, 4) == cuda_kernel.CudaDecodeConfig(12, 2)
+    # fp8 pages are half the bytes: on many SMs two pages a step, on few SMs more warps
     assert cuda_kernel.default_config(1, 4).pages_per_stage == 2
+    assert cuda_kernel.default_config(1, 4, 132).pages_per_stage == 2
+    assert cuda_kernel.default_config(1, 4, 16) == cuda_kernel.CudaDecodeConfig(16, 2)
 
 
 def test_shared_memory_holds_the_rings_and_the_queues() -> None:
@@ -146,7 +151,7 @@ def test_other_gqa_groups_match_the_reference(group, kv_dtype) -> None:
     q, k, v, tables, lens_t = paged_inputs(lens, kv_dtype, "cuda", width=64)
     q = torch.randn(len(lens), 8 * group, 128, device="cuda", dtype=torch.bfloat16)
     assert cuda_kernel.supports(q, k, v, groups=frozenset({group}))
-    config = cuda_kernel.default_config(k.element_size(), group)
+    config = cuda_kernel.default_config(k.element_size(), group, 132)
     out = torch.full_like(q, float("nan"))
     cuda_kernel.launch_decode_cuda(
         q, k, v, tables, lens_t, 0.088, 132, 1, 64, out, None, None, config

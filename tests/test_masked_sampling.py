@@ -4,13 +4,11 @@ inline; a mask fill that fails fails its step's requests and the engine goes on 
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
 from nanoflow import LLM, SamplingParams
 from nanoflow.engine import grammar, model_runner
-from nanoflow.engine.masked_sampling import SWITCH_INTERVAL_S, DeferredFlight, MaskFiller
+from nanoflow.engine.masked_sampling import DeferredFlight
 from nanoflow.engine.sampling_params import StructuredOutput
 
 REGEX = StructuredOutput("regex", "[a-e]{3,9}")
@@ -51,30 +49,17 @@ def test_deferred_masks_give_the_inline_outputs(monkeypatch, async_scheduling):
     assert all(3 <= len(text) <= 9 and set(text) <= set("abcde") for text in deferred)
 
 
-def test_a_failed_mask_fill_fails_its_requests_and_the_engine_serves_on(monkeypatch):
+@pytest.mark.parametrize("phase", ["mask_rows", "fill_masks"])  # the catch-up, the fill
+def test_a_failed_mask_fill_fails_its_requests_and_the_engine_serves_on(monkeypatch, phase):
     llm = LLM("builtin", device="cpu")
-    real = grammar.token_bitmask
-    monkeypatch.setattr(grammar, "token_bitmask", lambda *a, **k: (_ for _ in ()).throw(
+    real = getattr(grammar, phase)
+    monkeypatch.setattr(grammar, phase, lambda *a, **k: (_ for _ in ()).throw(
         RuntimeError("mask fill broke")))  # fmt: skip
     params = SamplingParams(max_tokens=6, temperature=0.0, structured=REGEX)
     with pytest.raises(RuntimeError, match="failed: RuntimeError: mask fill broke"):
         llm.generate(["ab"], params, use_tqdm=False)
     assert not llm.engine.has_unfinished
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
-    monkeypatch.setattr(grammar, "token_bitmask", real)
+    monkeypatch.setattr(grammar, phase, real)
     (again,) = llm.generate(["ab"], params, use_tqdm=False)
     assert 3 <= len(again.outputs[0].text) <= 9
-
-
-def test_mask_filler_shortens_the_switch_interval_while_it_runs() -> None:
-    """The mask thread's lock hand-offs are bounded by the switch interval; shutdown gives the
-    process its own interval back."""
-    before = sys.getswitchinterval()
-    filler = MaskFiller()
-    try:
-        mask = filler.submit({}, num_rows=2, vocab_size=64, pinned=False).result()
-        assert sys.getswitchinterval() == min(before, SWITCH_INTERVAL_S)
-        assert bool((mask == -1).all())  # no constrained rows: everything allowed
-    finally:
-        filler.shutdown()
-    assert sys.getswitchinterval() == before

@@ -3,19 +3,17 @@
 A constrained row's mask depends on the token the row sampled one step before, so it can only
 be filled once that token is on the host, and the step cannot sample before its mask is on the
 GPU. Filled inline, that host work (tens of microseconds a row) sits on the critical path of
-every step. Here the mask is filled on a host thread (xgrammar releases the GIL while it fills)
-while the main thread plans and prepares the next step, and the step's sampling is queued only
-when something first needs its tokens: the next step's launch, or reading its results.
-
-The mask thread needs the interpreter lock three times a step (after the token wait, between
-accepting and filling, after the fill) while the main thread runs Python; at CPython's default
-switch interval (5 ms) each hand-off can cost milliseconds of a step that lasts ~10. While the
-filler's thread exists the interval is ``SWITCH_INTERVAL_S``; the old one is restored on shutdown.
+every step. Here the main thread catches the grammars up as soon as the step's forward pass is
+queued (the last step's tokens come first on the GPU), and a host thread fills the masks in
+native code (xgrammar releases the GIL while it fills) while the main thread plans and prepares
+the next step; the step's sampling is queued only when something first needs its tokens: the
+next step's launch, or reading its results. The filling thread runs no per-row Python: that
+would contend for the interpreter with the main thread, costing each hand-off up to the switch
+interval.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -32,33 +30,32 @@ def constrained_rows(seqs: list[Sequence]) -> dict[int, Any]:
     return {i: grammar for i, grammar in grammars.items() if grammar is not None}
 
 
-SWITCH_INTERVAL_S = 2e-4
-
-
 class MaskFiller:
     """One host thread that fills the token masks of a step's constrained rows."""
 
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
-        self._saved_interval: float | None = None
 
     def submit(self, grammars: dict[int, Any], num_rows: int, vocab_size: int, pinned: bool
                ) -> Future[torch.Tensor]:  # fmt: skip
-        from nanoflow.engine.grammar import token_bitmask
+        """Catch ``grammars`` up here, then fill their masks on the thread; a failure of
+        either is the future's, so it fails the step's requests and nothing else."""
+        from nanoflow.engine import grammar
 
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
-            self._saved_interval = sys.getswitchinterval()
-            sys.setswitchinterval(min(self._saved_interval, SWITCH_INTERVAL_S))
-        return self._pool.submit(token_bitmask, grammars, num_rows, vocab_size, pinned)
+        try:
+            rows = grammar.mask_rows(grammars)
+        except Exception as exc:  # kept for the step's readers, as a fill's failure is
+            failed: Future[torch.Tensor] = Future()
+            failed.set_exception(exc)
+            return failed
+        return self._pool.submit(grammar.fill_masks, rows, num_rows, vocab_size, pinned)
 
     def shutdown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        if self._saved_interval is not None:
-            sys.setswitchinterval(self._saved_interval)
-            self._saved_interval = None
 
 
 class DeferredFlight:
