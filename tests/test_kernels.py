@@ -312,6 +312,16 @@ def test_rms_norm(dtype: torch.dtype, hidden: int, with_residual: bool) -> None:
         torch.testing.assert_close(residual, ref_residual, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("rows", [255, 300, 1030])  # 1, 2 and 4 rows a program, ragged ends
+def test_rms_norm_several_rows_a_program(rows: int) -> None:
+    x = torch.randn(rows, 48)
+    weight, residual = torch.randn(48), torch.randn(rows, 48)
+    ref_residual = residual.clone()
+    out = rms_norm_triton(x, weight, 1e-6, residual, poisoned(x))
+    torch.testing.assert_close(out, rms_norm_ref(x, weight, 1e-6, ref_residual))
+    torch.testing.assert_close(residual, ref_residual, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(8, 2, 64), (4, 4, 128)])
 def test_rope_kv_write(
