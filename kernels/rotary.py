@@ -40,22 +40,30 @@ def rope_kv_write_ref(
 
 
 @jit
-def _rotate(
-    src_ptr, dst_ptr, num_heads, src_head_stride, dst_head_stride, cos, sin,
-    HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-):  # fmt: skip
-    """Rotate-half of every head of one token; ``dst`` may be ``src`` (in place)."""
+def _halves(ptr, num_heads, head_stride, HEADS_PAD: tl.constexpr, HALF: tl.constexpr,
+            HALF_PAD: tl.constexpr):  # fmt: skip
+    """The two halves of every head of one token (``ptr``: its first head)."""
     heads = tl.arange(0, HEADS_PAD)[:, None]
     dims = tl.arange(0, HALF_PAD)[None, :]
     mask = (heads < num_heads) & (dims < HALF)
-    src = src_ptr + heads * src_head_stride + dims
-    x1 = tl.load(src, mask=mask, other=0.0)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0)
+    src = ptr + heads * head_stride + dims
+    return tl.load(src, mask=mask, other=0.0), tl.load(src + HALF, mask=mask, other=0.0)
+
+
+@jit
+def _store_rotated(
+    ptr, x1, x2, num_heads, head_stride, cos, sin,
+    HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+):  # fmt: skip
+    """Rotate-half of every head of one token, rounded as the input, stored at ``ptr``."""
+    heads = tl.arange(0, HEADS_PAD)[:, None]
+    dims = tl.arange(0, HALF_PAD)[None, :]
+    mask = (heads < num_heads) & (dims < HALF)
     y1 = (x1.to(tl.float32) * cos - x2.to(tl.float32) * sin).to(x1.dtype)
     y2 = (x2.to(tl.float32) * cos + x1.to(tl.float32) * sin).to(x1.dtype)
-    dst = dst_ptr + heads * dst_head_stride + dims
-    tl.store(dst, y1.to(dst_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF, y2.to(dst_ptr.dtype.element_ty), mask=mask)
+    dst = ptr + heads * head_stride + dims
+    tl.store(dst, y1.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, y2.to(ptr.dtype.element_ty), mask=mask)
 
 
 @jit(do_not_specialize_on_alignment=("pos_ptr", "slot_ptr"))
@@ -66,26 +74,28 @@ def _rope_kv_write_kernel(
     Q_PAD: tl.constexpr, KV_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
     PAGE: tl.constexpr,
 ):  # fmt: skip
-    """One token per program: all its heads at once, so cos/sin are loaded once."""
+    """One token per program: all its heads at once, so cos/sin are loaded once. Every load
+    comes before the first store: q is rotated in place, and a store the compiler cannot prove
+    apart from the later loads would hold those loads back behind it."""
     t = tl.program_id(0).to(tl.int64)
+    q1, q2 = _halves(q_ptr + t * stride_qt, num_heads, stride_qh, Q_PAD, HALF, HALF_PAD)
+    k1, k2 = _halves(k_ptr + t * stride_kt, num_kv_heads, stride_kh, KV_PAD, HALF, HALF_PAD)
+    heads = tl.arange(0, KV_PAD)[:, None]
+    full = tl.arange(0, 2 * HALF_PAD)[None, :]
+    v_mask = (heads < num_kv_heads) & (full < 2 * HALF)
+    v = tl.load(v_ptr + t * stride_vt + heads * stride_vh + full, mask=v_mask)
     dims = tl.arange(0, HALF_PAD)
     cs = cs_ptr + tl.load(pos_ptr + t).to(tl.int64) * stride_cs + dims
     cos = tl.load(cs, mask=dims < HALF, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(cs + HALF, mask=dims < HALF, other=0.0).to(tl.float32)[None, :]
-    q = q_ptr + t * stride_qt
-    _rotate(q, q, num_heads, stride_qh, stride_qh, cos, sin, Q_PAD, HALF, HALF_PAD)
     slot = tl.load(slot_ptr + t).to(tl.int64)
+    _store_rotated(
+        q_ptr + t * stride_qt, q1, q2, num_heads, stride_qh, cos, sin, Q_PAD, HALF, HALF_PAD
+    )
     kc = kc_ptr + slot // PAGE * stride_kcb + slot % PAGE * stride_kct
-    _rotate(
-        k_ptr + t * stride_kt, kc, num_kv_heads, stride_kh, stride_kch, cos, sin,
-        KV_PAD, HALF, HALF_PAD,
-    )  # fmt: skip
-    heads = tl.arange(0, KV_PAD)[:, None]
-    full = tl.arange(0, 2 * HALF_PAD)[None, :]
-    mask = (heads < num_kv_heads) & (full < 2 * HALF)
-    v = tl.load(v_ptr + t * stride_vt + heads * stride_vh + full, mask=mask)
+    _store_rotated(kc, k1, k2, num_kv_heads, stride_kch, cos, sin, KV_PAD, HALF, HALF_PAD)
     vc = vc_ptr + slot // PAGE * stride_vcb + slot % PAGE * stride_vct
-    tl.store(vc + heads * stride_vch + full, v.to(vc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc + heads * stride_vch + full, v.to(vc_ptr.dtype.element_ty), mask=v_mask)
 
 
 def _check_rope(
