@@ -106,14 +106,10 @@ def parse_cuda_config(text: str) -> cuda_kernel.CudaDecodeConfig:
         numbers = [int(f) for f in fields]
     except ValueError:
         numbers = []
-    if (
-        not 2 <= len(numbers) <= 6
-        or any(n < 1 for n in numbers[:5])
-        or not set(numbers[5:]) <= {0, 1, 2}
-    ):
+    if not 2 <= len(numbers) <= 5 or any(n < 1 for n in numbers):
         raise ValueError(
             f"{CONFIG_ENV}={text!r}: expected cuda:warps,stages[,ctas_per_sm[,items_per_warp"
-            "[,pages_per_stage[,fp8_widen]]]] of positive integers, fp8_widen 0, 1 or 2"
+            "[,pages_per_stage]]] of positive integers"
         )
     return cuda_kernel.CudaDecodeConfig(*numbers)
 

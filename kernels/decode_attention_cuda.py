@@ -35,16 +35,13 @@ class CudaDecodeConfig:
     to interleave); ``ctas_per_sm`` CTAs share an SM (their rings together bound the bytes in
     flight); warps draw (sequence, KV head, split) items from a counter, and contexts are
     split only as far as needed for about ``items_per_warp`` items per warp: a split costs a
-    partial output and a reduction. ``fp8_widen`` (fp8 caches): how the pages are widened to
-    fp16, 0 by conversion instructions, 1 K by integer ops (V by conversions), 2 both by
-    integer ops; splitting the work between the two units relieves the conversion unit."""
+    partial output and a reduction."""
 
     warps: int
     stages: int
     ctas_per_sm: int = 1
     items_per_warp: int = 4
     pages_per_stage: int = 1
-    fp8_widen: int = 0
 
 
 def stage_bytes(kv_elt: int, group: int, pages: int = 1) -> int:
@@ -155,7 +152,7 @@ def _kernel(kv_elt: int, q_f16: bool, group: int, config: CudaDecodeConfig, devi
     cupy = _cupy()
     name = (
         f"decode_attention_kernel<{HEAD_DIM},{kv_elt},{'true' if q_f16 else 'false'},"
-        f"{group},{config.warps},{config.stages},{config.pages_per_stage},{config.fp8_widen}>"
+        f"{group},{config.warps},{config.stages},{config.pages_per_stage}>"
     )
     with cupy.cuda.Device(device):
         module = cupy.RawModule(

@@ -65,9 +65,7 @@ def test_shared_memory_holds_the_rings_and_the_queues() -> None:
 def test_a_forced_configuration_is_parsed_or_named_wrong() -> None:
     assert parse_cuda_config("cuda:8,3") == cuda_kernel.CudaDecodeConfig(8, 3)
     assert parse_cuda_config("cuda:4,2,2,8,2") == cuda_kernel.CudaDecodeConfig(4, 2, 2, 8, 2)
-    assert parse_cuda_config("cuda:16,2,1,4,1,2").fp8_widen == 2
-    for bad in ("cuda:8", "cuda:8,x", "cuda:8,0", "cuda:1,2,3,4,5,3", "cuda:1,2,3,4,5,-1",
-                "cuda:1,2,3,4,5,0,7"):  # fmt: skip
+    for bad in ("cuda:8", "cuda:8,x", "cuda:8,0", "cuda:1,2,3,4,5,6"):
         with pytest.raises(ValueError, match=CONFIG_ENV):
             parse_cuda_config(bad)
 
@@ -123,17 +121,10 @@ def test_memory_unit_script_dry_run(tmp_path) -> None:
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU of SM 8.9+ and CuPy")
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("num_ctas", [None, 16])
-@pytest.mark.parametrize(
-    "config", [None, "cuda:8,3,1,4,1", "cuda:4,3,1,1,2", "cuda:16,2,1,4,1,1", "cuda:8,3,1,4,2,2"]
-)
+@pytest.mark.parametrize("config", [None, "cuda:8,3,1,4,1", "cuda:4,3,1,1,2"])
 def test_cuda_decode_matches_the_reference(kv_dtype, num_ctas, config, monkeypatch) -> None:
     """Fresh random lengths (zero, one token, partial pages, long rows) in a wide table; every
     element written (the output starts as NaN)."""
-    elt = torch.empty(0, dtype=kv_dtype).element_size()
-    if config and cuda_kernel.smem_bytes(parse_cuda_config(config), elt, 4) > (
-        cuda_kernel.SMEM_PER_SM
-    ):
-        pytest.skip("this configuration's rings do not fit one SM for this cache")
     monkeypatch.setattr(decode_attention, "_forced", config or "")
     gen = torch.Generator().manual_seed(0)
     for batch, max_len in ((3, 40), (64, 3000), (300, 700)):

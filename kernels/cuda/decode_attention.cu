@@ -96,18 +96,6 @@ __device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 x, bool high) {
     return r;
 }
 
-// Two e4m3 bytes of ``x`` (SEL, a byte_perm selector, puts them in bytes 1 and 3) as an fp16
-// pair times 2^-8, by integer ops: the sign stays, exponent and mantissa move down a bit (fp16's
-// exponent bias is 8 more than e4m3's), exact for subnormals too. This runs on the integer
-// pipe, so widening part of a page this way unloads the conversion unit.
-template <u32 SEL>
-__device__ __forceinline__ u32 e4m3x2_to_f16x2_low(u32 x) {
-    const u32 u = __byte_perm(x, 0, SEL);
-    return (u & 0x80008000u) | ((u >> 1) & 0x3f803f80u);
-}
-
-#define WIDEN_SCALE 256.0f  // what the integer widening divides by
-
 __device__ __forceinline__ u32 bf16x2_to_f16x2(u32 x) {
     return pack2<true>(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
 }
@@ -161,8 +149,7 @@ __device__ __forceinline__ Item item_of(int item, int num_kv_heads, int num_seqs
     return Item{pair / num_kv_heads, pair % num_kv_heads, item / (num_kv_heads * num_seqs)};
 }
 
-// WIDEN (fp8 caches): 0 widens K and V by conversion instructions, 1 K by integer ops, 2 both.
-template <int D, int KV_ELT, bool Q_F16, int GROUP, int WARPS, int STAGES, int PPS, int WIDEN>
+template <int D, int KV_ELT, bool Q_F16, int GROUP, int WARPS, int STAGES, int PPS>
 __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
     const unsigned char* __restrict__ q, const unsigned char* __restrict__ k_cache,
     const unsigned char* __restrict__ v_cache, const int* __restrict__ tables,
@@ -325,9 +312,6 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
     // ---- the consumer: the items the producer queued, in order. Fragments come from shared
     // memory by ldmatrix (four 8x8 tiles a lane-quad row each, straight into MMA operand order);
     // every lane's offsets inside a page are fixed, so they are computed once here.
-    // integer-widened fp8 values are 2^-8 of the cache's: the scores and outputs are scaled back
-    const float qk_scale = KV_ELT == 1 && WIDEN >= 1 ? scale_log2 * WIDEN_SCALE : scale_log2;
-    const float v_scale = KV_ELT == 1 && WIDEN >= 2 ? WIDEN_SCALE : 1.f;
     u32 qf[L::KSTEPS][2];
     float acc[D / 16][4];
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
@@ -402,20 +386,12 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
                         mma<F16>(part[j % 4], r[0], r[1], r[2], r[3], qf[j][0], qf[j][1]);
                     } else {  // two steps: units 2 j and 2 j + 1, low then high pairs
 #pragma unroll
-                        for (int h = 0; h < 2; ++h) {
-                            const u32 ka = r[2 * h], kb = r[2 * h + 1];
-                            if (WIDEN >= 1)
-                                mma<F16>(part[(2 * j + h) % 4], e4m3x2_to_f16x2_low<0x1404>(ka),
-                                         e4m3x2_to_f16x2_low<0x1404>(kb),
-                                         e4m3x2_to_f16x2_low<0x3424>(ka),
-                                         e4m3x2_to_f16x2_low<0x3424>(kb), qf[2 * j + h][0],
-                                         qf[2 * j + h][1]);
-                            else
-                                mma<F16>(part[(2 * j + h) % 4], e4m3x2_to_f16x2(ka, false),
-                                         e4m3x2_to_f16x2(kb, false), e4m3x2_to_f16x2(ka, true),
-                                         e4m3x2_to_f16x2(kb, true), qf[2 * j + h][0],
-                                         qf[2 * j + h][1]);
-                        }
+                        for (int h = 0; h < 2; ++h)
+                            mma<F16>(part[(2 * j + h) % 4], e4m3x2_to_f16x2(r[2 * h], false),
+                                     e4m3x2_to_f16x2(r[2 * h + 1], false),
+                                     e4m3x2_to_f16x2(r[2 * h], true),
+                                     e4m3x2_to_f16x2(r[2 * h + 1], true), qf[2 * j + h][0],
+                                     qf[2 * j + h][1]);
                     }
                 }
                 const int tok0 = (split * split_pages + page + pp) * PAGE + g;
@@ -424,7 +400,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const float v = (part[0][e] + part[1][e]) + (part[2][e] + part[3][e]);
-                    s[pp][e] = (e < 2 ? ok0 : ok1) ? v * qk_scale : NEG_INF;
+                    s[pp][e] = (e < 2 ? ok0 : ok1) ? v * scale_log2 : NEG_INF;
                 }
             }
             // online softmax, per head (columns 2 qd and 2 qd + 1 of this lane). The running
@@ -488,19 +464,11 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
                         ldsm_x4_trans((vpage + k_lane) ^ (32 * j), r);
 #pragma unroll
                         for (int h = 0; h < 2; ++h) {
-                            const u32 va = r[2 * h], vb = r[2 * h + 1];
-                            if (WIDEN >= 2) {  // the regrouping by tokens is in the selectors
-                                mma<F16>(acc[2 * j + h], e4m3x2_to_f16x2_low<0x2404>(va),
-                                         e4m3x2_to_f16x2_low<0x3414>(va),
-                                         e4m3x2_to_f16x2_low<0x2404>(vb),
-                                         e4m3x2_to_f16x2_low<0x3414>(vb), pb0, pb1);
-                            } else {
-                                const u32 lo = __byte_perm(va, 0, 0x3120);
-                                const u32 hi = __byte_perm(vb, 0, 0x3120);
-                                mma<F16>(acc[2 * j + h], e4m3x2_to_f16x2(lo, false),
-                                         e4m3x2_to_f16x2(lo, true), e4m3x2_to_f16x2(hi, false),
-                                         e4m3x2_to_f16x2(hi, true), pb0, pb1);
-                            }
+                            const u32 lo = __byte_perm(r[2 * h], 0, 0x3120);
+                            const u32 hi = __byte_perm(r[2 * h + 1], 0, 0x3120);
+                            mma<F16>(acc[2 * j + h], e4m3x2_to_f16x2(lo, false),
+                                     e4m3x2_to_f16x2(lo, true), e4m3x2_to_f16x2(hi, false),
+                                     e4m3x2_to_f16x2(hi, true), pb0, pb1);
                         }
                     }
                 }
@@ -514,7 +482,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
             l0 += __shfl_xor_sync(0xffffffffu, l0, off);
             l1 += __shfl_xor_sync(0xffffffffu, l1, off);
         }
-        const float inv0 = l0 > 0.f ? v_scale / l0 : 0.f, inv1 = l1 > 0.f ? v_scale / l1 : 0.f;
+        const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
 #pragma unroll
         for (int hc = 0; hc < 2; ++hc) {
             const int h = 2 * qd + hc;
