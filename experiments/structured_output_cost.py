@@ -61,27 +61,29 @@ def synthetic_info(vocab_size: int, stop_token_ids: list[int]) -> object:
 
 
 class HostClock:
-    """Host seconds of the constrained steps' two host phases, timed inside the sampler's mask
-    fill without changing it: the grammars' catch-up (waiting for the last step's tokens, then
-    accepting them in one batch) and filling the masks."""
+    """Host seconds of the constrained steps' two host phases, timed around the engine's own
+    calls without changing them: the grammars' catch-up on the engine's thread (waiting for the
+    last step's tokens, accepting them in one batch, splitting live from finished rows) and the
+    masks' fill on the filling thread."""
 
     def __init__(self) -> None:
         from nanoflow.engine import grammar
 
         self.wait_seconds = self.fill_seconds = 0.0
         self.calls = 0
-        self._fill, self._catch_up = grammar.token_bitmask, grammar.catch_up_all
-        grammar.token_bitmask, grammar.catch_up_all = self.token_bitmask, self.catch_up_all
+        self._rows, self._fill = grammar.mask_rows, grammar.fill_masks
+        grammar.mask_rows, grammar.fill_masks = self.mask_rows, self.fill_masks
 
-    def catch_up_all(self, grammars: Any) -> None:
+    def mask_rows(self, *args: object, **kwargs: object) -> object:
         started = time.perf_counter()
-        self._catch_up(grammars)
+        rows = self._rows(*args, **kwargs)
         self.wait_seconds += time.perf_counter() - started
+        return rows
 
-    def token_bitmask(self, *args: object, **kwargs: object) -> object:
-        started, waited = time.perf_counter(), self.wait_seconds
+    def fill_masks(self, *args: object, **kwargs: object) -> object:
+        started = time.perf_counter()
         bitmask = self._fill(*args, **kwargs)
-        self.fill_seconds += time.perf_counter() - started - (self.wait_seconds - waited)
+        self.fill_seconds += time.perf_counter() - started
         self.calls += 1
         return bitmask
 

@@ -49,16 +49,17 @@ def test_deferred_masks_give_the_inline_outputs(monkeypatch, async_scheduling):
     assert all(3 <= len(text) <= 9 and set(text) <= set("abcde") for text in deferred)
 
 
-def test_a_failed_mask_fill_fails_its_requests_and_the_engine_serves_on(monkeypatch):
+@pytest.mark.parametrize("phase", ["mask_rows", "fill_masks"])  # the catch-up, the fill
+def test_a_failed_mask_fill_fails_its_requests_and_the_engine_serves_on(monkeypatch, phase):
     llm = LLM("builtin", device="cpu")
-    real = grammar.token_bitmask
-    monkeypatch.setattr(grammar, "token_bitmask", lambda *a, **k: (_ for _ in ()).throw(
+    real = getattr(grammar, phase)
+    monkeypatch.setattr(grammar, phase, lambda *a, **k: (_ for _ in ()).throw(
         RuntimeError("mask fill broke")))  # fmt: skip
     params = SamplingParams(max_tokens=6, temperature=0.0, structured=REGEX)
     with pytest.raises(RuntimeError, match="failed: RuntimeError: mask fill broke"):
         llm.generate(["ab"], params, use_tqdm=False)
     assert not llm.engine.has_unfinished
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
-    monkeypatch.setattr(grammar, "token_bitmask", real)
+    monkeypatch.setattr(grammar, phase, real)
     (again,) = llm.generate(["ab"], params, use_tqdm=False)
     assert 3 <= len(again.outputs[0].text) <= 9

@@ -11,6 +11,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -153,28 +154,52 @@ def catch_up_all(grammars: Iterable[Grammar]) -> None:
         _batch().batch_accept_token(matchers, tokens)
 
 
+@dataclass(frozen=True)
+class MaskRows:
+    """A step's constrained rows split for filling: the live ones (with their matchers, in
+    row order) and the finished ones, whose rows allow only their stop tokens."""
+
+    live: list[int]
+    matchers: list[Any]
+    finished: dict[int, Grammar]
+
+
+def mask_rows(grammars: dict[int, Grammar]) -> MaskRows:
+    """Catch every grammar up (this waits for the last step's tokens) and split the rows. The
+    Python work of a step's masks is all here, so the thread that fills them runs native code
+    only and never contends for the interpreter with the thread that runs the engine."""
+    catch_up_all(grammars.values())
+    live, finished = [], {}
+    for row, grammar in grammars.items():
+        if grammar.matcher.is_terminated():
+            finished[row] = grammar
+        else:
+            live.append(row)
+    return MaskRows(live, [grammars[row].matcher for row in live], finished)
+
+
+def fill_masks(rows: MaskRows, num_rows: int, vocab_size: int, pinned: bool = False
+               ) -> torch.Tensor:  # fmt: skip
+    """A bitmask of ``num_rows`` rows holding, at each of ``rows``, the tokens its grammar
+    allows next (other rows allow all). The live rows are filled together by xgrammar's batch
+    matcher (native threads), not one call per row. ``pinned``: in page-locked memory, so the
+    copy to the GPU does not stall the host."""
+    import xgrammar
+
+    shape = xgrammar.get_bitmask_shape(num_rows, vocab_size)
+    bitmask = torch.full(shape, -1, dtype=torch.int32, pin_memory=pinned)
+    for row, grammar in rows.finished.items():
+        grammar.fill_next_token_bitmask(bitmask, row)
+    if rows.live:
+        _batch().batch_fill_next_token_bitmask(rows.matchers, bitmask, indices=rows.live)
+    return bitmask
+
+
 def token_bitmask(
     grammars: dict[int, Grammar], num_rows: int, vocab_size: int, pinned: bool = False
 ) -> torch.Tensor:
-    """A bitmask of ``num_rows`` rows holding, at each row of ``grammars``, the tokens its
-    grammar allows next (other rows allow all). The live grammars are filled together by
-    xgrammar's batch matcher (native threads), not one call per row. ``pinned``: in page-locked
-    memory, so the copy to the GPU does not stall the host."""
-    import xgrammar
-
-    catch_up_all(grammars.values())
-    shape = xgrammar.get_bitmask_shape(num_rows, vocab_size)
-    bitmask = torch.full(shape, -1, dtype=torch.int32, pin_memory=pinned)
-    live = []
-    for row, grammar in grammars.items():
-        if grammar.is_terminated():
-            grammar.fill_next_token_bitmask(bitmask, row)
-        else:
-            live.append(row)
-    if live:
-        matchers = [grammars[row].matcher for row in live]
-        _batch().batch_fill_next_token_bitmask(matchers, bitmask, indices=live)
-    return bitmask
+    """``grammars``' masks for a step, caught up and filled on the calling thread."""
+    return fill_masks(mask_rows(grammars), num_rows, vocab_size, pinned)
 
 
 def constrain(seq: Sequence, grammar: Grammar) -> None:

@@ -3,9 +3,13 @@
 A constrained row's mask depends on the token the row sampled one step before, so it can only
 be filled once that token is on the host, and the step cannot sample before its mask is on the
 GPU. Filled inline, that host work (tens of microseconds a row) sits on the critical path of
-every step. Here the mask is filled on a host thread (xgrammar releases the GIL while it fills)
-while the main thread plans and prepares the next step, and the step's sampling is queued only
-when something first needs its tokens: the next step's launch, or reading its results.
+every step. Here the main thread catches the grammars up as soon as the step's forward pass is
+queued (the last step's tokens come first on the GPU), and a host thread fills the masks in
+native code (xgrammar releases the GIL while it fills) while the main thread plans and prepares
+the next step; the step's sampling is queued only when something first needs its tokens: the
+next step's launch, or reading its results. The filling thread runs no per-row Python: that
+would contend for the interpreter with the main thread, costing each hand-off up to the switch
+interval.
 """
 
 from __future__ import annotations
@@ -34,11 +38,19 @@ class MaskFiller:
 
     def submit(self, grammars: dict[int, Any], num_rows: int, vocab_size: int, pinned: bool
                ) -> Future[torch.Tensor]:  # fmt: skip
-        from nanoflow.engine.grammar import token_bitmask
+        """Catch ``grammars`` up here, then fill their masks on the thread; a failure of
+        either is the future's, so it fails the step's requests and nothing else."""
+        from nanoflow.engine import grammar
 
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
-        return self._pool.submit(token_bitmask, grammars, num_rows, vocab_size, pinned)
+        try:
+            rows = grammar.mask_rows(grammars)
+        except Exception as exc:  # kept for the step's readers, as a fill's failure is
+            failed: Future[torch.Tensor] = Future()
+            failed.set_exception(exc)
+            return failed
+        return self._pool.submit(grammar.fill_masks, rows, num_rows, vocab_size, pinned)
 
     def shutdown(self) -> None:
         if self._pool is not None:
