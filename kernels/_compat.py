@@ -105,6 +105,7 @@ def as_rows(t: torch.Tensor, width: int, name: str) -> torch.Tensor:
         raise ValueError(f"{name} of strides {t.stride()} cannot be viewed as rows") from err
 
 
-def num_warps_for(block: int) -> int:
-    """Warps for a row-wise kernel over ``block`` elements: ~8-16 elements per thread."""
-    return max(1, min(16, block // 256))
+def num_warps_for(block: int, per_thread: int = 8) -> int:
+    """Warps for a row-wise kernel over ``block`` elements: about ``per_thread`` elements (at
+    least; more where 16 warps are not enough) per thread."""
+    return max(1, min(16, block // (32 * per_thread)))

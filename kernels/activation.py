@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nanoflow.kernels._compat import as_rows, cdiv, jit, next_pow2, tl
+from nanoflow.kernels._compat import as_rows, cdiv, jit, next_pow2, num_warps_for, tl
 
 
 def silu_and_mul_ref(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,6 +47,6 @@ def silu_and_mul_triton(x: torch.Tensor, out: torch.Tensor | None = None) -> tor
     block = min(next_pow2(half), 4096)
     _silu_and_mul_kernel[(x2.shape[0], cdiv(half, block))](
         x2, out2, half, x2.stride(0), out2.stride(0), BLOCK=block,
-        num_warps=max(1, min(8, block // 512)),
+        num_warps=num_warps_for(block, per_thread=16),
     )  # fmt: skip
     return out

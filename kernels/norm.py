@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nanoflow.kernels._compat import as_rows, cdiv, jit, next_pow2, num_warps_for, tl
+from nanoflow.kernels._compat import as_rows, jit, next_pow2, num_warps_for, tl
 
 
 def rms_norm_ref(
@@ -28,27 +28,20 @@ def rms_norm_ref(
     return out
 
 
-def rows_per_program(n_rows: int) -> int:
-    """Rows one program normalises: four once there are rows enough to fill the GPU with
-    programs anyway (a thread then has four 16-byte loads of each input in flight, as a
-    streaming read needs), fewer for the small batches of decode steps."""
-    return 4 if n_rows >= 1024 else 2 if n_rows >= 256 else 1
-
-
 @jit
 def _rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, eps, n_rows, n_cols, stride_x, stride_r, stride_o,
-    HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, res_ptr, w_ptr, out_ptr, eps, n_cols, stride_x, stride_r, stride_o,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """``ROWS`` rows per program, loaded together: more bytes in flight per thread."""
-    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
-    cols = tl.arange(0, BLOCK)[None, :]
-    mask = (rows < n_rows) & (cols < n_cols)
+    """One row per program."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
     x, y = residual_rms_norm_row(
-        x_ptr, res_ptr, w_ptr, rows, cols, mask, eps, n_cols, stride_x, stride_r, HAS_RESIDUAL
+        x_ptr, res_ptr, w_ptr, row, cols, mask, eps, n_cols, stride_x, stride_r, HAS_RESIDUAL
     )
     y = y.to(x.dtype)
-    tl.store(out_ptr + rows * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @jit
@@ -57,16 +50,15 @@ def residual_rms_norm_row(
     HAS_RESIDUAL: tl.constexpr,
 ):  # fmt: skip
     """A row's input (the residual sum, stored, where there is one) and its normalised values in
-    fp32; ``row`` may be a column of rows (``cols`` then a row of columns), normalised each.
-    The sum is rounded to the residual's dtype before the norm, exactly as the reference's
-    in-place ``residual.add_``."""
+    fp32. The sum is rounded to the residual's dtype before the norm, exactly as the
+    reference's in-place ``residual.add_``."""
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(res_ptr.dtype.element_ty)
         tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
     xf = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(xf * xf, axis=-1, keep_dims=True) / n_cols + eps)
+    rstd = tl.rsqrt(tl.sum(xf * xf, 0) / n_cols + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     return x, xf * rstd * w
 
@@ -96,10 +88,9 @@ def rms_norm_triton(
     res2 = x2 if residual is None else as_rows(residual, hidden, "residual")
     if x2.shape[0] == 0:
         return out
-    block, rows = next_pow2(hidden), rows_per_program(x2.shape[0])
-    _rms_norm_kernel[(cdiv(x2.shape[0], rows),)](
-        x2, res2, weight, out2, eps, x2.shape[0], hidden, x2.stride(0), res2.stride(0),
-        out2.stride(0), HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK=block,
-        num_warps=num_warps_for(block),
+    block = next_pow2(hidden)
+    _rms_norm_kernel[(x2.shape[0],)](
+        x2, res2, weight, out2, eps, hidden, x2.stride(0), res2.stride(0), out2.stride(0),
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps_for(block),
     )  # fmt: skip
     return out

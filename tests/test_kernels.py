@@ -312,8 +312,8 @@ def test_rms_norm(dtype: torch.dtype, hidden: int, with_residual: bool) -> None:
         torch.testing.assert_close(residual, ref_residual, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("rows", [255, 300, 1030])  # 1, 2 and 4 rows a program, ragged ends
-def test_rms_norm_several_rows_a_program(rows: int) -> None:
+@pytest.mark.parametrize("rows", [255, 300, 1030])
+def test_rms_norm_over_decode_and_prefill_sized_batches(rows: int) -> None:
     x = torch.randn(rows, 48)
     weight, residual = torch.randn(48), torch.randn(rows, 48)
     ref_residual = residual.clone()

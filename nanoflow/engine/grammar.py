@@ -169,13 +169,14 @@ def mask_rows(grammars: dict[int, Grammar]) -> MaskRows:
     Python work of a step's masks is all here, so the thread that fills them runs native code
     only and never contends for the interpreter with the thread that runs the engine."""
     catch_up_all(grammars.values())
-    live, finished = [], {}
+    rows = MaskRows([], [], {})
     for row, grammar in grammars.items():
         if grammar.matcher.is_terminated():
-            finished[row] = grammar
+            rows.finished[row] = grammar
         else:
-            live.append(row)
-    return MaskRows(live, [grammars[row].matcher for row in live], finished)
+            rows.live.append(row)
+            rows.matchers.append(grammar.matcher)
+    return rows
 
 
 def fill_masks(rows: MaskRows, num_rows: int, vocab_size: int, pinned: bool = False
