@@ -8,16 +8,23 @@ the overhead is what the masks add beyond that overlap: filling each row's bitma
 applying it on the device, and reading constrained tokens back to advance the grammars.
 
 A model without a tokenizer (dummy registry weights) gets a synthetic raw vocabulary of its size,
-so the mask's width is the real one; pass ``--tokenizer`` to measure with the real vocabulary.
+so the mask's width is the real one; pass ``--tokenizer`` to measure with the real vocabulary, or
+``--vocab-file`` for a published byte-level BPE vocabulary cut to the model's size: a tiktoken
+file (lines of base64 token and rank, as Llama 3's ``tokenizer.model``) or a Mistral tekken JSON.
+What the fill costs depends on the vocabulary: a token the grammar cannot judge from its state
+alone (one holding a quote inside a JSON string, say) is checked row by row, and random strings
+hold many more of those than a trained vocabulary does.
 
 Usage: python experiments/structured_output_cost.py [--model llama-3-8b] [--batch 256]
            [--input-len 128] [--output-len 128] [--tokenizer DIR] [--label L] [--out DIR]
+           [--vocab-file FILE]
        python experiments/structured_output_cost.py --dry-run   (builtin model on CPU, tiny)
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import random
@@ -58,6 +65,35 @@ def synthetic_info(vocab_size: int, stop_token_ids: list[int]) -> object:
     return xgrammar.TokenizerInfo(
         vocab, xgrammar.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stop_token_ids
     )
+
+
+def file_vocabulary(path: Path) -> list[bytes]:
+    """The tokens of a byte-level BPE vocabulary file, by id: a tiktoken file (``base64 rank``
+    a line) or a Mistral tekken JSON (its special tokens first, as placeholders)."""
+    text = path.read_text()
+    if path.suffix != ".json":
+        ranked = {
+            int(rank): base64.b64decode(token)
+            for token, rank in (line.split() for line in text.splitlines() if line)
+        }
+        return [ranked[i] for i in range(len(ranked))]
+    tekken = json.loads(text)
+    specials = tekken["config"]["default_num_special_tokens"]
+    tokens = [base64.b64decode(t["token_bytes"]) for t in tekken["vocab"]]
+    return [f"<SPECIAL_{i}>".encode() for i in range(specials)] + tokens
+
+
+def file_info(path: Path, vocab_size: int, stop_token_ids: list[int]) -> object:
+    """``path``'s vocabulary cut to the model's ``vocab_size`` ids, as xgrammar reads it."""
+    import xgrammar
+
+    tokens = file_vocabulary(path)
+    if len(tokens) < vocab_size:
+        raise SystemExit(f"{path} holds {len(tokens)} tokens, fewer than the model's {vocab_size}")
+    return xgrammar.TokenizerInfo(
+        tokens[:vocab_size], xgrammar.VocabType.RAW, vocab_size=vocab_size,
+        stop_token_ids=stop_token_ids,
+    )  # fmt: skip
 
 
 class HostClock:
@@ -194,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="llama-3-8b")
     p.add_argument("--load-format", default="dummy")
     p.add_argument("--tokenizer", default=None)
+    p.add_argument("--vocab-file", type=Path, default=None,
+                   help="for a model without a tokenizer: a tiktoken or tekken vocabulary file "
+                   "to build the grammars over instead of the synthetic one")  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--input-len", type=int, default=128)
@@ -223,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(args.tokenizer or checkpoint)
     engine = EngineCore(config)
     vocab, stops = engine.spec.vocab_size, sorted(engine.eos_token_ids)
-    info = None if tokenizer is not None else synthetic_info(vocab, stops)
+    info, vocabulary = None, "tokenizer"
+    if tokenizer is None and args.vocab_file is not None:
+        info, vocabulary = file_info(args.vocab_file, vocab, stops), args.vocab_file.name
+    elif tokenizer is None:
+        info, vocabulary = synthetic_info(vocab, stops), "synthetic"
     compiler = GrammarCompiler(tokenizer, vocab, stops, tokenizer_info=info)
     decode_cost(engine, None, args, "warmup")
     free = decode_cost(engine, None, args, "free")
@@ -233,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         **environment(engine.runner.device),
         "args": {k: str(v) for k, v in vars(args).items()},
         "schema": SCHEMA,
-        "vocabulary": "tokenizer" if tokenizer is not None else "synthetic",
+        "vocabulary": vocabulary,
         "unconstrained": free,
         "constrained": constrained,
         "overhead_per_token": constrained["ms_per_token"] / free["ms_per_token"] - 1.0,

@@ -191,3 +191,56 @@ def test_deferred_token_is_accepted_once_when_the_grammar_is_next_asked(llm, com
     assert reads == [[7, a], [b]]
     grammar.accept_token(compiler.stop_token_ids[0])
     assert grammar.is_terminated()
+
+
+def _cost_script():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import structured_output_cost
+
+    return structured_output_cost
+
+
+TOKENS = [b"<s>", b"</s>", b"[", b"]", b'"', b'",', b"ab", b" c", b"\xe2\x82", b"\\n"]
+
+
+def _write_vocab(folder: Path, kind: str) -> Path:
+    import base64
+
+    encoded = [base64.b64encode(t).decode() for t in TOKENS]
+    if kind == "tiktoken":  # ranks out of line order, as nothing promises the order
+        path = folder / "tokenizer.model"
+        lines = [f"{encoded[i]} {i}" for i in reversed(range(len(TOKENS)))]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+    path = folder / "tekken.json"
+    vocab = [{"rank": i, "token_bytes": e} for i, e in enumerate(encoded[2:])]
+    path.write_text(json.dumps({"config": {"default_num_special_tokens": 2}, "vocab": vocab}))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["tiktoken", "tekken"])
+def test_cost_script_reads_vocabulary_files(tmp_path, kind):
+    script = _cost_script()
+    tokens = script.file_vocabulary(_write_vocab(tmp_path, kind))
+    if kind == "tiktoken":
+        assert tokens == TOKENS
+    else:  # the special tokens are placeholders, the rest the file's bytes in rank order
+        assert tokens[2:] == TOKENS[2:] and tokens[:2] == [b"<SPECIAL_0>", b"<SPECIAL_1>"]
+    with pytest.raises(SystemExit, match="fewer than"):
+        script.file_info(_write_vocab(tmp_path, kind), len(TOKENS) + 1, [1])
+
+
+def test_a_vocabulary_file_constrains_like_a_tokenizer(tmp_path):
+    import torch
+    import xgrammar
+
+    script = _cost_script()
+    vocab = len(TOKENS) - 2  # cut below the file's size: the last two tokens are not the model's
+    info = script.file_info(_write_vocab(tmp_path, "tiktoken"), vocab, [1])
+    compiler = GrammarCompiler(None, vocab, [1], tokenizer_info=info)
+    schema = json.dumps({"type": "array", "items": {"type": "string"}})
+    grammar = compiler.matcher(StructuredOutput("json_schema", schema))
+    bitmask = torch.full(xgrammar.get_bitmask_shape(1, vocab), -1, dtype=torch.int32)
+    grammar.fill_next_token_bitmask(bitmask, 0)
+    allowed = {TOKENS[i] for i in range(vocab) if bitmask[0, i // 32] >> (i % 32) & 1}
+    assert allowed == {b"["}
