@@ -37,7 +37,7 @@ from common import add_out_argument, write_result
 
 from nanoflow.config import EngineConfig
 from nanoflow.engine.engine_core import EngineCore
-from nanoflow.engine.grammar import GrammarCompiler, constrain
+from nanoflow.engine.grammar import GrammarCompiler, constrain, fill_threads
 from nanoflow.engine.sampling_params import SamplingParams, StructuredOutput
 from nanoflow.engine.tokenizer import load_tokenizer
 from nanoflow.measure import environment
@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: str(v) for k, v in vars(args).items()},
         "schema": SCHEMA,
         "vocabulary": vocabulary,
+        "grammar_fill_threads": fill_threads(),
         "unconstrained": free,
         "constrained": constrained,
         "overhead_per_token": constrained["ms_per_token"] / free["ms_per_token"] - 1.0,

@@ -148,7 +148,22 @@ def test_offline_generate_honours_the_constraint(llm):
         llm.generate(["x"], SamplingParams(structured=StructuredOutput("regex", "(")))
 
 
-def test_batched_bitmask_matches_one_fill_per_row(llm, compiler):
+@pytest.fixture
+def dirty_allocations(monkeypatch):
+    """``torch.empty`` returning memory full of set bits and cleared ones, as reused memory
+    may be: a row the fill leaves unwritten shows."""
+    import torch
+
+    empty = torch.empty
+
+    def dirty(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(0x0F0F0F0F) if out.dtype == torch.int32 else out
+
+    monkeypatch.setattr(torch, "empty", dirty)
+
+
+def test_batched_bitmask_matches_one_fill_per_row(llm, compiler, dirty_allocations):
     import torch
     import xgrammar
 
@@ -244,3 +259,33 @@ def test_a_vocabulary_file_constrains_like_a_tokenizer(tmp_path):
     grammar.fill_next_token_bitmask(bitmask, 0)
     allowed = {TOKENS[i] for i in range(vocab) if bitmask[0, i // 32] >> (i % 32) & 1}
     assert allowed == {b"["}
+
+
+def test_a_ragged_vocabulary_bitmask_matches_one_fill_per_row(tmp_path, dirty_allocations):
+    import torch
+    import xgrammar
+
+    from nanoflow.engine.grammar import token_bitmask
+
+    vocab = len(TOKENS)  # not a multiple of 32: the last word of a row is partly padding
+    info = _cost_script().file_info(_write_vocab(tmp_path, "tiktoken"), vocab, [1])
+    compiler = GrammarCompiler(None, vocab, [1], tokenizer_info=info)
+    schema = StructuredOutput("json_schema", json.dumps({"type": "array"}))
+    rows = {0: compiler.matcher(schema), 2: compiler.matcher(schema)}
+    expected = xgrammar.allocate_token_bitmask(3, vocab)
+    for row, grammar in rows.items():
+        grammar.fill_next_token_bitmask(expected, row)
+    assert torch.equal(token_bitmask(rows, 3, vocab), expected)
+
+
+def test_fill_threads_from_the_environment(monkeypatch):
+    from nanoflow.engine.grammar import THREADS_ENV, fill_threads
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    assert fill_threads() >= 1
+    monkeypatch.setenv(THREADS_ENV, "3")
+    assert fill_threads() == 3
+    for bad in ("0", "-2", "many"):
+        monkeypatch.setenv(THREADS_ENV, bad)
+        with pytest.raises(ValueError, match=THREADS_ENV):
+            fill_threads()

@@ -130,15 +130,28 @@ class Grammar:
 
 
 _batch_matcher: Any = None
+THREADS_ENV = "NANOFLOW_GRAMMAR_THREADS"
+
+
+def fill_threads() -> int:
+    """Native threads that fill a step's masks: ``NANOFLOW_GRAMMAR_THREADS``, else half the
+    cores (at least one). The fill shares the host with the engine's thread and the CUDA
+    driver's, and xgrammar's fill stops gaining well before every core is in it."""
+    value = os.environ.get(THREADS_ENV)
+    if value is None:
+        return max(1, (os.cpu_count() or 1) // 2)
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{THREADS_ENV}={value!r}: expected a positive number of threads")
+    return int(value)
 
 
 def _batch() -> Any:
-    """xgrammar's batch matcher, on every core but two (the engine's threads), at least one."""
+    """xgrammar's batch matcher, on :func:`fill_threads` threads."""
     global _batch_matcher
     if _batch_matcher is None:
         import xgrammar
 
-        _batch_matcher = xgrammar.BatchGrammarMatcher(max(1, (os.cpu_count() or 1) - 2))
+        _batch_matcher = xgrammar.BatchGrammarMatcher(fill_threads())
     return _batch_matcher
 
 
@@ -183,12 +196,20 @@ def fill_masks(rows: MaskRows, num_rows: int, vocab_size: int, pinned: bool = Fa
                ) -> torch.Tensor:  # fmt: skip
     """A bitmask of ``num_rows`` rows holding, at each of ``rows``, the tokens its grammar
     allows next (other rows allow all). The live rows are filled together by xgrammar's batch
-    matcher (native threads), not one call per row. ``pinned``: in page-locked memory, so the
-    copy to the GPU does not stall the host."""
+    matcher (native threads), not one call per row. Each fill writes its whole row, so only the
+    other rows are set to allow all first (with a ragged last word, every row is). ``pinned``:
+    in page-locked memory, so the copy to the GPU does not stall the host."""
     import xgrammar
 
     shape = xgrammar.get_bitmask_shape(num_rows, vocab_size)
-    bitmask = torch.full(shape, -1, dtype=torch.int32, pin_memory=pinned)
+    bitmask = torch.empty(shape, dtype=torch.int32, pin_memory=pinned)
+    if vocab_size % 32:
+        bitmask.fill_(-1)
+    else:
+        filled = set(rows.live).union(rows.finished)
+        free = [row for row in range(num_rows) if row not in filled]
+        if free:
+            bitmask[torch.tensor(free)] = -1
     for row, grammar in rows.finished.items():
         grammar.fill_next_token_bitmask(bitmask, row)
     if rows.live:
