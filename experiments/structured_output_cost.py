@@ -99,8 +99,8 @@ def file_info(path: Path, vocab_size: int, stop_token_ids: list[int]) -> object:
 class HostClock:
     """Host seconds of the constrained steps' two host phases, timed around the engine's own
     calls without changing them: the grammars' catch-up on the engine's thread (waiting for the
-    last step's tokens, accepting them in one batch, splitting live from finished rows) and the
-    masks' fill on the filling thread."""
+    last step's tokens, accepting them in one batch, laying out the bitmask's rows that need no
+    fill) and the masks' fill on the filling thread."""
 
     def __init__(self) -> None:
         from nanoflow.engine import grammar

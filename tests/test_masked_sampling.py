@@ -63,3 +63,27 @@ def test_a_failed_mask_fill_fails_its_requests_and_the_engine_serves_on(monkeypa
     monkeypatch.setattr(grammar, phase, real)
     (again,) = llm.generate(["ab"], params, use_tqdm=False)
     assert 3 <= len(again.outputs[0].text) <= 9
+
+
+def test_the_fill_starts_before_submit_returns(monkeypatch):
+    """A woken thread gets the interpreter only when the running one blocks or the switch
+    interval ends; with the interval at a second, a fill that began after ``submit`` returned
+    would not have begun by the time the caller looks."""
+    import sys
+
+    from nanoflow.engine.masked_sampling import MaskFiller
+
+    entered = []
+    monkeypatch.setattr(grammar, "mask_rows", lambda *args: "rows")
+    monkeypatch.setattr(grammar, "fill_masks", lambda rows: entered.append(rows) or "masks")
+    filler, interval = MaskFiller(), sys.getswitchinterval()
+    try:
+        filler.submit({}, 1, 32, False).result()  # the thread exists from here on
+        entered.clear()
+        sys.setswitchinterval(1.0)
+        masks = filler.submit({}, 1, 32, False)
+        assert entered == ["rows"]
+        assert masks.result() == "masks"
+    finally:
+        sys.setswitchinterval(interval)
+        filler.shutdown()

@@ -117,9 +117,7 @@ class Grammar:
 
     def fill_next_token_bitmask(self, bitmask: Any, row: int) -> None:
         if self.is_terminated():
-            bitmask[row] = 0
-            for token in self.stop_token_ids:
-                bitmask[row, token // 32] |= 1 << (token % 32)
+            bitmask[row] = stop_only_row(self.stop_token_ids, bitmask.shape[1])
         else:
             self.matcher.fill_next_token_bitmask(bitmask, row)
 
@@ -169,59 +167,70 @@ def catch_up_all(grammars: Iterable[Grammar]) -> None:
 
 @dataclass(frozen=True)
 class MaskRows:
-    """A step's constrained rows split for filling: the live ones (with their matchers, in
-    row order) and the finished ones, whose rows allow only their stop tokens."""
+    """A step's token masks before the fill: the bitmask with every row final but the live
+    ones, and those rows' matchers, in row order."""
 
+    bitmask: torch.Tensor
     live: list[int]
     matchers: list[Any]
-    finished: dict[int, Grammar]
 
 
-def mask_rows(grammars: dict[int, Grammar]) -> MaskRows:
-    """Catch every grammar up (this waits for the last step's tokens) and split the rows. The
-    Python work of a step's masks is all here, so the thread that fills them runs native code
-    only and never contends for the interpreter with the thread that runs the engine."""
-    catch_up_all(grammars.values())
-    rows = MaskRows([], [], {})
-    for row, grammar in grammars.items():
-        if grammar.matcher.is_terminated():
-            rows.finished[row] = grammar
-        else:
-            rows.live.append(row)
-            rows.matchers.append(grammar.matcher)
-    return rows
+def stop_only_row(stop_token_ids: list[int], words: int) -> torch.Tensor:
+    """A bitmask row allowing only ``stop_token_ids``: what follows a completed grammar."""
+    row = torch.zeros(words, dtype=torch.int64)
+    for token in stop_token_ids:
+        row[token // 32] |= 1 << (token % 32)
+    return torch.where(row >= 2**31, row - 2**32, row).to(torch.int32)
 
 
-def fill_masks(rows: MaskRows, num_rows: int, vocab_size: int, pinned: bool = False
-               ) -> torch.Tensor:  # fmt: skip
-    """A bitmask of ``num_rows`` rows holding, at each of ``rows``, the tokens its grammar
-    allows next (other rows allow all). The live rows are filled together by xgrammar's batch
-    matcher (native threads), not one call per row. Each fill writes its whole row, so only the
-    other rows are set to allow all first (with a ragged last word, every row is). ``pinned``:
-    in page-locked memory, so the copy to the GPU does not stall the host."""
+def mask_rows(grammars: dict[int, Grammar], num_rows: int, vocab_size: int, pinned: bool = False
+              ) -> MaskRows:  # fmt: skip
+    """Catch every grammar up (this waits for the last step's tokens) and lay out the step's
+    bitmask of ``num_rows`` rows: unconstrained rows allow all, finished grammars' rows their
+    stop tokens, and the live rows are left to :func:`fill_masks`, which writes them whole
+    (with a ragged last word they are set too). All of a step's Python work on its masks is
+    here, so the thread that fills them runs native code only and never contends for the
+    interpreter with the thread that runs the engine. ``pinned``: the bitmask in page-locked
+    memory, so its copy to the GPU does not stall the host."""
     import xgrammar
 
+    catch_up_all(grammars.values())
+    live, matchers, finished = [], [], []
+    for row, grammar in grammars.items():
+        if grammar.matcher.is_terminated():
+            finished.append(row)
+        else:
+            live.append(row)
+            matchers.append(grammar.matcher)
     shape = xgrammar.get_bitmask_shape(num_rows, vocab_size)
     bitmask = torch.empty(shape, dtype=torch.int32, pin_memory=pinned)
     if vocab_size % 32:
         bitmask.fill_(-1)
     else:
-        filled = set(rows.live).union(rows.finished)
-        free = [row for row in range(num_rows) if row not in filled]
+        free = sorted(set(range(num_rows)).difference(grammars))
         if free:
             bitmask[torch.tensor(free)] = -1
-    for row, grammar in rows.finished.items():
-        grammar.fill_next_token_bitmask(bitmask, row)
+    by_stops: dict[tuple[int, ...], list[int]] = {}
+    for row in finished:
+        by_stops.setdefault(tuple(grammars[row].stop_token_ids), []).append(row)
+    for stops, rows in by_stops.items():
+        bitmask[torch.tensor(rows)] = stop_only_row(list(stops), shape[1])
+    return MaskRows(bitmask, live, matchers)
+
+
+def fill_masks(rows: MaskRows) -> torch.Tensor:
+    """``rows``' bitmask with each live row holding the tokens its grammar allows next, filled
+    together by xgrammar's batch matcher (native threads), not one call per row."""
     if rows.live:
-        _batch().batch_fill_next_token_bitmask(rows.matchers, bitmask, indices=rows.live)
-    return bitmask
+        _batch().batch_fill_next_token_bitmask(rows.matchers, rows.bitmask, indices=rows.live)
+    return rows.bitmask
 
 
 def token_bitmask(
     grammars: dict[int, Grammar], num_rows: int, vocab_size: int, pinned: bool = False
 ) -> torch.Tensor:
     """``grammars``' masks for a step, caught up and filled on the calling thread."""
-    return fill_masks(mask_rows(grammars), num_rows, vocab_size, pinned)
+    return fill_masks(mask_rows(grammars, num_rows, vocab_size, pinned))
 
 
 def constrain(seq: Sequence, grammar: Grammar) -> None:

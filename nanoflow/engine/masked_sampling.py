@@ -9,11 +9,14 @@ native code (xgrammar releases the GIL while it fills) while the main thread pla
 the next step; the step's sampling is queued only when something first needs its tokens: the
 next step's launch, or reading its results. The filling thread runs no per-row Python: that
 would contend for the interpreter with the main thread, costing each hand-off up to the switch
-interval.
+interval. For the same reason the main thread waits, at each submission, until the filling
+thread holds the interpreter: a thread woken while another runs Python gets it only when that
+one blocks or the switch interval (5 ms) runs out, which would start the fill that much late.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -45,12 +48,20 @@ class MaskFiller:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         try:
-            rows = grammar.mask_rows(grammars)
+            rows = grammar.mask_rows(grammars, num_rows, vocab_size, pinned)
         except Exception as exc:  # kept for the step's readers, as a fill's failure is
             failed: Future[torch.Tensor] = Future()
             failed.set_exception(exc)
             return failed
-        return self._pool.submit(grammar.fill_masks, rows, num_rows, vocab_size, pinned)
+        started = threading.Event()
+
+        def fill() -> torch.Tensor:
+            started.set()  # the main thread goes on once this thread is in native code
+            return grammar.fill_masks(rows)
+
+        masks = self._pool.submit(fill)
+        started.wait()
+        return masks
 
     def shutdown(self) -> None:
         if self._pool is not None:
