@@ -96,3 +96,14 @@ def test_a_seeded_row_draws_by_its_seed_and_token_index_alone():
     assert torch.equal(mixed.race[1], seeded_exponential_ref(_keys([(9, 0)]), vocab)[0])
     later = sampling_noise(torch.Size([1, vocab]), [_seeded(3, 5)], torch.device("cpu"))
     assert not torch.equal(later.race[0], alone.race[0])
+
+
+def test_batched_keys_equal_the_keys_of_each_row():
+    from nanoflow.kernels.seeded_noise import noise_keys_batch
+
+    seeds = [0, 7, -12, 2**40 + 9, 2**64 + 3, -(2**70), 123456789, 7]
+    draws = [0, 3, 1, 511, 2**20, 9, 0, 4]
+    keys = noise_keys_batch(seeds, draws)
+    assert keys.dtype == torch.int64 and keys.shape == (len(seeds), 2)
+    assert keys.tolist() == [list(noise_keys(s, d)) for s, d in zip(seeds, draws, strict=True)]
+    assert noise_keys_batch([], []).shape == (0, 2)

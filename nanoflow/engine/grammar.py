@@ -91,6 +91,8 @@ class Grammar:
 
     def __init__(self, matcher: Any, stop_token_ids: list[int]) -> None:
         self.matcher, self.stop_token_ids = matcher, stop_token_ids
+        self.stops = frozenset(stop_token_ids)
+        self.finished = False  # the matcher's is_terminated, kept here: it changes on accepts
         self._pending: tuple[Callable[[], list[int]], int] | None = None
 
     def defer(self, tokens_of: Callable[[], list[int]], row: int) -> None:
@@ -113,7 +115,7 @@ class Grammar:
 
     def is_terminated(self) -> bool:
         self.catch_up()
-        return self.matcher.is_terminated()
+        return self.finished
 
     def fill_next_token_bitmask(self, bitmask: Any, row: int) -> None:
         if self.is_terminated():
@@ -123,8 +125,14 @@ class Grammar:
 
     def accept_token(self, token: int) -> None:
         self.catch_up()
-        if not self.matcher.is_terminated():
+        if not self.finished:
             self.matcher.accept_token(token)
+            self.accepted(token)
+
+    def accepted(self, token: int) -> None:
+        """Note that the matcher took ``token``: only a stop token can end it."""
+        if token in self.stops:
+            self.finished = self.matcher.is_terminated()
 
 
 _batch_matcher: Any = None
@@ -155,14 +163,16 @@ def _batch() -> Any:
 
 def catch_up_all(grammars: Iterable[Grammar]) -> None:
     """Accept every grammar's deferred token, the live ones in one native call."""
-    matchers, tokens = [], []
+    live, tokens = [], []
     for grammar in grammars:
         token = grammar.take_pending()
-        if token is not None and not grammar.matcher.is_terminated():
-            matchers.append(grammar.matcher)
+        if token is not None and not grammar.finished:
+            live.append(grammar)
             tokens.append(token)
-    if matchers:
-        _batch().batch_accept_token(matchers, tokens)
+    if live:
+        _batch().batch_accept_token([g.matcher for g in live], tokens)
+    for grammar, token in zip(live, tokens, strict=True):
+        grammar.accepted(token)
 
 
 @dataclass(frozen=True)
@@ -197,7 +207,7 @@ def mask_rows(grammars: dict[int, Grammar], num_rows: int, vocab_size: int, pinn
     catch_up_all(grammars.values())
     live, matchers, finished = [], [], []
     for row, grammar in grammars.items():
-        if grammar.matcher.is_terminated():
+        if grammar.finished:
             finished.append(row)
         else:
             live.append(row)

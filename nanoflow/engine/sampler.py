@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from nanoflow.engine.sequence import Sequence
-from nanoflow.engine.upload import to_device
+from nanoflow.engine.upload import to_device, upload
 from nanoflow.kernels import seeded_exponential
-from nanoflow.kernels.seeded_noise import noise_keys
+from nanoflow.kernels.seeded_noise import noise_keys_batch
 
 
 @dataclass
@@ -194,14 +194,15 @@ def sampling_noise(shape: torch.Size, seqs: list[Sequence], device: torch.device
     if not rows:
         return SamplingNoise(rows, None, None)
     seeded = [(j, seqs[i]) for j, i in enumerate(rows) if seqs[i].params.seed is not None]
-    keys = [noise_keys(seq.params.seed, len(seq.output_token_ids)) for _, seq in seeded]
+    seeds = [seq.params.seed for _, seq in seeded]
+    keys = noise_keys_batch(seeds, [len(seq.output_token_ids) for _, seq in seeded])
     if len(seeded) == len(rows):
-        race = seeded_exponential(to_device(keys, torch.int64, device), shape[1])
+        race = seeded_exponential(upload(keys, device), shape[1])
     else:
         race = torch.empty(len(rows), shape[1], device=device).exponential_()
         if seeded:
             at = to_device([j for j, _ in seeded], torch.int64, device)
-            race[at] = seeded_exponential(to_device(keys, torch.int64, device), shape[1])
+            race[at] = seeded_exponential(upload(keys, device), shape[1])
     return SamplingNoise(rows, to_device(rows, torch.int64, device), race)
 
 

@@ -20,7 +20,11 @@ def copy_to(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A new device tensor of ``values``, uploaded without waiting for the device."""
-    host = torch.tensor(values, dtype=dtype)
+    return upload(torch.tensor(values, dtype=dtype), device)
+
+
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The host tensor ``host`` on ``device``, uploaded without waiting for the device."""
     if device.type == "cuda":
         host = host.pin_memory()
     return host.to(device, non_blocking=True)
