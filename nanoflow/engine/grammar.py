@@ -140,12 +140,11 @@ THREADS_ENV = "NANOFLOW_GRAMMAR_THREADS"
 
 
 def fill_threads() -> int:
-    """Native threads that fill a step's masks: ``NANOFLOW_GRAMMAR_THREADS``, else half the
-    cores (at least one). The fill shares the host with the engine's thread and the CUDA
-    driver's, and xgrammar's fill stops gaining well before every core is in it."""
+    """Native threads that fill a step's masks: ``NANOFLOW_GRAMMAR_THREADS``, else every core
+    but two (the engine's thread and the CUDA driver's), at least one."""
     value = os.environ.get(THREADS_ENV)
     if value is None:
-        return max(1, (os.cpu_count() or 1) // 2)
+        return max(1, (os.cpu_count() or 1) - 2)
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"{THREADS_ENV}={value!r}: expected a positive number of threads")
     return int(value)
