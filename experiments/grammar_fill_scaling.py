@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         **environment(torch.device("cpu")),
         "args": {k: str(v) for k, v in vars(args).items()},
+        "host_cpus": os.cpu_count(),
         "vocabulary": vocabulary,
         "schema": SCHEMA,
         **result,

@@ -289,3 +289,16 @@ def test_fill_threads_from_the_environment(monkeypatch):
         monkeypatch.setenv(THREADS_ENV, bad)
         with pytest.raises(ValueError, match=THREADS_ENV):
             fill_threads()
+
+
+def test_fill_scaling_script_checks_every_strategy_against_the_per_row_fill(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "experiments" / "grammar_fill_scaling.py"
+    vocab = _write_vocab(tmp_path, "tekken")
+    cmd = [sys.executable, str(script), "--vocab-file", str(vocab), "--vocab-size", "10",
+           "--batch", "6", "--steps", "3", "--threads", "1,2", "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (path,) = tmp_path.glob("cpu/grammar_fill/*.json")
+    record = json.loads(path.read_text())
+    assert record["mismatched_fills"] == 0 and record["host_cpus"] >= 1
+    assert set(record["ms_median"]) == {"rows", "xgrammar[1]", "xgrammar[2]", "slices[2]", "accept"}
