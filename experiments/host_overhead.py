@@ -8,8 +8,15 @@ forward, and times each phase and the cyclic garbage collector. It says how much
 iteration costs at a given batch, so it can be compared with the GPU time of the same iteration
 (`nanoflow bench throughput` reports both on a GPU).
 
+``--sampled`` samples every request (temperature 1, seeded) instead of decoding greedily. With
+``--structured`` every request is also held to the JSON schema of ``structured_output_cost.py``,
+as that benchmark does on the GPU, and the grammars' two phases are timed too: the catch-up on
+the engine's thread (inside "sample", since it runs at the launch) and the masks' fill on the
+mask thread. Where the masks are filled beside a GPU forward, the engine's thread's total is
+what has to stay shorter than the forward.
+
 Usage: python experiments/host_overhead.py [--num-prompts N] [--gc-threshold N] [--label L]
-           [--out DIR]                       (writes DIR/cpu/host_overhead/<label>.json)
+           [--sampled] [--structured] [--out DIR]  (writes DIR/cpu/host_overhead/<label>.json)
 """
 
 from __future__ import annotations
@@ -23,12 +30,16 @@ from collections import defaultdict
 
 import torch
 from common import add_out_argument, write_result
+from structured_output_cost import SCHEMA, HostClock
 
 from nanoflow.config import EngineConfig
 from nanoflow.engine.engine_core import EngineCore
+from nanoflow.engine.grammar import GrammarCompiler, constrain
 from nanoflow.engine.model_runner import ModelRunner
-from nanoflow.engine.sampling_params import SamplingParams
+from nanoflow.engine.sampling_params import SamplingParams, StructuredOutput
+from nanoflow.engine.tokenizer import load_tokenizer
 from nanoflow.measure import environment
+from nanoflow.models.loader import resolve_model
 from nanoflow.workloads import load_workload, random_prompts
 
 
@@ -74,6 +85,13 @@ class HostOnlyRunner(ModelRunner):
         return flight
 
 
+def structured_compiler(engine: EngineCore) -> GrammarCompiler:
+    """Grammars over the builtin model's tokenizer."""
+    _, checkpoint = resolve_model("builtin")
+    stops = sorted(engine.eos_token_ids)
+    return GrammarCompiler(load_tokenizer(checkpoint), engine.spec.vocab_size, stops)
+
+
 def host_only_engine(args: argparse.Namespace) -> EngineCore:
     config = EngineConfig(
         model="builtin",
@@ -100,6 +118,12 @@ def main() -> int:
         "--gc-threshold", type=int, default=None, help="young-generation threshold to run with"
     )
     parser.add_argument("--label", default="default", help="names the result file")
+    parser.add_argument(
+        "--sampled", action="store_true", help="temperature 1 and a seed a request, not greedy"
+    )
+    parser.add_argument(
+        "--structured", action="store_true", help="every request held to a JSON schema (sampled)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     engine = host_only_engine(args)
@@ -108,12 +132,20 @@ def main() -> int:
     requests = load_workload(args.workload, args.num_prompts, 0)
     prompts = random_prompts(requests, engine.spec.vocab_size, 0)
     params = SamplingParams(max_tokens=requests[0].output_len, temperature=0.0, ignore_eos=True)
+    compiler = structured_compiler(engine) if args.structured else None
     for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, params)
+        if args.sampled or compiler is not None:
+            params = SamplingParams(
+                max_tokens=requests[0].output_len, temperature=1.0, seed=i, ignore_eos=True
+            )
+        seq = engine.add_request(str(i), prompt, params)
+        if compiler is not None:
+            constrain(seq, compiler.matcher(StructuredOutput("json_schema", json.dumps(SCHEMA))))
     for _ in range(args.warmup_steps):
         engine.step()
     engine.runner.seconds.clear()
     engine.reset_stats()
+    clock = HostClock() if args.structured else None
     collector = CollectorTimer()
     gc.callbacks.append(collector)
     decodes = 0
@@ -128,6 +160,7 @@ def main() -> int:
     per_step = {name: 1e3 * s / args.steps for name, s in phases.items()}
     result = {
         "workload": args.workload,
+        "sampling": "structured" if args.structured else "sampled" if args.sampled else "greedy",
         "steps": args.steps,
         "decodes_per_iteration": decodes / args.steps,
         "gc_threshold": gc.get_threshold(),
@@ -136,6 +169,8 @@ def main() -> int:
         "gc_ms_per_iteration": 1e3 * collector.seconds / args.steps,
         "gc_collections_by_generation": collector.collections,
     }
+    if clock is not None:
+        result["structured"] = {"schema": SCHEMA, **clock.summary()}
     print(json.dumps(result, indent=1))
     record = {
         **environment(torch.device("cpu")),

@@ -150,6 +150,18 @@ def test_host_overhead_times_every_phase_of_a_full_batch(tmp_path):
     assert all(ms > 0 for ms in result["phase_ms_per_iteration"].values())
     assert result["gc_collections_by_generation"] == [0, 0, 0]
     assert record["experiment"] == "host_overhead" and "command" in record
+    assert result["sampling"] == "greedy" and "structured" not in result
+
+
+@pytest.mark.timeout(200)
+def test_host_overhead_times_the_grammar_phases_of_a_structured_batch(tmp_path):
+    args = ["--num-prompts", "32", "--max-num-seqs", "32", "--budget", "256", "--workload"]
+    args += ["16/32", "--warmup-steps", "4", "--steps", "8", "--structured"]
+    result = _run("host_overhead.py", args, tmp_path, "cpu/host_overhead")["result"]
+    assert result["sampling"] == "structured" and result["decodes_per_iteration"] == 32
+    grammar = result["structured"]
+    assert grammar["mask_steps"] >= 8 and grammar["fill_ms_per_step"] > 0
+    assert grammar["wait_ms_per_step"] > 0
 
 
 @pytest.mark.timeout(300)
