@@ -7,6 +7,7 @@ vocabulary once, caches them, and fills the token bitmasks of a batch in native 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from nanoflow.engine.sampler import state_of
@@ -119,7 +121,7 @@ class Grammar:
 
     def fill_next_token_bitmask(self, bitmask: Any, row: int) -> None:
         if self.is_terminated():
-            bitmask[row] = stop_only_row(self.stop_token_ids, bitmask.shape[1])
+            bitmask[row] = stop_only_row(tuple(self.stop_token_ids), bitmask.shape[1])
         else:
             self.matcher.fill_next_token_bitmask(bitmask, row)
 
@@ -184,12 +186,14 @@ class MaskRows:
     matchers: list[Any]
 
 
-def stop_only_row(stop_token_ids: list[int], words: int) -> torch.Tensor:
-    """A bitmask row allowing only ``stop_token_ids``: what follows a completed grammar."""
-    row = torch.zeros(words, dtype=torch.int64)
+@functools.lru_cache(maxsize=64)
+def stop_only_row(stop_token_ids: tuple[int, ...], words: int) -> torch.Tensor:
+    """A bitmask row allowing only ``stop_token_ids``: what follows a completed grammar (one
+    tensor per stop set and width, only ever copied from)."""
+    row = np.zeros(words, dtype=np.uint32)
     for token in stop_token_ids:
-        row[token // 32] |= 1 << (token % 32)
-    return torch.where(row >= 2**31, row - 2**32, row).to(torch.int32)
+        row[token // 32] |= np.uint32(1 << (token % 32))
+    return torch.from_numpy(row.view(np.int32))
 
 
 def mask_rows(grammars: dict[int, Grammar], num_rows: int, vocab_size: int, pinned: bool = False
@@ -223,7 +227,7 @@ def mask_rows(grammars: dict[int, Grammar], num_rows: int, vocab_size: int, pinn
     for row in finished:
         by_stops.setdefault(tuple(grammars[row].stop_token_ids), []).append(row)
     for stops, rows in by_stops.items():
-        bitmask[torch.tensor(rows)] = stop_only_row(list(stops), shape[1])
+        bitmask[torch.tensor(rows)] = stop_only_row(stops, shape[1])
     return MaskRows(bitmask, live, matchers)
 
 

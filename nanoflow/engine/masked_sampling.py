@@ -56,7 +56,7 @@ class MaskFiller:
         started = threading.Event()
 
         def fill() -> torch.Tensor:
-            started.set()  # the main thread goes on once this thread is in native code
+            started.set()  # the main thread goes on once this thread holds the interpreter
             return grammar.fill_masks(rows)
 
         masks = self._pool.submit(fill)
