@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from common import add_out_argument, write_result
+from step_probe import StepProbe
 from torch.profiler import record_function
 
 from nanoflow.config import EngineConfig
@@ -156,10 +157,28 @@ def decode_cost(
         seq = engine.add_request(f"{label}-{i}", prompt, params)
         if compiler is not None:
             constrain(seq, compiler.matcher(StructuredOutput("json_schema", json.dumps(SCHEMA))))
-    seconds, tokens, iterations = 0.0, 0, 0
     engine.reset_stats()
     traced: list[Any] = []
     timeline = _Timeline(engine, args.timeline_dir, label)
+    probe = StepProbe(engine.runner)
+    with probe.install():
+        seconds, tokens, iterations = _decode(engine, args, timeline, traced)
+    return {
+        "decode_seconds": seconds,
+        "decode_tokens": tokens,
+        "decode_iterations": iterations,
+        "ms_per_token": 1e3 * seconds / max(1, tokens),
+        "engine": engine.stats.summary(),
+        "traced_steps": len(traced),
+        "kernels_ms_per_traced_step": _kernel_totals(traced),
+        "steps": probe.summary(),
+    }
+
+
+def _decode(engine: EngineCore, args: argparse.Namespace, timeline: _Timeline, traced: list[Any]
+            ) -> tuple[float, int, int]:  # fmt: skip
+    """Run the engine dry: wall seconds, tokens and iterations of its decode-only steps."""
+    seconds, tokens, iterations = 0.0, 0, 0
     while engine.has_unfinished:
         timeline.at(iterations)
         tracing = iterations == TRACE_AT and len(traced) < args.trace_steps
@@ -174,15 +193,7 @@ def decode_cost(
             seconds += elapsed
             tokens += sum(len(o.new_token_ids) for o in outputs)
             iterations += 1
-    return {
-        "decode_seconds": seconds,
-        "decode_tokens": tokens,
-        "decode_iterations": iterations,
-        "ms_per_token": 1e3 * seconds / max(1, tokens),
-        "engine": engine.stats.summary(),
-        "traced_steps": len(traced),
-        "kernels_ms_per_traced_step": _kernel_totals(traced),
-    }
+    return seconds, tokens, iterations
 
 
 TRACE_AT = 64  # decode steps into a run, where the profiler watches ``--trace-steps`` steps
@@ -298,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{1e3 * free['decode_seconds'] / max(1, free['decode_iterations']):.2f} ms free, "
           f"catch-up {constrained['wait_ms_per_step']:.2f} ms and mask fill "
           f"{constrained['fill_ms_per_step']:.2f} ms when constrained")  # fmt: skip
+    for name, run in (("free", free), ("constrained", constrained)):
+        medians = ", ".join(f"{k} {v['median']:.2f}" for k, v in run["steps"].items())
+        print(f"  {name} step medians (ms): {medians}")
     return 0
 
 
