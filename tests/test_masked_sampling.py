@@ -5,6 +5,7 @@ inline; a mask fill that fails fails its step's requests and the engine goes on 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from nanoflow import LLM, SamplingParams
 from nanoflow.engine import grammar, model_runner
@@ -12,6 +13,7 @@ from nanoflow.engine.masked_sampling import DeferredFlight
 from nanoflow.engine.sampling_params import StructuredOutput
 
 REGEX = StructuredOutput("regex", "[a-e]{3,9}")
+CPU = torch.device("cpu")
 
 
 def test_the_stand_in_queues_its_step_once_and_keeps_a_failure():
@@ -20,17 +22,29 @@ def test_the_stand_in_queues_its_step_once_and_keeps_a_failure():
     class Flight:
         token_ids = "tokens"
 
-    flight = DeferredFlight(["chunk"], lambda: calls.append(1) or Flight())
+    flight = DeferredFlight(["chunk"], lambda: calls.append(1) or Flight(), lambda: True)
     assert flight.chunks == ["chunk"] and calls == []
     assert flight.token_ids == "tokens" and flight.done() is flight.done() and calls == [1]
 
     def boom():
         raise ValueError("no mask")
 
-    failing = DeferredFlight([], boom)
+    failing = DeferredFlight([], boom, lambda: True)
+    failing.poll()  # the failure is kept for the step's readers, not raised to the poller
     for _ in range(2):
         with pytest.raises(ValueError, match="no mask"):
             failing.done()
+
+
+def test_a_poll_queues_the_step_only_once_its_masks_are_filled():
+    calls, filled = [], []
+    flight = DeferredFlight([], lambda: calls.append(1) or "flight", lambda: bool(filled))
+    flight.poll()
+    assert calls == []
+    filled.append(True)
+    flight.poll()
+    flight.poll()
+    assert calls == [1] and flight.done() == "flight" and calls == [1]
 
 
 def _outputs(llm: LLM, seeds: range) -> list[str]:
@@ -40,9 +54,16 @@ def _outputs(llm: LLM, seeds: range) -> list[str]:
     return [o.outputs[0].text for o in outs]
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_deferred_masks_give_the_inline_outputs(monkeypatch, async_scheduling):
-    llm = LLM("builtin", device="cpu", async_scheduling=async_scheduling)
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize(
+    ("device", "async_scheduling"),
+    [("cpu", False), ("cpu", True), pytest.param("cuda", True, marks=GPU)],
+)
+def test_deferred_masks_give_the_inline_outputs(monkeypatch, device, async_scheduling):
+    """On a GPU the deferred masks are uploaded on the filling thread's own stream."""
+    llm = LLM("builtin", device=device, async_scheduling=async_scheduling)
     deferred = _outputs(llm, range(4))
     monkeypatch.setattr(model_runner, "constrained_rows", lambda seqs: {})  # fill inline
     assert _outputs(llm, range(4)) == deferred
@@ -74,16 +95,16 @@ def test_the_fill_starts_before_submit_returns(monkeypatch):
     from nanoflow.engine.masked_sampling import MaskFiller
 
     entered = []
-    monkeypatch.setattr(grammar, "mask_rows", lambda *args: "rows")
+    monkeypatch.setattr(grammar, "mask_rows", lambda *args, **kwargs: "rows")
     monkeypatch.setattr(grammar, "fill_masks", lambda rows: entered.append(rows) or "masks")
     filler, interval = MaskFiller(), sys.getswitchinterval()
     try:
-        filler.submit({}, 1, 32, False).result()  # the thread exists from here on
+        filler.submit({}, 1, 32, CPU).result()  # the thread exists from here on
         entered.clear()
         sys.setswitchinterval(1.0)
-        masks = filler.submit({}, 1, 32, False)
+        masks = filler.submit({}, 1, 32, CPU)
         assert entered == ["rows"]
-        assert masks.result() == "masks"
+        assert masks.result().for_current_stream() == "masks"
     finally:
         sys.setswitchinterval(interval)
         filler.shutdown()

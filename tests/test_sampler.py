@@ -36,6 +36,9 @@ def test_penalties_follow_the_counts_of_generated_tokens():
     assert processed[1].item() == pytest.approx(2.0)
     assert processed[0].item() == pytest.approx(4.0)
     assert logits[0, 2].item() == 5.0  # the caller's logits are left alone
+    in_place = process_logits(logits, [s], in_place=True)
+    assert in_place.data_ptr() == logits.data_ptr()  # a caller done with them spares the copy
+    assert torch.equal(in_place[0], processed)
 
 
 def test_min_tokens_masks_the_ending_tokens_until_reached():

@@ -236,6 +236,8 @@ class EngineCore:
         With async scheduling the iteration just launched is read back on the next call, so the
         host plans iteration i+1 while the GPU runs i; otherwise it is read back at once.
         """
+        if isinstance(self.in_flight, DeferredFlight):
+            self.in_flight.poll()  # its sampling queued as soon as its masks are filled
         planning = time.perf_counter()
         plan = self.scheduler.plan()
         self.stats.plan_seconds += time.perf_counter() - planning

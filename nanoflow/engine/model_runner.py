@@ -322,6 +322,8 @@ class ModelRunner:
         until the next launch, after its prepare, or a read of its results queues it."""
         if self.on_plan is not None:
             self.on_plan(plan)
+        if isinstance(previous, DeferredFlight):
+            previous.poll()
         started = InFlight.timing_event(self.device)
         preparing = time.perf_counter()
         step = self.prepare(plan)
@@ -342,7 +344,7 @@ class ModelRunner:
         grammars = constrained_rows(seqs)
         masks = None  # filling from now on, beside the host work below and the GPU's forward
         if grammars:
-            masks = self.mask_filler.submit(grammars, n, logits.shape[1], pinned=logits.is_cuda)
+            masks = self.mask_filler.submit(grammars, n, logits.shape[1], logits.device)
         scores = None
         if step.prompt_rows:
             scored = [(seq, position) for _, seq, position in step.prompt_rows]
@@ -350,11 +352,13 @@ class ModelRunner:
         noise = sampling_noise(logits[:n].shape, seqs, self.device)
 
         def finish(bitmask: torch.Tensor | None = None) -> InFlight:
-            result = sample(logits[:n], seqs, bitmask, noise)
+            result = sample(logits[:n], seqs, bitmask, noise, in_place=True)
             flight = InFlight.start(step.sampling_chunks, result, started, scores)
             defer_grammar_tokens(seqs, flight.tokens)
             return flight
 
         if masks is None:
             return finish()
-        return DeferredFlight(step.sampling_chunks, lambda: finish(masks.result()))
+        return DeferredFlight(
+            step.sampling_chunks, lambda: finish(masks.result().for_current_stream()), masks.done
+        )

@@ -133,16 +133,22 @@ def _constrain(
 
 
 def process_logits(
-    logits: torch.Tensor, seqs: list[Sequence], bitmask: torch.Tensor | None = None
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    bitmask: torch.Tensor | None = None,
+    in_place: bool = False,
 ) -> torch.Tensor:
-    """The logits the request's rules leave (a new tensor when any rule applies); ``bitmask``:
-    the constrained rows' token masks, if already filled (one row per row of ``logits``)."""
+    """The logits the request's rules leave (a new tensor when any rule applies, unless
+    ``in_place``: a caller done with ``logits`` spares the copy of the whole batch's);
+    ``bitmask``: the constrained rows' token masks, if already filled (one row per row of
+    ``logits``)."""
     penalized = [i for i, s in enumerate(seqs) if s.params.has_penalties]
     constrained = [i for i, s in enumerate(seqs) if grammar_of(s) is not None]
     banning = any(s.params.min_tokens for s in seqs)
     if not (penalized or constrained or banning or any(s.params.logit_bias for s in seqs)):
         return logits
-    logits = logits.clone()
+    if not in_place:
+        logits = logits.clone()
     _add_bias(logits, seqs)
     if penalized:
         _penalize(logits, seqs, penalized)
@@ -231,13 +237,14 @@ def sample(
     seqs: list[Sequence],
     bitmask: torch.Tensor | None = None,
     noise: SamplingNoise | None = None,
+    in_place: bool = False,
 ) -> DeviceSample:
     """One token per row of float32 ``logits`` ([rows, vocab]) under each row's params
-    (``bitmask``: as for ``process_logits``; ``noise``: the step's ``sampling_noise`` if drawn
-    already)."""
+    (``bitmask``, ``in_place``: as for ``process_logits``; ``noise``: the step's
+    ``sampling_noise`` if drawn already)."""
     if noise is None:
         noise = sampling_noise(logits.shape, seqs, logits.device)
-    logits = process_logits(logits, seqs, bitmask)
+    logits = process_logits(logits, seqs, bitmask, in_place)
     tokens = torch.argmax(logits, dim=-1)
     if noise.rows:
         probs = _filtered_probs(logits[noise.index], [seqs[i] for i in noise.rows])
