@@ -54,7 +54,10 @@ def _outputs(llm: LLM, seeds: range) -> list[str]:
     return [o.outputs[0].text for o in outs]
 
 
-GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GPU = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
 
 
 @pytest.mark.parametrize(
