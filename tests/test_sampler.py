@@ -60,7 +60,7 @@ def test_top_logprobs_are_the_real_top_k():
 
 
 def test_min_tokens_and_top_logprobs_through_the_engine():
-    llm = LLM("builtin", max_model_len=64)
+    llm = LLM("builtin", device="cpu", max_model_len=64)
     eos = next(iter(llm.engine.eos_token_ids))
     params = SamplingParams(
         max_tokens=6, min_tokens=6, temperature=0.0, logit_bias={eos: 100.0}, stop_token_ids=[eos]
@@ -102,8 +102,8 @@ def test_prompt_logprobs_are_those_of_generating_the_prompt(async_scheduling):
     """A prompt made of greedily generated tokens scores each token as its generation did,
     whatever the prompt chunking, batch neighbours and prefix cache (bypassed for it)."""
     engine = LLM(
-        "builtin", max_model_len=64, max_num_batched_tokens=16, enable_prefix_caching=True,
-        async_scheduling=async_scheduling,
+        "builtin", device="cpu", max_model_len=64, max_num_batched_tokens=16,
+        enable_prefix_caching=True, async_scheduling=async_scheduling,
     ).engine  # fmt: skip
     greedy = SamplingParams(max_tokens=20, temperature=0.0, logprobs=3, ignore_eos=True)
     (generated,) = _run(engine, [("gen", [5, 6], greedy)]).values()
