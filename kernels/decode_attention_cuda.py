@@ -35,16 +35,13 @@ class CudaDecodeConfig:
     to interleave); ``ctas_per_sm`` CTAs share an SM (their rings together bound the bytes in
     flight); warps draw (sequence, KV head, split) items from a counter, and contexts are
     split only as far as needed for about ``items_per_warp`` items per warp: a split costs a
-    partial output and a reduction. ``fp8_scores`` (an fp8 cache): 0 widens K to fp16 for the
-    score MMAs; 1 and 2 run e4m3 MMAs on the raw K bytes against one or two e4m3 terms of the
-    queries (the second, their rounding residual, buys near 16-bit accuracy)."""
+    partial output and a reduction."""
 
     warps: int
     stages: int
     ctas_per_sm: int = 1
     items_per_warp: int = 4
     pages_per_stage: int = 1
-    fp8_scores: int = 0
 
 
 def stage_bytes(kv_elt: int, group: int, pages: int = 1) -> int:
@@ -155,8 +152,7 @@ def _kernel(kv_elt: int, q_f16: bool, group: int, config: CudaDecodeConfig, devi
     cupy = _cupy()
     name = (
         f"decode_attention_kernel<{HEAD_DIM},{kv_elt},{'true' if q_f16 else 'false'},"
-        f"{group},{config.warps},{config.stages},{config.pages_per_stage},"
-        f"{config.fp8_scores if kv_elt == 1 else 0}>"
+        f"{group},{config.warps},{config.stages},{config.pages_per_stage}>"
     )
     with cupy.cuda.Device(device):
         module = cupy.RawModule(

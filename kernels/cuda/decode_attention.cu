@@ -100,34 +100,6 @@ __device__ __forceinline__ u32 bf16x2_to_f16x2(u32 x) {
     return pack2<true>(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
 }
 
-// Two 16-bit floats (``F16``: fp16, else bf16) of one register, the low half first.
-template <bool F16>
-__device__ __forceinline__ float2 unpack2(u32 x) {
-    if (!F16) return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
-    float lo, hi;
-    asm("{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
-        : "=f"(lo), "=f"(hi) : "r"(x));
-    return make_float2(lo, hi);
-}
-
-// Four floats as four e4m3 bytes of one register, ``a`` in the lowest (saturated to +-448).
-__device__ __forceinline__ u32 pack_e4m3x4(float a, float b, float c, float d) {
-    u32 r;
-    asm("{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, %2, %1; "
-        "cvt.rn.satfinite.e4m3x2.f32 hi, %4, %3; mov.b32 %0, {lo, hi}; }"
-        : "=r"(r) : "f"(a), "f"(b), "f"(c), "f"(d));
-    return r;
-}
-
-// D += A B with e4m3 operands (m16n8k32): an fp8 K tile feeds it straight from ldmatrix.
-__device__ __forceinline__ void mma_e4m3(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
-                                         u32 b1) {
-    asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 __device__ __forceinline__ float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -177,12 +149,7 @@ __device__ __forceinline__ Item item_of(int item, int num_kv_heads, int num_seqs
     return Item{pair / num_kv_heads, pair % num_kv_heads, item / (num_kv_heads * num_seqs)};
 }
 
-// QK_TERMS (an fp8 cache only): 0 widens every K element to fp16 for the score MMAs; 1 and 2
-// run e4m3 MMAs on the raw K bytes against the queries quantized per head to e4m3 once an
-// item: one e4m3 copy of them, or two (the copy and its rounding residual, each scaled to
-// e4m3's range: near 16-bit accuracy for twice the MMAs).
-template <int D, int KV_ELT, bool Q_F16, int GROUP, int WARPS, int STAGES, int PPS,
-          int QK_TERMS = 0>
+template <int D, int KV_ELT, bool Q_F16, int GROUP, int WARPS, int STAGES, int PPS>
 __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
     const unsigned char* __restrict__ q, const unsigned char* __restrict__ k_cache,
     const unsigned char* __restrict__ v_cache, const int* __restrict__ tables,
@@ -193,8 +160,6 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
     long long stride_tb, long long stride_ob, long long stride_oh, int direct) {
     using L = Layout<D, KV_ELT, GROUP, PPS>;
     constexpr bool F16 = Q_F16 || KV_ELT == 1;  // the MMA's operand type
-    constexpr bool FP8_QK = KV_ELT == 1 && QK_TERMS > 0;
-    static_assert(QK_TERMS >= 0 && QK_TERMS <= 2, "one or two e4m3 terms of the queries");
     constexpr int QUEUE = STAGES + 1;  // items between the producer and the consumer
     extern __shared__ __align__(1024) unsigned char smem[];
 
@@ -350,8 +315,6 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
     u32 qf[L::KSTEPS][2];
     float acc[D / 16][4];
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
-    // per column (head 2 qd, 2 qd + 1) of a score: its scale, and its residual term's
-    float sc0 = scale_log2, sc1 = scale_log2, lo0 = 0.f, lo1 = 0.f;
     int consumed = 0;
     // K (and an fp8 V): tile t = lane / 8 holds tokens 8 (t & 1) + lane % 8 of unit 2 j + t / 2.
     // The swizzled unit is 2 j ^ (t / 2 ^ row % 8): with pages 256-byte aligned, a lane's
@@ -384,69 +347,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
             const u32 kbase = smem_base + ring + (consumed % STAGES) * L::STAGE_BYTES;
             const u32 vbase = kbase + L::V_OFFSET;
             const int valid_pages = min(PPS, npages - page);
-            if (page == 0 && FP8_QK) {  // queries as e4m3 B operands, scaled per head
-                // lane (g, qd) holds head g's dims 32 j + 4 qd .. + 3 and 32 j + 16 + 4 qd .. + 3
-                const u32 qbase = kbase + L::Q_OFFSET - smem_base + g * D * 2;
-                float qv[D / 32][8];
-                float amax = 0.f;
-#pragma unroll
-                for (int j = 0; j < D / 32; ++j) {
-#pragma unroll
-                    for (int half = 0; half < 2; ++half) {
-                        uint2 w = make_uint2(0u, 0u);
-                        if (g < GROUP)
-                            w = *reinterpret_cast<const uint2*>(
-                                smem + qbase + (32 * j + 16 * half + 4 * qd) * 2);
-                        const float2 a = unpack2<Q_F16>(w.x), b = unpack2<Q_F16>(w.y);
-                        qv[j][4 * half] = a.x;
-                        qv[j][4 * half + 1] = a.y;
-                        qv[j][4 * half + 2] = b.x;
-                        qv[j][4 * half + 3] = b.y;
-                        amax = fmaxf(amax, fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)),
-                                                 fmaxf(fabsf(b.x), fabsf(b.y))));
-                    }
-                }
-                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-                const float qscale = amax > 0.f ? amax / 448.f : 1.f, inv = 1.f / qscale;
-                float rmax = 0.f;
-#pragma unroll
-                for (int j = 0; j < D / 32; ++j) {
-#pragma unroll
-                    for (int half = 0; half < 2; ++half) {
-                        float* x = qv[j] + 4 * half;
-                        const u32 w = pack_e4m3x4(x[0] * inv, x[1] * inv, x[2] * inv, x[3] * inv);
-                        qf[j][half] = w;
-                        if (QK_TERMS == 2) {  // what rounding left, kept for the second term
-                            const float2 a = unpack2<true>(e4m3x2_to_f16x2(w, false));
-                            const float2 b = unpack2<true>(e4m3x2_to_f16x2(w, true));
-                            x[0] -= a.x * qscale;
-                            x[1] -= a.y * qscale;
-                            x[2] -= b.x * qscale;
-                            x[3] -= b.y * qscale;
-                            rmax = fmaxf(rmax, fmaxf(fmaxf(fabsf(x[0]), fabsf(x[1])),
-                                                     fmaxf(fabsf(x[2]), fabsf(x[3]))));
-                        }
-                    }
-                }
-                sc0 = scale_log2 * __shfl_sync(0xffffffffu, qscale, 8 * qd);
-                sc1 = scale_log2 * __shfl_sync(0xffffffffu, qscale, 8 * qd + 4);
-                if (QK_TERMS == 2) {
-                    rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 1));
-                    rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 2));
-                    const float rscale = rmax > 0.f ? rmax / 448.f : 1.f, rinv = 1.f / rscale;
-#pragma unroll
-                    for (int j = 0; j < D / 32; ++j)
-#pragma unroll
-                        for (int half = 0; half < 2; ++half) {
-                            const float* x = qv[j] + 4 * half;
-                            qf[D / 32 + j][half] =
-                                pack_e4m3x4(x[0] * rinv, x[1] * rinv, x[2] * rinv, x[3] * rinv);
-                        }
-                    lo0 = scale_log2 * __shfl_sync(0xffffffffu, rscale, 8 * qd);
-                    lo1 = scale_log2 * __shfl_sync(0xffffffffu, rscale, 8 * qd + 4);
-                }
-            } else if (page == 0) {  // this item's queries in B-operand order (dims as K's)
+            if (page == 0) {  // this item's queries in B-operand order (dims ordered as K's)
                 const u32 qbase = kbase + L::Q_OFFSET - smem_base + g * D * 2;
 #pragma unroll
                 for (int j = 0; j < L::KSTEPS; ++j) {
@@ -483,12 +384,6 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
                     ldsm_x4((kpage + k_lane) ^ (32 * j), r);
                     if (KV_ELT == 2) {
                         mma<F16>(part[j % 4], r[0], r[1], r[2], r[3], qf[j][0], qf[j][1]);
-                    } else if (FP8_QK && QK_TERMS == 1) {  // dims 32 j .. 32 j + 31 a step
-                        mma_e4m3(part[j % 4], r[0], r[1], r[2], r[3], qf[j][0], qf[j][1]);
-                    } else if (FP8_QK) {  // the queries' term, then their residual's
-                        mma_e4m3(part[j % 2], r[0], r[1], r[2], r[3], qf[j][0], qf[j][1]);
-                        mma_e4m3(part[2 + j % 2], r[0], r[1], r[2], r[3], qf[D / 32 + j][0],
-                                 qf[D / 32 + j][1]);
                     } else {  // two steps: units 2 j and 2 j + 1, low then high pairs
 #pragma unroll
                         for (int h = 0; h < 2; ++h)
@@ -504,13 +399,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) decode_attention_kernel(
                 const bool ok1 = pp < valid_pages && tok0 + 8 < len;
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const float v =
-                        QK_TERMS == 2 && FP8_QK
-                            ? (part[0][e] + part[1][e]) * (e & 1 ? sc1 : sc0) +
-                                  (part[2][e] + part[3][e]) * (e & 1 ? lo1 : lo0)
-                            : ((part[0][e] + part[1][e]) + (part[2][e] + part[3][e])) *
-                                  (e & 1 ? sc1 : sc0);
-                    s[pp][e] = (e < 2 ? ok0 : ok1) ? v : NEG_INF;
+                    const float v = (part[0][e] + part[1][e]) + (part[2][e] + part[3][e]);
+                    s[pp][e] = (e < 2 ? ok0 : ok1) ? v * scale_log2 : NEG_INF;
                 }
             }
             // online softmax, per head (columns 2 qd and 2 qd + 1 of this lane). The running
