@@ -14,10 +14,14 @@ the sampling is queued. Per pair of consecutive decode steps:
 * constrained steps also get ``chain_ms`` (catch-up start to fill end: the masks' critical
   chain) and ``engine_late_ms`` (fill end to the sampling queued: how long the masks waited for
   the engine's thread; near zero when the masks were the later of the two).
+
+Python's cyclic collector is timed too (``gc``: collections by generation, their total and
+longest pause): a pause on the engine's thread delays everything queued after it.
 """
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from contextlib import contextmanager
@@ -36,6 +40,8 @@ class StepProbe:
         self.runner = runner
         self.steps: list[dict[str, Any]] = []
         self.timed = runner.device.type == "cuda"
+        self.pauses: list[tuple[int, float]] = []  # (generation, seconds) of each collection
+        self._collecting_since = 0.0
 
     def _event(self) -> torch.cuda.Event | None:
         if not self.timed:
@@ -72,12 +78,27 @@ class StepProbe:
 
         runner.forward, model_runner.sample = probed_forward, probed_sample
         grammar.mask_rows, grammar.fill_masks = probed_mask_rows, probed_fill
+        gc.callbacks.append(self._on_collection)
         try:
             yield self
         finally:
+            gc.callbacks.remove(self._on_collection)
             del runner.forward
             model_runner.sample = sample
             grammar.mask_rows, grammar.fill_masks = mask_rows, fill_masks
+
+    def _on_collection(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._collecting_since = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], time.perf_counter() - self._collecting_since))
+
+    def gc_summary(self) -> dict[str, Any]:
+        """The collector's pauses during the run, in milliseconds."""
+        by_generation = [sum(1 for g, _ in self.pauses if g == gen) for gen in range(3)]
+        seconds = [s for _, s in self.pauses]
+        return {"collections": by_generation, "ms_total": 1e3 * sum(seconds),
+                "ms_max": 1e3 * max(seconds, default=0.0)}  # fmt: skip
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Median and mean of each figure over consecutive decode steps, in milliseconds."""

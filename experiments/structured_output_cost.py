@@ -172,6 +172,7 @@ def decode_cost(
         "traced_steps": len(traced),
         "kernels_ms_per_traced_step": _kernel_totals(traced),
         "steps": probe.summary(),
+        "gc": probe.gc_summary(),
     }
 
 
@@ -310,8 +311,13 @@ def main(argv: list[str] | None = None) -> int:
           f"catch-up {constrained['wait_ms_per_step']:.2f} ms and mask fill "
           f"{constrained['fill_ms_per_step']:.2f} ms when constrained")  # fmt: skip
     for name, run in (("free", free), ("constrained", constrained)):
-        medians = ", ".join(f"{k} {v['median']:.2f}" for k, v in run["steps"].items())
-        print(f"  {name} step medians (ms): {medians}")
+        steps = run["steps"].items()
+        medians = ", ".join(f"{k} {v['median']:.2f}/{v['mean']:.2f}" for k, v in steps)
+        pauses = run["gc"]
+        print(
+            f"  {name} step median/mean (ms): {medians}; gc {pauses['collections']} "
+            f"{pauses['ms_total']:.1f} ms, longest {pauses['ms_max']:.1f}"
+        )
     return 0
 
 
