@@ -322,7 +322,8 @@ class ModelRunner:
         buffer of the returned InFlight. Inputs still in flight from ``previous`` are read on
         the GPU. With grammar-constrained rows the sampling waits for their masks, filled on a
         host thread meanwhile (``masked_sampling``): a DeferredFlight stands for the InFlight
-        until the next launch, after its prepare, or a read of its results queues it."""
+        until a poll finds the masks filled (at the next step's start and launch), the next
+        launch after its prepare, or a read of its results queues it."""
         if self.on_plan is not None:
             self.on_plan(plan)
         if isinstance(previous, DeferredFlight):
