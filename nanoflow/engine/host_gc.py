@@ -20,20 +20,3 @@ def quiet_garbage_collector() -> None:
     threshold = gc.get_threshold()
     if threshold[0] < GC_FIRST_GENERATION_THRESHOLD:
         gc.set_threshold(GC_FIRST_GENERATION_THRESHOLD, *threshold[1:])
-
-
-def collect_while_waiting() -> None:
-    """Run the collection that comes due soonest now, while the host waits for the GPU.
-
-    Call it only where the host would otherwise block: a collection that starts on its own
-    lands wherever the count runs over, often just after a step's tokens arrive, when the
-    next step's launch is waited for (a constrained step then leaves the GPU idle). Young
-    collections are taken once half their threshold has been allocated, with the middle
-    generation when it is due too; full collections are left to the collector.
-    """
-    if not gc.isenabled():
-        return
-    counts, thresholds = gc.get_count(), gc.get_threshold()
-    if counts[0] < thresholds[0] // 2:
-        return
-    gc.collect(1 if counts[1] >= thresholds[1] else 0)

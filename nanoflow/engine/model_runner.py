@@ -15,7 +15,6 @@ from nanoflow.distributed.parallel import ParallelGroup
 from nanoflow.engine.batch import PreparedStep, prepare_step
 from nanoflow.engine.block_manager import BlockCopy
 from nanoflow.engine.cuda_graphs import PADDING_ROWS, StepGraphs
-from nanoflow.engine.host_gc import collect_while_waiting
 from nanoflow.engine.host_kv_cache import HostKVCache
 from nanoflow.engine.masked_sampling import DeferredFlight, MaskFiller, constrained_rows
 from nanoflow.engine.sampler import (
@@ -117,8 +116,6 @@ class InFlight:
         """The sampled tokens, waiting for this iteration's copy only (read once, then kept)."""
         if self.token_list is None:
             if self.copied is not None:
-                if not self.copied.query():  # the GPU is not there yet: collect meanwhile
-                    collect_while_waiting()
                 self.copied.synchronize()
             self.token_list = self.host_tokens.tolist()
         return self.token_list
