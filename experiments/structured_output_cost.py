@@ -28,6 +28,7 @@ import base64
 import contextlib
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -162,12 +163,14 @@ def decode_cost(
     timeline = _Timeline(engine, args.timeline_dir, label)
     probe = StepProbe(engine.runner)
     with probe.install():
-        seconds, tokens, iterations = _decode(engine, args, timeline, traced)
+        step_seconds, tokens = _decode(engine, args, timeline, traced)
+    seconds, iterations = sum(step_seconds), len(step_seconds)
     return {
         "decode_seconds": seconds,
         "decode_tokens": tokens,
         "decode_iterations": iterations,
         "ms_per_token": 1e3 * seconds / max(1, tokens),
+        "step_wall_ms": _spread(step_seconds),
         "engine": engine.stats.summary(),
         "traced_steps": len(traced),
         "kernels_ms_per_traced_step": _kernel_totals(traced),
@@ -176,13 +179,21 @@ def decode_cost(
     }
 
 
+def _spread(seconds: list[float]) -> dict[str, Any]:
+    """Median, 90th percentile and the five longest of the timed steps, in ms: a mean pulled by
+    one long host stall shows here."""
+    ms = sorted(1e3 * s for s in seconds) or [0.0]
+    return {"median": statistics.median(ms), "p90": ms[int(0.9 * (len(ms) - 1))],
+            "longest": ms[-5:][::-1]}  # fmt: skip
+
+
 def _decode(engine: EngineCore, args: argparse.Namespace, timeline: _Timeline, traced: list[Any]
-            ) -> tuple[float, int, int]:  # fmt: skip
-    """Run the engine dry: wall seconds, tokens and iterations of its decode-only steps."""
-    seconds, tokens, iterations = 0.0, 0, 0
+            ) -> tuple[list[float], int]:  # fmt: skip
+    """Run the engine dry: the wall seconds of each decode-only step, and their tokens."""
+    step_seconds, tokens = [], 0
     while engine.has_unfinished:
-        timeline.at(iterations)
-        tracing = iterations == TRACE_AT and len(traced) < args.trace_steps
+        timeline.at(len(step_seconds))
+        tracing = len(step_seconds) == TRACE_AT and len(traced) < args.trace_steps
         trace = _trace(engine) if tracing else contextlib.nullcontext()
         started = time.perf_counter()
         with trace as profile:
@@ -191,10 +202,9 @@ def _decode(engine: EngineCore, args: argparse.Namespace, timeline: _Timeline, t
         if profile is not None:
             traced.append(profile)
         elif engine.last_step.num_prefill_tokens == 0 and outputs:
-            seconds += elapsed
+            step_seconds.append(elapsed)
             tokens += sum(len(o.new_token_ids) for o in outputs)
-            iterations += 1
-    return seconds, tokens, iterations
+    return step_seconds, tokens
 
 
 TRACE_AT = 64  # decode steps into a run, where the profiler watches ``--trace-steps`` steps
@@ -314,9 +324,12 @@ def main(argv: list[str] | None = None) -> int:
         steps = run["steps"].items()
         medians = ", ".join(f"{k} {v['median']:.2f}/{v['mean']:.2f}" for k, v in steps)
         pauses = run["gc"]
+        wall = run["step_wall_ms"]
         print(
             f"  {name} step median/mean (ms): {medians}; gc {pauses['collections']} "
-            f"{pauses['ms_total']:.1f} ms, longest {pauses['ms_max']:.1f}"
+            f"{pauses['ms_total']:.1f} ms, longest {pauses['ms_max']:.1f}; wall median "
+            f"{wall['median']:.2f}, p90 {wall['p90']:.2f}, longest "
+            f"{', '.join(f'{ms:.1f}' for ms in wall['longest'])}"
         )
     return 0
 
