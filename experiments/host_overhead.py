@@ -30,7 +30,8 @@ from collections import defaultdict
 
 import torch
 from common import add_out_argument, write_result
-from structured_output_cost import SCHEMA, HostClock
+from step_probe import StepProbe
+from structured_output_cost import SCHEMA
 
 from nanoflow.config import EngineConfig
 from nanoflow.engine.engine_core import EngineCore
@@ -41,22 +42,6 @@ from nanoflow.engine.tokenizer import load_tokenizer
 from nanoflow.measure import environment
 from nanoflow.models.loader import resolve_model
 from nanoflow.workloads import load_workload, random_prompts
-
-
-class CollectorTimer:
-    """Seconds the cyclic garbage collector ran, and how many collections of each generation."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.collections = [0, 0, 0]
-        self._started = 0.0
-
-    def __call__(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        else:
-            self.seconds += time.perf_counter() - self._started
-            self.collections[info["generation"]] += 1
 
 
 class HostOnlyRunner(ModelRunner):
@@ -145,16 +130,15 @@ def main() -> int:
         engine.step()
     engine.runner.seconds.clear()
     engine.reset_stats()
-    clock = HostClock() if args.structured else None
-    collector = CollectorTimer()
-    gc.callbacks.append(collector)
+    probe = StepProbe(engine.runner)
     decodes = 0
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        engine.step()
-        decodes += engine.last_step.num_decode
-    wall = time.perf_counter() - started
-    gc.callbacks.remove(collector)
+    with probe.install():
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+            decodes += engine.last_step.num_decode
+        wall = time.perf_counter() - started
+    collector = probe.collector
     stats = engine.stats
     phases = {"plan": stats.plan_seconds, **engine.runner.seconds, "resolve": stats.resolve_seconds}
     per_step = {name: 1e3 * s / args.steps for name, s in phases.items()}
@@ -169,8 +153,8 @@ def main() -> int:
         "gc_ms_per_iteration": 1e3 * collector.seconds / args.steps,
         "gc_collections_by_generation": collector.collections,
     }
-    if clock is not None:
-        result["structured"] = {"schema": SCHEMA, **clock.summary()}
+    if args.structured:
+        result["structured"] = {"schema": SCHEMA, **probe.masks_summary()}
     print(json.dumps(result, indent=1))
     record = {
         **environment(torch.device("cpu")),

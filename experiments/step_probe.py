@@ -15,8 +15,11 @@ the sampling is queued. Per pair of consecutive decode steps:
   chain) and ``engine_late_ms`` (fill end to the sampling queued: how long the masks waited for
   the engine's thread; near zero when the masks were the later of the two).
 
-Python's cyclic collector is timed too (``gc``: collections by generation, their total and
-longest pause): a pause on the engine's thread delays everything queued after it.
+The probes also give the constrained steps' two host phases in total (the catch-up on the
+engine's thread: waiting for the last step's tokens, accepting them, laying out the bitmask;
+the fill on the mask thread), name them and the sampling in a profiler trace, and time Python's
+cyclic collector (collections by generation, their total and longest pause): a pause on the
+engine's thread delays everything queued after it.
 """
 
 from __future__ import annotations
@@ -28,8 +31,28 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from nanoflow.engine import grammar, model_runner
+
+
+class CollectorTimer:
+    """Seconds the cyclic garbage collector ran, how many collections of each generation, and
+    the longest one (a ``gc.callbacks`` entry)."""
+
+    def __init__(self) -> None:
+        self.seconds = self.longest = 0.0
+        self.collections = [0, 0, 0]
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            pause = time.perf_counter() - self._started
+            self.seconds += pause
+            self.longest = max(self.longest, pause)
+            self.collections[info["generation"]] += 1
 
 
 class StepProbe:
@@ -40,8 +63,9 @@ class StepProbe:
         self.runner = runner
         self.steps: list[dict[str, Any]] = []
         self.timed = runner.device.type == "cuda"
-        self.pauses: list[tuple[int, float]] = []  # (generation, seconds) of each collection
-        self._collecting_since = 0.0
+        self.collector = CollectorTimer()
+        self.catch_up_seconds = self.fill_seconds = 0.0
+        self.fills = 0
 
     def _event(self) -> torch.cuda.Event | None:
         if not self.timed:
@@ -65,40 +89,48 @@ class StepProbe:
 
         def probed_sample(*args: Any, **kwargs: Any) -> Any:
             self.steps[-1].update(sampled_at=time.perf_counter(), sample=self._event())
-            return sample(*args, **kwargs)
+            with record_function("nanoflow.sample"):
+                return sample(*args, **kwargs)
 
         def probed_mask_rows(*args: Any, **kwargs: Any) -> Any:
-            self.steps[-1]["catch_up_at"] = time.perf_counter()
-            return mask_rows(*args, **kwargs)
+            self.steps[-1]["catch_up_at"] = started = time.perf_counter()
+            with record_function("nanoflow.grammar.mask_rows"):
+                rows = mask_rows(*args, **kwargs)
+            self.catch_up_seconds += time.perf_counter() - started
+            return rows
 
         def probed_fill(*args: Any, **kwargs: Any) -> Any:
-            filled = fill_masks(*args, **kwargs)
+            started = time.perf_counter()
+            with record_function("nanoflow.grammar.fill_masks"):
+                filled = fill_masks(*args, **kwargs)
             self.steps[-1]["filled_at"] = time.perf_counter()
+            self.fill_seconds += self.steps[-1]["filled_at"] - started
+            self.fills += 1
             return filled
 
         runner.forward, model_runner.sample = probed_forward, probed_sample
         grammar.mask_rows, grammar.fill_masks = probed_mask_rows, probed_fill
-        gc.callbacks.append(self._on_collection)
+        gc.callbacks.append(self.collector)
         try:
             yield self
         finally:
-            gc.callbacks.remove(self._on_collection)
+            gc.callbacks.remove(self.collector)
             del runner.forward
             model_runner.sample = sample
             grammar.mask_rows, grammar.fill_masks = mask_rows, fill_masks
 
-    def _on_collection(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._collecting_since = time.perf_counter()
-        else:
-            self.pauses.append((info["generation"], time.perf_counter() - self._collecting_since))
+    def masks_summary(self) -> dict[str, float]:
+        """The constrained steps' catch-up and fill, per step that filled masks (every step,
+        prefill ones too), in milliseconds."""
+        fills = max(1, self.fills)
+        return {"mask_steps": self.fills, "wait_ms_per_step": 1e3 * self.catch_up_seconds / fills,
+                "fill_ms_per_step": 1e3 * self.fill_seconds / fills}  # fmt: skip
 
     def gc_summary(self) -> dict[str, Any]:
         """The collector's pauses during the run, in milliseconds."""
-        by_generation = [sum(1 for g, _ in self.pauses if g == gen) for gen in range(3)]
-        seconds = [s for _, s in self.pauses]
-        return {"collections": by_generation, "ms_total": 1e3 * sum(seconds),
-                "ms_max": 1e3 * max(seconds, default=0.0)}  # fmt: skip
+        return {"collections": self.collector.collections,
+                "ms_total": 1e3 * self.collector.seconds,
+                "ms_max": 1e3 * self.collector.longest}  # fmt: skip
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Median and mean of each figure over consecutive decode steps, in milliseconds."""

@@ -36,7 +36,6 @@ from typing import Any
 
 from common import add_out_argument, write_result
 from step_probe import StepProbe
-from torch.profiler import record_function
 
 from nanoflow.config import EngineConfig
 from nanoflow.engine.engine_core import EngineCore
@@ -99,48 +98,6 @@ def file_info(path: Path, vocab_size: int, stop_token_ids: list[int]) -> object:
     )  # fmt: skip
 
 
-class HostClock:
-    """Host seconds of the constrained steps' two host phases, timed around the engine's own
-    calls without changing them: the grammars' catch-up on the engine's thread (waiting for the
-    last step's tokens, accepting them in one batch, laying out the bitmask's rows that need no
-    fill) and the masks' fill on the filling thread."""
-
-    def __init__(self) -> None:
-        from nanoflow.engine import grammar, model_runner
-
-        self.wait_seconds = self.fill_seconds = 0.0
-        self.calls = 0
-        self._rows, self._fill = grammar.mask_rows, grammar.fill_masks
-        grammar.mask_rows, grammar.fill_masks = self.mask_rows, self.fill_masks
-        self._sample = model_runner.sample
-        model_runner.sample = self.sample
-
-    def mask_rows(self, *args: object, **kwargs: object) -> object:
-        started = time.perf_counter()
-        with record_function("nanoflow.grammar.mask_rows"):
-            rows = self._rows(*args, **kwargs)
-        self.wait_seconds += time.perf_counter() - started
-        return rows
-
-    def fill_masks(self, *args: object, **kwargs: object) -> object:
-        started = time.perf_counter()
-        with record_function("nanoflow.grammar.fill_masks"):
-            bitmask = self._fill(*args, **kwargs)
-        self.fill_seconds += time.perf_counter() - started
-        self.calls += 1
-        return bitmask
-
-    def sample(self, *args: object, **kwargs: object) -> object:
-        """The runner's sampling, unchanged, named in a timeline trace."""
-        with record_function("nanoflow.sample"):
-            return self._sample(*args, **kwargs)
-
-    def summary(self) -> dict[str, float]:
-        calls = max(1, self.calls)
-        return {"mask_steps": self.calls, "wait_ms_per_step": 1e3 * self.wait_seconds / calls,
-                "fill_ms_per_step": 1e3 * self.fill_seconds / calls}  # fmt: skip
-
-
 def decode_cost(
     engine: EngineCore,
     compiler: GrammarCompiler | None,
@@ -176,7 +133,7 @@ def decode_cost(
         "kernels_ms_per_traced_step": _kernel_totals(traced),
         "steps": probe.summary(),
         "gc": probe.gc_summary(),
-    }
+    } | (probe.masks_summary() if compiler is not None else {})
 
 
 def _spread(seconds: list[float]) -> dict[str, Any]:
@@ -302,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     compiler = GrammarCompiler(tokenizer, vocab, stops, tokenizer_info=info)
     decode_cost(engine, None, args, "warmup")
     free = decode_cost(engine, None, args, "free")
-    clock = HostClock()
-    constrained = decode_cost(engine, compiler, args, "constrained") | clock.summary()
+    constrained = decode_cost(engine, compiler, args, "constrained")
     record = {
         **environment(engine.runner.device),
         "args": {k: str(v) for k, v in vars(args).items()},
